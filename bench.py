@@ -12,6 +12,10 @@ import sys
 
 import torch
 
+# name -> (function adding the sub-command's flags, function running it and returning a list of result dicts);
+# each section below registers itself here.
+BENCHMARKS = {}
+
 # -----------------------------------------------------------------------------
 # kernels: Triton flash attention vs torch SDPA backends (owner: kernels)
 
@@ -37,8 +41,6 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
 
 
-# name -> (function adding the sub-command's flags, function running it and returning a list of result dicts)
-BENCHMARKS = {}
 
 if __name__ == "__main__":
     main()
