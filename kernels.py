@@ -1,0 +1,617 @@
+"""Flash attention with log-sum-exp for longvila: Triton kernels (forward, backward) and their PyTorch twin.
+
+    python -m pytest -q tests/test_kernels.py        # CPU: the Triton kernels run in Triton's interpreter
+    python bench.py kernels                          # GPU: TFLOP/s beside torch SDPA's flash and cuDNN backends
+
+What ring attention (mmsp.py) and the model (longvila.py) call:
+
+    out, lse = attention_forward(q, k, v, causal=True, q_offset=0, k_offset=0, out_fp32=False)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=True, q_offset=0, k_offset=0)
+    out = flash_attn_func(q, k, v, causal=True)      # autograd.Function over the two above
+
+Shapes (the alphabet of longvila.py): q (B, Tq, H, D), k and v (B, Tk, Hkv, D), out like q, lse (B, H, Tq) in fp32,
+natural log. Grouped-query attention: query head h reads KV head h // (H / Hkv), by index, never by copying KV.
+
+The algorithm is FlashAttention-2 (Dao, arXiv 2307.08691): a program owns a block of queries and streams the key
+blocks through an online softmax, so the (Tq, Tk) score matrix never exists in memory. The backward pass recomputes
+the probabilities from the saved log-sum-exp:
+
+    P = exp(S - lse),  S = scale * Q K^T            dV = P^T dO
+    dP = dO V^T,  delta = rowsum(dO * O)           dS = P * (dP - delta)
+    dQ = scale * dS K                               dK = scale * dS^T Q
+
+Ring attention needs three things from these kernels (LONGVILA.md, "Ring numerics"):
+- explicit positions: the causal mask compares TRUE positions, query i sees key j iff q_offset + i >= k_offset + j,
+  so a block of queries can attend to a block of keys taken from anywhere in the sequence;
+- the log-sum-exp, so partial results over different key blocks merge exactly (out_fp32 keeps them in fp32);
+- a backward that takes the GLOBAL out and lse (those of the whole ring), not the ones of this key block.
+A query row that sees no key at all gets out 0 and lse -inf, which is the identity of the LSE merge.
+
+Inside the kernels scores live in the log2 domain (S * scale * log2(e)), so the softmax uses the fast exp2.
+Causal programs loop only over key blocks that are not fully masked, and apply the mask only on the diagonal
+(and ragged tail) blocks. On GPU the matrix products take 16-bit operands with fp32 accumulation. Triton's CPU
+interpreter computes bf16 arithmetic on raw bits (wrong numbers, silently), so under TRITON_INTERPRET=1 the kernels
+convert every load to fp32 first: the interpreter tests bf16 STORAGE with fp32 arithmetic.
+"""
+import math
+import os
+
+import torch
+
+try:  # triton is optional: without it (or without a GPU) the PyTorch twin below does the work
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is not installed
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
+BACKENDS = ("triton", "torch")
+
+# -----------------------------------------------------------------------------
+# checks shared by every backend
+
+def _check(q, k, v, softmax_scale):
+    """Validate shapes/dtypes and return (B, Tq, H, D, Tk, Hkv, scale)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"kernels: q, k, v must be 4-D (B, T, heads, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Tq, H, D = q.shape
+    Bk, Tk, Hkv, Dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"kernels: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"kernels: q {tuple(q.shape)} and k {tuple(k.shape)} disagree in batch or head dim")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"kernels: query heads H={H} must be a multiple of KV heads Hkv={Hkv} (GQA)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"kernels: q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"kernels: softmax_scale must be > 0, got {softmax_scale}")
+    return B, Tq, H, D, Tk, Hkv, scale
+
+
+def _pick_backend(backend, x):
+    """None -> "triton" on CUDA tensors (when triton is importable), else "torch"."""
+    if backend is None:
+        return "triton" if (HAS_TRITON and x.is_cuda) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("kernels: backend='triton' asked for, but triton is not importable")
+        if not x.is_cuda and not _INTERPRET:
+            raise RuntimeError("kernels: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "`import kernels` (conftest.py does this on CPU machines)")
+    return backend
+
+# -----------------------------------------------------------------------------
+# the PyTorch twin: blockwise over keys, fp32, same signatures (CPU path and readable reference)
+
+def _torch_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, block=256):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv  # query heads per KV head
+    qf = q.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Tq, H, D) -> (B, Hkv, G, Tq, D)
+    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)                # (B, Tk, Hkv, D) -> (B, Hkv, 1, Tk, D)
+    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)                # (B, Hkv, 1, Tk, D)
+    m = qf.new_full((B, Hkv, G, Tq), float("-inf"))                # running max of the scores
+    l = qf.new_zeros((B, Hkv, G, Tq))                              # running sum of exp(score - m)
+    acc = qf.new_zeros((B, Hkv, G, Tq, D))                         # running sum of exp(score - m) * v
+    qpos = q_offset + torch.arange(Tq, device=q.device)            # (Tq,) true positions
+    for n0 in range(0, Tk, block):
+        n1 = min(n0 + block, Tk)
+        if causal and k_offset + n0 > q_offset + Tq - 1:
+            break  # this key block and all later ones lie in every query's future
+        s = (qf @ kf[..., n0:n1, :].transpose(-1, -2)) * scale    # (B, Hkv, G, Tq, n)
+        if causal:
+            kpos = k_offset + torch.arange(n0, n1, device=q.device)  # (n,)
+            s = s.masked_fill(qpos[:, None] < kpos[None, :], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))                       # (B, Hkv, G, Tq)
+        m_sub = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # -inf rows: subtract 0
+        p = torch.exp(s - m_sub[..., None])                        # (B, Hkv, G, Tq, n)
+        alpha = torch.exp(m - m_sub)                               # rescales the old sums
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p @ vf[..., n0:n1, :]       # (B, Hkv, G, Tq, D)
+        m = m_new
+    empty = l == 0                                                 # rows that saw no key
+    out = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l))  # (B, Hkv, G, Tq)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)          # (B, Hkv, G, Tq, D) -> (B, Tq, H, D)
+    lse = lse.reshape(B, H, Tq)                                    # h = hkv * G + g
+    return out.to(torch.float32 if out_fp32 else q.dtype), lse
+
+
+def _torch_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, block=256):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf = q.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)     # (B, Hkv, G, Tq, D)
+    dof = dout.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
+    of = out.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)    # (B, Hkv, G, Tq, D)
+    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)                   # (B, Hkv, 1, Tk, D)
+    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)                   # (B, Hkv, 1, Tk, D)
+    delta = (dof * of).sum(-1)                                        # (B, Hkv, G, Tq) rowsum(dO * O)
+    lse_ = lse.float().reshape(B, Hkv, G, Tq)                         # (B, H, Tq) -> (B, Hkv, G, Tq)
+    lse_ = torch.where(lse_ == float("-inf"), torch.full_like(lse_, float("inf")), lse_)  # empty row -> P = 0
+    qpos = q_offset + torch.arange(Tq, device=q.device)
+    dq = torch.zeros_like(qf)                                         # (B, Hkv, G, Tq, D)
+    dk = qf.new_zeros((B, Hkv, Tk, D))
+    dv = qf.new_zeros((B, Hkv, Tk, D))
+    for n0 in range(0, Tk, block):
+        n1 = min(n0 + block, Tk)
+        if causal and k_offset + n0 > q_offset + Tq - 1:
+            break
+        kb, vb = kf[..., n0:n1, :], vf[..., n0:n1, :]                 # (B, Hkv, 1, n, D)
+        s = (qf @ kb.transpose(-1, -2)) * scale                       # (B, Hkv, G, Tq, n)
+        if causal:
+            kpos = k_offset + torch.arange(n0, n1, device=q.device)
+            s = s.masked_fill(qpos[:, None] < kpos[None, :], float("-inf"))
+        p = torch.exp(s - lse_[..., None])                            # (B, Hkv, G, Tq, n) global probabilities
+        dv[:, :, n0:n1] = torch.einsum("bkgtn,bkgtd->bknd", p, dof)   # P^T dO summed over the group's heads
+        dp = dof @ vb.transpose(-1, -2)                               # (B, Hkv, G, Tq, n)
+        ds = p * (dp - delta[..., None])                              # (B, Hkv, G, Tq, n)
+        dq += (ds @ kb) * scale                                       # (B, Hkv, G, Tq, D)
+        dk[:, :, n0:n1] = torch.einsum("bkgtn,bkgtd->bknd", ds, qf) * scale
+    gdt = torch.float32 if grad_fp32 else q.dtype
+    dq = dq.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)               # (B, Hkv, G, Tq, D) -> (B, Tq, H, D)
+    return dq.to(gdt), dk.permute(0, 2, 1, 3).to(gdt), dv.permute(0, 2, 1, 3).to(gdt)  # (B, Tk, Hkv, D)
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+        """Load a (rows, BLOCK_D) tile; masks only what may be out of bounds; fp32 under the interpreter."""
+        if ROW_MASK:
+            if EVEN_D:
+                x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+            else:
+                x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Online softmax over key blocks [lo, hi); k_ptrs/v_ptrs point at key row lo."""
+        for n0 in range(lo, hi, BLOCK_N):
+            k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
+            if MASKED:  # diagonal / ragged block: key bound and causal mask on true positions
+                keep = (n0 + offs_n < Tk)[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] + diff >= (n0 + offs_n)[None, :])
+                s = tl.where(keep, s * scale2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
+                p = tl.math.exp2(s - m_sub[:, None])
+            else:       # every key of the block is visible to every query of the block
+                m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
+                m_sub = m_new
+                p = tl.math.exp2(s * scale2 - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)                                                   # (BM,)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)                       # (BM, BD)
+            m_i = m_new
+            k_ptrs += BLOCK_N * skt
+            v_ptrs += BLOCK_N * svt
+        return acc, l_i, m_i
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    def _fwd_kernel(Q, K, V, O, LSE,
+                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP                                     # GQA: the KV head this query head reads
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+        q = _load_tile(q_ptrs, offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)             # (BM, BD)
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]                               # key row 0
+        v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if CAUSAL:
+            # keys j < hi are visible to some row of the block; keys j < n_full to all of them
+            hi = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
+            n_full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
+        else:
+            hi = Tk
+            n_full = (Tk // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, n_full, offs_m, offs_n, offs_d, Tk, diff,
+                                   scale2, skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
+        v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, hi, offs_m, offs_n, offs_d, Tk, diff,
+                                   scale2, skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        # epilogue: a row that saw no key keeps l = 0 -> out 0, lse -inf
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]                                                             # (BM, BD)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
+        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
+        tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+    @triton.jit(do_not_specialize=["Tq"])
+    def _bwd_preprocess(O, DO, LSE, DELTA, LSE2, sob, sot, soh, sdb, sdt, sdh, Tq, H,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta = rowsum(dO * O) (fp32) and lse2 = lse * log2(e) with -inf -> +inf (so P = exp2(s - lse2) = 0)."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)                                       # (BM, BD)
+        do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)                                      # (BM, BD)
+        delta = tl.sum(o * do, 1)                                                               # (BM,)
+        row = pid_bh.to(tl.int64) * Tq + offs_m
+        lse = tl.load(LSE + row, mask=offs_m < Tq, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        tl.store(DELTA + row, delta, mask=offs_m < Tq)
+        tl.store(LSE2 + row, lse2, mask=offs_m < Tq)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, lo, hi, offs_m, offs_n, offs_d, Tq,
+                    diff, scale2, sqt, sdt,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows).
+
+        Key rows past Tk are never masked here: they only touch their own rows of dK/dV, which are not stored.
+        Query rows past Tq have lse2 = +inf (padding) -> P = 0."""
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + offs_m
+            q = _load_tile(q_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)            # (BM, BD)
+            if MASKED:
+                lse2 = tl.load(lse2_ptr + rows, mask=rows < Tq, other=float("inf"))
+            else:
+                lse2 = tl.load(lse2_ptr + rows)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                                 # (BN, BM)
+            pT = tl.math.exp2(sT * scale2 - lse2[None, :])                                        # (BN, BM)
+            if MASKED:
+                if CAUSAL:
+                    pT = tl.where(rows[None, :] + diff >= offs_n[:, None], pT, 0.0)
+            do = _load_tile(do_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)          # (BM, BD)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)                        # (BN, BD)
+            if MASKED:
+                delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
+            else:
+                delta = tl.load(delta_ptr + rows)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                               # (BN, BM)
+            dsT = pT * (dpT - delta[None, :])                                                     # (BN, BM)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)                         # (BN, BD)
+            q_ptrs += BLOCK_M * sqt
+            do_ptrs += BLOCK_M * sdt
+        return dk, dv
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                         sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """One program: BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read it.
+        Grid (B*Hkv, cdiv(Tk, BLOCK_N)); no atomics, no KV copies."""
+        Hkv = H // GROUP
+        pid_bk = tl.program_id(0)
+        b = pid_bk // Hkv
+        hk = pid_bk % Hkv
+        n0 = tl.program_id(1) * BLOCK_N                     # first key blocks (most causal work) start first
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = _load_tile(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skt + offs_d[None, :],
+                       offs_n, Tk, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                        # (BN, BD)
+        v = _load_tile(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svt + offs_d[None, :],
+                       offs_n, Tk, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                        # (BN, BD)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # query blocks: [lo, mid) diagonal (masked), [mid, q_full) unmasked, [tail, Tq) ragged tail (masked)
+        q_full = (Tq // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            lo = (tl.minimum(tl.maximum(n0 - diff, 0), Tq) // BLOCK_M) * BLOCK_M  # first row seeing a key
+            sees_all = tl.maximum(n0 + BLOCK_N - 1 - diff, 0)                      # first row seeing all keys
+            m_full = ((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+            mid = tl.maximum(lo, tl.minimum(m_full, q_full))
+        else:
+            lo = q_full * 0  # a runtime zero (a tensor, so .to() works below)
+            mid = lo
+        tail = tl.maximum(mid, q_full)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+            do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+            lse2_ptr = LSE2 + (b * H + h).to(tl.int64) * Tq
+            delta_ptr = DELTA + (b * H + h).to(tl.int64) * Tq
+            q_ptrs = q_base + lo.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
+            do_ptrs = do_base + lo.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d,
+                                 Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST,
+                                 DOT_PREC)
+            q_ptrs = q_base + mid.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
+            do_ptrs = do_base + mid.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, mid, q_full, offs_m, offs_n,
+                                 offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, False, CAUSAL, EVEN_D,
+                                 UPCAST, DOT_PREC)
+            q_ptrs = q_base + tail.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
+            do_ptrs = do_base + tail.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, tail, Tq, offs_m, offs_n,
+                                 offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D,
+                                 UPCAST, DOT_PREC)
+        dk = dk * scale  # dK = scale * dS^T Q
+        mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Accumulate dQ of one query block over key blocks [lo, hi)."""
+        for n0 in range(lo, hi, BLOCK_N):
+            k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
+            p = tl.math.exp2(s * scale2 - lse2[:, None])                                       # (BM, BN)
+            if MASKED:  # keys past Tk must not count here (unlike in dK/dV)
+                keep = (n0 + offs_n < Tk)[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] + diff >= (n0 + offs_n)[None, :])
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                             # (BM, BN)
+            ds = p * (dp - delta[:, None])                                                     # (BM, BN)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)                       # (BM, BD)
+            k_ptrs += BLOCK_N * skt
+            v_ptrs += BLOCK_N * svt
+        return dq
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
+                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: dQ of BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                       offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                     # (BM, BD)
+        do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                        offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                    # (BM, BD)
+        row = pid_bh.to(tl.int64) * Tq + offs_m
+        lse2 = tl.load(LSE2 + row, mask=offs_m < Tq, other=float("inf"))                       # (BM,)
+        delta = tl.load(DELTA + row, mask=offs_m < Tq, other=0.0)                              # (BM,)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
+            n_full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
+        else:
+            hi = Tk
+            n_full = (Tk // BLOCK_N) * BLOCK_N
+        k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
+        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, 0, n_full, offs_m, offs_n, offs_d, Tk, diff, scale2,
+                       skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
+        v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
+        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, hi, offs_m, offs_n, offs_d, Tk, diff, scale2,
+                       skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        dq = dq * scale  # dQ = scale * dS K
+        tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+    # -- launch configurations ---------------------------------------------------------------------------------
+    # Large problems autotune over a few Hopper-friendly configs; small ones (decode steps, tests) and the
+    # interpreter use one fixed config, so a generate() loop never re-tunes for every new length.
+    def _cfgs(pairs, warps, stages):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn in pairs for w in warps for s in stages]
+
+    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP"]
+    _fwd_tuned = triton.autotune(_cfgs([(128, 64), (128, 128)], [4, 8], [2, 3]), key=_TUNE_KEY)(_fwd_kernel)
+    _dkdv_tuned = triton.autotune(_cfgs([(64, 128), (32, 128), (64, 64)], [4, 8], [2, 3]),
+                                  key=_TUNE_KEY)(_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(_cfgs([(128, 64), (128, 32), (64, 64)], [4, 8], [2, 3]),
+                                key=_TUNE_KEY)(_bwd_dq_kernel)
+
+_FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
+    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
+}
+_FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
+    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
+}
+_TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: fixed config
+
+
+def _bucket(n):
+    """Autotuning key: the next power of two, so nearby lengths share one tuned config."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk):
+    """Run `tuned` (autotuned) on large problems, else `raw` with the fixed config."""
+    if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK:
+        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    bm, bn, w, s = (_FIXED_INTERPRET if _INTERPRET else _FIXED)[name]
+    raw[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def _dev(x):
+    """Launch on the tensor's own GPU (ring ranks), not whatever device is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else _nullctx()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _lastdim_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _triton_consts(q, D, causal):
+    block_d = max(16, triton.next_power_of_2(D))
+    if D > 128:
+        raise ValueError(f"kernels: the triton backend supports head dims up to 128, got {D}; use backend='torch'")
+    return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), UPCAST=_INTERPRET,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    out = torch.empty((B, Tq, H, D), dtype=torch.float32 if out_fp32 else q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if B * Tq * H == 0:
+        return out, lse
+    if Tk == 0:  # nothing to attend to: every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    consts = _triton_consts(q, D, causal)
+    args = (q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk))
+    with _dev(q):
+        _launch("fwd", _fwd_tuned if not _INTERPRET else None, _fwd_kernel,
+                lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk)
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q, k, v, out, dout = (_lastdim_contig(x) for x in (q, k, v, out, dout))
+    lse = lse.float().contiguous()
+    gdt = torch.float32 if grad_fp32 else q.dtype
+    dq = torch.empty((B, Tq, H, D), dtype=gdt, device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
+    if B * Tq * H == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    consts = _triton_consts(q, D, causal)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    with _dev(q):
+        pre_m = 64
+        _bwd_preprocess[(B * H, triton.cdiv(Tq, pre_m))](
+            out, dout, lse, delta, lse2, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), Tq, H, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_m)
+        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+        tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk))
+        _launch("dkdv", _dkdv_tuned if not _INTERPRET else None, _bwd_dkdv_kernel,
+                lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
+                (q, k, v, dout, lse2, delta, dk, dv) + common + (dk.stride(0), dk.stride(1), dk.stride(2),
+                                                                  dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
+                consts, Tq, Tk)
+        _launch("dq", _dq_tuned if not _INTERPRET else None, _bwd_dq_kernel,
+                lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
+                (q, k, v, dout, lse2, delta, dq) + common + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail,
+                consts, Tq, Tk)
+    return dq, dk, dv
+
+# -----------------------------------------------------------------------------
+# the dispatcher (the interface of SPEC.md)
+
+def attention_forward(q, k, v, causal=True, softmax_scale=None, q_offset=0, k_offset=0, out_fp32=False,
+                      backend=None):
+    """Attention of q (B,Tq,H,D) over k, v (B,Tk,Hkv,D) -> (out (B,Tq,H,D), lse (B,H,Tq) fp32, natural log).
+
+    causal: query i sees key j iff q_offset + i >= k_offset + j (true positions). A row that sees no key gets
+    out 0 and lse -inf. out_fp32: return out in fp32 (ring merging). backend: None (triton on CUDA, else torch),
+    "triton" or "torch"."""
+    _, _, _, _, _, _, scale = _check(q, k, v, softmax_scale)
+    backend = _pick_backend(backend, q)
+    fn = _triton_forward if backend == "triton" else _torch_forward
+    return fn(q, k, v, bool(causal), scale, int(q_offset), int(k_offset), bool(out_fp32))
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, q_offset=0, k_offset=0,
+                       grad_fp32=False, backend=None):
+    """Gradients (dq (B,Tq,H,D), dk (B,Tk,Hkv,D), dv) of attention_forward, from the GLOBAL out and lse.
+
+    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: return fp32 gradients."""
+    B, Tq, H, D, _, _, scale = _check(q, k, v, softmax_scale)
+    if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
+        raise ValueError(f"kernels: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "
+                         f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Tq)}")
+    backend = _pick_backend(backend, q)
+    fn = _triton_backward if backend == "triton" else _torch_backward
+    return fn(dout, q, k, v, out, lse, bool(causal), scale, int(q_offset), int(k_offset), bool(grad_fp32))
+
+
+class _FlashAttn(torch.autograd.Function):
+    """out = attention(q, k, v); saves q, k, v, out, lse; backward recomputes P from lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, backend):
+        out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
+                                        softmax_scale=ctx.softmax_scale, backend=ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
+    """Differentiable attention: q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D). The model's default on CUDA."""
+    return _FlashAttn.apply(q, k, v, causal, softmax_scale, backend)

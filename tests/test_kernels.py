@@ -1,0 +1,228 @@
+"""Tests for kernels.py: the Triton kernels (through Triton's interpreter on CPU, compiled on a GPU) and the PyTorch
+twin, each against an fp64 reference at small odd shapes; autograd; and the ring-attention use (merge by lse).
+
+    python -m pytest -q tests/test_kernels.py
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+
+# On a CPU machine conftest.py has set TRITON_INTERPRET=1, so backend="triton" runs the real kernels in the
+# interpreter; on a GPU machine the same tests run the compiled kernels on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels._INTERPRET else "cpu"
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON or (DEVICE == "cpu" and not kernels._INTERPRET),
+                                  reason="triton kernels need a GPU or TRITON_INTERPRET=1")
+
+# -----------------------------------------------------------------------------
+# fp64 reference: dense softmax attention with true-position causal mask, GQA by repeating KV
+
+def reference(q, k, v, causal=True, q_offset=0, k_offset=0, scale=None):
+    """q (B,Tq,H,D), k/v (B,Tk,Hkv,D) in any dtype -> (out (B,Tq,H,D), lse (B,H,Tq)) in fp64; empty rows 0/-inf."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Tq, H, D = q.shape
+    G = H // k.shape[2]
+    kk, vv = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)  # (B, Tk, H, D)
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale           # (B, H, Tq, Tk)
+    if causal:
+        qp = q_offset + torch.arange(Tq, device=q.device)
+        kp = k_offset + torch.arange(k.shape[1], device=q.device)
+        s = s.masked_fill(qp[:, None] < kp[None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)                                   # (B, H, Tq)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)              # empty rows: 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+def reference_grads(q, k, v, dout, **kw):
+    qq, kk, vv = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, _ = reference(qq, kk, vv, **kw)
+    return torch.autograd.grad(out, (qq, kk, vv), dout.double())
+
+
+def rel(a, b):
+    """Max abs error relative to the reference's max magnitude (robust for rows of zeros)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def make(B, Tq, Tk, H, Hkv, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, H, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Tk, Hkv, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Tk, Hkv, D, generator=g).to(DEVICE, dtype)
+    dout = torch.randn(B, Tq, H, D, generator=g).to(DEVICE, dtype)
+    return q, k, v, dout
+
+# -----------------------------------------------------------------------------
+# forward + backward of both backends vs fp64 (lengths not multiples of the interpreter blocks 16/32)
+
+CASES = {  # name: (B, Tq, Tk, H, Hkv, D, causal, q_offset, k_offset, dtype)
+    # queries after the keys: early key blocks lie entirely in the past (unmasked loop), GQA 4:1, D=72 padded
+    "gqa4-d72-past-blocks": (2, 37, 53, 4, 1, 72, True, 30, 0, torch.float32),
+    # keys start 20 positions after the queries: the first 20 rows see nothing (out 0, lse -inf), GQA 8:1, bf16
+    "gqa8-bf16-masked-rows": (1, 50, 41, 8, 1, 64, True, 0, 20, torch.bfloat16),
+    "full-fp16": (1, 45, 29, 4, 2, 64, False, 0, 0, torch.float16),
+    "all-past-d80": (1, 33, 70, 4, 4, 80, True, 100, 0, torch.float32),  # every key visible: causal, no mask
+    "all-future": (1, 20, 30, 2, 1, 64, True, 0, 50, torch.float32),     # every row empty
+    "self-causal": (1, 61, 61, 2, 2, 64, True, 0, 0, torch.bfloat16),
+}
+
+
+def check_backend(backend, case):
+    B, Tq, Tk, H, Hkv, D, causal, qo, ko, dt = CASES[case]
+    q, k, v, dout = make(B, Tq, Tk, H, Hkv, D, dt)
+    kw = dict(causal=causal, q_offset=qo, k_offset=ko)
+    ref_out, ref_lse = reference(q, k, v, **kw)
+    out, lse = kernels.attention_forward(q, k, v, out_fp32=True, backend=backend, **kw)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (B, H, Tq)
+    empty = torch.isinf(ref_lse).cpu()
+    assert torch.equal(torch.isneginf(lse).cpu(), empty), "rows with no visible key must have lse -inf, only those"
+    assert float(out.cpu()[empty.transpose(1, 2)[..., None].expand(B, Tq, H, D)].abs().sum()) == 0.0
+    assert rel(out, ref_out) < 1e-5
+    if not empty.all():
+        assert (lse.cpu().double()[~empty] - ref_lse.cpu()[~empty]).abs().max() < 1e-5
+    # storage dtype output: only the final rounding differs
+    out16, _ = kernels.attention_forward(q, k, v, backend=backend, **kw)
+    assert out16.dtype == dt and rel(out16, ref_out) < (1e-2 if dt == torch.bfloat16 else 2e-3)
+    # backward with fp32 gradients, from the kernel's own out/lse; and in the storage dtype
+    ref_g = reference_grads(q, k, v, dout, **kw)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, grad_fp32=True, backend=backend, **kw)
+    for name, g, r in zip("dq dk dv".split(), grads, ref_g):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        assert rel(g, r) < 1e-4 if r.abs().max() > 0 else g.abs().max() == 0, name
+    grads16 = kernels.attention_backward(dout, q, k, v, out16, lse, backend=backend, **kw)
+    for g, r in zip(grads16, ref_g):
+        assert g.dtype == dt and (rel(g, r) < 2e-2 if r.abs().max() > 0 else g.abs().max() == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_fp64(case):
+    check_backend("triton", case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_twin_matches_fp64(case):
+    check_backend("torch", case)
+
+
+@needs_triton
+def test_triton_noncontiguous_inputs_and_scale():
+    # q/k/v as slices of a packed qkv tensor (strided heads), custom scale
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(1, 40, 3, 4, 64, generator=g).to(DEVICE)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]            # (B, T, H, D), non-contiguous
+    out, lse = kernels.attention_forward(q, k, v, softmax_scale=0.3, backend="triton")
+    ref_out, ref_lse = reference(q, k, v, scale=0.3)
+    assert rel(out, ref_out) < 1e-5 and rel(lse, ref_lse) < 1e-5
+
+# -----------------------------------------------------------------------------
+# autograd and the ring-attention use
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_flash_attn_func_gradients(backend):
+    q, k, v, dout = make(1, 35, 35, 4, 2, 64, torch.float32, seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = kernels.flash_attn_func(q, k, v, causal=True, backend=backend)
+    out.backward(dout)
+    ref_g = reference_grads(q, k, v, dout)
+    assert rel(out, reference(q, k, v)[0]) < 1e-5
+    for g, r in zip((q.grad, k.grad, v.grad), ref_g):
+        assert rel(g, r) < 1e-4
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """LSE merge of two partial attentions (LONGVILA.md, ring numerics): out (B,T,H,D) fp32, lse (B,H,T)."""
+    lse_a_t, lse_b_t = lse_a.transpose(1, 2)[..., None], lse_b.transpose(1, 2)[..., None]  # (B, T, H, 1)
+    out = out_a - torch.sigmoid(lse_b_t - lse_a_t) * (out_a - out_b)
+    lse = lse_a - torch.nn.functional.logsigmoid(lse_a - lse_b)
+    return out, lse
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_ring_style_two_key_blocks_merge_to_full(backend):
+    # queries are the second half of the sequence; keys come in two blocks with their true offsets
+    T = 48
+    q, k, v, dout = make(1, T, T, 4, 2, 64, torch.bfloat16, seed=4)
+    qs, qoff = q[:, 24:], 24                                        # (B, 24, H, D) at positions 24..47
+    k1, v1, k2, v2 = k[:, :24], v[:, :24], k[:, 24:], v[:, 24:]   # positions 0..23 and 24..47
+    o1, l1 = kernels.attention_forward(qs, k1, v1, q_offset=qoff, k_offset=0, out_fp32=True, backend=backend)
+    o2, l2 = kernels.attention_forward(qs, k2, v2, q_offset=qoff, k_offset=24, out_fp32=True, backend=backend)
+    out, lse = merge(o1, l1, o2, l2)
+    full_out, full_lse = kernels.attention_forward(qs, k, v, q_offset=qoff, out_fp32=True, backend=backend)
+    assert rel(out, full_out) < 1e-5 and rel(lse, full_lse) < 1e-5
+    # backward per key block with the GLOBAL out/lse: dq sums over blocks, dk/dv concatenate
+    d = dout[:, 24:]
+    g1 = kernels.attention_backward(d, qs, k1, v1, out, lse, q_offset=qoff, k_offset=0, grad_fp32=True,
+                                    backend=backend)
+    g2 = kernels.attention_backward(d, qs, k2, v2, out, lse, q_offset=qoff, k_offset=24, grad_fp32=True,
+                                    backend=backend)
+    gf = kernels.attention_backward(d, qs, k, v, full_out, full_lse, q_offset=qoff, grad_fp32=True,
+                                    backend=backend)
+    assert rel(g1[0] + g2[0], gf[0]) < 1e-5
+    assert rel(torch.cat([g1[1], g2[1]], 1), gf[1]) < 1e-5 and rel(torch.cat([g1[2], g2[2]], 1), gf[2]) < 1e-5
+
+# -----------------------------------------------------------------------------
+# dispatch and errors
+
+def test_dispatch_and_errors():
+    q, k, v, _ = make(1, 8, 8, 4, 2, 16, torch.float32)
+    out_default, _ = kernels.attention_forward(q, k, v)             # backend None: triton on CUDA, torch on CPU
+    out_torch, _ = kernels.attention_forward(q, k, v, backend="torch")
+    assert rel(out_default, out_torch) < 1e-5
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        kernels.attention_forward(q, k[:, :, :1].repeat(1, 1, 3, 1), v[:, :, :1].repeat(1, 1, 3, 1))
+    with pytest.raises(ValueError, match="backend"):
+        kernels.attention_forward(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="same dtype|one dtype"):
+        kernels.attention_forward(q, k.half(), v)
+
+
+def test_import_without_triton():
+    # `import kernels` must survive a machine without triton; the twin then serves backend None
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "import torch, kernels\nassert not kernels.HAS_TRITON\n"
+            "q = torch.randn(1, 5, 2, 16)\nout, lse = kernels.attention_forward(q, q, q)\n"
+            "assert out.shape == q.shape and lse.shape == (1, 2, 5)\nprint('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+# -----------------------------------------------------------------------------
+# GPU only: real sizes, bf16 error within 2x of torch SDPA's own error vs an fp32 reference
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("Hkv", [32, 8])
+def test_gpu_real_size_error_vs_sdpa(Hkv):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, T, H, D = 1, 4096, 32, 128
+    q, k, v, dout = make(B, T, T, H, Hkv, D, torch.bfloat16, seed=5)
+    G = H // Hkv
+
+    def sdpa(q, k, v):  # (B, T, H, D) layout in and out; KV repeated for GQA
+        qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+    def run(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        out.backward(dout.to(dtype))
+        return [out.detach()] + [x.grad for x in xs]
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = run(sdpa, torch.float32)                              # fp32 reference
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        base = run(sdpa, torch.bfloat16)
+    ours = run(lambda q, k, v: kernels.flash_attn_func(q, k, v, causal=True), torch.bfloat16)
+    for name, o, s, r in zip("out dq dk dv".split(), ours, base, ref):
+        err_o = ((o.float() - r).norm() / r.norm()).item()
+        err_s = ((s.float() - r).norm() / r.norm()).item()
+        print(f"{name}: triton {err_o:.2e}  sdpa-flash {err_s:.2e}")
+        assert math.isfinite(err_o) and err_o <= 2 * err_s, name
