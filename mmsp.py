@@ -405,3 +405,148 @@ def sp_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
 def attention_hook(layout: SPLayout):
     """The callable longvila.forward_embeds(attn=...) expects: attn(q, k, v, layer_idx) -> out."""
     return lambda q, k, v, layer_idx: sp_attention(q, k, v, layout)
+
+
+# -----------------------------------------------------------------------------
+# two-stage sharding: frames over SP ranks for the vision tower, zigzag tokens for the LLM
+
+
+def frame_split(num_frames: int, sp: int):
+    """Frames per rank (ceil(F/sp)); rank s encodes frames [s*Fs, (s+1)*Fs) (the tail is padded with dummies)."""
+    return -(-num_frames // sp)
+
+
+def encode_frames_sharded(model, images, layout: SPLayout):
+    """Stage 1: this rank encodes only its share of all frames of the batch -> (rows, C) visual rows, in order.
+
+    images: list (one per sample) of (F, 3, S, S) or None. The frames of the batch, in order, are split evenly:
+    rank s gets Fs = ceil(F_total/sp) of them, padded with dummy (zero) frames so every rank runs the same
+    shapes and every rank's vision parameters join the graph (the dummies' rows are dropped right here).
+    Returns (rows (n_real*N, C), first global frame index, n_real)."""
+    frames = [im for im in (images or []) if im is not None]
+    if not frames:
+        return None, 0, 0
+    device = model.llm.tok_embeddings.weight.device
+    frames = torch.cat(frames).to(device)                            # (F_total, 3, S, S)
+    Fs = frame_split(frames.shape[0], layout.sp)
+    first = layout.sp_rank * Fs
+    mine = frames[first:first + Fs]                                  # (<=Fs, 3, S, S)
+    n_real = mine.shape[0]
+    if n_real < Fs:
+        mine = torch.cat([mine, mine.new_zeros((Fs - n_real,) + tuple(mine.shape[1:]))])   # (Fs, 3, S, S)
+    feats = model.encode_images(mine)                                # (Fs, N, C)
+    return feats[:n_real].reshape(-1, feats.shape[-1]), first, n_real  # (n_real*N, C) dummies dropped
+
+
+def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int, stats=None):
+    """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
+
+    rows: (n_real*N, C) this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids (same on every
+    rank). Visual token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is
+    owned by token_owner(t). One all-to-all with uneven splits moves exactly those rows; the rows a rank receives
+    come ordered by source rank, i.e. by k, which is the order of its local -200 slots.
+    Returns (rows I own (n_mine, C)). `stats` (dict) gets the row and byte counts actually sent/received."""
+    import longvila
+    B, Tp = ids_padded.shape
+    N, sp = tokens_per_frame, layout.sp
+    vis = (ids_padded.cpu() == longvila.IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
+    owner = token_owner(Tp, layout)[vis[:, 1]]                       # (K,) sp_rank owning each visual token
+    src = torch.arange(vis.shape[0]) // N // frame_split(num_frames, sp)   # (K,) sp_rank that encoded it
+    mine = src == layout.sp_rank
+    in_splits = torch.bincount(owner[mine], minlength=sp).tolist()   # rows I send to each rank
+    out_splits = torch.bincount(src[owner == layout.sp_rank], minlength=sp).tolist()  # rows I get from each
+    order = torch.argsort(owner[mine], stable=True)                  # group my rows by destination, keep k order
+    send = rows[order.to(rows.device)] if rows is not None else None  # (n_real*N, C)
+    if stats is not None:
+        esz = rows.element_size() * rows.shape[-1] if rows is not None else 0
+        stats.update(send_rows=in_splits, recv_rows=out_splits, recv_bytes=sum(out_splits) * esz,
+                     recv_bytes_remote=(sum(out_splits) - out_splits[layout.sp_rank]) * esz)
+    if sp == 1:
+        return send
+    return _AllToAllV.apply(send, in_splits, out_splits, layout.sp_group)   # (n_mine, C)
+
+
+def shard_batch(input_ids, labels, layout: SPLayout, pad_id=0):
+    """Shift labels on the FULL sequence, pad to a multiple of 2*sp, cut this rank's tokens.
+
+    Returns dict: ids_padded (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length).
+    Padding tokens sit after every real token (causally invisible) with ignored targets."""
+    import longvila
+    B, T = input_ids.shape
+    Tp = padded_length(T, layout.sp)
+    targets = longvila.shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
+    ids_p = torch.cat([input_ids, input_ids.new_full((B, Tp - T), pad_id)], 1)    # (B, Tp)
+    idx = layout_indices(Tp, layout).to(input_ids.device)                     # (T/sp,)
+    out = dict(ids_padded=ids_p, ids=ids_p[:, idx], T=T, Tp=Tp, idx=idx,
+               positions=idx.unsqueeze(0).expand(B, -1))                      # (B, T/sp) true positions
+    if targets is not None:
+        tp = torch.cat([targets, targets.new_full((B, Tp - T), longvila.IGNORE_INDEX)], 1)  # (B, Tp)
+        out["targets"] = tp[:, idx]                                           # (B, T/sp)
+        out["global_targets"] = targets
+    return out
+
+
+def sp_embed(model, input_ids, images, layout: SPLayout, shard, stats=None):
+    """Both stages: (B, T/sp, C) input embeddings of this rank's tokens, text and visual."""
+    import longvila
+    B, T = input_ids.shape
+    n_frames = sum(im.shape[0] for im in (images or []) if im is not None)
+    N = model.config.tokens_per_frame
+    counts = (input_ids == longvila.IMAGE_TOKEN_ID).sum(1).tolist()
+    per_sample = [0 if im is None else im.shape[0] for im in (images or [None] * B)]
+    for b in range(B):
+        if counts[b] != per_sample[b] * N:
+            raise ValueError(f"sample {b}: input_ids hold {counts[b]} image tokens ({longvila.IMAGE_TOKEN_ID}) but "
+                             f"its images give {per_sample[b]} frames x {N} tokens per frame")
+    ids = shard["ids"]                                                       # (B, T/sp)
+    h = model.llm.tok_embeddings(ids.clamp(min=0))                           # (B, T/sp, C) -200 slots filled below
+    if n_frames == 0:
+        return h
+    rows, _, _ = encode_frames_sharded(model, images, layout)               # (n_real*N, C)
+    mine = reshard_visual(rows, shard["ids_padded"], layout, N, n_frames, stats)   # (n_mine, C)
+    slots = (ids == longvila.IMAGE_TOKEN_ID).unsqueeze(-1)                   # (B, T/sp, 1)
+    return h.masked_scatter(slots, mine.to(h.dtype))                         # (B, T/sp, C)
+
+
+# -----------------------------------------------------------------------------
+# SP loss and forward
+
+
+def global_count(targets, layout: SPLayout):
+    """Supervised tokens over the whole dp*sp world. Every SP rank holds the full (shifted) targets of its sample,
+    so the SP group's count needs no communication; one all-reduce over dp adds the other samples."""
+    import longvila
+    n = (targets != longvila.IGNORE_INDEX).sum().to(torch.float32)           # () this dp rank's sample(s)
+    if layout.dp > 1:
+        dist.all_reduce(n, group=layout.dp_group)
+    return n
+
+
+def sp_loss(hidden, targets, output_weight, n_global, chunk_size=4096):
+    """Sum of cross-entropy over this rank's supervised tokens / n_global (fp32 scalar).
+
+    hidden (B, T/sp, C), targets (B, T/sp) (shifted on the full sequence); longvila.cross_entropy_sum makes the
+    logits chunk by chunk so (T, V) never exists. Summing this over all dp*sp ranks gives the global mean, and
+    summing gradients over them gives the single-device gradient. A shard without supervised tokens gives
+    exactly 0 (a sum over nothing), never NaN, and still runs backward: the ring/Ulysses backward is collective,
+    the other ranks wait for its dk/dv."""
+    import longvila
+    loss_sum, _ = longvila.cross_entropy_sum(hidden, targets, weight=output_weight, chunk_size=chunk_size)
+    return loss_sum / n_global.clamp(min=1)
+
+
+def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits=False, stats=None):
+    """The LongVILA forward under MM-SP. input_ids/labels (B, T) full (same on every rank of the SP group),
+    images: list of (F, 3, S, S) | None per sample. Returns (local logits (B, T/sp, V) | None, local loss).
+
+    The local loss is this rank's share: all-reduce(SUM) of it over dp*sp is the global mean loss, and the
+    gradients must be SUMMED over dp*sp (not averaged) to equal single-device training."""
+    shard = shard_batch(input_ids, labels, layout)
+    h = sp_embed(model, input_ids, images, layout, shard, stats)            # (B, T/sp, C)
+    hidden = model.forward_embeds(h, shard["positions"], attn=attention_hook(layout))   # (B, T/sp, C)
+    loss = None
+    if labels is not None:
+        n = global_count(shard["global_targets"], layout)
+        loss = sp_loss(hidden, shard["targets"], model.llm.output.weight, n)
+    logits = model.llm.output(hidden) if return_logits else None           # (B, T/sp, V)
+    return logits, loss
