@@ -458,9 +458,9 @@ if HAS_TRITON:
 
     _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP"]
     _fwd_tuned = triton.autotune(_cfgs([(128, 64), (128, 128)], [4, 8], [2, 3]), key=_TUNE_KEY)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs([(64, 128), (32, 128), (64, 64)], [4, 8], [2, 3]),
+    _dkdv_tuned = triton.autotune(_cfgs([(64, 128), (32, 128)], [4, 8], [2, 3]),
                                   key=_TUNE_KEY)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs([(128, 64), (128, 32), (64, 64)], [4, 8], [2, 3]),
+    _dq_tuned = triton.autotune(_cfgs([(128, 64), (128, 32)], [4, 8], [2, 3]),
                                 key=_TUNE_KEY)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
@@ -473,8 +473,8 @@ _TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: fixed config
 
 
 def _bucket(n):
-    """Autotuning key: the next power of two, so nearby lengths share one tuned config."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    """Autotuning key: the next power of two, capped at 16k (longer sequences reuse the 16k choice)."""
+    return min(1 << max(0, int(n) - 1).bit_length(), 16384)
 
 
 def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk):

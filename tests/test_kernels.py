@@ -51,6 +51,14 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def tol(backend, dtype, tight):
+    """fp32 arithmetic (torch twin, interpreter, fp32 inputs) -> tight; compiled GPU kernels with 16-bit operands
+    in the matrix products (P and dS rounded to bf16/fp16 as in every flash attention) -> 2e-2 / 5e-2."""
+    if backend == "torch" or kernels._INTERPRET or DEVICE == "cpu" or dtype == torch.float32:
+        return tight
+    return 2e-2 if tight <= 1e-5 else 5e-2
+
+
 def make(B, Tq, Tk, H, Hkv, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Tq, H, D, generator=g).to(DEVICE, dtype)
@@ -84,9 +92,9 @@ def check_backend(backend, case):
     empty = torch.isinf(ref_lse).cpu()
     assert torch.equal(torch.isneginf(lse).cpu(), empty), "rows with no visible key must have lse -inf, only those"
     assert float(out.cpu()[empty.transpose(1, 2)[..., None].expand(B, Tq, H, D)].abs().sum()) == 0.0
-    assert rel(out, ref_out) < 1e-5
+    assert rel(out, ref_out) < tol(backend, dt, 1e-5)
     if not empty.all():
-        assert (lse.cpu().double()[~empty] - ref_lse.cpu()[~empty]).abs().max() < 1e-5
+        assert (lse.cpu().double()[~empty] - ref_lse.cpu()[~empty]).abs().max() < tol(backend, dt, 1e-5)
     # storage dtype output: only the final rounding differs
     out16, _ = kernels.attention_forward(q, k, v, backend=backend, **kw)
     assert out16.dtype == dt and rel(out16, ref_out) < (1e-2 if dt == torch.bfloat16 else 2e-3)
@@ -95,10 +103,11 @@ def check_backend(backend, case):
     grads = kernels.attention_backward(dout, q, k, v, out, lse, grad_fp32=True, backend=backend, **kw)
     for name, g, r in zip("dq dk dv".split(), grads, ref_g):
         assert g.dtype == torch.float32 and g.shape == r.shape
-        assert rel(g, r) < 1e-4 if r.abs().max() > 0 else g.abs().max() == 0, name
+        assert rel(g, r) < tol(backend, dt, 1e-4) if r.abs().max() > 0 else g.abs().max() == 0, name
     grads16 = kernels.attention_backward(dout, q, k, v, out16, lse, backend=backend, **kw)
     for g, r in zip(grads16, ref_g):
-        assert g.dtype == dt and (rel(g, r) < 2e-2 if r.abs().max() > 0 else g.abs().max() == 0)
+        assert g.dtype == dt and (rel(g, r) < max(2e-2, tol(backend, dt, 1e-4)) if r.abs().max() > 0
+                                  else g.abs().max() == 0)
 
 
 @needs_triton
@@ -156,7 +165,8 @@ def test_ring_style_two_key_blocks_merge_to_full(backend):
     o2, l2 = kernels.attention_forward(qs, k2, v2, q_offset=qoff, k_offset=24, out_fp32=True, backend=backend)
     out, lse = merge(o1, l1, o2, l2)
     full_out, full_lse = kernels.attention_forward(qs, k, v, q_offset=qoff, out_fp32=True, backend=backend)
-    assert rel(out, full_out) < 1e-5 and rel(lse, full_lse) < 1e-5
+    t = tol(backend, torch.bfloat16, 1e-5)
+    assert rel(out, full_out) < t and rel(lse, full_lse) < t
     # backward per key block with the GLOBAL out/lse: dq sums over blocks, dk/dv concatenate
     d = dout[:, 24:]
     g1 = kernels.attention_backward(d, qs, k1, v1, out, lse, q_offset=qoff, k_offset=0, grad_fp32=True,
@@ -165,8 +175,8 @@ def test_ring_style_two_key_blocks_merge_to_full(backend):
                                     backend=backend)
     gf = kernels.attention_backward(d, qs, k, v, full_out, full_lse, q_offset=qoff, grad_fp32=True,
                                     backend=backend)
-    assert rel(g1[0] + g2[0], gf[0]) < 1e-5
-    assert rel(torch.cat([g1[1], g2[1]], 1), gf[1]) < 1e-5 and rel(torch.cat([g1[2], g2[2]], 1), gf[2]) < 1e-5
+    assert rel(g1[0] + g2[0], gf[0]) < t
+    assert rel(torch.cat([g1[1], g2[1]], 1), gf[1]) < t and rel(torch.cat([g1[2], g2[2]], 1), gf[2]) < t
 
 # -----------------------------------------------------------------------------
 # dispatch and errors
