@@ -550,3 +550,114 @@ def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits
         loss = sp_loss(hidden, shard["targets"], model.llm.output.weight, n)
     logits = model.llm.output(hidden) if return_logits else None           # (B, T/sp, V)
     return logits, loss
+
+
+# -----------------------------------------------------------------------------
+# SP generation: ring prefill keeps each rank's KV shard, decode merges partial attention by LSE
+
+
+class ShardKVCache:
+    """This rank's keys/values per layer: its real prompt tokens, then the new tokens it was given to keep.
+
+    k/v (L, B, capacity, Hkv, D) preallocated (no O(T) concatenation per decoded token); length[layer]."""
+
+    def __init__(self, n_layers, capacity):
+        self.k, self.v, self.capacity = [None] * n_layers, [None] * n_layers, capacity
+        self.length = [0] * n_layers
+
+    def append(self, layer_idx, k, v):
+        """k/v (B, n, Hkv, D) -> all of this layer's cached keys/values (B, length, Hkv, D)."""
+        if self.k[layer_idx] is None:
+            B, _, Hkv, D = k.shape
+            self.k[layer_idx] = k.new_empty(B, self.capacity, Hkv, D)     # (B, capacity, Hkv, D)
+            self.v[layer_idx] = v.new_empty(B, self.capacity, Hkv, D)
+        n0, n1 = self.length[layer_idx], self.length[layer_idx] + k.shape[1]
+        self.k[layer_idx][:, n0:n1], self.v[layer_idx][:, n0:n1] = k, v
+        self.length[layer_idx] = n1
+        return self.k[layer_idx][:, :n1], self.v[layer_idx][:, :n1]
+
+
+def merge_across_group(out, lse, layout: SPLayout):
+    """Exact attention of one query over the whole group's keys from per-rank partials.
+
+    out (B, 1, H, D) fp32, lse (B, H, 1) fp32 (-inf where a rank holds no keys). All-gather (out, lse), then
+        lse_tot = logsumexp_r lse_r,   out = sum_r exp(lse_r - lse_tot) * out_r
+    Every rank gathers the same tensors in the same order, so every rank gets the same bits."""
+    if layout.sp == 1:
+        return out
+    B, _, H, D = out.shape
+    packed = torch.cat([out.reshape(B, H, D), lse.reshape(B, H, 1)], -1).contiguous()   # (B, H, D+1)
+    parts = [torch.empty_like(packed) for _ in range(layout.sp)]
+    dist.all_gather(parts, packed, group=layout.sp_group)
+    allp = torch.stack(parts)                                               # (sp, B, H, D+1)
+    lse_r = allp[..., D:]                                                   # (sp, B, H, 1)
+    w = torch.exp(lse_r - torch.logsumexp(lse_r, 0))                        # (sp, B, H, 1) sums to 1 over sp
+    return (w * allp[..., :D]).sum(0).reshape(B, 1, H, D)                   # (B, 1, H, D)
+
+
+@torch.no_grad()
+def sp_generate(model, input_ids, images, layout: SPLayout, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                eos_token_id=None, stream=None, generator=None):
+    """model.generate under MM-SP: input_ids (1, T) -> new tokens (1, T_new), identical on every rank.
+
+    1. prefill: both sharding stages and ring/2D attention, as in training; each layer's hook keeps this rank's
+       post-RoPE k/v of its REAL prompt tokens (padding is dropped: a new query must not see it).
+    2. the owner of position T-1 turns its hidden state into logits; the token is broadcast from it.
+    3. decode: every rank runs the non-attention parts of the new token (identical everywhere); in attention
+       each rank attends the query to its own KV shard (no causal mask: every cached key is in the past) and the
+       partial (out, lse) are merged across the group. The new token's k/v are kept by rank step % sp
+       (round-robin, so the shards stay balanced over long answers)."""
+    import kernels
+    import longvila
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"sp_generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
+    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    T = input_ids.shape[1]
+    shard = shard_batch(input_ids, None, layout)
+    real = shard["idx"] < T                                                 # (T/sp,) padding is not kept
+    cache = ShardKVCache(len(model.llm.layers), int(real.sum()) + -(-max_new_tokens // layout.sp) + 1)
+
+    def prefill_attn(q, k, v, layer_idx):                                   # (B, T/sp, H|Hkv, D)
+        cache.append(layer_idx, k[:, real], v[:, real])
+        return sp_attention(q, k, v, layout)
+
+    h = sp_embed(model, input_ids, images, layout, shard)                   # (1, T/sp, C)
+    hidden = model.forward_embeds(h, shard["positions"], attn=prefill_attn)  # (1, T/sp, C)
+    last_owner = int(token_owner(shard["Tp"], layout)[T - 1])
+    logits = None
+    if layout.sp_rank == last_owner:
+        logits = model.llm.output(hidden[:, shard["idx"] == T - 1][:, -1]).float()   # (1, V)
+    keeper = [0]
+
+    def decode_attn(q, k, v, layer_idx):                                    # q (1, 1, H, D), k/v (1, 1, Hkv, D)
+        if layout.sp_rank == keeper[0]:
+            kc, vc = cache.append(layer_idx, k, v)                          # (1, n, Hkv, D)
+        else:
+            n = cache.length[layer_idx]
+            kc, vc = cache.k[layer_idx][:, :n], cache.v[layer_idx][:, :n]   # (1, n, Hkv, D)
+        if kc.shape[1] == 0:                                                # no keys here: weight 0 in the merge
+            out = q.new_zeros(q.shape, dtype=torch.float32)                 # (1, 1, H, D)
+            lse = q.new_full((1, q.shape[2], 1), float("-inf"), dtype=torch.float32)   # (1, H, 1)
+        else:
+            out, lse = kernels.attention_forward(q, kc, vc, causal=False, out_fp32=True, backend=layout.backend)
+        return merge_across_group(out.float(), lse.float(), layout).to(q.dtype)   # (1, 1, H, D)
+
+    out = []
+    for step in range(max_new_tokens):
+        tok = torch.zeros(1, dtype=torch.long, device=h.device)            # (1,)
+        if layout.sp_rank == last_owner:
+            tok = longvila._sample(logits, temperature, top_p, generator).view(1)
+        if layout.sp > 1:                                                   # one rank samples; all agree
+            dist.broadcast(tok, src=layout.sp_ranks[last_owner], group=layout.sp_group)
+        out.append(tok)
+        if stream is not None:
+            stream(int(tok))
+        if int(tok) in eos or step == max_new_tokens - 1:
+            break
+        keeper[0] = step % layout.sp
+        x = model.llm.tok_embeddings(tok.view(1, 1))                        # (1, 1, C)
+        pos = torch.full((1, 1), T + step, dtype=torch.long, device=x.device)   # (1, 1) true position
+        logits = model.llm.output(model.forward_embeds(x, pos, attn=decode_attn)[:, -1]).float()   # (1, V)
+    if not out:
+        return input_ids.new_zeros(1, 0)
+    return torch.stack(out, dim=1)                                          # (1, T_new)
