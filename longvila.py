@@ -1,0 +1,1082 @@
+"""LongVILA in one file: SigLIP vision tower, mlp_downsample projector, Llama/Qwen2 decoder, checkpoint I/O, generation.
+
+    python longvila.py --preset tiny                   # build, forward a random 2-frame video, generate 8 tokens
+    python longvila.py --preset bench-1b --device cuda --dtype bfloat16
+
+Papers / references this file follows:
+- LongVILA: Scaling Long-Context Visual Language Models for Long Videos (Xue et al., arXiv 2408.10188).
+- VILA (Lin et al., arXiv 2312.07533) and its public code NVlabs/VILA: the checkpoint layout (config.json, llm/,
+  vision_tower/, mm_projector/), the `mlp_downsample` projector and its 2x2 token-merge order.
+- SigLIP (Zhai et al., arXiv 2303.15343), Llama 3 (arXiv 2407.21783), Qwen2 (arXiv 2407.10671), RoPE (Su et al.,
+  arXiv 2104.09864) with linear position interpolation (Chen et al., arXiv 2306.15595).
+
+A video is F frames. Each frame -> SigLIP (features of the second-to-last layer, all P patches) -> projector (2x2
+merge + MLP) -> N LLM tokens. In `input_ids` each visual token is one IMAGE_TOKEN_ID (-200) placeholder; `embed`
+replaces those slots, in order, by the projected features, and the decoder runs on the spliced sequence.
+
+Shape alphabet (used in comments across the whole project):
+    B batch, T sequence length (tokens), C LLM width, H query heads, Hkv KV heads, D head dim, V vocab,
+    F frames, P patches per frame, Cv vision width, N visual tokens per frame (after the projector),
+    sp / ring / ulysses / dp: parallel degrees (sp = ring * ulysses, world = dp * sp).
+
+Sections: configs + PRESETS | pure functions | vision tower | projector | decoder | KV cache | LongVILA |
+checkpoint I/O (Hugging Face names <-> ours, one dict) | command line.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IMAGE_TOKEN_ID = -200  # one visual token's placeholder in input_ids (the reference's IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100  # label of positions that are not supervised
+
+
+# -----------------------------------------------------------------------------
+# configs (defaults = the released LongVILA-8B: SigLIP so400m/14-384 + mlp_downsample + Llama-3-8B)
+
+@dataclass
+class VisionConfig:
+    image_size: int = 384
+    patch_size: int = 14
+    width: int = 1152  # Cv
+    layers: int = 27
+    heads: int = 16
+    mlp_dim: int = 4304
+    eps: float = 1e-6
+    select_layer: int = -2  # index into HF's hidden_states (embeddings + one entry per layer): -2 = second-to-last
+
+    def __post_init__(self):
+        if self.image_size < self.patch_size:  # 384 / 14 is not whole: the conv drops the last 6 pixels, as SigLIP
+            raise ValueError(f"VisionConfig: image_size {self.image_size} is smaller than patch_size "
+                             f"{self.patch_size}; raise image_size")
+        if self.width % self.heads:
+            raise ValueError(f"VisionConfig: width {self.width} must be divisible by heads {self.heads}")
+        if not (-self.layers - 1 <= self.select_layer <= self.layers) or self.n_used_layers < 1:
+            raise ValueError(f"VisionConfig: select_layer {self.select_layer} must pick one of the {self.layers} "
+                             f"layer outputs (1..{self.layers} or -{self.layers}..-1)")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:  # P
+        return self.grid ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def n_used_layers(self) -> int:
+        """Layers that run: hidden_states has layers + 1 entries (entry 0 = embeddings), so entry s is after s layers."""
+        return self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
+
+
+@dataclass
+class ProjectorConfig:
+    vision_width: int = 1152  # Cv
+    llm_width: int = 4096  # C
+    eps: float = 1e-5  # nn.LayerNorm default, as the reference
+
+    def tokens_per_frame(self, grid: int) -> int:
+        """N = ceil(grid / 2)^2: odd grids are zero-padded by one row and column before the 2x2 merge."""
+        return math.ceil(grid / 2) ** 2
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 128256
+    dim: int = 4096  # C
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: float = 1.0  # linear position interpolation factor (positions / factor); 1.0 = off
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections (not on o)
+    tie_embeddings: bool = False
+    max_seq_len: int = 8192  # written as max_position_embeddings; informational (RoPE has no table to outgrow)
+    model_type: str = "llama"  # "llama" | "qwen2"
+
+    def __post_init__(self):
+        if self.model_type not in ("llama", "qwen2"):
+            raise ValueError(f"LLMConfig: model_type must be 'llama' or 'qwen2', got {self.model_type!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LLMConfig: dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LLMConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"LLMConfig: head dim {self.dim // self.n_heads} must be even for RoPE; "
+                             f"change dim or n_heads")
+        if self.qkv_bias and self.model_type == "llama":
+            raise ValueError("LLMConfig: qkv_bias=True needs model_type='qwen2' (a Hugging Face Llama with "
+                             "attention_bias puts a bias on o_proj too, which this model does not have)")
+        if self.rope_scaling <= 0:
+            raise ValueError(f"LLMConfig: rope_scaling {self.rope_scaling} must be > 0 (1.0 = no scaling)")
+
+    @property
+    def head_dim(self) -> int:  # D
+        return self.dim // self.n_heads
+
+
+@dataclass
+class LongVILAConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    chat_template: str = "llama3"  # "llama3" | "chatml"
+    fps: float = 0.0  # default frame sampling for data/eval: 0 = uniform num_video_frames
+    num_video_frames: int = 8
+
+    def __post_init__(self):
+        if self.projector.vision_width != self.vision.width:
+            raise ValueError(f"LongVILAConfig: projector.vision_width {self.projector.vision_width} must equal "
+                             f"vision.width {self.vision.width}")
+        if self.projector.llm_width != self.llm.dim:
+            raise ValueError(f"LongVILAConfig: projector.llm_width {self.projector.llm_width} must equal "
+                             f"llm.dim {self.llm.dim}")
+        if self.chat_template not in ("llama3", "chatml"):
+            raise ValueError(f"LongVILAConfig: chat_template must be 'llama3' or 'chatml', got {self.chat_template!r}")
+
+    @property
+    def tokens_per_frame(self) -> int:  # N
+        return self.projector.tokens_per_frame(self.vision.grid)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LongVILAConfig":
+        return cls(vision=VisionConfig(**d["vision"]), projector=ProjectorConfig(**d["projector"]),
+                   llm=LLMConfig(**d["llm"]), **{k: v for k, v in d.items() if k not in ("vision", "projector", "llm")})
+
+
+def _make(vision: VisionConfig, llm: LLMConfig, **kw) -> LongVILAConfig:
+    return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim), llm=llm, **kw)
+
+
+_SIGLIP_384 = VisionConfig()  # so400m/14 at 384 px: 27x27 = 729 patches -> 196 tokens per frame
+PRESETS: dict[str, LongVILAConfig] = {
+    # CPU tests and the demo: 32 px frames, 4x4 patches -> 4 tokens per frame; seconds for a whole training run.
+    "tiny": _make(VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_dim=128),
+                  LLMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                            rope_theta=10000.0, max_seq_len=4096, tie_embeddings=False), chat_template="llama3"),
+    # GPU benchmarks: a ~1B Llama-shaped decoder (1.2B with its 128k vocab) behind the real SigLIP.
+    "bench-1b": _make(_SIGLIP_384, LLMConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
+                                             ffn_dim=8192, rope_theta=500000.0)),
+    # paper v1: Llama-3-8B
+    "longvila-8b": _make(_SIGLIP_384, LLMConfig()),
+    # paper v2: Qwen2-7B (q/k/v bias, 28 heads / 4 KV heads, RMSNorm eps 1e-6, ChatML)
+    "longvila-7b": _make(_SIGLIP_384, LLMConfig(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                                                ffn_dim=18944, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                                                max_seq_len=32768, model_type="qwen2"), chat_template="chatml"),
+    # Qwen2-1.5B (tied embeddings)
+    "longvila-1.5b": _make(_SIGLIP_384, LLMConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
+                                                  n_kv_heads=2, ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6,
+                                                  qkv_bias=True, tie_embeddings=True, max_seq_len=32768,
+                                                  model_type="qwen2"), chat_template="chatml"),
+}
+
+
+# -----------------------------------------------------------------------------
+# pure functions
+
+def rms_norm(x, weight, eps):
+    """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
+    dtype = x.dtype
+    xf = x.float()  # (..., C)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
+    return weight * xf.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, scaling=1.0, dtype=torch.float32):
+    """RoPE angles for TRUE token positions (B, T) -> cos, sin (B, T, D/2).
+
+    inv_freq_i = theta^(-2i/D); linear scaling (position interpolation) divides inv_freq by the factor, i.e. a
+    token at position p is rotated as if it sat at p / factor. Angles are computed in fp32 (HF does the same):
+    at 1M positions bf16 angles would be off by whole radians.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))  # (D/2,)
+    inv_freq = inv_freq / scaling
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+D/2}) by the position angle (HF's rotate_half layout, not interleaved pairs).
+
+    x (B, T, H, D); cos, sin (B, T, D/2) -> (B, T, H, D)
+    """
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, H, D)
+
+
+def shift_labels(labels):
+    """Labels aligned with input_ids (B, T) -> next-token targets (B, T): targets[t] = labels[t+1], last = -100.
+
+    Shift on the FULL sequence before any sharding (sequence parallelism shards the targets, not the labels).
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+
+
+def _ce_chunk(h, weight, targets):
+    logits = (h @ weight.t()).float()  # (n, V)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
+    """Summed cross-entropy over supervised targets and their count: (loss_sum fp32 scalar, count int64 scalar).
+
+    x: logits (..., V) when weight is None; otherwise final hidden states (..., C) and `weight` (V, C) is the
+    output head: logits are then made `chunk_size` tokens at a time and recomputed in backward (checkpoint), so
+    (T, V) logits never exist at once (at 64k tokens x 128k vocab they would be 32 GiB in fp32).
+    targets (...) long with IGNORE_INDEX for unsupervised positions (already shifted: see shift_labels).
+    A shard with no supervised token gives (0.0, 0): callers divide by a global count, never by a local zero.
+    """
+    t = targets.reshape(-1)  # (n,)
+    count = (t != IGNORE_INDEX).sum()
+    if weight is None:
+        logits = x.reshape(-1, x.shape[-1]).float()  # (n, V)
+        return F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum"), count
+    h = x.reshape(-1, x.shape[-1])  # (n, C)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for s in range(0, h.shape[0], chunk_size):
+        hc, tc = h[s:s + chunk_size], t[s:s + chunk_size]  # (n_c, C), (n_c,)
+        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_ce_chunk, hc, weight, tc, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(hc, weight, tc)
+    return total, count
+
+
+def attention(q, k, v, layer_idx=None):
+    """Causal attention, the default `attn` of forward_embeds: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> (B, Tq, H, D).
+
+    RoPE is already applied. The queries are the LAST Tq positions of the keys (Tq < Tk when decoding with a KV
+    cache), so query i sees key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads.
+    CUDA, Tq == Tk: kernels.flash_attn_func (our Triton flash attention); everything else: torch SDPA.
+    """
+    Tq, Tk = q.shape[1], k.shape[1]
+    if q.is_cuda and Tq == Tk:
+        import kernels  # only the CUDA path needs kernels.py (and Triton)
+        return kernels.flash_attn_func(q, k, v, causal=True)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+    mask = None
+    if Tq != Tk and Tq > 1:  # several new tokens against a cache: bottom-right aligned causal mask
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=(Tq == Tk and Tq > 1),
+                                         enable_gqa=True)  # (B, H, Tq, D)
+    return out.transpose(1, 2)  # (B, Tq, H, D)
+
+
+def downsample_2x2(x):
+    """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order.
+
+    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv).
+    Odd g: one zero row and one zero column are appended. Then pairs of neighbouring columns are concatenated,
+    rows/columns are swapped, and pairs of neighbouring rows are concatenated. Result: output token (j, i) (j over
+    column pairs is the OUTER index) = [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]] along channels.
+    Released projector weights expect exactly this order.
+    """
+    n, p, c = x.shape
+    g = math.isqrt(p)
+    if g * g != p:
+        raise ValueError(f"downsample_2x2: {p} patches per frame do not form a square grid")
+    x = x.reshape(n, g, g, c)  # (F, rows, cols, Cv)
+    if g % 2:
+        x = F.pad(x, (0, 0, 0, 1, 0, 1))  # (F, g+1, g+1, Cv) zero row at the bottom, zero column at the right
+        g += 1
+    x = x.reshape(n, g, g // 2, 2 * c)  # (F, rows, cols/2, 2Cv): columns 2j, 2j+1 side by side
+    x = x.permute(0, 2, 1, 3)  # (F, cols/2, rows, 2Cv)
+    x = x.reshape(n, g // 2, g // 2, 4 * c)  # (F, cols/2, rows/2, 4Cv): rows 2i, 2i+1 side by side
+    return x.reshape(n, (g // 2) ** 2, 4 * c)  # (F, N, 4Cv)
+
+
+def _sample(logits, temperature, top_p, generator=None):
+    """logits (1, V) fp32 -> next token (1,): greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)  # (1,)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (1, V)
+    if top_p < 1.0:
+        sp, idx = probs.sort(dim=-1, descending=True)  # (1, V)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp)  # (1, V)
+    return torch.multinomial(probs, 1, generator=generator).view(1)  # (1,)
+
+
+# -----------------------------------------------------------------------------
+# vision tower: SigLIP (no CLS token, learned position embedding, pre-LN blocks, GELU-tanh MLP)
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x):
+        Fr, P, Cv = x.shape
+        q, k, v = (w(x).view(Fr, P, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        out = F.scaled_dot_product_attention(q, k, v)  # (F, heads, P, Cv/heads), scale 1/sqrt(head_dim)
+        return self.wo(out.transpose(1, 2).reshape(Fr, P, Cv))  # (F, P, Cv)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x):  # (F, P, Cv)
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))  # (F, P, Cv)
+
+
+class VisionTower(nn.Module):
+    """SigLIP ViT. forward returns the hidden state after `n_used_layers` blocks (HF hidden_states[select_layer]).
+
+    All `layers` blocks and the post-layernorm are kept so a released tower loads and saves unchanged, but the
+    blocks after the selected one and post_norm never run: they are frozen (requires_grad False) so DDP/FSDP
+    never see parameters without gradients.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Embedding(cfg.num_patches, cfg.width)
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)  # unused for features (as the reference)
+        self.grad_checkpointing = False
+        self.freeze_unused()
+
+    def unused_parameters(self):
+        for blk in self.layers[self.cfg.n_used_layers:]:
+            yield from blk.parameters()
+        yield from self.post_norm.parameters()
+
+    def freeze_unused(self):
+        for p in self.unused_parameters():
+            p.requires_grad_(False)
+
+    def forward(self, frames):  # (F, 3, S, S) normalised pixels
+        x = self.patch_embed(frames)  # (F, Cv, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (F, P, Cv), patches in row-major order
+        x = x + self.pos_embed.weight  # (F, P, Cv)
+        for blk in self.layers[:self.cfg.n_used_layers]:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else blk(x)  # (F, P, Cv)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# projector: mlp_downsample = 2x2 merge -> LayerNorm(4Cv) -> Linear(4Cv, C) -> GELU -> Linear(C, C)
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * cfg.vision_width, eps=cfg.eps)
+        self.fc1 = nn.Linear(4 * cfg.vision_width, cfg.llm_width)
+        self.fc2 = nn.Linear(cfg.llm_width, cfg.llm_width)
+
+    def forward(self, x):  # (F, P, Cv)
+        x = self.norm(downsample_2x2(x))  # (F, N, 4Cv)
+        return self.fc2(F.gelu(self.fc1(x)))  # (F, N, C); nn.GELU() of the reference = exact erf GELU
+
+
+# -----------------------------------------------------------------------------
+# decoder: Llama / Qwen2 (RMSNorm, RoPE, GQA, SwiGLU)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn, layer_idx, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, T_cached + T, Hkv, D)
+        out = attn(q, k, v, layer_idx)  # (B, T, H, D)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):  # (B, T, C)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer 2020), (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, h, cos, sin, attn, layer_idx, cache=None):  # (B, T, C)
+        h = h + self.attention(self.attention_norm(h), cos, sin, attn, layer_idx, cache)
+        return h + self.feed_forward(self.ffn_norm(h))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
+        self.tie()
+
+    def tie(self):
+        """Tied head (Qwen2-1.5B): one Parameter for both; re-done after load_state_dict(assign=True) replaces it."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, h, positions, attn=None, cache=None):
+        """h (B, T, C) input embeddings, positions (B, T) true positions -> final-normed hidden (B, T, C)."""
+        attn = attention if attn is None else attn
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
+                                dtype=h.dtype)  # (B, T, D/2) each
+        for i, layer in enumerate(self.layers):
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+                h = checkpoint(layer, h, cos, sin, attn, i, use_reentrant=False)  # (B, T, C)
+            else:
+                h = layer(h, cos, sin, attn, i, cache)  # (B, T, C)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        return self.norm(h)  # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Preallocated keys/values of every layer: (L, B, max_len, Hkv, D). Prefill writes T rows, each decode 1."""
+
+    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device):
+        self.k = torch.zeros(n_layers, batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # tokens already stored (same for all layers between forward calls)
+
+    def update(self, layer_idx, k, v):
+        """Store k/v (B, T, Hkv, D) after the cached ones; return all keys/values so far (B, length + T, Hkv, D)."""
+        end = self.length + k.shape[1]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KVCache: {end} tokens exceed the cache size {self.k.shape[2]}")
+        self.k[layer_idx, :, self.length:end] = k
+        self.v[layer_idx, :, self.length:end] = v
+        return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end]
+
+    def advance(self, n):
+        self.length += n
+
+
+# -----------------------------------------------------------------------------
+# the whole model
+
+class LongVILA(nn.Module):
+    def __init__(self, config: LongVILAConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.projector = Projector(config.projector)
+        self.llm = Transformer(config.llm)
+        self.apply(self._init_weights)
+        self.llm.tie()
+
+    @staticmethod
+    def _init_weights(m):
+        """Fresh weights (tests, the tiny demo): N(0, 0.02) matrices/embeddings, zero biases, unit norms."""
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- multimodal input -------------------------------------------------------------------------------------
+
+    def encode_images(self, frames):
+        """frames (F, 3, S, S) normalised (mean 0.5, std 0.5) -> visual tokens (F, N, C)."""
+        S = self.config.vision.image_size
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, S, S):
+            raise ValueError(f"frames must have shape (F, 3, {S}, {S}) for this model (vision image_size {S}), "
+                             f"got {tuple(frames.shape)}")
+        dtype = self.vision.patch_embed.weight.dtype
+        feats = self.vision(frames.to(dtype))  # (F, P, Cv)
+        return self.projector(feats)  # (F, N, C)
+
+    def embed(self, input_ids, images=None):
+        """input_ids (B, T) with IMAGE_TOKEN_ID slots, images: list (one per row) of (F, 3, S, S) or None -> (B, T, C).
+
+        Every -200 slot is replaced, in order, by one visual token: row b's slots take the F_b * N tokens of
+        images[b] (frame 0's N tokens first). All rows' frames go through the vision tower in one batch.
+        """
+        B, T = input_ids.shape
+        is_img = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        n_slots = is_img.sum(1).tolist()  # per row
+        V = self.config.llm.vocab_size
+        bad = (~is_img) & ((input_ids < 0) | (input_ids >= V))
+        if bad.any():
+            b, t = bad.nonzero()[0].tolist()
+            raise ValueError(f"input_ids[{b}, {t}] = {input_ids[b, t].item()} is not a token id of this model "
+                             f"(0..{V - 1}) nor IMAGE_TOKEN_ID {IMAGE_TOKEN_ID}")
+        h = self.llm.tok_embeddings(input_ids.masked_fill(is_img, 0))  # (B, T, C)
+        if images is None:
+            images = [None] * B
+        if len(images) != B:
+            raise ValueError(f"images must be a list with one entry per batch row: {B} rows, got {len(images)}")
+        N = self.config.tokens_per_frame
+        frames = []
+        for b in range(B):
+            n_frames = 0 if images[b] is None else images[b].shape[0]
+            if n_slots[b] != n_frames * N:
+                raise ValueError(f"batch row {b}: input_ids hold {n_slots[b]} image placeholders "
+                                 f"(IMAGE_TOKEN_ID {IMAGE_TOKEN_ID}) but images give {n_frames * N} visual tokens "
+                                 f"({n_frames} frames x {N} tokens per frame)")
+            if n_frames:
+                frames.append(images[b])
+        if not frames:
+            return h
+        feats = self.encode_images(torch.cat(frames).to(h.device))  # (sum F, N, C)
+        # masked_scatter fills the True slots in row-major order: row 0's slots with the first frames, etc.
+        return h.masked_scatter(is_img[..., None], feats.to(h.dtype).reshape(-1, h.shape[-1]))  # (B, T, C)
+
+    # --- decoder ----------------------------------------------------------------------------------------------
+
+    def forward_embeds(self, h, positions, attn=None, cache=None):
+        """h (B, T, C), positions (B, T) long TRUE positions -> final-normed hidden (B, T, C).
+
+        attn(q (B,T,H,D), k (B,T,Hkv,D), v, layer_idx) -> (B,T,H,D): causal, RoPE applied; None -> `attention`.
+        Sequence parallelism passes a shard's hidden states, its true positions and a ring/Ulysses attn.
+        """
+        return self.llm(h, positions, attn=attn, cache=cache)
+
+    def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp=None, chunk_size=4096):
+        """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
+
+        loss = mean cross-entropy over supervised shifted targets (0.0 when none is supervised). With
+        return_logits=False and labels, the loss is computed `chunk_size` tokens at a time (cross_entropy_sum).
+        sp: an mmsp layout -> mmsp.sp_forward does the whole thing sequence-parallel.
+        """
+        if sp is not None:
+            import mmsp
+            return mmsp.sp_forward(self, input_ids, images, labels, sp, return_logits=return_logits)
+        B, T = input_ids.shape
+        h = self.embed(input_ids, images)  # (B, T, C)
+        positions = torch.arange(T, device=h.device).expand(B, T)  # (B, T)
+        h = self.forward_embeds(h, positions)  # (B, T, C)
+        logits = self.llm.output(h) if return_logits else None  # (B, T, V)
+        if labels is None:
+            return logits, None
+        targets = shift_labels(labels.to(h.device))  # (B, T)
+        if logits is not None:
+            loss_sum, count = cross_entropy_sum(logits, targets)
+        else:
+            loss_sum, count = cross_entropy_sum(h, targets, weight=self.llm.output.weight, chunk_size=chunk_size)
+        return logits, loss_sum / count.clamp(min=1)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_token_id=None,
+                 sp=None, stream=None, generator=None):
+        """input_ids (1, T) (+ images) -> new tokens (1, T_new), T_new <= max_new_tokens, eos included if produced.
+
+        KV cache: one prefill of the prompt, then one token per step. temperature 0 = greedy; otherwise
+        temperature + top-p sampling (`generator` for reproducibility). eos_token_id: int or list of ints.
+        stream(token_id) is called for each new token as it is produced. sp -> mmsp.sp_generate.
+        """
+        if sp is not None:
+            import mmsp
+            return mmsp.sp_generate(self, input_ids, images, sp, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, stream=stream)
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
+        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        cfg = self.config.llm
+        T = input_ids.shape[1]
+        h = self.embed(input_ids, images)  # (1, T, C)
+        cache = KVCache(cfg.n_layers, 1, T + max_new_tokens, cfg.n_kv_heads, cfg.head_dim, h.dtype, h.device)
+        h = self.forward_embeds(h, torch.arange(T, device=h.device)[None], cache=cache)  # (1, T, C) prefill
+        logits = self.llm.output(h[:, -1]).float()  # (1, V)
+        out = []
+        for step in range(max_new_tokens):
+            tok = _sample(logits, temperature, top_p, generator)  # (1,)
+            out.append(tok)
+            if stream is not None:
+                stream(int(tok))
+            if int(tok) in eos or step == max_new_tokens - 1:
+                break
+            h = self.llm.tok_embeddings(tok.view(1, 1))  # (1, 1, C)
+            pos = torch.full((1, 1), T + step, dtype=torch.long, device=h.device)  # (1, 1)
+            logits = self.llm.output(self.forward_embeds(h, pos, cache=cache)[:, -1]).float()  # (1, V)
+        if not out:
+            return input_ids.new_zeros(1, 0)
+        return torch.stack(out, dim=1)  # (1, T_new)
+
+    # --- training helpers -------------------------------------------------------------------------------------
+
+    def set_trainable(self, vision: bool, projector: bool, llm: bool):
+        """Curriculum switches (stage 1: projector only; 2: projector + llm; 3/5: all; 4: llm only)."""
+        self.vision.requires_grad_(vision)
+        self.vision.freeze_unused()  # the blocks after select_layer and post_norm never get gradients
+        self.projector.requires_grad_(projector)
+        self.llm.requires_grad_(llm)
+
+    def set_grad_checkpointing(self, on: bool = True):
+        """Recompute each vision/decoder block in backward (long-video SFT: activations of 200k+ tokens)."""
+        self.vision.grad_checkpointing = on
+        self.llm.grad_checkpointing = on
+
+    def param_groups(self, weight_decay: float):
+        """AdamW groups: decay on >= 2-D weight matrices only; none on norms, biases, embeddings (token, position)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # tied weights are listed once
+            if not p.requires_grad:
+                continue
+            if p.dim() >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed.weight")):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+        """Training FLOPs per LLM token (forward + backward) for MFU, in the PaLM/nanoGPT convention:
+
+            6 * N + 12 * L * C * T
+        N = decoder matmul parameters (all blocks + output head; the embedding lookup does no matmul), each used
+        once per token in a multiply-add (2 FLOPs) forward and twice as much backward -> 6N. Attention per layer
+        and token: QK^T and AV are 2 * T * C FLOPs each forward (4TC), x3 for backward -> 12 * L * C * T.
+        causal=True halves the attention term (the masked half is never computed by flash attention).
+        Vision FLOPs are separate: see vision_flops_per_frame.
+        """
+        cfg = self.config.llm
+        n = sum(p.numel() for name, p in self.llm.named_parameters() if not name.startswith("tok_embeddings"))
+        if cfg.tie_embeddings:
+            n += self.llm.output.weight.numel()  # the tied head still does its matmul
+        attn = 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6.0 * n + (attn / 2 if causal else attn)
+
+    def vision_flops_per_frame(self) -> float:
+        """Training FLOPs of the vision tower + projector per frame: 6 * P * N_used + 12 * layers_used * Cv * P * P."""
+        v = self.config.vision
+        n = sum(p.numel() for p in self.vision.layers[:v.n_used_layers].parameters()) + \
+            self.vision.patch_embed.weight.numel()
+        n_proj = sum(p.numel() for p in self.projector.parameters())
+        return 6.0 * v.num_patches * n + 12.0 * v.n_used_layers * v.width * v.num_patches ** 2 + \
+            6.0 * self.config.tokens_per_frame * n_proj
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "LongVILA":
+        """Load a VILA-layout folder (config.json, llm/, vision_tower/, mm_projector/) with Hugging Face key names.
+
+        The model is built on the meta device and each tensor is read once from safetensors and assigned
+        (load_state_dict(assign=True)): an 8B model never exists twice in memory. dtype None = as stored (the
+        dtype of the LLM's token embedding, applied to all). Errors name the file and key that is wrong.
+        """
+        config = read_config(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        tensors = load_checkpoint_tensors(path, expected, config)
+        if dtype is None:
+            dtype = tensors["llm.tok_embeddings.weight"].dtype
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in tensors.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.llm.tie()
+        model.vision.freeze_unused()
+        return model
+
+    def save_pretrained(self, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
+        """Write the VILA layout with HF names and HF-readable configs (LlamaForCausalLM / Qwen2ForCausalLM under
+        llm/, SiglipVisionModel under vision_tower/). Weights larger than max_shard_bytes are sharded with an index."""
+        save_checkpoint(self, path, tokenizer_json=tokenizer_json, max_shard_bytes=max_shard_bytes)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint I/O: Hugging Face (VILA layout) names <-> ours
+
+# The ONE name map. Keys: "<folder>/<HF module path>", values: our module path; "{i}" is a layer index and the
+# parameter name (weight / bias) is carried over. Released SigLIP files carry a "vision_model." prefix (transformers
+# 4.x); transformers 5 writes none: both are read, the prefixed form is written.
+HF_TO_OURS = {
+    # llm/: LlamaForCausalLM / Qwen2ForCausalLM
+    "llm/model.embed_tokens": "llm.tok_embeddings",
+    "llm/model.layers.{i}.input_layernorm": "llm.layers.{i}.attention_norm",
+    "llm/model.layers.{i}.self_attn.q_proj": "llm.layers.{i}.attention.wq",
+    "llm/model.layers.{i}.self_attn.k_proj": "llm.layers.{i}.attention.wk",
+    "llm/model.layers.{i}.self_attn.v_proj": "llm.layers.{i}.attention.wv",
+    "llm/model.layers.{i}.self_attn.o_proj": "llm.layers.{i}.attention.wo",
+    "llm/model.layers.{i}.post_attention_layernorm": "llm.layers.{i}.ffn_norm",
+    "llm/model.layers.{i}.mlp.gate_proj": "llm.layers.{i}.feed_forward.w1",
+    "llm/model.layers.{i}.mlp.up_proj": "llm.layers.{i}.feed_forward.w3",
+    "llm/model.layers.{i}.mlp.down_proj": "llm.layers.{i}.feed_forward.w2",
+    "llm/model.norm": "llm.norm",
+    "llm/lm_head": "llm.output",
+    # vision_tower/: SiglipVisionModel
+    "vision_tower/vision_model.embeddings.patch_embedding": "vision.patch_embed",
+    "vision_tower/vision_model.embeddings.position_embedding": "vision.pos_embed",
+    "vision_tower/vision_model.encoder.layers.{i}.layer_norm1": "vision.layers.{i}.norm1",
+    "vision_tower/vision_model.encoder.layers.{i}.self_attn.q_proj": "vision.layers.{i}.attn.wq",
+    "vision_tower/vision_model.encoder.layers.{i}.self_attn.k_proj": "vision.layers.{i}.attn.wk",
+    "vision_tower/vision_model.encoder.layers.{i}.self_attn.v_proj": "vision.layers.{i}.attn.wv",
+    "vision_tower/vision_model.encoder.layers.{i}.self_attn.out_proj": "vision.layers.{i}.attn.wo",
+    "vision_tower/vision_model.encoder.layers.{i}.layer_norm2": "vision.layers.{i}.norm2",
+    "vision_tower/vision_model.encoder.layers.{i}.mlp.fc1": "vision.layers.{i}.fc1",
+    "vision_tower/vision_model.encoder.layers.{i}.mlp.fc2": "vision.layers.{i}.fc2",
+    "vision_tower/vision_model.post_layernorm": "vision.post_norm",
+    # mm_projector/: nn.Sequential(DownSampleBlock, LayerNorm, Linear, GELU, Linear)
+    "mm_projector/layers.1": "projector.norm",
+    "mm_projector/layers.2": "projector.fc1",
+    "mm_projector/layers.4": "projector.fc2",
+}
+# keys in released files that this model does not use (SigLIP's attention-pooling head; old rotary buffers)
+_IGNORED_HF = [re.compile(r"^(vision_model\.)?head\."), re.compile(r"rotary_emb\.inv_freq$")]
+_PARTS = ("llm", "vision_tower", "mm_projector")
+
+
+def _template_regex(template):
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + r"\.(\w+)$")
+
+
+_FWD = [(_template_regex(k), v) for k, v in HF_TO_OURS.items()]
+_BWD = [(_template_regex(v), k) for k, v in HF_TO_OURS.items()]
+
+
+def _rename(name, table):
+    for rx, target in table:
+        m = rx.match(name)
+        if m:
+            *idx, param = m.groups()
+            return (target.replace("{i}", idx[0]) if idx else target) + "." + param
+    return None
+
+
+def hf_to_ours(part, key):
+    """("llm", "model.layers.3.mlp.up_proj.weight") -> "llm.layers.3.feed_forward.w3.weight" (None if unknown)."""
+    if part == "vision_tower" and not key.startswith("vision_model."):
+        key = "vision_model." + key  # transformers 5 layout
+    return _rename(f"{part}/{key}", _FWD)
+
+
+def ours_to_hf(name):
+    """"llm.layers.3.feed_forward.w3.weight" -> ("llm", "model.layers.3.mlp.up_proj.weight")."""
+    full = _rename(name, _BWD)
+    if full is None:
+        raise KeyError(f"no Hugging Face name for parameter {name}")
+    part, key = full.split("/", 1)
+    return part, key
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint is missing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _llm_from_hf(c, file):
+    mt = c.get("model_type")
+    if mt not in ("llama", "qwen2"):
+        raise ValueError(f"{file}: model_type {mt!r} is not supported (expected 'llama' or 'qwen2')")
+    if mt == "llama" and (c.get("attention_bias") or c.get("mlp_bias")):
+        raise ValueError(f"{file}: Llama with attention_bias/mlp_bias is not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (expected 'silu')")
+    if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
+        raise ValueError(f"{file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+    rp = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
+    rs = c.get("rope_scaling") or rp
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ValueError(f"{file}: rope scaling type {kind!r} is not supported (only linear)")
+    return LLMConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                     n_heads=c["num_attention_heads"],
+                     n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                     ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                     rope_scaling=float(rs.get("factor", 1.0)) if kind == "linear" else 1.0,
+                     qkv_bias=(mt == "qwen2"), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                     max_seq_len=c.get("max_position_embeddings", 8192), model_type=mt)
+
+
+def _llm_to_hf(cfg: LLMConfig, dtype) -> dict:
+    c = {"architectures": ["Qwen2ForCausalLM" if cfg.model_type == "qwen2" else "LlamaForCausalLM"],
+         "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+         "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+         "num_key_value_heads": cfg.n_kv_heads, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+         "rope_scaling": None if cfg.rope_scaling == 1.0 else {"rope_type": "linear", "factor": cfg.rope_scaling},
+         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(dtype).replace("torch.", "")}
+    if cfg.model_type == "llama":
+        c.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+    else:
+        c.update(use_sliding_window=False)
+    return c
+
+
+def _vision_from_hf(c, file, select_layer):
+    if c.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (expected gelu_pytorch_tanh)")
+    if c.get("num_channels", 3) != 3:
+        raise ValueError(f"{file}: num_channels {c['num_channels']} is not supported (expected 3)")
+    return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
+                        layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
+                        eps=c.get("layer_norm_eps", 1e-6), select_layer=select_layer)
+
+
+def _vision_to_hf(cfg: VisionConfig, dtype) -> dict:
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", "hidden_size": cfg.width,
+            "image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim, "layer_norm_eps": cfg.eps,
+            "hidden_act": "gelu_pytorch_tanh", "num_channels": 3, "attention_dropout": 0.0,
+            "vision_use_head": False, "torch_dtype": str(dtype).replace("torch.", "")}
+
+
+def read_config(path) -> LongVILAConfig:
+    """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    top = _read_json(os.path.join(path, "config.json"))
+    for part in _PARTS:
+        if not os.path.isdir(os.path.join(path, part)):
+            raise FileNotFoundError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, "
+                                    f"llm/, vision_tower/, mm_projector/)")
+    llm_file = os.path.join(path, "llm", "config.json")
+    llm = _llm_from_hf(_read_json(llm_file), llm_file)
+    vis_file = os.path.join(path, "vision_tower", "config.json")
+    vision = _vision_from_hf(_read_json(vis_file), vis_file, top.get("mm_vision_select_layer", -2))
+    proj_file = os.path.join(path, "mm_projector", "config.json")
+    kind = _read_json(proj_file).get("mm_projector_type")
+    if kind != "mlp_downsample":
+        raise ValueError(f"{proj_file}: mm_projector_type {kind!r} is not supported (expected 'mlp_downsample')")
+    template = top.get("chat_template") or ("chatml" if llm.model_type == "qwen2" else "llama3")
+    if template not in ("llama3", "chatml"):
+        template = "chatml" if llm.model_type == "qwen2" else "llama3"
+    return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim), llm=llm,
+                          chat_template=template, fps=float(top.get("fps", 0.0) or 0.0),
+                          num_video_frames=int(top.get("num_video_frames", 8) or 8))
+
+
+def _weight_files(folder):
+    """{hf_key: file} of a HF weights folder: model.safetensors or sharded files + model.safetensors.index.json."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index)["weight_map"]
+        for f in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(folder, f)):
+                raise FileNotFoundError(f"{index} lists shard {f}, which is missing from {folder}")
+        return {k: os.path.join(folder, f) for k, f in weight_map.items()}
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+                            f"(only safetensors weights are read)")
+
+
+def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig) -> dict:
+    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected`."""
+    from safetensors import safe_open
+    where = {}  # our name -> (file, hf key)
+    for part in _PARTS:
+        folder = os.path.join(path, part)
+        for key, file in _weight_files(folder).items():
+            ours = hf_to_ours(part, key)
+            if ours is None:
+                if any(rx.search(key) for rx in _IGNORED_HF):
+                    continue
+                raise ValueError(f"{file}: tensor '{key}' has no place in this model (unknown name)")
+            if ours not in expected:
+                raise ValueError(f"{file}: tensor '{key}' ({ours}) does not exist in a model with this config "
+                                 f"(e.g. a layer index beyond the config's layer count)")
+            where[ours] = (file, key)
+    if config.llm.tie_embeddings:
+        where.pop("llm.output.weight", None)  # tied: the head IS the token embedding (a stored copy is ignored)
+    missing = [k for k in expected if k not in where and not (k == "llm.output.weight" and config.llm.tie_embeddings)]
+    if missing:
+        part, key = ours_to_hf(missing[0])
+        raise ValueError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. '{key}' in {part}/ "
+                         f"(our {missing[0]}, shape {tuple(expected[missing[0]])})")
+    tensors = {}
+    by_file = {}
+    for ours, (file, key) in where.items():
+        by_file.setdefault(file, []).append((ours, key))
+    for file, items in by_file.items():
+        with safe_open(file, "pt") as f:
+            for ours, key in items:
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[ours]):
+                    raise ValueError(f"{file}: tensor '{key}' has shape {shape} but the config expects "
+                                     f"{tuple(expected[ours])} (for {ours})")
+                tensors[ours] = f.get_tensor(key)
+    if config.llm.tie_embeddings:
+        tensors["llm.output.weight"] = tensors["llm.tok_embeddings.weight"]
+    return tensors
+
+
+def _write_weights(folder, tensors: dict, max_shard_bytes):
+    """safetensors file(s) in `folder`; sharded as model-0000k-of-0000n.safetensors + index when too big."""
+    from safetensors.torch import save_file
+    shards, cur, size = [], {}, 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
+    cfg = model.config
+    parts = {p: {} for p in _PARTS}
+    for name, t in model.state_dict().items():
+        if name == "llm.output.weight" and cfg.llm.tie_embeddings:
+            continue  # HF ties lm_head to embed_tokens from tie_word_embeddings
+        part, key = ours_to_hf(name)
+        parts[part][key] = t.detach().to("cpu").contiguous()
+    dtype = model.llm.tok_embeddings.weight.dtype
+    for part in _PARTS:
+        os.makedirs(os.path.join(path, part), exist_ok=True)
+        _write_weights(os.path.join(path, part), parts[part], max_shard_bytes)
+    llm_cfg, vis_cfg = _llm_to_hf(cfg.llm, dtype), _vision_to_hf(cfg.vision, dtype)
+    proj_cfg = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector",
+                "mm_projector_type": "mlp_downsample"}
+    _write_json(os.path.join(path, "llm", "config.json"), llm_cfg)
+    _write_json(os.path.join(path, "vision_tower", "config.json"), vis_cfg)
+    _write_json(os.path.join(path, "mm_projector", "config.json"), proj_cfg)
+    S = cfg.vision.image_size
+    _write_json(os.path.join(path, "vision_tower", "preprocessor_config.json"), {
+        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": S, "width": S},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, os.path.join(path, "llm", "tokenizer.json"))
+    _write_json(os.path.join(path, "config.json"), {
+        "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
+        "llm_cfg": dict(llm_cfg, _name_or_path="./llm"), "vision_tower_cfg": dict(vis_cfg, _name_or_path="./vision_tower"),
+        "mm_projector_cfg": dict(proj_cfg, _name_or_path="./mm_projector"), "mm_projector": "mlp_downsample",
+        "hidden_size": cfg.llm.dim, "mm_hidden_size": cfg.vision.width,
+        "mm_vision_select_layer": cfg.vision.select_layer, "mm_vision_select_feature": "cls_patch",
+        "image_aspect_ratio": "resize", "fps": cfg.fps, "num_video_frames": cfg.num_video_frames,
+        "chat_template": cfg.chat_template, "tokens_per_frame": cfg.tokens_per_frame,
+        "model_dtype": str(dtype), "longvila": cfg.to_dict()})
+
+
+# -----------------------------------------------------------------------------
+# command line: build a preset, run a forward on a random video, generate a few tokens
+
+def _count(module_or_params):
+    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
+    return sum(p.numel() for p in params)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
+    ap.add_argument("--frames", type=int, default=2, help="frames of the random video")
+    ap.add_argument("--new-tokens", type=int, default=8, help="tokens to generate")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    cfg = PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        model = LongVILA(cfg).to(dtype)
+    print(f"preset {args.preset}: vision {_count(model.vision) / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
+          f"{cfg.vision.layers} layers), projector {_count(model.projector) / 1e6:.2f}M, "
+          f"llm {_count(model.llm) / 1e6:.2f}M, total {_count(model) / 1e6:.2f}M parameters")
+    N, S = cfg.tokens_per_frame, cfg.vision.image_size
+    newline = 13  # any text id stands for "\n" in this random demo
+    ids = [1, 5, 6]
+    for _ in range(args.frames):
+        ids += [IMAGE_TOKEN_ID] * N + [newline]
+    ids += [7, 8, 9]
+    input_ids = torch.tensor([ids], device=args.device)  # (1, T)
+    video = torch.randn(args.frames, 3, S, S, device=args.device)  # (F, 3, S, S)
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, IGNORE_INDEX)  # (1, T)
+    t0 = time.time()
+    logits, loss = model(input_ids, [video], labels)
+    loss.backward()
+    print(f"forward+backward: T={input_ids.shape[1]} tokens ({args.frames} frames x {N} visual tokens), "
+          f"logits {tuple(logits.shape)}, loss {loss.item():.4f} (ln V = {math.log(cfg.llm.vocab_size):.4f}), "
+          f"{time.time() - t0:.3f}s; {model.flops_per_token(input_ids.shape[1]) / 1e9:.3f} GFLOP/token")
+    t0 = time.time()
+    new = model.generate(input_ids, [video], max_new_tokens=args.new_tokens)
+    print(f"generated {new.shape[1]} tokens in {time.time() - t0:.3f}s: {new[0].tolist()}")
+
+
+if __name__ == "__main__":
+    main()
