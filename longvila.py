@@ -172,7 +172,8 @@ PRESETS: dict[str, LongVILAConfig] = {
     "tiny": _make(VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_dim=128),
                   LLMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                             rope_theta=10000.0, max_seq_len=4096, tie_embeddings=False), chat_template="llama3"),
-    # GPU benchmarks: a ~1B Llama-shaped decoder (1.2B with its 128k vocab) behind the real SigLIP.
+    # GPU benchmarks: a Llama-shaped decoder of 1.0B in its blocks (1.5B with the untied 128k-vocab embedding and
+    # head) behind the real SigLIP.
     "bench-1b": _make(_SIGLIP_384, LLMConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                                              ffn_dim=8192, rope_theta=500000.0)),
     # paper v1: Llama-3-8B
@@ -636,7 +637,8 @@ class LongVILA(nn.Module):
         if sp is not None:
             import mmsp
             return mmsp.sp_generate(self, input_ids, images, sp, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, stream=stream)
+                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, stream=stream,
+                                    generator=generator)
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
         eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))

@@ -314,6 +314,14 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
     loss2.backward()
     assert none is None and torch.allclose(loss, loss2, atol=1e-6)
     assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
+    # gradient checkpointing recomputes the blocks: same loss, same gradients
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    _, loss3 = model(ids, [frames], labels)
+    loss3.backward()
+    model.set_grad_checkpointing(False)
+    assert torch.allclose(loss, loss3, atol=1e-6)
+    assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
     # nothing supervised -> loss 0, not NaN
     _, zero = model(ids, [frames], torch.full_like(ids, IGNORE_INDEX))
     assert zero.item() == 0.0
