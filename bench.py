@@ -157,6 +157,182 @@ BENCHMARKS["kernels"] = (_kernels_add_args, _kernels_run)
 # -----------------------------------------------------------------------------
 # sp: sequence-parallel attention layouts vs one GPU and torch context_parallel (owner: MM-SP)
 
+def _sp_add_args(p):
+    g = p.add_argument_group("sizes")
+    g.add_argument("--seqlens", default="32768,65536,131072", help="comma-separated TOTAL sequence lengths S")
+    g.add_argument("--heads", type=int, default=32, help="query heads H")
+    g.add_argument("--kv-heads", default="8,32", help="comma-separated KV head counts: 8 = GQA (Llama-3-8B), "
+                   "32 = MHA (the only case torch context_parallel handles without repeating KV)")
+    g.add_argument("--head-dim", type=int, default=128)
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    g.add_argument("--small", action="store_true", help="tiny sizes (S=64,128, H=4, Hkv=2,4, D=16, fp32): a CPU/gloo "
+                   "smoke run: torchrun --nproc_per_node 2 bench.py sp --device cpu --small")
+    g.add_argument("--methods", default="1gpu-whole,1gpu-share,zigzag-ring,ring,ulysses,torch-cp-flash,"
+                   "torch-cp-cudnn", help="which rows to run")
+    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--iters", type=int, default=5)
+
+
+def _sp_time(fn, iters, warmup, cuda, group=None):
+    """Median wall time (ms) of fn() over `iters` runs after `warmup`, the slowest rank's (all ranks in `group`)."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        if group is not None:
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = torch.tensor([statistics.median(times)], dtype=torch.float64, device="cuda" if cuda else "cpu")
+    if group is not None:
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)
+    return ms.item()
+
+
+def _sp_run(args):
+    """Attention fwd+bwd (causal) on S total tokens: zigzag ring / plain ring / Ulysses over all ranks of this
+    torchrun, beside one GPU running the per-GPU share (S/W tokens) and the whole sequence (scaling efficiency =
+    t_1gpu(S) / (W * t_W(S))), and beside torch's context_parallel (flash and cuDNN SDPA backends, MHA only).
+    Every rank builds the same full q/k/v from one seed and cuts its shard, exactly as the tests do.
+    FLOPs of causal attention fwd+bwd: 3.5 * 2 * S^2 * H * D (forward 4*S^2*H*D/2, backward 2.5x forward)."""
+    import datetime
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import kernels
+    import mmsp
+
+    info = mmsp.init_distributed()
+    device = torch.device(args.device) if args.device else info.device
+    cuda = device.type == "cuda"
+    if cuda and info.device.type == "cuda":
+        device = info.device
+    W, rank = info.world_size, info.rank
+    if args.small:
+        seqlens, H, kvs, D, dtype = [64, 128], 4, [2, 4], 16, torch.float32
+    else:
+        seqlens, H, D = [int(s) for s in args.seqlens.split(",")], args.heads, args.head_dim
+        kvs, dtype = [int(x) for x in args.kv_heads.split(",")], (torch.bfloat16 if cuda else torch.float32)
+    backend = "triton" if cuda else "torch"
+    methods = args.methods.split(",")
+    card = torch.cuda.get_device_name(device) if cuda else "cpu"
+    world = dist.group.WORLD if W > 1 else None
+    if rank == 0:
+        print(f"bench sp | {W} x {card} | torch {torch.__version__} | kernels backend {backend} | "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | H={H} D={D} {dtype} causal "
+              f"fwd+bwd", flush=True)
+    layouts = {"zigzag-ring": mmsp.make_layout(sp=W, ring=W, backend=backend),
+               "ring": mmsp.make_layout(sp=W, ring=W, backend=backend, zigzag=False),
+               "ulysses": mmsp.make_layout(sp=W, ring=1, backend=backend)}
+    mesh = None
+    if cuda and W > 1 and any(m.startswith("torch-cp") for m in methods):
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cuda", (W,))
+    rows = []
+
+    def emit(S, Hkv, method, gpus, ms, note="", tokens=None):
+        n = tokens or S
+        flops = 3.5 * 2.0 * n * n * H * D                                  # causal fwd+bwd on n tokens
+        tflops = flops / (ms * 1e-3) / 1e12 / gpus if ms else float("nan")
+        row = dict(card=card, gpus=gpus, S=S, H=H, Hkv=Hkv, D=D, dtype=str(dtype), method=method, ms=ms,
+                   tflops_per_gpu=tflops, note=note)
+        rows.append(row)
+        if rank == 0:
+            print(f"S={S:7d} Hkv={Hkv:2d} {method:15s} gpus={gpus} " +
+                  (f"{ms:10.2f} ms {tflops:7.1f} TFLOP/s/GPU {note}" if ms else note), flush=True)
+
+    for Hkv in kvs:
+        for S in seqlens:
+            Tp = mmsp.padded_length(S, W)
+            if Tp != S:
+                raise SystemExit(f"bench sp: S={S} must be a multiple of 2*world={2 * W}")
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)      # (1, S, H, D) same everywhere
+            k = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)    # (1, S, Hkv, D)
+            v = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)
+            dout = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)
+            for method in methods:
+                if method in ("1gpu-whole", "1gpu-share"):
+                    n = S if method == "1gpu-whole" else S // W
+                    ms = None
+                    if rank == 0:   # the others wait at the barrier: one GPU alone, nothing else running
+                        xs = [x[:, :n].detach().clone().requires_grad_() for x in (q, k, v)]
+                        fn = lambda: kernels.flash_attn_func(*xs, causal=True, backend=backend).backward(
+                            dout[:, :n])
+                        ms = _sp_time(fn, args.iters, args.warmup, cuda)
+                        del xs
+                    if world is not None:
+                        dist.barrier()
+                    if rank == 0:
+                        emit(S, Hkv, method, 1, ms, f"{n} tokens", tokens=n)
+                elif method in layouts:
+                    lay = layouts[method]
+                    if method == "ulysses" and (H % W or (Hkv % W and W % Hkv)):
+                        emit(S, Hkv, method, W, None, "n/a: heads do not split over ulysses")
+                        continue
+                    idx = mmsp.layout_indices(S, lay).to(device)                     # (S/W,)
+                    xs = [x[:, idx].detach().clone().requires_grad_() for x in (q, k, v)]   # (1, S/W, ., D)
+                    dl = dout[:, idx].contiguous()
+                    fn = lambda: mmsp.sp_attention(*xs, lay).backward(dl)
+                    emit(S, Hkv, method, W, _sp_time(fn, args.iters, args.warmup, cuda, world))
+                    del xs
+                elif method.startswith("torch-cp"):
+                    if mesh is None or Hkv != H:
+                        emit(S, Hkv, method, W, None, "n/a: needs CUDA, 2+ GPUs and MHA (no GQA)")
+                        continue
+                    from torch.distributed.tensor.experimental import context_parallel
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    sdpa = {"torch-cp-flash": SDPBackend.FLASH_ATTENTION,
+                            "torch-cp-cudnn": SDPBackend.CUDNN_ATTENTION}[method]
+                    # context_parallel shards these buffers in place along the sequence dim (load-balanced for
+                    # causal) and restores them on exit; (B, H, S, D) as SDPA wants
+                    bufs = [x.transpose(1, 2).contiguous() for x in (q, k, v, dout)]    # (1, H|Hkv, S, D)
+                    try:
+                        with sdpa_kernel([sdpa]), context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 4):
+                            ql, kl, vl = (b.detach().requires_grad_() for b in bufs[:3])   # (1, H, S/W, D)
+                            fn = lambda: F.scaled_dot_product_attention(ql, kl, vl, is_causal=True).backward(
+                                bufs[3])
+                            ms = _sp_time(fn, args.iters, args.warmup, cuda, world)
+                        emit(S, Hkv, method, W, ms)
+                    except Exception as e:  # report, keep the other rows
+                        emit(S, Hkv, method, W, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    del bufs
+                if cuda:
+                    torch.cuda.empty_cache()
+            del q, k, v, dout
+    # scaling efficiency against the one-GPU whole-sequence time
+    whole = {(r["S"], r["Hkv"]): r["ms"] for r in rows if r["method"] == "1gpu-whole" and r["ms"]}
+    for r in rows:
+        t1 = whole.get((r["S"], r["Hkv"]))
+        r["efficiency"] = t1 / (r["gpus"] * r["ms"]) if (t1 and r["ms"] and r["gpus"] > 1) else None
+    if rank == 0:
+        print(f"\n| S | Hkv | method | GPUs | ms | TFLOP/s/GPU | scaling efficiency |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            ms = f"{r['ms']:.2f}" if r["ms"] else r["note"]
+            tf = f"{r['tflops_per_gpu']:.0f}" if r["ms"] else ""
+            eff = f"{r['efficiency']:.3f}" if r["efficiency"] else ""
+            print(f"| {r['S']} | {r['Hkv']} | {r['method']} | {r['gpus']} | {ms} | {tf} | {eff} |")
+    if W > 1:
+        dist.barrier()
+    if rank != 0:
+        args.json = None  # one file, from rank 0
+    return rows
+
+
+BENCHMARKS["sp"] = (_sp_add_args, _sp_run)
+
 # -----------------------------------------------------------------------------
 # command line
 
