@@ -722,18 +722,14 @@ class LongVILA(nn.Module):
         """Load a VILA-layout folder (config.json, llm/, vision_tower/, mm_projector/) with Hugging Face key names.
 
         The model is built on the meta device and each tensor is read once from safetensors and assigned
-        (load_state_dict(assign=True)): an 8B model never exists twice in memory. dtype None = as stored (the
-        dtype of the LLM's token embedding, applied to all). Errors name the file and key that is wrong.
+        (load_state_dict(assign=True)), converted to dtype/device as it is read: an 8B model never exists twice
+        in memory. dtype None = as stored; device None = CPU. Errors name the file and key that is wrong.
         """
         config = read_config(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        tensors = load_checkpoint_tensors(path, expected, config)
-        if dtype is None:
-            dtype = tensors["llm.tok_embeddings.weight"].dtype
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in tensors.items()}
+        state = load_checkpoint_tensors(path, expected, config, dtype=dtype, device=device)
         model.load_state_dict(state, strict=True, assign=True)
         model.llm.tie()
         model.vision.freeze_unused()
@@ -928,8 +924,9 @@ def _weight_files(folder):
                             f"(only safetensors weights are read)")
 
 
-def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig) -> dict:
-    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected`."""
+def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=None, device=None) -> dict:
+    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected`;
+    each tensor is moved to dtype (floating point ones; None = as stored) and device as soon as it is read."""
     from safetensors import safe_open
     where = {}  # our name -> (file, hf key)
     for part in _PARTS:
@@ -962,7 +959,9 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig) -> dic
                 if shape != tuple(expected[ours]):
                     raise ValueError(f"{file}: tensor '{key}' has shape {shape} but the config expects "
                                      f"{tuple(expected[ours])} (for {ours})")
-                tensors[ours] = f.get_tensor(key)
+                t = f.get_tensor(key)
+                tensors[ours] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
+                                     else t.dtype)
     if config.llm.tie_embeddings:
         tensors["llm.output.weight"] = tensors["llm.tok_embeddings.weight"]
     return tensors

@@ -225,6 +225,10 @@ def test_save_then_load_gives_identical_logits_and_hf_can_read_it(tmp_path):
         b, _ = back(ids, [frames])
     assert torch.equal(a, b)
     assert back.config == model.config
+    half = LongVILA.from_pretrained(str(tmp_path), dtype=torch.bfloat16)  # converted while reading
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    with torch.no_grad():
+        assert (half(ids, [frames])[0].float() - a).abs().max().item() < 0.05
     # Hugging Face reads the parts: the LLM logits and the vision features agree
     assert isinstance(LlamaConfig.from_pretrained(str(tmp_path / "llm")), LlamaConfig)
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "llm"), dtype=torch.float32).eval()
