@@ -1,0 +1,931 @@
+"""LongVILA's five-stage training curriculum from one entry point, on one CPU or many GPUs.
+
+    python train.py --stage all                       # the CPU demo: demo data, tiny model, stages 1-5, then NIAH
+    python train.py --stage 3 --init_from runs/demo/stage2/model --steps 20
+    torchrun --nproc_per_node 4 train.py --stage 5 --sp 4 --ring 2 --init_from runs/demo/stage4/model
+    torchrun --nproc_per_node 8 train.py --stage 4 --model longvila-8b --init_from /ckpt/LongVILA-8B \\
+        --data /data/slimpajama.jsonl --seq_len 131072 --sp 8 --ring 8 --steps 80
+
+The curriculum (paper Sec. 3 and Table 1; the reference's hyper-parameters, /work/shared/LONGVILA.md Sec. 3):
+    1 alignment          projector only                image-caption pairs           lr 1e-3 cosine, warmup 3%
+    2 pre-training       projector + LLM               captions / interleaved        lr 5e-5 cosine, warmup 3%
+    3 short SFT          vision + projector + LLM      image / short-video QA        lr 1e-4 cosine, warmup 3%
+    4 context extension  LLM only                      long text                     lr 2e-5 constant, 2 warmup
+                         (RoPE theta raised to the target context and written into the saved config)
+    5 long SFT           vision + projector + LLM      long-video QA                 lr 5e-5 cosine, warmup 3%,
+                                                                                     activation checkpointing
+`--stage N` picks a preset of defaults (STAGES below); every flag overrides it. `--stage all` (= `1-5`) chains the
+stages, each starting from the model the previous one saved.
+
+Distribution: `init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU). The world is a
+`dp x ring x ulysses` grid (mmsp.make_layout); every rank of one SP group reads the same sample and mmsp.sp_forward
+splits it (frames, then zigzag tokens). Parameters, gradients and optimizer state are sharded over the whole world
+with FSDP2 (`fully_shard`, ZeRO-3), bf16 compute with fp32 master weights and fp32 gradient reduction on CUDA.
+The loss of every rank is (its summed cross-entropy) / (the GLOBAL count of supervised tokens of the step), so the
+SUM of the ranks' gradients is the single-device gradient of the global batch: FSDP's reduce-scatter sums (divide
+factor 1) instead of averaging.
+
+A run folder holds: config.json (the resolved flags), metrics.jsonl (one JSON line per step), model/ (the final
+model in the released VILA layout: config.json, llm/, vision_tower/, mm_projector/, loadable by
+LongVILA.from_pretrained with any number of processes) and checkpoints/ (step-NNNNNN/: the model in the same layout
+plus train_state/, the sharded fp32 weights + AdamW state written by torch.distributed.checkpoint, and trainer.json:
+step, data position, RNG), with `checkpoints/latest` naming the newest complete one. Saves are atomic.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# configuration: one dataclass of every flag, and the table of stage presets
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    stage: int = 1
+    model: str = "tiny"          # longvila.PRESETS name, used when init_from is "none"
+    init_from: str = "none"      # a VILA-layout folder (previous stage's model/ or a released checkpoint) | "none"
+    out: str = "runs/stage1"     # run folder
+    # data
+    data: str = "data/demo"      # the folder `python data.py demo` writes (or a dataset file for real runs)
+    num_frames: int = 0          # frames per video (0: the model config's num_video_frames)
+    seq_len: int = 512           # max tokens per sample (stage 4: the target context = window length)
+    media_root: str = ""         # media paths in the data files are relative to this ("": the first file's folder)
+    cache_data: bool = False     # keep decoded samples in memory (small data sets: the demo)
+    # which modules learn
+    train_vision: bool = False
+    train_projector: bool = True
+    train_llm: bool = False
+    # optimisation
+    lr: float = 1e-3
+    schedule: str = "cosine"     # "cosine" | "constant"
+    warmup: float = 0.03         # < 1: a fraction of the steps; >= 1: a number of steps
+    min_lr_ratio: float = 0.0    # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    global_batch: int = 8        # samples per optimizer step over the whole world (= dp * micro_batch * accum)
+    micro_batch: int = 1         # samples per forward on one rank (SP runs take 1)
+    steps: int = 100
+    grad_checkpointing: bool = False
+    # stage 4: RoPE for the longer context
+    rope_theta: float = 0.0      # 0: keep the model's; stage 4 derives it from seq_len (rope_theta_for_context)
+    trained_len: int = 0         # stage 4: the context the model was trained at (0: its config's max_seq_len)
+    # parallelism
+    sp: int = 1                  # sequence-parallel degree (= ring * ulysses); world = dp * sp
+    ring: int = 1                # ring degree inside sp
+    # bookkeeping
+    seed: int = 0
+    save_every: int = 0          # 0: no intermediate checkpoints (the final model/ is always written)
+    no_save: bool = False        # benchmarks: write nothing (no checkpoints, no model/)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    skip_nonfinite: bool = False
+    log_every: int = 1
+    peak_tflops: float = 0.0     # per device, for MFU (0: 989 for H100/H200 bf16 dense, none on CPU)
+    dtype: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
+
+
+@dataclass
+class StagePreset:
+    """The defaults one `--stage N` sets. Learning rates and schedules are the reference's (LONGVILA.md Sec. 3)."""
+    name: str
+    train_vision: bool
+    train_projector: bool
+    train_llm: bool
+    lr: float
+    schedule: str
+    warmup: float
+    grad_checkpointing: bool = False
+    data_kind: str = ""          # which demo dataset feeds the stage (see build_dataset)
+
+
+STAGES = {
+    1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, data_kind="caption"),
+    2: StagePreset("pretraining", False, True, True, lr=5e-5, schedule="cosine", warmup=0.03, data_kind="caption"),
+    3: StagePreset("short-sft", True, True, True, lr=1e-4, schedule="cosine", warmup=0.03, data_kind="short_sft"),
+    4: StagePreset("context-extension", False, False, True, lr=2e-5, schedule="constant", warmup=2,
+                   data_kind="long_text"),
+    5: StagePreset("long-sft", True, True, True, lr=5e-5, schedule="cosine", warmup=0.03, grad_checkpointing=True,
+                   data_kind="long_sft"),
+}
+
+# The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
+# far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
+TINY_DEMO = {
+    1: dict(lr=3e-3, steps=60, global_batch=8, seq_len=512),
+    2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
+    3: dict(lr=1e-3, steps=80, global_batch=8, seq_len=512),
+    4: dict(lr=1e-3, steps=20, global_batch=4, seq_len=1024, trained_len=512),
+    5: dict(lr=1e-3, steps=120, global_batch=8, seq_len=1024, num_frames=32),
+}
+
+
+def stage_defaults(stage: int, model: str) -> dict:
+    """The flag defaults of one stage: the preset's, then the tiny demo's tuning when the model is tiny."""
+    p = STAGES[stage]
+    d = dict(stage=stage, train_vision=p.train_vision, train_projector=p.train_projector, train_llm=p.train_llm,
+             lr=p.lr, schedule=p.schedule, warmup=p.warmup, grad_checkpointing=p.grad_checkpointing)
+    if model == "tiny":
+        d.update(TINY_DEMO[stage])
+    return d
+
+
+# -----------------------------------------------------------------------------
+# pure functions: learning-rate schedules, RoPE theta for a longer context, MFU
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio or constant."""
+    warmup = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps)
+    warmup = int(warmup)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule != "cosine":
+        raise ValueError(f"--schedule {cfg.schedule!r}: expected 'cosine' or 'constant'")
+    progress = (step - warmup) / max(1, cfg.steps - warmup)  # 0 -> 1 over the decay
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+# The reference's stage-4 thetas for Qwen2 (trained at 32k with theta 1e6): 4x the context -> 1.53e7,
+# 8x -> 2.07e8, 16x -> 1.06e9. We read them as theta multipliers against the context ratio and interpolate
+# log-log between them (extrapolating the last segment), so Llama-3 (8k, 5e5) and tiny scale the same way.
+_THETA_ANCHORS = [(1.0, 1.0), (4.0, 15.3), (8.0, 207.0), (16.0, 1062.0)]
+
+
+def rope_theta_for_context(base_theta: float, trained_len: int, target_len: int) -> float:
+    """RoPE base for extending a model trained at `trained_len` tokens to `target_len` (never lowers it)."""
+    ratio = target_len / trained_len
+    if ratio <= 1.0:
+        return base_theta
+    pts = [(math.log(r), math.log(m)) for r, m in _THETA_ANCHORS]
+    x = math.log(ratio)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            break  # (x0, y0)-(x1, y1) is the segment holding x (or the last one, extrapolated)
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return float(base_theta * math.exp(y))
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else H100/H200 bf16 (989 TFLOP/s); 0 = unknown."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if "H100" in name or "H200" in name:
+            return 989e12
+    return 0.0
+
+
+def flops_per_token_fallback(n_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token when the model cannot say: 6*N (matmuls, forward + backward) + 6*L*C*T (causal
+    attention scores and values: 2*2*L*C*T forward for a full square, halved by the causal mask, x3 for backward)."""
+    return 6.0 * n_params + 6.0 * n_layers * dim * seq_len
+
+
+# -----------------------------------------------------------------------------
+# feedback: run folder, one log line per step, a progress bar with ETA, metrics as JSON lines
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_bar(done: int, total: int, elapsed: float, width: int = 24) -> str:
+    """`[#########...........] 40/100 0:01:02<0:01:33` (elapsed < ETA from the mean step time so far)."""
+    frac = done / max(1, total)
+    eta = elapsed / max(1, done) * (total - done)
+    fill = int(round(width * frac))
+    return f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {fmt_seconds(elapsed)}<{fmt_seconds(eta)}"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPUs, resident-set high-water mark on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class RunLog:
+    """Rank 0 writes config.json once and appends one JSON line per step to metrics.jsonl; other ranks are silent."""
+
+    def __init__(self, out: str, rank: int, resume: bool):
+        self.rank = rank
+        self.path = os.path.join(out, "metrics.jsonl")
+        if rank == 0 and not resume and os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh file; --resume appends
+
+    def write_config(self, out: str, cfg: TrainConfig, extra: dict):
+        if self.rank == 0:
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump({**dataclasses.asdict(cfg), **extra}, f, indent=1)
+
+    def step(self, record: dict, bar: str):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+        print(f"stage {record['stage']} step {record['step']:5d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+              f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tok_per_s']:,.0f} | MFU {mfu} | "
+              f"mem {record['mem_gb']:.2f} GB | {bar}", flush=True)
+
+    def info(self, msg: str):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# atomic checkpoints: write into a temporary folder, fsync, rename, then point `latest` at it
+
+
+def fsync_tree(path: str):
+    """fsync every file and folder below `path` so a rename after it publishes complete data."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_dir(tmp: str, final: str):
+    """Rename a finished temporary folder to its final name (the old one, if any, is removed first)."""
+    fsync_tree(tmp)
+    if os.path.exists(final):
+        # a re-save of the same step (e.g. a resume that ended exactly at a checkpoint): swap through a
+        # trash name so `final` is never half-deleted while visible
+        trash = final + ".old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, final)
+    parent = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
+
+
+def write_text_atomic(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a torn one
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """The newest complete checkpoint of a run folder (named by checkpoints/latest), or None."""
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(out, "checkpoints", name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{pointer} names {name!r} but {path} does not exist: the run folder was edited")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# distribution: activation checkpointing per block, FSDP2 over the whole world
+
+
+def transformer_blocks(model) -> list:
+    """The repeated blocks of the model (SigLIP layers, then LLM layers): the units of FSDP and of recomputation."""
+    return list(model.vision.layers) + list(model.llm.layers)
+
+
+def enable_activation_checkpointing(blocks: list):
+    """Recompute each block's activations in the backward instead of storing them (paper stage 5).
+
+    We wrap the block's `forward` on the instance, not the module, so parameter names (and so checkpoints) do not
+    change. FSDP2's hooks sit on `__call__`: the forward all-gathers the block's parameters before the checkpointed
+    forward runs, and the pre-backward hook all-gathers them again before the recomputation needs them.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
+    """ZeRO-3 over the whole world with FSDP2: every block is one unit (all-gathered just in time, freed after),
+    the rest (embeddings, projector, norms, output) is the root unit. Parameters stay fp32 (the master weights
+    AdamW updates); with compute_dtype bf16 each all-gather casts them to bf16 and gradients are reduced in fp32.
+
+    FSDP2 runs on gloo as well (CPU), so CPU and GPU runs take the same code path. Gradients are SUMMED over
+    ranks (divide factor 1), because every rank's loss is already divided by the global supervised-token count.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+    return model
+
+
+def init_weights_(model):
+    """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
+    the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains (set in their __init__)."""
+    import longvila
+
+    model.apply(longvila.LongVILA._init_weights)
+    for m in model.modules():
+        if isinstance(m, longvila.RMSNorm):
+            torch.nn.init.ones_(m.weight)
+
+
+def full_state_dict(model, world: int) -> dict | None:
+    """Plain fp32 tensors of the whole model on rank 0 (None on the others); FSDP shards are gathered."""
+    if world == 1:
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if dist.get_rank() == 0 else None
+
+
+def save_model(model, path: str, world: int, tokenizer_json: str | None, save_dtype: torch.dtype | None = None):
+    """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
+    full state dict is gathered on rank 0, put into a plain skeleton (built on meta, tensors assigned) and saved
+    with LongVILA.save_pretrained, so the folder never depends on the wrapper or the world size that wrote it."""
+    import longvila
+
+    sd = full_state_dict(model, world)
+    if sd is None:
+        return
+    config = model.config
+    with torch.device("meta"):
+        plain = longvila.LongVILA(config)
+    sd = {k: (v.to(save_dtype) if save_dtype is not None and v.is_floating_point() else v).cpu()
+          for k, v in sd.items()}
+    plain.load_state_dict(sd, strict=True, assign=True)
+    plain.llm.tie()
+    plain.save_pretrained(path, tokenizer_json=tokenizer_json)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, world: int, rank: int, device: torch.device,
+                    tokenizer_json: str | None, keep: int, meta: dict):
+    """checkpoints/step-NNNNNN/ = VILA-layout model + train_state/ (DCP: sharded fp32 weights and AdamW moments)
+    + rng/ (one file per rank) + trainer.json; written under a .tmp name, fsynced, renamed, then `latest`."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(out, "checkpoints")
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
+        os.makedirs(os.path.join(tmp, "rng"))
+    if world > 1:
+        dist.barrier()
+    save_model(model, tmp, world, tokenizer_json)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
+    save_file({k: v.contiguous() for k, v in rng_state(device).items()},
+              os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump({"step": step, "world_size": world, **meta}, f, indent=1)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        publish_dir(tmp, final)
+        write_text_atomic(os.path.join(root, "latest"), name)
+        old = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith((".tmp", ".old")))
+        for d in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, d))
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device) -> dict:
+    """Restore weights, AdamW state and this rank's RNG from a checkpoint folder; returns trainer.json."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
+    if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
+        set_rng_state(load_file(rng_file), device)
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# data: which files feed each stage, which samples each step reads
+
+
+# The demo folder's files per stage (see data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
+DEMO_FILES = {
+    1: [("stage1.json", 1.0)],
+    2: [("stage2.json", 1.0)],
+    3: [("stage3.json", 1.0)],
+    4: [("stage4.bin", 1.0)],
+    5: [("stage5.json", 1.0), ("stage3.json", 0.5)],
+}
+
+
+def parse_data(spec: str, stage: int) -> tuple[list, str]:
+    """--data -> ([(file, weight)], media_root). A folder is the demo layout; otherwise `a.json:1,b.json:0.5`
+    (media paths are relative to the first file's folder unless --media_root says otherwise)."""
+    if os.path.isdir(spec):
+        files = [(os.path.join(spec, f), w) for f, w in DEMO_FILES[stage]]
+        return files, spec
+    files = []
+    for part in spec.split(","):
+        path, _, weight = part.partition(":")
+        files.append((path, float(weight) if weight else 1.0))
+    for path, _ in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data: {path} does not exist (expected a JSON/JSONL sample file, a text "
+                                    f"file for stage 4, or the demo folder written by `python data.py demo`)")
+    return files, os.path.dirname(os.path.abspath(files[0][0]))
+
+
+def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | None = None):
+    """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise."""
+    import data
+
+    files, default_root = parse_data(cfg.data, cfg.stage)
+    if cfg.stage == 4:
+        return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
+    frames = cfg.num_frames or model_config.num_video_frames
+    return data.SupervisedDataset(files, media_root or default_root, tokenizer, model_config.vision.image_size,
+                                  model_config.tokens_per_frame, frames, cfg.seq_len, seed=cfg.seed)
+
+
+class ItemCache:
+    """Decoded samples kept in memory (the demo's datasets are small; decoding a video every step is not)."""
+
+    def __init__(self, dataset, enabled: bool):
+        self.dataset, self.enabled, self.items = dataset, enabled, {}
+
+    def __getitem__(self, i: int):
+        if not self.enabled:
+            return self.dataset[i]
+        if i not in self.items:
+            self.items[i] = self.dataset[i]
+        return self.items[i]
+
+
+def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int) -> list:
+    """This rank's samples of one step (data.SPSampler gives every rank of an SP group the same ones), cut into
+    micro-batches and collated."""
+    import data
+
+    return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
+
+
+def supervised_targets(labels: torch.Tensor) -> int:
+    """Positions whose NEXT token is supervised (the loss's count after shifting)."""
+    import longvila
+
+    return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step: gradient accumulation over micro-batches, loss normalised by the global token count
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
+    """Forward + backward of this rank's micro-batches; returns (global mean loss, global tokens, per-sample T).
+
+    Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
+    or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
+    sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
+    counts = [supervised_targets(b["labels"]) for b in batches]
+    lengths = [int(n) for b in batches for n in (b["labels"].shape[1],) * b["labels"].shape[0]]
+    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64)  # (accum + 1,)
+    if world > 1:
+        dist.all_reduce(stats)
+        stats /= layout.sp  # every rank of an SP group holds the same sample
+    total = stats[:-1].sum().clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for b, count in zip(batches, stats[:-1]):
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
+        images = [None if im is None else im.to(device) for im in b["images"]]
+        with autocast():
+            if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
+                _, loss = model(ids, images, labels, return_logits=False, sp=layout)  # this rank's share
+            else:
+                _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
+        w = float(count / total)
+        (loss * w).backward()
+        loss_sum += loss.detach().float() * w
+    if world > 1:
+        dist.all_reduce(loss_sum)  # shares -> the global mean
+    return loss_sum, int(stats[-1]), lengths
+
+
+def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (over FSDP shards too) and clipping to max_norm (0: no clipping)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# one stage
+
+
+def build_model(cfg: TrainConfig, world: int, device: torch.device):
+    """The starting model: --init_from a VILA folder, or a seeded random init of the --model preset."""
+    import longvila
+
+    if cfg.init_from and cfg.init_from != "none":
+        return longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
+    config = longvila.LongVILAConfig.from_dict(longvila.PRESETS[cfg.model].to_dict())  # a private copy
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and world > 1:
+        # A random 8B model: build on meta, shard, then allocate and initialise only this rank's shards on the
+        # GPU (shard_model is called on it next; see train_stage).
+        with torch.device("meta"):
+            return longvila.LongVILA(config)
+    return longvila.LongVILA(config)
+
+
+def apply_stage_to_config(cfg: TrainConfig, model) -> dict:
+    """Stage 4: raise RoPE theta for the target context (written into every config the run saves)."""
+    llm = model.config.llm
+    changes = {}
+    theta = cfg.rope_theta
+    if cfg.stage == 4 and theta == 0:
+        trained = cfg.trained_len or llm.max_seq_len
+        theta = rope_theta_for_context(llm.rope_theta, trained, cfg.seq_len)
+    if theta and theta != llm.rope_theta:
+        changes["rope_theta"] = (llm.rope_theta, theta)
+        llm.rope_theta = float(theta)  # model.llm.cfg is this same object: RoPE is computed from it every forward
+    if cfg.stage == 4 and cfg.seq_len > llm.max_seq_len:
+        changes["max_seq_len"] = (llm.max_seq_len, cfg.seq_len)
+        llm.max_seq_len = cfg.seq_len
+    return changes
+
+
+def find_tokenizer_json(cfg: TrainConfig) -> str | None:
+    """The tokenizer.json that travels with the model: the init checkpoint's, else the demo folder's."""
+    for path in ([os.path.join(cfg.init_from, "llm", "tokenizer.json")] if cfg.init_from != "none" else []) + \
+            [os.path.join(cfg.data, "tokenizer.json")]:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def train_stage(cfg: TrainConfig, info, layout) -> str:
+    """Train one stage; returns the folder of the saved model (VILA layout)."""
+    import data
+
+    rank, world, device = info.rank, info.world_size, info.device
+    log = RunLog(cfg.out, rank, cfg.resume)
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+    t_start = time.time()
+
+    # --- model, trainable modules, stage config changes ---
+    model = build_model(cfg, world, device)
+    changes = apply_stage_to_config(cfg, model)
+    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    # FLOPs per sample of T tokens, F frames = a*T + b*T^2 + v*F (model.flops_per_token is linear in T)
+    fa = model.flops_per_token(0, causal=True)
+    fb = model.flops_per_token(1, causal=True) - fa
+    fv = model.vision_flops_per_frame()
+    tok_json = find_tokenizer_json(cfg)
+    tokenizer = (data.Tokenizer.from_file(tok_json, template=model.config.chat_template) if tok_json
+                 else data.Tokenizer.tiny(template=model.config.chat_template))
+
+    use_cuda = device.type == "cuda"
+    compute_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda)) else torch.float32
+    if world > 1:
+        shard_model(model, device, compute_dtype)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+            init_weights_(model)
+            model.llm.tie()
+    else:
+        model.to(device)
+    autocast = ((lambda: torch.autocast(device.type, dtype=compute_dtype)) if world == 1 and
+                compute_dtype != torch.float32 else (lambda: torch.autocast(device.type, enabled=False)))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in model.param_groups(cfg.weight_decay)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay, fused=use_cuda)
+
+    # --- data ---
+    dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
+    cache = ItemCache(dataset, cfg.cache_data)
+    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch)
+    sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed, batch_size=cfg.global_batch // layout.dp)
+    if cfg.global_batch % (layout.dp * cfg.micro_batch):
+        raise ValueError(f"--global_batch {cfg.global_batch} must be a multiple of dp ({layout.dp}) x "
+                         f"--micro_batch ({cfg.micro_batch})")
+    if layout.sp > 1 and cfg.micro_batch != 1:
+        raise ValueError("with --sp > 1 every SP group reads one sample at a time: use --micro_batch 1")
+
+    # --- resume ---
+    start = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(cfg.out)
+        if ckpt is not None:
+            meta = load_checkpoint(ckpt, model, optimizer, rank, device)
+            start = meta["step"]
+            log.info(f"resumed from {ckpt} at step {start}")
+            if rank == 0 and os.path.exists(log.path):  # drop the lines of steps that will be redone
+                with open(log.path) as f:
+                    keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
+                with open(log.path, "w") as f:
+                    f.writelines(keep)
+        else:
+            log.info(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting from step 0")
+    log.write_config(cfg.out, cfg, dict(world_size=world, dp=layout.dp, sp=layout.sp, ring=layout.ring,
+                                        ulysses=layout.ulysses, device=str(device), compute_dtype=str(compute_dtype),
+                                        dataset_size=len(dataset), trainable_params=n_train, total_params=n_total,
+                                        config_changes=changes, tokenizer=tok_json, start_step=start))
+    log.info(f"stage {cfg.stage} ({STAGES[cfg.stage].name}): {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters "
+             f"train; {len(dataset)} samples; world {world} = dp {layout.dp} x ring {layout.ring} x ulysses "
+             f"{layout.ulysses}; {cfg.steps} steps of {cfg.global_batch} samples; {device}, {compute_dtype}"
+             + (f"; {', '.join(f'{k} {a:g} -> {b:g}' for k, (a, b) in changes.items())}" if changes else ""))
+
+    peak = peak_flops(cfg, device)
+    meta = dict(stage=cfg.stage, seed=cfg.seed, global_batch=cfg.global_batch)
+    model.train()
+    t_loop = time.time()
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        # the data position of a step is the step itself: the sampler is a pure function of (seed, step)
+        indices = sampler.indices_for_step(step)
+        batches = micro_batches(indices, cache, cfg.micro_batch, tokenizer.pad_id)
+        loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
+        norm = grad_norm_and_clip(params, cfg.grad_clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            msg = (f"stage {cfg.stage} step {step}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
+                   f"(lr {lr:.2e})")
+            if not cfg.skip_nonfinite:
+                raise NonFiniteLoss(msg + "; stopping (the last checkpoint is intact; lower --lr or pass "
+                                          "--skip_nonfinite to skip such steps)")
+            log.info(msg + "; step skipped (--skip_nonfinite)")
+        if use_cuda:
+            torch.cuda.synchronize(device)
+        dt = time.time() - t0
+        # FLOPs of this rank's samples, summed over dp (SP ranks share theirs): LLM (with attention) + vision
+        frames = sum(im.shape[0] for b in batches for im in b["images"] if im is not None)
+        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(flops)
+            flops /= layout.sp
+        record = dict(stage=cfg.stage, step=step + 1, loss=loss.item(), lr=lr, grad_norm=norm.item(),
+                      tok_per_s=tokens / dt, tok_per_s_per_device=tokens / dt / world,
+                      mfu=(float(flops) / dt / world / peak) if peak else None, mem_gb=peak_memory_gb(device),
+                      step_s=dt, skipped=not finite, time=time.time())
+        log.step(record, progress_bar(step + 1 - start, cfg.steps - start, time.time() - t_loop))
+        done = step + 1
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and not cfg.no_save:
+            save_checkpoint(cfg.out, done, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
+                            meta)
+
+    # --- the end: a checkpoint to resume from, and the model in the released layout for the next stage ---
+    final = os.path.join(cfg.out, "model")
+    if cfg.no_save:
+        log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - t_start)} (--no_save: nothing written)")
+        return final
+    if cfg.save_every:
+        save_checkpoint(cfg.out, cfg.steps, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
+                        meta)
+    tmp = os.path.join(cfg.out, "model.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, world, tok_json)
+    if rank == 0:
+        publish_dir(tmp, final)
+    if world > 1:
+        dist.barrier()
+    log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - t_start)}: model saved to {final}")
+    return final
+
+
+# -----------------------------------------------------------------------------
+# command line: flags grouped by topic; --stage picks the defaults, explicit flags win
+
+HELP = {
+    "stage": "1..5, a range like 2-5, or all (= 1-5): the stages run in order, each from the last one's model",
+    "model": "longvila.PRESETS name for a random init (tiny | bench-1b | longvila-8b | longvila-7b | longvila-1.5b)",
+    "init_from": "VILA-layout folder to start from, or none (random --model); default: stage 1 none, stage N "
+                 "<out>/stage{N-1}/model",
+    "out": "root of the run: stage N writes <out>/stage<N>/ (config.json, metrics.jsonl, checkpoints/, model/)",
+    "data": "the demo folder (generated if missing), or files `a.json:1.0,b.json:0.5` (stage 4: a .txt/.jsonl/.bin)",
+    "num_frames": "frames per video (0: the model config's num_video_frames)",
+    "seq_len": "max tokens per sample; stage 4: the context window it extends to",
+    "media_root": "folder the media paths of the data files are relative to (default: the first file's folder)",
+    "cache_data": "keep decoded samples in memory (default on for the tiny demo)",
+    "train_vision": "train the vision tower", "train_projector": "train the projector", "train_llm": "train the LLM",
+    "lr": "peak learning rate", "schedule": "cosine | constant (both after a linear warmup)",
+    "warmup": "warmup: < 1 = fraction of the steps, >= 1 = steps", "min_lr_ratio": "cosine floor as a fraction of lr",
+    "weight_decay": "AdamW weight decay (>= 2-D weights only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
+    "micro_batch": "samples per forward on one rank", "steps": "optimizer steps",
+    "grad_checkpointing": "recompute every vision / LLM block in the backward",
+    "rope_theta": "RoPE base to train with (0: the model's; stage 4 derives it from --seq_len)",
+    "trained_len": "stage 4: context the model was trained at (0: its config's max_seq_len)",
+    "sp": "sequence-parallel degree (ring x ulysses); world = dp x sp", "ring": "ring degree inside --sp",
+    "seed": "seed of the init and of the data order", "save_every": "checkpoint every N steps (0: only the model at the end)",
+    "keep_checkpoints": "checkpoints kept per stage", "resume": "continue from <out>/stageN/checkpoints/latest",
+    "no_save": "write no checkpoint or model (benchmarks)", "skip_nonfinite": "skip steps with a NaN/inf loss "
+    "instead of stopping", "log_every": "(kept for compatibility: every step is logged)",
+    "peak_tflops": "peak TFLOP/s of one device for MFU (0: H100/H200 bf16 989, unknown on CPU)",
+    "dtype": "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16",
+}
+GROUPS = {
+    "what to train": ["stage", "model", "init_from", "out"],
+    "data": ["data", "media_root", "num_frames", "seq_len", "cache_data"],
+    "trainable modules": ["train_vision", "train_projector", "train_llm"],
+    "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
+                     "global_batch", "micro_batch", "steps", "grad_checkpointing", "dtype"],
+    "context extension (stage 4)": ["rope_theta", "trained_len"],
+    "parallelism": ["sp", "ring"],
+    "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
+                                 "log_every", "peak_tflops"],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)  # absent flags stay absent: presets fill them
+    ap.add_argument("--eval", choices=["auto", "niah", "none"], default="auto",
+                    help="after stage 5: needle-in-a-haystack on the demo's held-out videos (auto: with demo data)")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in GROUPS.items():
+        g = ap.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            default = f" (default {f.default})" if name not in ("stage", "out", "init_from") else ""
+            if name == "stage":
+                g.add_argument("--stage", type=str, help=HELP[name])
+            elif name in ("no_save", "resume", "skip_nonfinite"):
+                g.add_argument(f"--{name}", action="store_true", help=HELP[name])
+            elif f.type in (bool, "bool"):
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=HELP[name] + default)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+                g.add_argument(f"--{name}", type=typ, help=HELP[name] + default)
+    return ap
+
+
+def parse_stages(text: str) -> list[int]:
+    if text == "all":
+        return [1, 2, 3, 4, 5]
+    lo, _, hi = text.partition("-")
+    stages = list(range(int(lo), int(hi or lo) + 1))
+    if not stages or stages[0] < 1 or stages[-1] > 5:
+        raise ValueError(f"--stage {text!r}: expected 1..5, a range like 2-5, or all")
+    return stages
+
+
+def resolve(stage: int, flags: dict) -> TrainConfig:
+    """TrainConfig defaults <- the stage preset (<- the tiny demo's tuning) <- explicit flags."""
+    model = flags.get("model", TrainConfig.model)
+    values = stage_defaults(stage, model)
+    values.update({k: v for k, v in flags.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    values["stage"] = stage
+    root = flags.get("out", "runs/demo")
+    values["out"] = os.path.join(root, f"stage{stage}")
+    if "init_from" not in flags or flags["init_from"] == "auto":
+        values["init_from"] = "none" if stage == 1 else os.path.join(root, f"stage{stage - 1}", "model")
+    return TrainConfig(**values)
+
+
+def ensure_demo_data(path: str, rank: int, world: int):
+    """Generate the demo data (python data.py demo) if the folder has no meta.json yet."""
+    if rank == 0 and not os.path.exists(os.path.join(path, "meta.json")):
+        import data
+
+        print(f"generating the demo data in {path} (data.make_demo = python data.py demo) ...", flush=True)
+        data.make_demo(path)
+    if world > 1:
+        dist.barrier()
+
+
+def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> float:
+    """evaluate.py niah on the demo's held-out haystacks and needles; returns the mean accuracy."""
+    import data
+    import evaluate
+    import longvila
+
+    model = longvila.LongVILA.from_pretrained(model_dir, dtype=torch.float32, device=info.device).eval()
+    tokenizer = data.Tokenizer.for_checkpoint(model_dir)
+    niah = os.path.join(data_dir, "eval", "niah")
+    res = evaluate.run_niah(model, tokenizer, os.path.join(niah, "haystack"), os.path.join(niah, "needles"),
+                            layout=layout if info.world_size > 1 else None, out_dir=out)
+    return res["mean"]
+
+
+def main(argv=None):
+    args = vars(build_parser().parse_args(argv))
+    eval_mode = args.pop("eval")
+    stages = parse_stages(args.pop("stage", "all"))
+    import mmsp
+
+    info = mmsp.init_distributed()
+    torch.set_num_threads(max(1, torch.get_num_threads())) if info.world_size == 1 else None
+    layouts = {}
+    model_dir = None
+    for stage in stages:
+        cfg = resolve(stage, args)
+        if cfg.model == "tiny" and "cache_data" not in args:
+            cfg.cache_data = True
+        if "," not in cfg.data and not os.path.splitext(cfg.data)[1]:  # a folder: the demo layout
+            ensure_demo_data(cfg.data, info.rank, info.world_size)
+        key = (cfg.sp, cfg.ring)
+        if key not in layouts:
+            layouts[key] = mmsp.make_layout(sp=cfg.sp, ring=cfg.ring)
+        if len(stages) > 1 and cfg.resume and os.path.exists(os.path.join(cfg.out, "model", "config.json")):
+            if info.rank == 0:
+                print(f"stage {stage}: {cfg.out}/model exists, skipped (--resume)", flush=True)
+            model_dir = os.path.join(cfg.out, "model")
+            continue
+        model_dir = train_stage(cfg, info, layouts[key])
+    is_demo = os.path.isfile(os.path.join(args.get("data", "data/demo"), "meta.json"))
+    if stages[-1] == 5 and (eval_mode == "niah" or (eval_mode == "auto" and is_demo)) and not args.get("no_save"):
+        root = args.get("out", "runs/demo")
+        acc = evaluate_niah(model_dir, args.get("data", "data/demo"), os.path.join(root, "niah"), info,
+                            layouts[(args.get("sp", 1), args.get("ring", 1))])
+        if info.rank == 0:
+            print(f"needle in a haystack after stage 5: {acc:.1%} (heatmap: {os.path.join(root, 'niah')})",
+                  flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
