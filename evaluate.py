@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import Tokenizer, build_conversation, load_image, mcq_prompt, preprocess, read_video
+from data import FILLER, Tokenizer, build_conversation, load_image, mcq_prompt, preprocess, read_video
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, LongVILA
-from mmsp import attention_hook, init_distributed, layout_indices, make_layout, padded_length, token_owner
+from mmsp import attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout, padded_length, token_owner
 
 # -----------------------------------------------------------------------------
 # prompts (the reference's wording)
@@ -655,7 +655,8 @@ class StreamPrinter:
 
 @torch.no_grad()
 def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop_at_eos=True):
-    """Greedy reply (str) to `text` about uint8 frames (F, H, W, 3) (or None), single process or MM-SP."""
+    """Greedy reply (str) to `text` about uint8 frames (F, H, W, 3) or preprocessed (F, 3, S, S) (or None),
+    single process or MM-SP (the frames are sharded over the SP group inside mmsp.sp_generate)."""
     cfg = model.config
     images = None
     if frames is not None:
@@ -774,12 +775,12 @@ def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, num_frames=N
 # -----------------------------------------------------------------------------
 # task: text passkey retrieval (checks stage 4's context extension)
 
-# (task statement, filler sentence, needle, question); "demo" matches data.py's stage-4 documents (lower-case
-# words, punctuation as separate tokens) so the tiny demo model sees the format it was trained on.
+# (task statement, filler sentences, needle, question). "demo" is the format of data.py's stage-4 documents
+# (data._passkey_doc), so the tiny demo model is tested on the text it was trained on.
 PASSKEY_STYLES = {
-    "classic": (PASSKEY_TASK, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION),
-    "demo": ("", "the grass is green . the sky is blue .", "the pass key is {key} . remember it .",
-             "what is the pass key ? the pass key is"),
+    "classic": (PASSKEY_TASK, [PASSKEY_FILLER], PASSKEY_NEEDLE, PASSKEY_QUESTION),
+    "demo": ("There is a pass key hidden inside a lot of text.", list(FILLER),
+             "The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key? The pass key is"),
 }
 
 
@@ -791,7 +792,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
     teacher-forced like the NIAH answers. `filler` (a list of sentences) overrides the style's filler.
     """
     task, fill, needle, question = PASSKEY_STYLES[style]
-    fill = filler or [fill]
+    fill = filler or fill
     bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
     head = bos + (tokenizer.encode(task) if task else [])
     needle_ids = tokenizer.encode(" " + needle.format(key=key))
@@ -885,6 +886,8 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
     for w in range(n):
         x = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]], device=device)  # (1, L)
         _, loss = model(x, labels=x, return_logits=False, sp=sp)  # mean over the L-1 shifted targets
+        if sp is not None:  # under MM-SP each rank returns its share (its tokens' NLL / global count): sum them
+            torch.distributed.all_reduce(loss, group=layout.sp_group)
         nll += float(loss) * (seq_len - 1)
         count += seq_len - 1
         bar.update(1, ppl=math.exp(nll / count))
@@ -946,27 +949,30 @@ def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_token
     """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with its
     MFU, decode tokens/s, peak memory (max over ranks). A short warm-up call first compiles the kernels.
 
-    The generate call encodes the frames again itself (sharded over the SP group, as encode_frames does), so
-    prefill = time to first token - the separately measured vision time. Decoding never stops at EOS here, so
+    The generate call encodes the frames again itself (mmsp.encode_frames_sharded: F/sp frames per rank, timed
+    alone first), so prefill = time to first token - the vision time. Decoding never stops at EOS here, so
     exactly max_new_tokens tokens are timed."""
     main = is_main(layout)
     device = model_device(model)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     generate_reply(model, tokenizer, frames[:2], "<video>\n" + question, layout, 2, stop_at_eos=False)  # warm-up
-    x = _frames_tensor(frames, model.config.vision.image_size)  # (F, 3, S, S)
+    # preprocess and move the pixels before the clock starts: only model work is timed
+    x = _frames_tensor(frames, model.config.vision.image_size).to(device, model_dtype(model))  # (F, 3, S, S)
     barrier_sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    feats = encode_frames(model, x, layout)  # (F, N, C)
+    if layout is not None and layout.sp > 1:  # exactly the vision stage of sp_generate: F/sp frames per rank
+        feats = encode_frames_sharded(model, [x], layout)[0]  # (F/sp * N, C)
+    else:
+        feats = model.encode_images(x)  # (F, N, C)
     barrier_sync(device)
     vision_s = time.perf_counter() - t0
     del feats
     printer = StreamPrinter(tokenizer, enabled=False)
     barrier_sync(device)
     t0 = time.perf_counter()
-    generate_reply(model, tokenizer, frames, "<video>\n" + question, layout, max_new_tokens, printer,
-                   stop_at_eos=False)
+    generate_reply(model, tokenizer, x, "<video>\n" + question, layout, max_new_tokens, printer, stop_at_eos=False)
     barrier_sync(device)
     total_s = time.perf_counter() - t0
     T = len(prompt_ids(tokenizer, "<video>\n" + question, len(frames), model.config.tokens_per_frame))

@@ -114,10 +114,12 @@ def test_passkey_prompt_layout():
         ids, pos, ans = ev.passkey_prompt(tok, 200, depth, "48213", style="demo")
         assert len(ids) <= 200 and ids[pos[0]:] == ans and tok.decode(ans).strip() == "48213"
         text = tok.decode(ids)
-        assert text.count("48213") == 2 and text.rstrip().endswith("the pass key is 48213")
+        assert text.count("48213") == 3 and text.rstrip().endswith("The pass key is 48213")
     first = tok.decode(ev.passkey_prompt(tok, 200, 0.0, "48213", style="demo")[0])
     last = tok.decode(ev.passkey_prompt(tok, 200, 1.0, "48213", style="demo")[0])
-    assert first.index("48213") < 25 and "  " not in first and last.index("48213") > len(last) - 120
+    needle = "The pass key is 48213. Remember it. 48213 is the pass key."
+    assert first.startswith("There is a pass key hidden inside a lot of text. " + needle) and "  " not in first
+    assert last.endswith(needle + " What is the pass key? The pass key is 48213")
 
 
 # -----------------------------------------------------------------------------
@@ -140,9 +142,10 @@ class FakeNIAHModel(torch.nn.Module):
         with torch.no_grad():
             self.emb.weight.copy_(torch.eye(V, V + 1))
         self.llm = types.SimpleNamespace(tok_embeddings=self.emb, output=torch.nn.Identity())
-        self.forwards = 0
+        self.forwards, self.encoded = 0, []
 
     def encode_images(self, frames):  # (F, 3, S, S) -> (F, N, C)
+        self.encoded.append(frames.shape[0])
         f = torch.zeros(frames.shape[0], self.config.tokens_per_frame, self.V + 1)
         f[..., -1] = frames.mean(dim=(1, 2, 3))[:, None]
         return f
@@ -180,6 +183,7 @@ def test_niah_fake_model_gives_expected_grid(tmp_path):
     expected = [[1.0 if d in right else 0.0] * len(counts) for d in depths]
     assert res["grid"] == expected and res["mean"] == pytest.approx(0.5)
     assert model.forwards == len(depths) * len(counts) * len(hay) * len(needles)
+    assert model.encoded == [2, 10, 10]  # the needles once, then each haystack's first 10 frames once
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["grid"] == expected
     cell = saved["cells"]["haystack_0|frames=10|depth=0.6"]
@@ -198,3 +202,137 @@ def test_niah_fake_model_gives_expected_grid(tmp_path):
     # a different set of needles is a different experiment: refuse to mix it into the same file
     with pytest.raises(ValueError, match="different run"):
         ev.run_niah(model2, tok, hay, needles[:1], depths, counts, out_dir=str(tmp_path), progress=False)
+
+
+# -----------------------------------------------------------------------------
+# the real tiny model: a random-weight checkpoint, single process vs sp=2 on gloo
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random-weight checkpoint in the VILA layout with the tiny tokenizer (seeded)."""
+    from longvila import PRESETS, LongVILA
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok_json = str(root / "tokenizer.json")
+    Tokenizer.tiny().save(tok_json)
+    torch.manual_seed(0)
+    LongVILA(PRESETS["tiny"]).save_pretrained(str(root / "tiny"), tokenizer_json=tok_json)
+    return str(root / "tiny")
+
+
+def _niah_inputs():
+    rng = np.random.default_rng(0)
+    hay = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(2)]  # (F, H, W, 3) x 2
+    needles = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "question": q, "answer": a}
+               for q, a in (("What color is the needle?", "red"), ("What shape is it?", "big blue square"))]
+    return hay, needles
+
+
+def _niah_worker(rank, world, ckpt, ring, text):
+    from longvila import LongVILA
+    from mmsp import make_layout
+
+    layout = make_layout(sp=world, ring=ring)
+    model = LongVILA.from_pretrained(ckpt).eval()
+    tok = Tokenizer.for_checkpoint(ckpt)
+    hay, needles = _niah_inputs()
+    res = ev.run_niah(model, tok, hay, needles, [0.0, 0.5, 1.0], [4, 8], layout=layout, progress=False)
+    ppl = ev.run_ppl(model, tok, text, 48, max_windows=2, layout=layout, progress=False)["nll"]
+    return res["grid"], {k: v["predictions"] for k, v in res["cells"].items()}, ppl
+
+
+def test_niah_sp2_matches_one_process(tiny_ckpt, tmp_path):
+    from longvila import LongVILA
+
+    model = LongVILA.from_pretrained(tiny_ckpt).eval()
+    tok = Tokenizer.for_checkpoint(tiny_ckpt)
+    hay, needles = _niah_inputs()
+    ref = ev.run_niah(model, tok, hay, needles, [0.0, 0.5, 1.0], [4, 8], progress=False)
+    ref_preds = {k: v["predictions"] for k, v in ref["cells"].items()}
+    # the predictions of the random model are not all the same string: the comparison below has teeth
+    assert len({p for ps in ref_preds.values() for p in ps}) > 1
+    text = str(tmp_path / "text.txt")
+    with open(text, "w") as f:
+        f.write(" ".join(f"The sky is blue. Here we go {i}." for i in range(40)))
+    ref_nll = ev.run_ppl(model, tok, text, 48, max_windows=2, progress=False)["nll"]
+    for ring in (1, 2):  # Ulysses (1 x 2) and zigzag ring (2 x 1)
+        for grid, preds, nll in run_workers(_niah_worker, 2, (tiny_ckpt, ring, text)):
+            assert grid == ref["grid"] and preds == ref_preds, f"ring={ring}"
+            assert nll == pytest.approx(ref_nll, rel=1e-4), f"ring={ring}"  # ppl sums the ranks' loss shares
+
+
+# -----------------------------------------------------------------------------
+# every task end to end from the command line, on demo data, with the tiny random checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import data
+
+    root = str(tmp_path_factory.mktemp("demo"))
+    data.make_demo(root, data.DemoConfig(images=2, short_videos=2, long_videos=1, passkey_docs=2, val_images=1,
+                                         val_short_videos=1, val_long_videos=1, haystacks=2, mcq=3,
+                                         caption_videos=2, val_passkey_docs=4))
+    return os.path.join(root, "eval")
+
+
+def test_task_niah_cli(tiny_ckpt, demo, tmp_path, capsys):
+    out = str(tmp_path / "niah")
+    args = ["niah", "--model", tiny_ckpt, "--haystacks", os.path.join(demo, "niah", "haystack"), "--needles",
+            os.path.join(demo, "niah", "needles"), "--frame_counts", "2,4", "--depths", "0,1", "--out", out]
+    ev.main(args)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert np.asarray(res["grid"]).shape == (2, 2) and len(res["cells"]) == 2 * 2 * 2  # haystacks x depths x counts
+    assert all(len(c["correct"]) == 8 for c in res["cells"].values())  # the 8 demo needles
+    assert f"mean accuracy {res['mean']:.4f}" in capsys.readouterr().out
+    assert Image.open(os.path.join(out, "heatmap.png")).size == ev.heatmap_size(2, 2)
+
+
+def test_task_mcq_cli(tiny_ckpt, demo, tmp_path, capsys):
+    out = str(tmp_path / "mcq")
+    ev.main(["mcq", "--model", tiny_ckpt, "--questions", os.path.join(demo, "mcq", "mcq.json"), "--num_frames", "4",
+             "--max_new_tokens", "3", "--out", out])
+    res = json.load(open(os.path.join(out, "mcq.json")))
+    rows = list(res["cells"].values())
+    assert len(rows) == 3 and all(r["prediction"] == ev.extract_choice(r["reply"]) for r in rows)
+    assert res["accuracy"]["overall"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert set(res["accuracy"]) == {"overall", "short"}
+    assert "mcq: accuracy overall=" in capsys.readouterr().out
+
+
+def test_task_caption_and_ask_cli(tiny_ckpt, demo, tmp_path, capsys):
+    out = str(tmp_path / "cap")
+    ev.main(["caption", "--model", tiny_ckpt, "--video", os.path.join(demo, "caption", "videos"), "--num_frames", "4",
+             "--max_new_tokens", "5", "--out", out])
+    caps = json.load(open(os.path.join(out, "captions.json")))["cells"]
+    assert sorted(caps) == ["cap_000.mp4", "cap_001.mp4"] and all(c["frames"] == 4 for c in caps.values())
+    streamed = capsys.readouterr().out
+    for name, c in caps.items():  # what was streamed token by token is the final reply
+        assert f"[{name}, 4 frames] {c['reply']}" in streamed.replace("\n", "") or c["reply"] == ""
+    ev.main(["ask", "--model", tiny_ckpt, "--video", os.path.join(demo, "caption", "videos", "cap_000.mp4"),
+             "--question", "What color is the first shape?", "--num_frames", "4", "--max_new_tokens", "4",
+             "--no_stream", "--out", str(tmp_path / "ask")])
+    reply = json.load(open(tmp_path / "ask" / "captions.json"))["cells"]["cap_000.mp4"]["reply"]
+    assert reply == reply.strip()
+    # timing on CPU with random frames and a random tiny model (the GPU command uses longvila-8b)
+    ev.main(["ask", "--random_init", "tiny", "--random_frames", "6", "--timing", "--max_new_tokens", "3",
+             "--out", str(tmp_path / "timing")])
+    t = json.load(open(tmp_path / "timing" / "timing.json"))
+    assert t["frames"] == 6 and t["decode_tokens"] == 2 and t["prefill_s"] > 0 and t["vision_s"] > 0
+    assert "prefill" in capsys.readouterr().out
+
+
+def test_task_passkey_and_ppl_cli(tiny_ckpt, demo, tmp_path, capsys):
+    out = str(tmp_path / "pk")
+    ev.main(["passkey", "--model", tiny_ckpt, "--lengths", "96,160", "--depths", "0,1", "--trials", "2",
+             "--style", "demo", "--out", out])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert np.asarray(res["grid"]).shape == (2, 2) and all(c["tokens"] <= c["length"] for c in res["cells"].values())
+    assert os.path.exists(os.path.join(out, "heatmap.png"))
+    ev.main(["ppl", "--model", tiny_ckpt, "--text", os.path.join(demo, "stage4_val.txt"), "--seq_len", "64",
+             "--max_windows", "3", "--out", str(tmp_path / "ppl")])
+    r = json.load(open(tmp_path / "ppl" / "ppl.json"))
+    assert r["windows"] == 3 and r["tokens"] == 3 * 63 and r["ppl"] == pytest.approx(np.exp(r["nll"]))
+    assert 0.5 * 1024 < r["ppl"] < 2 * 1024  # a random tiny model is about as unsure as the vocabulary is large
+    assert "ppl:" in capsys.readouterr().out
