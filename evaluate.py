@@ -924,13 +924,9 @@ def llm_forward_flops(model, T: int) -> float:
 
 
 def vision_flops(model, F: int) -> float:
-    """FLOPs of encoding F frames: per frame 2 * (vision matmul weights) * P + 4 * layers * width * P^2
-    (full bidirectional attention) + 2 * (projector weights) * N. Counts every vision layer (the feature layer
-    select_layer = -2 skips the last; the ~4% difference is ignored)."""
-    v = model.config.vision
-    P = v.num_patches
-    return F * (2.0 * _linear_weights(model.vision) * P + 4.0 * v.layers * v.width * P * P
-                + 2.0 * _linear_weights(model.projector) * model.config.tokens_per_frame)
+    """FLOPs of encoding F frames (vision tower up to the feature layer + projector): one third of
+    LongVILA.vision_flops_per_frame, the training figure (forward + backward = 3 x forward)."""
+    return F * model.vision_flops_per_frame() / 3.0
 
 
 def peak_tflops(device, override=None):
@@ -944,20 +940,40 @@ def peak_tflops(device, override=None):
 
 
 @torch.no_grad()
-def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_tokens=32, peak=None,
+def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_tokens=32, peak=None, repeats=2,
                out_dir=None, log=print) -> dict:
     """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with its
-    MFU, decode tokens/s, peak memory (max over ranks). A short warm-up call first compiles the kernels.
+    MFU, decode tokens/s, peak memory (max over ranks). A short warm-up call first compiles the kernels; the
+    measurement runs `repeats` times and the last run is reported (Triton may tune again at the long shape).
 
     The generate call encodes the frames again itself (mmsp.encode_frames_sharded: F/sp frames per rank, timed
     alone first), so prefill = time to first token - the vision time. Decoding never stops at EOS here, so
     exactly max_new_tokens tokens are timed."""
-    main = is_main(layout)
-    device = model_device(model)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    main, device = is_main(layout), model_device(model)
     generate_reply(model, tokenizer, frames[:2], "<video>\n" + question, layout, 2, stop_at_eos=False)  # warm-up
     # preprocess and move the pixels before the clock starts: only model work is timed
     x = _frames_tensor(frames, model.config.vision.image_size).to(device, model_dtype(model))  # (F, 3, S, S)
+    for _ in range(repeats):
+        r = _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak)
+    if main:
+        log(f"timing: {r['frames']} frames = {r['prompt_tokens']} tokens on {r['world']} x {r['device']} "
+            f"(sp={r['sp']}, ring={r['ring']}, {r['dtype']})")
+        log(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+            + (f"   MFU {r['vision_mfu']:.1%}" if r["peak_tflops"] else ""))
+        log(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+            + (f"   MFU {r['prefill_mfu']:.1%}" if r["peak_tflops"] else "")
+            + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
+        log(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
+        log(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
+        if out_dir:
+            save_results(os.path.join(out_dir, "timing.json"), r)
+    return r
+
+
+def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> dict:
+    """One measured question (see run_timing); x: preprocessed frames (F, 3, S, S) on the model's device."""
+    device = model_device(model)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     barrier_sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -975,7 +991,7 @@ def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_token
     generate_reply(model, tokenizer, x, "<video>\n" + question, layout, max_new_tokens, printer, stop_at_eos=False)
     barrier_sync(device)
     total_s = time.perf_counter() - t0
-    T = len(prompt_ids(tokenizer, "<video>\n" + question, len(frames), model.config.tokens_per_frame))
+    T = len(prompt_ids(tokenizer, "<video>\n" + question, len(x), model.config.tokens_per_frame))
     ttft = printer.times[0] - t0
     prefill_s = max(ttft - vision_s, 1e-9)
     n_dec = len(printer.times) - 1
@@ -985,10 +1001,10 @@ def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_token
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
     peak = peak_tflops(device, peak)
-    r = {"frames": len(frames), "prompt_tokens": T, "world": world, "sp": layout.sp if layout else 1,
+    r = {"frames": len(x), "prompt_tokens": T, "world": world, "sp": layout.sp if layout else 1,
          "ring": layout.ring if layout else 1, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
          else "cpu", "dtype": str(model_dtype(model)).replace("torch.", ""), "vision_s": vision_s,
-         "vision_tflops_per_gpu": vision_flops(model, len(frames)) / vision_s / world / 1e12,
+         "vision_tflops_per_gpu": vision_flops(model, len(x)) / vision_s / world / 1e12,
          "time_to_first_token_s": ttft, "prefill_s": prefill_s,
          "prefill_tflops_per_gpu": llm_forward_flops(model, T) / prefill_s / world / 1e12,
          "decode_tokens": n_dec, "decode_tokens_per_s": decode_tps, "total_s": total_s,
@@ -996,17 +1012,6 @@ def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_token
     if peak:
         r["vision_mfu"] = r["vision_tflops_per_gpu"] / peak
         r["prefill_mfu"] = r["prefill_tflops_per_gpu"] / peak
-    if main:
-        log(f"timing: {r['frames']} frames = {T} tokens on {world} x {r['device']} (sp={r['sp']}, ring={r['ring']}, "
-            f"{r['dtype']})")
-        log(f"  vision encoding  {vision_s:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-            + (f"   MFU {r['vision_mfu']:.1%}" if peak else ""))
-        log(f"  prefill          {prefill_s:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-            + (f"   MFU {r['prefill_mfu']:.1%}" if peak else "") + f"   (time to first token {ttft:.3f} s)")
-        log(f"  decode           {decode_tps:8.2f} tokens/s ({n_dec} tokens)")
-        log(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
-        if out_dir:
-            save_results(os.path.join(out_dir, "timing.json"), r)
     return r
 
 
@@ -1104,6 +1109,7 @@ def build_parser():
         g.add_argument("--timing", action="store_true",
                        help="time vision / prefill (MFU) / decode / memory for one question instead")
         g.add_argument("--peak_tflops", type=float, default=None, help="per-GPU bf16 peak for MFU (default: by name)")
+        g.add_argument("--repeats", type=int, default=2, help="timed runs; the last is reported")
     s = common(sub.add_parser("passkey", help="text passkey retrieval (heatmap)"))
     s.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096], help="context lengths in tokens")
     s.add_argument("--depths", type=parse_floats, default=list(DEFAULT_DEPTHS))
@@ -1155,7 +1161,7 @@ def main(argv=None):
                 else media_frames(args.video, num_frames=n, fps=args.fps)[0]
             if args.timing:
                 run_timing(model, tokenizer, frames, prompt, layout=layout, max_new_tokens=args.max_new_tokens,
-                           peak=args.peak_tflops, out_dir=args.out)
+                           peak=args.peak_tflops, repeats=args.repeats, out_dir=args.out)
             else:
                 printer = StreamPrinter(tokenizer, enabled=is_main(layout) and not args.no_stream,
                                         stop_ids=[tokenizer.eos_id])

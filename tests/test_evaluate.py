@@ -317,7 +317,7 @@ def test_task_caption_and_ask_cli(tiny_ckpt, demo, tmp_path, capsys):
     assert reply == reply.strip()
     # timing on CPU with random frames and a random tiny model (the GPU command uses longvila-8b)
     ev.main(["ask", "--random_init", "tiny", "--random_frames", "6", "--timing", "--max_new_tokens", "3",
-             "--out", str(tmp_path / "timing")])
+             "--repeats", "1", "--out", str(tmp_path / "timing")])
     t = json.load(open(tmp_path / "timing" / "timing.json"))
     assert t["frames"] == 6 and t["decode_tokens"] == 2 and t["prefill_s"] > 0 and t["vision_s"] > 0
     assert "prefill" in capsys.readouterr().out
