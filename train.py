@@ -359,6 +359,7 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM, and nothing to scale
     return model
 
 
