@@ -271,10 +271,15 @@ def attention(q, k, v, layer_idx=None):
     cache), so query i sees key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads.
     CUDA, Tq == Tk: kernels.flash_attn_func (our Triton flash attention); everything else: torch SDPA.
     """
-    Tq, Tk = q.shape[1], k.shape[1]
-    if q.is_cuda and Tq == Tk:
+    if q.is_cuda and q.shape[1] == k.shape[1]:
         import kernels  # only the CUDA path needs kernels.py (and Triton)
         return kernels.flash_attn_func(q, k, v, causal=True)
+    return sdpa_attention(q, k, v, layer_idx)
+
+
+def sdpa_attention(q, k, v, layer_idx=None):
+    """`attention` through torch SDPA on any device (same signature and mask); the CPU path and the reference."""
+    Tq, Tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
     mask = None
     if Tq != Tk and Tq > 1:  # several new tokens against a cache: bottom-right aligned causal mask
@@ -1050,6 +1055,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
+    g = ap.add_argument_group("GPU checks")
+    g.add_argument("--compare-sdpa", action="store_true",
+                   help="also run the forward with torch SDPA attention and print the largest logit difference")
+    g.add_argument("--bench-steps", type=int, default=0, help="time this many text training steps (after 2 warm-up)")
+    g.add_argument("--seq-len", type=int, default=4096, help="tokens per benchmark step (batch 1)")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16: 989)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
@@ -1074,9 +1085,32 @@ def main(argv=None):
     print(f"forward+backward: T={input_ids.shape[1]} tokens ({args.frames} frames x {N} visual tokens), "
           f"logits {tuple(logits.shape)}, loss {loss.item():.4f} (ln V = {math.log(cfg.llm.vocab_size):.4f}), "
           f"{time.time() - t0:.3f}s; {model.flops_per_token(input_ids.shape[1]) / 1e9:.3f} GFLOP/token")
+    if args.compare_sdpa:
+        with torch.no_grad():
+            h = model.embed(input_ids, [video])  # (1, T, C)
+            pos = torch.arange(h.shape[1], device=h.device)[None]  # (1, T)
+            a = model.llm.output(model.forward_embeds(h, pos)).float()  # default attention (flash kernel on CUDA)
+            b = model.llm.output(model.forward_embeds(h, pos, attn=sdpa_attention)).float()  # torch SDPA
+        print(f"max |logits(default attention) - logits(SDPA)| = {(a - b).abs().max().item():.3e} "
+              f"(logit scale {b.abs().max().item():.2f}, {args.dtype})")
     t0 = time.time()
     new = model.generate(input_ids, [video], max_new_tokens=args.new_tokens)
     print(f"generated {new.shape[1]} tokens in {time.time() - t0:.3f}s: {new[0].tolist()}")
+    if args.bench_steps:
+        x = torch.randint(0, cfg.llm.vocab_size, (1, args.seq_len), device=args.device)  # (1, T)
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        for i in range(args.bench_steps + 2):
+            if i == 2:
+                sync()
+                t0 = time.time()
+            model(x, None, x, return_logits=False)[1].backward()
+            model.zero_grad(set_to_none=True)
+        sync()
+        dt = (time.time() - t0) / args.bench_steps
+        flops = model.flops_per_token(args.seq_len, causal=True) * args.seq_len
+        print(f"train step, {args.seq_len} text tokens: {dt * 1e3:.1f} ms, {args.seq_len / dt:,.0f} tok/s, "
+              f"{flops / dt / 1e12:.1f} TFLOP/s (causal attention counted), MFU {flops / dt / 1e12 / args.peak_tflops:.1%}"
+              + (f", peak mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if x.is_cuda else ""))
 
 
 if __name__ == "__main__":

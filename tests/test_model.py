@@ -310,6 +310,22 @@ def test_attention_with_cache_offsets_matches_full_causal():
     assert torch.allclose(rep, full, atol=1e-6)
 
 
+def test_attention_hook_plugs_in_kernels_flash_attention():
+    # forward_embeds(attn=...) is where the kernels and sequence parallelism plug in: the pure-PyTorch twin of the
+    # flash kernel (the CUDA default) gives the same hidden states as SDPA (the CPU default)
+    kernels = pytest.importorskip("kernels")
+    model = tiny_model(4)
+    ids, frames = video_prompt(2, 4), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.embed(ids, [frames])  # (1, T, C)
+        pos = torch.arange(ids.shape[1])[None]  # (1, T)
+        ref = model.forward_embeds(h, pos)
+        flash = model.forward_embeds(h, pos, attn=lambda q, k, v, i: kernels.flash_attn_func(q, k, v, causal=True,
+                                                                                               backend="torch"))
+        sdpa = model.forward_embeds(h, pos, attn=lv.sdpa_attention)
+    assert (flash - ref).abs().max().item() <= TOL and torch.equal(sdpa, ref)
+
+
 # -----------------------------------------------------------------------------
 # training helpers
 
