@@ -323,3 +323,30 @@ def test_single_process_layout_runs_the_same_model():
     model.eval()
     assert torch.equal(model.generate(input_ids, images, max_new_tokens=3),
                        model.generate(input_ids, images, max_new_tokens=3, sp=lay))
+
+
+def test_sp_attention_world8_2d():
+    """ring 4 x ulysses 2 on 8 ranks, GQA with one KV head (replicated over the Ulysses pair), padding."""
+    errs = run_workers(_attn_worker, 8, (8, 4, True, 29, 4, 1, 8))
+    for rank, e in enumerate(errs):
+        assert max(e) <= 1e-5, f"rank {rank}: max|diff| out/dq/dk/dv = {e}"
+
+
+def _bench_worker(rank, world):
+    import argparse
+    import bench
+    p = argparse.ArgumentParser()
+    bench._sp_add_args(p)
+    args = p.parse_args(["--device", "cpu", "--small", "--iters", "1", "--warmup", "0",
+                         "--methods", "1gpu-whole,zigzag-ring,ring,ulysses,torch-cp-flash"])
+    return bench._sp_run(args)
+
+
+def test_bench_sp_small_runs_on_gloo():
+    rows = run_workers(_bench_worker, 2)[0]
+    ran = {(r["S"], r["Hkv"], r["method"]) for r in rows if r["ms"]}
+    for S in (64, 128):
+        for Hkv in (2, 4):
+            assert {(S, Hkv, m) for m in ("1gpu-whole", "zigzag-ring", "ring", "ulysses")} <= ran
+    assert all(r["efficiency"] > 0 for r in rows if r["method"] == "zigzag-ring")
+    assert all("n/a" in r["note"] for r in rows if r["method"] == "torch-cp-flash")   # no CUDA here
