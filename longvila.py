@@ -23,6 +23,7 @@ Sections: configs + PRESETS | pure functions | vision tower | projector | decode
 checkpoint I/O (Hugging Face names <-> ours, one dict) | command line.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -526,7 +527,9 @@ class KVCache:
 class LongVILA(nn.Module):
     def __init__(self, config: LongVILAConfig):
         super().__init__()
-        self.config = config
+        # a private copy (PRESETS stay untouched); the sub-modules share its parts, so a change of e.g.
+        # model.config.llm.rope_theta (context extension) is what the next forward uses
+        self.config = config = copy.deepcopy(config)
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config.projector)
         self.llm = Transformer(config.llm)
@@ -578,9 +581,12 @@ class LongVILA(nn.Module):
             images = [None] * B
         if len(images) != B:
             raise ValueError(f"images must be a list with one entry per batch row: {B} rows, got {len(images)}")
-        N = self.config.tokens_per_frame
+        N, S = self.config.tokens_per_frame, self.config.vision.image_size
         frames = []
         for b in range(B):
+            if images[b] is not None and (images[b].dim() != 4 or tuple(images[b].shape[1:]) != (3, S, S)):
+                raise ValueError(f"images[{b}] has shape {tuple(images[b].shape)}; expected (F, 3, {S}, {S}) "
+                                 f"(F frames at this model's vision image_size {S}, normalised)")
             n_frames = 0 if images[b] is None else images[b].shape[0]
             if n_slots[b] != n_frames * N:
                 raise ValueError(f"batch row {b}: input_ids hold {n_slots[b]} image placeholders "

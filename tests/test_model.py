@@ -413,8 +413,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         model(ids, [torch.randn(3, 3, 32, 32)])
     with pytest.raises(ValueError, match=r"8 image placeholders.*0 visual tokens"):
         model(ids, None)
-    with pytest.raises(ValueError, match=r"\(F, 3, 32, 32\).*\(2, 3, 48, 48\)"):
+    with pytest.raises(ValueError, match=r"images\[0\] has shape \(2, 3, 48, 48\); expected \(F, 3, 32, 32\)"):
         model(ids, [torch.randn(2, 3, 48, 48)])
+    with pytest.raises(ValueError, match=r"\(F, 3, 32, 32\).*got \(3, 32, 32\)"):
+        model.encode_images(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="not a token id"):
         model(torch.tensor([[5, 1024]]))
 
