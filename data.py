@@ -25,6 +25,10 @@ Public API (SPEC.md):
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
     collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}
     IMAGE_TOKEN_ID = -200, IGNORE_INDEX = -100 (taken from longvila.py when it exists)
+  also: VideoFile(path, backend) (.num_frames, .fps, .indices(), .get(indices)), load_video(path, image_size,
+    num_frames, fps, chunk) (decode + preprocess in chunks), write_video(path, frames, fps), mcq_prompt(question,
+    options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out, DemoConfig), COLORS,
+    SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
 
 --------------------------------------------------------------------------------------------------------------
 Demo data layout: `python data.py demo --out data/demo --seed 0` (deterministic by seed, a few seconds)
@@ -54,9 +58,9 @@ data/demo/
                 and interleaved two-image samples ("<image>\\n<image>\\nDescribe the two images.")
   stage3.json   short-video instruction QA on media/short: colour / shape / motion / counting / needle
                 questions (one-word answers) and VideoMME-format multiple choice (answer = a letter)
-  stage4.txt    long text for context extension: documents of filler sentences with a passkey
-                ("the pass key is 48213 . remember it .") at a random depth and the question
-                ("what is the pass key ? the pass key is 48213 .") at the end; documents separated by a blank line
+  stage4.txt    long text for context extension: documents "There is a pass key hidden inside a lot of text."
+                + 10-150 FILLER sentences with "The pass key is 48213. Remember it. 48213 is the pass key."
+                at a random depth + "What is the pass key? The pass key is 48213."; separated by a blank line
   stage4.bin    the same text pre-tokenised with the tiny tokenizer, uint32 (documents separated by .eod_id)
   stage5.json   long-video QA on media/long: "What color is the needle?", summary ("Describe the video." ->
                 ordered segment captions), temporal order, counting; mix with stage3.json for short data
