@@ -1,7 +1,7 @@
 """LongVILA in one file: SigLIP vision tower, mlp_downsample projector, Llama/Qwen2 decoder, checkpoint I/O, generation.
 
     python longvila.py --preset tiny                   # build, forward a random 2-frame video, generate 8 tokens
-    python longvila.py --preset bench-1b --device cuda --dtype bfloat16
+    python longvila.py --preset bench-1b --device cuda --dtype bfloat16 --compare-sdpa --bench-steps 10
 
 Papers / references this file follows:
 - LongVILA: Scaling Long-Context Visual Language Models for Long Videos (Xue et al., arXiv 2408.10188).
@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -337,7 +337,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x):
         Fr, P, Cv = x.shape
-        q, k, v = (w(x).view(Fr, P, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).view(Fr, P, self.heads, -1).transpose(1, 2)  # (F, heads, P, Cv/heads) each
+                   for w in (self.wq, self.wk, self.wv))
         out = F.scaled_dot_product_attention(q, k, v)  # (F, heads, P, Cv/heads), scale 1/sqrt(head_dim)
         return self.wo(out.transpose(1, 2).reshape(Fr, P, Cv))  # (F, P, Cv)
 
