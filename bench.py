@@ -29,6 +29,7 @@ def _kernels_add_args(p):
     p.add_argument("--providers", default="triton,flash,cudnn", help="triton (kernels.py), flash / cudnn (SDPA)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--report-kernels", action="store_true", help="print registers/spills/smem/wgmma per variant")
+    p.add_argument("--no-tma", action="store_true", help="ablation: pointer loads instead of TMA descriptors")
 
 
 def _kernels_run(args):
@@ -46,12 +47,15 @@ def _kernels_run(args):
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.py kernels: needs a CUDA GPU")
+    if args.no_tma:
+        kernels._tma_ok = lambda *a: False
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     causal = not args.no_causal
     B, H, D = args.batch, args.heads, args.head_dim
     print(f"card: {card} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | B={B} H={H} D={D} causal={causal}")
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | B={B} H={H} D={D} causal={causal} "
+          f"| tma={'off' if args.no_tma else 'auto'}")
     sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     F = torch.nn.functional
     rows = []

@@ -43,9 +43,14 @@ try:  # triton is optional: without it (or without a GPU) the PyTorch twin below
     import triton.language as tl
 
     HAS_TRITON = True
+    try:  # host-side TMA descriptors (Hopper's bulk tensor copy engine); optional
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover
+        TensorDescriptor = None
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
     triton = None
     tl = None
+    TensorDescriptor = None
     HAS_TRITON = False
 
 # Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
@@ -189,12 +194,19 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt,
+    def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk, diff,
+                   scale2, skt, svt,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Online softmax over key blocks [lo, hi); k_ptrs/v_ptrs point at key row lo."""
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+        """Online softmax over key blocks [lo, hi); k_ptrs/v_ptrs point at key row lo (pointer path), or TMA
+        descriptors Kd/Vd over the (B*Tk, Hkv*D) view with this head's rows at k_row0 + j, columns at k_col."""
         for n0 in range(lo, hi, BLOCK_N):
-            k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            if USE_TMA:  # bulk copy; rows past Tk are masked below (MASKED), or do not exist (unmasked loop)
+                k = Kd.load([k_row0 + n0, k_col])                                               # (BN, BD)
+                if UPCAST:
+                    k = k.to(tl.float32)
+            else:
+                k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
             if MASKED:  # diagonal / ragged block: key bound and causal mask on true positions
                 keep = (n0 + offs_n < Tk)[None, :]
@@ -210,7 +222,12 @@ if HAS_TRITON:
                 p = tl.math.exp2(s * scale2 - m_sub[:, None])
             alpha = tl.math.exp2(m_i - m_sub)                                                   # (BM,)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            if USE_TMA:
+                v = Vd.load([k_row0 + n0, k_col])                                               # (BN, BD)
+                if UPCAST:
+                    v = v.to(tl.float32)
+            else:
+                v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)                       # (BM, BD)
             m_i = m_new
@@ -219,11 +236,12 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
-    def _fwd_kernel(Q, K, V, O, LSE,
+    def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                     Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
         pid_bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
@@ -235,7 +253,12 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-        q = _load_tile(q_ptrs, offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)             # (BM, BD)
+        if USE_TMA:
+            q = Qd.load([b * Tq + m0, h * HEAD_DIM])                                            # (BM, BD)
+            if UPCAST:
+                q = q.to(tl.float32)
+        else:
+            q = _load_tile(q_ptrs, offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)         # (BM, BD)
         k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
         k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]                               # key row 0
@@ -250,12 +273,14 @@ if HAS_TRITON:
         else:
             hi = Tk
             n_full = (Tk // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, n_full, offs_m, offs_n, offs_d, Tk, diff,
-                                   scale2, skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full,
+                                   offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, False,
+                                   CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
         k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
         v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, hi, offs_m, offs_n, offs_d, Tk, diff,
-                                   scale2, skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, n_full, hi,
+                                   offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, True,
+                                   CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
         # epilogue: a row that saw no key keeps l = 0 -> out 0, lse -inf
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -287,17 +312,22 @@ if HAS_TRITON:
         tl.store(LSE2 + row, lse2, mask=offs_m < Tq)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, lo, hi, offs_m, offs_n, offs_d, Tq,
-                    diff, scale2, sqt, sdt,
+    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi, offs_m,
+                    offs_n, offs_d, Tq, diff, scale2, sqt, sdt,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
         """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows).
 
         Key rows past Tk are never masked here: they only touch their own rows of dK/dV, which are not stored.
         Query rows past Tq have lse2 = +inf (padding) -> P = 0."""
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
-            q = _load_tile(q_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)            # (BM, BD)
+            if USE_TMA:
+                q = Qd.load([q_row0 + m0, q_col])                                                 # (BM, BD)
+                if UPCAST:
+                    q = q.to(tl.float32)
+            else:
+                q = _load_tile(q_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)        # (BM, BD)
             if MASKED:
                 lse2 = tl.load(lse2_ptr + rows, mask=rows < Tq, other=float("inf"))
             else:
@@ -307,7 +337,12 @@ if HAS_TRITON:
             if MASKED:
                 if CAUSAL:
                     pT = tl.where(rows[None, :] + diff >= offs_n[:, None], pT, 0.0)
-            do = _load_tile(do_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)          # (BM, BD)
+            if USE_TMA:
+                do = DOd.load([q_row0 + m0, q_col])                                               # (BM, BD)
+                if UPCAST:
+                    do = do.to(tl.float32)
+            else:
+                do = _load_tile(do_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)      # (BM, BD)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)                        # (BN, BD)
             if MASKED:
                 delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
@@ -321,13 +356,13 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd,
                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                          Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read it.
         Grid (B*Hkv, cdiv(Tk, BLOCK_N)); no atomics, no KV copies."""
         Hkv = H // GROUP
@@ -363,19 +398,19 @@ if HAS_TRITON:
             delta_ptr = DELTA + (b * H + h).to(tl.int64) * Tq
             q_ptrs = q_base + lo.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + lo.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d,
-                                 Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST,
-                                 DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 lo, mid, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
             q_ptrs = q_base + mid.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + mid.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, mid, q_full, offs_m, offs_n,
-                                 offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, False, CAUSAL, EVEN_D,
-                                 UPCAST, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 mid, q_full, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
             q_ptrs = q_base + tail.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + tail.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, tail, Tq, offs_m, offs_n,
-                                 offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D,
-                                 UPCAST, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 tail, Tq, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
         dk = dk * scale  # dK = scale * dS^T Q
         mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -384,13 +419,21 @@ if HAS_TRITON:
                  dv.to(DV.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt,
+    def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk,
+                  diff, scale2, skt, svt,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
         """Accumulate dQ of one query block over key blocks [lo, hi)."""
         for n0 in range(lo, hi, BLOCK_N):
-            k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
-            v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+            if USE_TMA:
+                k = Kd.load([k_row0 + n0, k_col])                                               # (BN, BD)
+                v = Vd.load([k_row0 + n0, k_col])                                               # (BN, BD)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+            else:
+                k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
+                v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
             p = tl.math.exp2(s * scale2 - lse2[:, None])                                       # (BM, BN)
             if MASKED:  # keys past Tk must not count here (unlike in dK/dV)
@@ -406,11 +449,12 @@ if HAS_TRITON:
         return dq
 
     @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
-    def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+    def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, Kd, Vd,
                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
                        Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         """One program: dQ of BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
         pid_bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -439,29 +483,45 @@ if HAS_TRITON:
             n_full = (Tk // BLOCK_N) * BLOCK_N
         k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
-        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, 0, n_full, offs_m, offs_n, offs_d, Tk, diff, scale2,
-                       skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full, offs_m,
+                       offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST,
+                       DOT_PREC, USE_TMA)
         k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
         v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
-        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, hi, offs_m, offs_n, offs_d, Tk, diff, scale2,
-                       skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, n_full, hi, offs_m,
+                       offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST,
+                       DOT_PREC, USE_TMA)
         dq = dq * scale  # dQ = scale * dS K
         tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
     # -- launch configurations ---------------------------------------------------------------------------------
-    # Large problems autotune over a few Hopper-friendly configs; small ones (decode steps, tests) and the
-    # interpreter use one fixed config, so a generate() loop never re-tunes for every new length.
-    def _cfgs(pairs, warps, stages):
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn in pairs for w in warps for s in stages]
+    # Large problems autotune over a few Hopper-friendly configs (8 warps: with 4, the fp32 accumulators spill);
+    # small ones (decode steps, tests) and the interpreter use one fixed config, so a generate() loop never
+    # re-tunes for every new length. With TMA the descriptors' block shapes follow the config (pre_hook).
+    def _tma_hook(rows_of):
+        def hook(nargs):
+            for name, block in rows_of.items():
+                desc = nargs[name]
+                if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+                    desc.block_shape = [nargs[block], nargs["BLOCK_D"]]
+        return hook
 
-    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP"]
-    _fwd_tuned = triton.autotune(_cfgs([(128, 64), (128, 128)], [4, 8], [2, 3]), key=_TUNE_KEY)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs([(64, 128), (32, 128)], [4, 8], [2, 3]),
-                                  key=_TUNE_KEY)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs([(128, 64), (128, 32)], [4, 8], [2, 3]),
-                                key=_TUNE_KEY)(_bwd_dq_kernel)
+    _HOOKS = {"fwd": _tma_hook({"Qd": "BLOCK_M", "Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
+              "dkdv": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M"}),
+              "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
+
+    def _cfgs(name, choices):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_HOOKS[name])
+                for bm, bn, w, s in choices]
+
+    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "USE_TMA"]
+    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+                                               (128, 128, 8, 2), (128, 128, 8, 3)]), key=_TUNE_KEY)(_fwd_kernel)
+    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2),
+                                                 (32, 128, 8, 3), (64, 64, 8, 3)]), key=_TUNE_KEY)(_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
+                                             (128, 128, 8, 2)]), key=_TUNE_KEY)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
     "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
@@ -483,6 +543,8 @@ def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk):
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     bm, bn, w, s = (_FIXED_INTERPRET if _INTERPRET else _FIXED)[name]
+    nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
+    _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
     raw[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
@@ -503,15 +565,36 @@ def _lastdim_contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _triton_consts(q, D, causal):
+def _tma_ok(D, *xs):
+    """Can these (B, T, heads, D) tensors be read through 2-D TMA descriptors over their (B*T, heads*D) view?
+
+    Needs Hopper or newer, 16-bit data, D a power of two (a padded block would read the next head's columns),
+    heads packed (stride D), batches contiguous in T, and 16-byte alignment of base and row stride."""
+    if TensorDescriptor is None or not all(x.is_cuda for x in xs):
+        return False
+    if torch.cuda.get_device_capability(xs[0].device)[0] < 9 or D not in (64, 128):
+        return False
+    return all(x.dtype in (torch.float16, torch.bfloat16) and x.stride(3) == 1 and x.stride(2) == D
+               and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
+               and x.data_ptr() % 16 == 0 and (x.stride(1) * x.element_size()) % 16 == 0 for x in xs)
+
+
+def _desc(x):
+    """2-D TMA descriptor over the (B*T, heads*D) view of x (B, T, heads, D); block shape set per config."""
+    B, T, Hx, D = x.shape
+    return TensorDescriptor(x, shape=[B * T, Hx * D], strides=[x.stride(1), 1], block_shape=[16, D])
+
+
+def _triton_consts(q, D, causal, tma):
     block_d = max(16, triton.next_power_of_2(D))
     if D > 128:
         raise ValueError(f"kernels: the triton backend supports head dims up to 128, got {D}; use backend='torch'")
     return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), UPCAST=_INTERPRET,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(tma))
 
 
-def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32):
+def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=None):
+    """tma: None -> use TMA descriptors where _tma_ok; True/False force (tests run both in the interpreter)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
@@ -521,17 +604,19 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32):
         return out, lse
     if Tk == 0:  # nothing to attend to: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
-    consts = _triton_consts(q, D, causal)
-    args = (q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk))
+    tma = _tma_ok(D, q, k, v) if tma is None else tma
+    consts = _triton_consts(q, D, causal, tma)
+    descs = (_desc(q), _desc(k), _desc(v)) if tma else (q, k, v)
+    args = (q, k, v, out, lse) + descs + (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk))
     with _dev(q):
-        _launch("fwd", _fwd_tuned if not _INTERPRET else None, _fwd_kernel,
-                lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk)
+        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk)
     return out, lse
 
 
-def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32):
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v, out, dout = (_lastdim_contig(x) for x in (q, k, v, out, dout))
@@ -542,7 +627,10 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
     dv = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
     if B * Tq * H == 0 or Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    consts = _triton_consts(q, D, causal)
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    tma = _tma_ok(D, q, k, v, dout) if tma is None else tma
+    consts = _triton_consts(q, D, causal, tma)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     with _dev(q):
@@ -553,15 +641,13 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk))
-        _launch("dkdv", _dkdv_tuned if not _INTERPRET else None, _bwd_dkdv_kernel,
-                lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
-                (q, k, v, dout, lse2, delta, dk, dv) + common + (dk.stride(0), dk.stride(1), dk.stride(2),
-                                                                  dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
+        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
+                (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
+                + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
                 consts, Tq, Tk)
-        _launch("dq", _dq_tuned if not _INTERPRET else None, _bwd_dq_kernel,
-                lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
-                (q, k, v, dout, lse2, delta, dq) + common + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail,
-                consts, Tq, Tk)
+        _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
+                (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
+                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk)
     return dq, dk, dv
 
 # -----------------------------------------------------------------------------

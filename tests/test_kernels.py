@@ -79,15 +79,26 @@ CASES = {  # name: (B, Tq, Tk, H, Hkv, D, causal, q_offset, k_offset, dtype)
     "all-past-d80": (1, 33, 70, 4, 4, 80, True, 100, 0, torch.float32),  # every key visible: causal, no mask
     "all-future": (1, 20, 30, 2, 1, 64, True, 0, 50, torch.float32),     # every row empty
     "self-causal": (1, 61, 61, 2, 2, 64, True, 0, 0, torch.bfloat16),
+    # two batches: a TMA block that runs past one batch's last row reads the next batch's rows (must not leak)
+    "batch2-offsets": (2, 29, 43, 4, 2, 64, True, 20, 5, torch.bfloat16),
 }
 
 
-def check_backend(backend, case):
+def check_backend(backend, case, tma=None):
     B, Tq, Tk, H, Hkv, D, causal, qo, ko, dt = CASES[case]
+    if tma is not None:  # the Triton kernels with TMA descriptor loads forced on or off (internal entry points)
+        fwd = lambda *a, **kw: kernels._triton_forward(*a, tma=tma, **kw)
+        bwd = lambda *a, **kw: kernels._triton_backward(*a, tma=tma, **kw)
+        kernels_forward = lambda q, k, v, out_fp32=False, backend=None, causal=True, q_offset=0, k_offset=0: fwd(
+            q, k, v, causal, D ** -0.5, q_offset, k_offset, out_fp32)
+        kernels_backward = lambda dout, q, k, v, out, lse, grad_fp32=False, backend=None, causal=True, q_offset=0, \
+            k_offset=0: bwd(dout, q, k, v, out, lse, causal, D ** -0.5, q_offset, k_offset, grad_fp32)
+    else:
+        kernels_forward, kernels_backward = kernels.attention_forward, kernels.attention_backward
     q, k, v, dout = make(B, Tq, Tk, H, Hkv, D, dt)
     kw = dict(causal=causal, q_offset=qo, k_offset=ko)
     ref_out, ref_lse = reference(q, k, v, **kw)
-    out, lse = kernels.attention_forward(q, k, v, out_fp32=True, backend=backend, **kw)
+    out, lse = kernels_forward(q, k, v, out_fp32=True, backend=backend, **kw)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (B, H, Tq)
     empty = torch.isinf(ref_lse).cpu()
     assert torch.equal(torch.isneginf(lse).cpu(), empty), "rows with no visible key must have lse -inf, only those"
@@ -96,15 +107,15 @@ def check_backend(backend, case):
     if not empty.all():
         assert (lse.cpu().double()[~empty] - ref_lse.cpu()[~empty]).abs().max() < tol(backend, dt, 1e-5)
     # storage dtype output: only the final rounding differs
-    out16, _ = kernels.attention_forward(q, k, v, backend=backend, **kw)
+    out16, _ = kernels_forward(q, k, v, backend=backend, **kw)
     assert out16.dtype == dt and rel(out16, ref_out) < (1e-2 if dt == torch.bfloat16 else 2e-3)
     # backward with fp32 gradients, from the kernel's own out/lse; and in the storage dtype
     ref_g = reference_grads(q, k, v, dout, **kw)
-    grads = kernels.attention_backward(dout, q, k, v, out, lse, grad_fp32=True, backend=backend, **kw)
+    grads = kernels_backward(dout, q, k, v, out, lse, grad_fp32=True, backend=backend, **kw)
     for name, g, r in zip("dq dk dv".split(), grads, ref_g):
         assert g.dtype == torch.float32 and g.shape == r.shape
         assert rel(g, r) < tol(backend, dt, 1e-4) if r.abs().max() > 0 else g.abs().max() == 0, name
-    grads16 = kernels.attention_backward(dout, q, k, v, out16, lse, backend=backend, **kw)
+    grads16 = kernels_backward(dout, q, k, v, out16, lse, backend=backend, **kw)
     for g, r in zip(grads16, ref_g):
         assert g.dtype == dt and (rel(g, r) < max(2e-2, tol(backend, dt, 1e-4)) if r.abs().max() > 0
                                   else g.abs().max() == 0)
@@ -114,6 +125,14 @@ def check_backend(backend, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_matches_fp64(case):
     check_backend("triton", case)
+
+
+@needs_triton
+@pytest.mark.skipif(kernels.TensorDescriptor is None, reason="this triton has no TensorDescriptor")
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][5] == 64 and CASES[c][9] != torch.float32])
+def test_triton_tma_path_matches_fp64(case):
+    # the Hopper path: K/V (forward, dQ) and Q/dO (dK/dV) read by 2-D TMA descriptors over the (B*T, heads*D) view
+    check_backend("triton", case, tma=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
