@@ -15,6 +15,12 @@ import torch.distributed as dist
 import mmsp
 from helpers import run_workers
 
+# Imported once here so forked workers inherit them: torch.utils.checkpoint (used by longvila's chunked loss)
+# imports torch._dynamo lazily, which costs seconds in every worker otherwise.
+import kernels  # noqa: E402,F401
+import longvila  # noqa: E402,F401
+import torch._dynamo  # noqa: E402,F401
+
 
 # -----------------------------------------------------------------------------
 # reference attention (fp64, full sequence)
