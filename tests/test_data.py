@@ -608,3 +608,24 @@ def test_constants_match_model_file():
     except Exception:  # noqa: BLE001
         pytest.skip("longvila.py not importable yet")
     assert (data.IMAGE_TOKEN_ID, data.IGNORE_INDEX) == (longvila.IMAGE_TOKEN_ID, longvila.IGNORE_INDEX) == (-200, -100)
+
+
+def test_longvideo_sft_with_a_real_tiny_checkpoint(tmp_path, tok):
+    """The command-line path: captions and QA come from LongVILA checkpoints (random tiny weights here, so the
+    text is gibberish and no QA line parses; what is checked is the plumbing: frames -> model -> text -> files)."""
+    longvila = pytest.importorskip("longvila", reason="longvila.py not importable yet")
+    torch.manual_seed(0)
+    model = longvila.LongVILA(longvila.PRESETS["tiny"])
+    tok_json = str(tmp_path / "tokenizer.json")
+    tok.save(tok_json)
+    model.save_pretrained(str(tmp_path / "ckpt"), tokenizer_json=tok_json)
+    video = str(tmp_path / "v.mp4")
+    data.write_video(video, _indexed_frames(12, 32, 32), 4)  # 3 s -> one segment of 10 s
+    caption_fn, text_fn = data.checkpoint_generators(str(tmp_path / "ckpt"), str(tmp_path / "ckpt"),
+                                                     max_new_tokens=3)
+    seen = []
+    stats = data.longvideo_sft([video], str(tmp_path / "out.json"),
+                               lambda f, p: seen.append(caption_fn(f, p)) or seen[-1], text_fn)
+    assert stats["done"] == 1 and len(seen) == 1 and isinstance(seen[0], str)
+    rec = json.loads(open(data._done_path(str(tmp_path / "out.json.parts"), os.path.abspath(video))).read())
+    assert rec["segments"][0]["caption"] == seen[0].strip() and isinstance(rec["raw"], str)
