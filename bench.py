@@ -266,6 +266,7 @@ def _sp_run(args):
             k = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)    # (1, S, Hkv, D)
             v = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)
             dout = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)
+            ref_out = None                                                          # (1, S, H, D) when needed
             for method in methods:
                 if method in ("1gpu-whole", "1gpu-share"):
                     n = S if method == "1gpu-whole" else S // W
@@ -288,8 +289,17 @@ def _sp_run(args):
                     idx = mmsp.layout_indices(S, lay).to(device)                     # (S/W,)
                     xs = [x[:, idx].detach().clone().requires_grad_() for x in (q, k, v)]   # (1, S/W, ., D)
                     dl = dout[:, idx].contiguous()
+                    # correctness on this device first: forward vs the one-device kernel on the whole sequence
+                    with torch.no_grad():
+                        if ref_out is None:
+                            ref_out = kernels.attention_forward(q, k, v, causal=True, backend=backend)[0]
+                        err = (mmsp.sp_attention(*xs, lay).float() - ref_out[:, idx].float()).abs().max()
+                    err = err.reshape(1).to(torch.float64)
+                    if world is not None:
+                        dist.all_reduce(err, op=dist.ReduceOp.MAX)
                     fn = lambda: mmsp.sp_attention(*xs, lay).backward(dl)
-                    emit(S, Hkv, method, W, _sp_time(fn, args.iters, args.warmup, cuda, world))
+                    emit(S, Hkv, method, W, _sp_time(fn, args.iters, args.warmup, cuda, world),
+                         f"max|out - 1-device out| = {err.item():.1e}")
                     del xs
                 elif method.startswith("torch-cp"):
                     if mesh is None or Hkv != H:
@@ -314,7 +324,7 @@ def _sp_run(args):
                     del bufs
                 if cuda:
                     torch.cuda.empty_cache()
-            del q, k, v, dout
+            del q, k, v, dout, ref_out
     # scaling efficiency against the one-GPU whole-sequence time
     whole = {(r["S"], r["Hkv"]): r["ms"] for r in rows if r["method"] == "1gpu-whole" and r["ms"]}
     for r in rows:
