@@ -845,6 +845,8 @@ def _llm_from_hf(c, file):
         raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (expected 'silu')")
     if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
         raise ValueError(f"{file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+    if c.get("use_sliding_window"):
+        raise ValueError(f"{file}: use_sliding_window=true is not supported (full attention only)")
     rp = c.get("rope_parameters") or {}
     theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
     rs = c.get("rope_scaling") or rp

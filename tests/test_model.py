@@ -444,3 +444,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight' "
                                          r"has shape \(\d+, \d+\) but the config expects"):
         LongVILA.from_pretrained(str(tmp_path / "badshape"))
+
+
+def test_docstring_command_runs(capsys):
+    lv.main(["--preset", "tiny", "--new-tokens", "3", "--compare-sdpa"])
+    out = capsys.readouterr().out
+    assert "preset tiny" in out and "generated 3 tokens" in out and "logits(SDPA)| = 0.000e+00" in out
