@@ -33,6 +33,7 @@ Causal programs loop only over key blocks that are not fully masked, and apply t
 interpreter computes bf16 arithmetic on raw bits (wrong numbers, silently), so under TRITON_INTERPRET=1 the kernels
 convert every load to fp32 first: the interpreter tests bf16 STORAGE with fp32 arithmetic.
 """
+import functools
 import math
 import os
 
@@ -565,6 +566,11 @@ def _lastdim_contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
 def _tma_ok(D, *xs):
     """Can these (B, T, heads, D) tensors be read through 2-D TMA descriptors over their (B*T, heads*D) view?
 
@@ -572,7 +578,7 @@ def _tma_ok(D, *xs):
     heads packed (stride D), batches contiguous in T, and 16-byte alignment of base and row stride."""
     if TensorDescriptor is None or not all(x.is_cuda for x in xs):
         return False
-    if torch.cuda.get_device_capability(xs[0].device)[0] < 9 or D not in (64, 128):
+    if _capability(xs[0].device.index)[0] < 9 or D not in (64, 128):
         return False
     return all(x.dtype in (torch.float16, torch.bfloat16) and x.stride(3) == 1 and x.stride(2) == D
                and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
