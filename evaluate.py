@@ -1,15 +1,16 @@
 """Evaluate a LongVILA checkpoint: video needle in a haystack, multiple-choice video QA, captioning / ask, text
 passkey retrieval and perplexity - on one process or under torchrun with multi-modal sequence parallelism.
 
-    python evaluate.py niah    --model ckpt --haystacks data/demo/haystacks --needles data/demo/needles.json --out out/niah
-    python evaluate.py mcq     --model ckpt --questions data/demo/mcq.json --media_root data/demo --num_frames 8 --out out/mcq
-    python evaluate.py caption --model ckpt --video data/demo/videos            # one video or a folder; streams tokens
-    python evaluate.py ask     --model ckpt --video clip.mp4 --question "What happens after the dog jumps?"
-    python evaluate.py passkey --model ckpt --lengths 1024,2048,4096 --out out/passkey
-    python evaluate.py ppl     --model ckpt --text book.txt --seq_len 4096
-    # contexts one GPU cannot hold: the same commands under torchrun with a sequence-parallel layout
-    torchrun --nproc_per_node 8 evaluate.py niah --model ckpt --sp 8 --ring 2 ...
-    # timing without weights: a random model of a named preset (see the final report / README for the GPU run)
+    M=runs/demo/stage5/model D=data/demo/eval          # the CPU demo's model and held-out data (train.py)
+    python evaluate.py niah    --model $M --haystacks $D/niah/haystack --needles $D/niah/needles --out out/niah
+    python evaluate.py mcq     --model $M --questions $D/mcq/mcq.json --num_frames 8 --out out/mcq
+    python evaluate.py caption --model $M --video $D/caption/videos --num_frames 32   # a file or folder; streams
+    python evaluate.py ask     --model $M --video $D/caption/videos/cap_000.mp4 --question "Describe the video."
+    python evaluate.py passkey --model $M --lengths 256,512,1024 --style demo --out out/passkey
+    python evaluate.py ppl     --model $M --text $D/stage4_val.txt --seq_len 1024
+    # contexts one device cannot hold: the same commands under torchrun with a sequence-parallel layout
+    torchrun --nproc_per_node 8 evaluate.py niah --model CKPT --sp 8 --ring 2 --frame_counts 256,512,1024 ...
+    # timing without weights: a random model of a preset, random frames (the 2-GPU, 1024-frame run)
     torchrun --nproc_per_node 2 evaluate.py ask --random_init longvila-8b --random_frames 1024 --sp 2 --timing
 
 What each task measures (LongVILA, arXiv 2408.10188, section 5 of shared/LONGVILA.md):
@@ -17,8 +18,8 @@ What each task measures (LongVILA, arXiv 2408.10188, section 5 of shared/LONGVIL
   frames at depth d, for a grid of depths x frame counts. Score = exact match of the TEACHER-FORCED answer: one
   forward over prompt + answer, argmax at the answer positions, decoded, compared to the answer after lower-casing
   and removing spaces (the reference scores this way, so the model is never asked to stop generating). The vision
-  features of the haystack are computed once per frame count... once in total, and each needle once: every cell of
-  the grid only splices embeddings. Writes results.json (resumable) and heatmap.png, prints the mean.
+  features of each haystack and of each needle are computed once; every cell of the grid only splices embeddings.
+  Writes results.json (resumable) and heatmap.png, prints the mean.
 - mcq: VideoMME-style multiple choice with the reference prompt, first standalone A-D letter of the reply,
   accuracy overall and by duration, one JSON row per question (resumable).
 - caption / ask: free greedy generation, streamed to the terminal token by token.
@@ -36,7 +37,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import FILLER, Tokenizer, build_conversation, load_image, mcq_prompt, preprocess, read_video
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, LongVILA
-from mmsp import attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout, padded_length, token_owner
+from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,
+                  padded_length, token_owner)
 
 # -----------------------------------------------------------------------------
 # prompts (the reference's wording)
@@ -211,8 +212,9 @@ def short_number(x) -> str:
 def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)"):
     """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured) with pillow.
 
-    Each cell is filled with `heatmap_color(score)` and, in its lower-right part, the score as a number; a
-    colour bar on the right; the title (with the mean) on top. Cell boxes are `heatmap_cell_box(r, c)`.
+    Each cell is filled with `heatmap_color(score)` (a 2 px white line to its right and below) with the score
+    written in its centre; a colour bar on the right; the title (with the mean) on top. Cell boxes are
+    `heatmap_cell_box(r, c)`.
     """
     grid = np.asarray(grid, dtype=np.float64)  # (rows, cols)
     rows, cols = grid.shape
@@ -223,9 +225,10 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
     for r in range(rows):
         for c in range(cols):
             x0, y0, x1, y1 = heatmap_cell_box(r, c)
-            d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=heatmap_color(grid[r, c]))
+            d.rectangle([x0, y0, x1 - 3, y1 - 3], fill=heatmap_color(grid[r, c]))  # a 2 px white grid line
             if math.isfinite(grid[r, c]):
-                d.text((x1 - 4, y1 - 4), f"{grid[r, c]:.2f}", fill=(30, 30, 30), font=f_small, anchor="rb")
+                d.text(((x0 + x1) / 2, (y0 + y1) / 2), f"{grid[r, c]:.2f}", fill=(30, 30, 30), font=f_small,
+                       anchor="mm")
         d.text((HEATMAP_MARGIN["left"] - 6, (y0 + y1) / 2), str(row_labels[r]), fill=(0, 0, 0), font=f_small,
                anchor="rm")
     gy = HEATMAP_MARGIN["top"] + rows * HEATMAP_CELL[1]
