@@ -430,10 +430,17 @@ def encode_frames_sharded(model, images, layout: SPLayout):
     if not frames:
         return None, 0, 0
     device = model.llm.tok_embeddings.weight.device
-    frames = torch.cat(frames).to(device)                            # (F_total, 3, S, S)
-    Fs = frame_split(frames.shape[0], layout.sp)
+    Fs = frame_split(sum(f.shape[0] for f in frames), layout.sp)
     first = layout.sp_rank * Fs
-    mine = frames[first:first + Fs]                                  # (<=Fs, 3, S, S)
+    # cut [first, first + Fs) out of the per-sample tensors before moving anything: at 1000+ frames the whole
+    # video would not be worth copying to every GPU
+    pieces, start = [], 0
+    for f in frames:                                                 # f (F_b, 3, S, S)
+        lo, hi = max(first - start, 0), min(first + Fs - start, f.shape[0])
+        if lo < hi:
+            pieces.append(f[lo:hi].to(device))
+        start += f.shape[0]
+    mine = torch.cat(pieces) if pieces else frames[0][:0].to(device)  # (<=Fs, 3, S, S)
     n_real = mine.shape[0]
     if n_real < Fs:
         mine = torch.cat([mine, mine.new_zeros((Fs - n_real,) + tuple(mine.shape[1:]))])   # (Fs, 3, S, S)

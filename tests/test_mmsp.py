@@ -184,9 +184,13 @@ def _video_sample(model, n_frames=5, seed=0, supervise=(None, None)):
     return input_ids, [frames], labels
 
 
-def _model_worker(rank, world, sp, ring):
+def _model_worker(rank, world, sp, ring, batch2=False):
     model = _tiny_model()
     input_ids, images, labels = _video_sample(model)
+    if batch2:   # two samples of one length; the frame split crosses the sample boundary
+        ids2, images2, labels2 = _video_sample(model, seed=5)
+        input_ids, labels = torch.cat([input_ids, ids2]), torch.cat([labels, labels2])   # (2, T)
+        images = images + images2
     _, loss_ref = model(input_ids, images, labels)                           # single process, whole sequence
     loss_ref.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -217,6 +221,12 @@ def test_sp_forward_backward_equals_single_process(sp, ring):
         bad = {n: e for n, e in errs.items() if e > 1e-5}
         assert not bad, f"rank {rank}: relative gradient error > 1e-5: {bad}"
         assert len(errs) > 0
+
+
+def test_sp_forward_batch_of_two_samples():
+    for rank, (ref, got, errs) in enumerate(run_workers(_model_worker, 4, (4, 2, True))):
+        assert abs(got - ref) <= 1e-5 * abs(ref), (rank, got, ref)
+        assert max(errs.values()) <= 1e-5, f"rank {rank}: {max(errs.items(), key=lambda x: x[1])}"
 
 
 def _empty_shard_worker(rank, world):
