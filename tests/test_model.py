@@ -324,6 +324,13 @@ def test_attention_hook_plugs_in_kernels_flash_attention():
                                                                                                backend="torch"))
         sdpa = model.forward_embeds(h, pos, attn=lv.sdpa_attention)
     assert (flash - ref).abs().max().item() <= TOL and torch.equal(sdpa, ref)
+    # a KV cache filled in pieces (prefill 7, then 5 more, then 1 by 1) gives the hidden states of one full pass
+    T = ids.shape[1]
+    cache = lv.KVCache(4, 1, T, 2, 32, torch.float32, "cpu")
+    with torch.no_grad():
+        pieces = [model.forward_embeds(h[:, a:b], pos[:, a:b], cache=cache)
+                  for a, b in [(0, 7), (7, 12)] + [(t, t + 1) for t in range(12, T)]]
+    assert cache.length == T and (torch.cat(pieces, 1) - ref).abs().max().item() <= 1e-5
 
 
 # -----------------------------------------------------------------------------
