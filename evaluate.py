@@ -284,6 +284,17 @@ def save_results(path: str, results: dict):
     os.replace(tmp, path)
 
 
+def open_results(path, header: dict, main: bool = True) -> dict:
+    """`load_results` on rank 0 (a fresh dict without a path), broadcast to every rank: all ranks must then skip
+    the same finished cells, since each remaining cell runs collectives."""
+    results = load_results(path, header) if path and main else {"header": header, "cells": {}}
+    if torch.distributed.is_initialized():
+        box = [results]
+        torch.distributed.broadcast_object_list(box, src=0)
+        results = box[0]
+    return results
+
+
 class Progress:
     """A one-line text progress bar on stderr: `niah  12/36 [=====     ] 33% 0:41<1:22 acc=0.92`."""
 
@@ -410,7 +421,6 @@ def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch
     return logits.argmax(dim=-1).cpu()  # (A,)
 
 
-
 @torch.no_grad()
 def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
     """The MM-SP twin of `teacher_forced_argmax`: every rank of the SP group holds the same h (1, T, C).
@@ -434,6 +444,7 @@ def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layo
         pred[mine] = model.llm.output(hidden[0, rows]).argmax(dim=-1)  # (A_mine, V) -> (A_mine,)
     torch.distributed.all_reduce(pred, group=layout.sp_group)  # (A,) every prediction from its owner
     return pred.cpu()
+
 
 def answer_span(input_ids, labels, special_ids) -> tuple:
     """(positions, ids) of the answer tokens of a built conversation: supervised labels minus control tokens.
@@ -543,13 +554,7 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
     header = {"task": "niah", "haystacks": names, "fps": fps,
               "needles": [[n["name"], n["question"], n["answer"]] for n in needles]}
     results_path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = {"header": header, "cells": {}}
-    if results_path and main:
-        results = load_results(results_path, header)
-    if torch.distributed.is_initialized():  # every rank must run the same remaining cells (collectives inside)
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=0)
-        results = box[0]
+    results = open_results(results_path, header, main)
     cells = results["cells"]
 
     def key(h, n, d):
@@ -705,11 +710,7 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=8, 
     header = {"task": "mcq", "questions": os.path.basename(str(questions_path)), "num_frames": num_frames,
               "prompt": mcq_prompt("{question}", ["{options}"])}
     path = os.path.join(out_dir, "mcq.json") if out_dir else None
-    results = load_results(path, header) if path and main else {"header": header, "cells": {}}
-    if torch.distributed.is_initialized():
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=0)
-        results = box[0]
+    results = open_results(path, header, main)
     rows = results["cells"]
     bar = Progress(len(items), "mcq", enabled=progress and main)
     for i, q in enumerate(items):
@@ -718,6 +719,9 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=8, 
             bar.update(1)
             continue
         video = q["video"] if os.path.isabs(q["video"]) else os.path.join(root, q["video"])
+        if not os.path.exists(video):
+            raise FileNotFoundError(f"{questions_path}: question {qid}: video {video} not found (paths are relative "
+                                    f"to --media_root, default the JSON's folder)")
         frames, tag = media_frames(video, num_frames=num_frames)
         text = f"{tag}\n" + mcq_prompt(q["question"], q["options"])
         reply = generate_reply(model, tokenizer, frames, text, layout, max_new_tokens)
@@ -752,11 +756,7 @@ def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, num_frames=N
     num_frames = num_frames if num_frames or fps else model.config.num_video_frames
     header = {"task": "caption", "prompt": prompt, "num_frames": num_frames, "fps": fps}
     path = os.path.join(out_dir, "captions.json") if out_dir else None
-    results = load_results(path, header) if path and main else {"header": header, "cells": {}}
-    if torch.distributed.is_initialized():
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=0)
-        results = box[0]
+    results = open_results(path, header, main)
     out = out if out is not None else sys.stdout
     for p in paths:
         name = os.path.basename(p)
@@ -827,11 +827,7 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
     depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
     header = {"task": "passkey", "style": style, "trials": trials, "seed": seed, "filler": bool(filler)}
     path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = load_results(path, header) if path and main else {"header": header, "cells": {}}
-    if torch.distributed.is_initialized():
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=0)
-        results = box[0]
+    results = open_results(path, header, main)
     cells = results["cells"]
     bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
     for L in lengths:

@@ -223,7 +223,7 @@ def tiny_ckpt(tmp_path_factory):
 
 def _niah_inputs():
     rng = np.random.default_rng(0)
-    hay = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(2)]  # (F, H, W, 3) x 2
+    hay = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)]  # one haystack (F, H, W, 3)
     needles = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "question": q, "answer": a}
                for q, a in (("What color is the needle?", "red"), ("What shape is it?", "big blue square"))]
     return hay, needles
