@@ -184,8 +184,9 @@ def _video_sample(model, n_frames=5, seed=0, supervise=(None, None)):
     return input_ids, [frames], labels
 
 
-def _model_worker(rank, world, sp, ring, batch2=False):
+def _model_worker(rank, world, sp, ring, batch2=False, checkpointing=False):
     model = _tiny_model()
+    model.set_grad_checkpointing(checkpointing)   # recomputation re-runs the ring/Ulysses forward in backward
     input_ids, images, labels = _video_sample(model)
     if batch2:   # two samples of one length; the frame split crosses the sample boundary
         ids2, images2, labels2 = _video_sample(model, seed=5)
@@ -221,6 +222,12 @@ def test_sp_forward_backward_equals_single_process(sp, ring):
         bad = {n: e for n, e in errs.items() if e > 1e-5}
         assert not bad, f"rank {rank}: relative gradient error > 1e-5: {bad}"
         assert len(errs) > 0
+
+
+def test_sp_forward_with_gradient_checkpointing():
+    for rank, (ref, got, errs) in enumerate(run_workers(_model_worker, 4, (4, 2, False, True))):
+        assert abs(got - ref) <= 1e-5 * abs(ref), (rank, got, ref)
+        assert max(errs.values()) <= 1e-5, f"rank {rank}: {max(errs.items(), key=lambda x: x[1])}"
 
 
 def test_sp_forward_batch_of_two_samples():
