@@ -400,9 +400,13 @@ def test_presets_have_the_published_sizes():
     counts = {"longvila-8b": 8_030_261_248, "longvila-7b": 7_615_616_512, "longvila-1.5b": 1_543_714_304}
     for name, n in counts.items():
         with torch.device("meta"):
-            m = LongVILA(lv.PRESETS[name])
-        assert sum(p.numel() for p in m.llm.parameters()) == n, name  # parameters() counts a tied weight once
-        assert m.config.tokens_per_frame == 196 and m.config.vision.num_patches == 729
+            llm = lv.Transformer(lv.PRESETS[name].llm)
+        assert sum(p.numel() for p in llm.parameters()) == n, name  # parameters() counts a tied weight once
+        assert lv.PRESETS[name].tokens_per_frame == 196 and lv.PRESETS[name].vision.num_patches == 729
+    with torch.device("meta"):
+        vision = lv.VisionTower(lv.PRESETS["longvila-8b"].vision)
+    # SigLIP so400m/14-384 vision transformer without its pooling head: 413.0M, as HF SiglipVisionModel(vision_use_head=False) (26 of 27 layers run)
+    assert sum(p.numel() for p in vision.parameters()) == 412_987_248
     assert lv.PRESETS["tiny"].tokens_per_frame == 4 and lv.PRESETS["longvila-7b"].chat_template == "chatml"
     with pytest.raises(ValueError, match="n_kv_heads"):
         lv.LLMConfig(dim=3584, n_heads=28, n_kv_heads=8)
