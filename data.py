@@ -739,7 +739,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     Too long (> max_len tokens): first drop video frames, keeping the uniform spread over the video; if text alone
     is still too long, truncate the end with a warning (never inside a run of image slots; a sample left without
     supervised tokens is skipped). A missing or corrupt media file or malformed sample: a warning naming the
-    file/sample, `self.skipped += 1`, and the next sample is returned instead, so training goes on.
+    file/sample, `self.skipped += 1` (and the reason in self.skipped_files), and the next sample is returned
+    instead, so training goes on. The counters live in the process that builds the item (DataLoader workers
+    keep their own).
     """
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
