@@ -960,19 +960,24 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=
     missing = [k for k in expected if k not in where and not (k == "llm.output.weight" and config.llm.tie_embeddings)]
     if missing:
         part, key = ours_to_hf(missing[0])
-        raise ValueError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. '{key}' in {part}/ "
+        index = os.path.join(path, part, "model.safetensors.index.json")
+        file = index if os.path.isfile(index) else os.path.join(path, part, "model.safetensors")
+        raise ValueError(f"{file}: checkpoint is missing {len(missing)} tensor(s), e.g. '{key}' "
                          f"(our {missing[0]}, shape {tuple(expected[missing[0]])})")
-    tensors = {}
     by_file = {}
     for ours, (file, key) in where.items():
         by_file.setdefault(file, []).append((ours, key))
-    for file, items in by_file.items():
+    for file, items in by_file.items():  # all shapes first (headers only): a bad 8B folder fails in a second
         with safe_open(file, "pt") as f:
             for ours, key in items:
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(expected[ours]):
                     raise ValueError(f"{file}: tensor '{key}' has shape {shape} but the config expects "
                                      f"{tuple(expected[ours])} (for {ours})")
+    tensors = {}
+    for file, items in by_file.items():
+        with safe_open(file, "pt") as f:
+            for ours, key in items:
                 t = f.get_tensor(key)
                 tensors[ours] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
                                      else t.dtype)
