@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import FILLER, Tokenizer, build_conversation, load_image, mcq_prompt, preprocess, read_video
+from data import FILLER, Tokenizer, VideoFile, build_conversation, load_image, mcq_prompt, preprocess, read_video
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, LongVILA
 from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,
                   padded_length, token_owner)
@@ -520,6 +520,16 @@ def list_videos(path) -> list:
     return [str(path)]
 
 
+def read_haystack(path: str, fps: float, max_frames: int) -> np.ndarray:
+    """The FIRST max_frames frames of a video sampled at `fps` (one every 1/fps seconds): uint8 (F, H, W, 3).
+    Only those frames are decoded, so a long haystack video costs what the grid uses."""
+    with VideoFile(path) as video:
+        idx = video.indices(None, fps)[:max_frames]  # (F,) frame indices at t = 0, 1/fps, 2/fps, ...
+        if len(idx) == 0:
+            raise ValueError(f"haystack {path}: no frames at {fps} fps")
+        return video.get(idx)  # (F, H, W, 3)
+
+
 @torch.no_grad()
 def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
              layout=None, out_dir=None, fps: float = 1.0, vision_batch: int = 32, title: str = "",
@@ -570,7 +580,7 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
         bar.update(len(frame_counts) * len(depths) - len(todo))
         if not todo:
             continue
-        frames = read_video(src, fps=fps)[0] if isinstance(src, str) else src
+        frames = read_haystack(src, fps, frame_counts[-1]) if isinstance(src, str) else src  # (F, H, W, 3)
         if len(frames) < frame_counts[-1]:
             raise ValueError(f"haystack {names[h]}: {len(frames)} frames at {fps} fps, but the grid needs "
                              f"{frame_counts[-1]} (lower --frame_counts or use a longer video)")
@@ -903,7 +913,9 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
 # -----------------------------------------------------------------------------
 # timing of one long-video question: vision, prefill (+ MFU), decode, memory
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+# dense bf16 peaks (NVIDIA datasheets), matched against torch.cuda.get_device_name in this order (specific first)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
+                    "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
 
 
 def _linear_weights(module) -> int:
