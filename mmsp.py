@@ -233,15 +233,19 @@ def _wait(reqs):
 
 
 def merge_attention(out, lse, out_b, lse_b):
-    """Merge block b into the running (out, lse); all fp32. out (B,Tq,H,D), lse (B,H,Tq).
+    """Merge block b into the running (out, lse) IN PLACE (views of a larger buffer work); all fp32.
+    out (B,Tq,H,D), lse (B,H,Tq); returns (out, lse).
 
     Exact: out_new = (e^lse out + e^lse_b out_b) / (e^lse + e^lse_b), lse_new = log(e^lse + e^lse_b).
     Stable form without exp overflow (ring-flash-attention):
-        out_new = out - sigmoid(lse_b - lse) * (out - out_b)
+        out_new = out - sigmoid(lse_b - lse) * (out - out_b)      = lerp(out, out_b, sigmoid(lse_b - lse))
         lse_new = lse - logsigmoid(lse - lse_b)
+    lerp_ is one fused pass over out (the merge is memory-bound: (T/ring, H, D) fp32 per ring step).
     A fully masked row of block b (lse_b = -inf) leaves (out, lse) unchanged; `lse` must be finite."""
     w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)   # (B,H,Tq) -> (B,Tq,H,1)
-    return out - w * (out - out_b), lse - F.logsigmoid(lse - lse_b)
+    out.lerp_(out_b, w)                                            # (B, Tq, H, D)
+    lse.sub_(F.logsigmoid(lse - lse_b))                            # (B, H, Tq)
+    return out, lse
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +296,7 @@ class RingAttention(torch.autograd.Function):
                 if out is None:                                    # step 0 is the diagonal: every row is set
                     out, lse = out_b.float(), lse_b.float()        # (B, Tl, H, D), (B, H, Tl) fp32
                 else:
-                    out[:, qs], lse[:, :, qs] = merge_attention(out[:, qs], lse[:, :, qs], out_b.float(), lse_b)
+                    merge_attention(out[:, qs], lse[:, :, qs], out_b.float(), lse_b.float())   # in place
             if step + 1 < R:
                 _wait(reqs)
                 kv = kv_next

@@ -144,8 +144,14 @@ def test_merge_attention_equals_joint_softmax():
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v))
     torch.testing.assert_close(lse, s.logsumexp(-1))
     # a fully masked block (lse -inf) changes nothing
-    out2, lse2 = mmsp.merge_attention(out, lse, torch.zeros_like(out), torch.full_like(lse, float("-inf")))
+    out2, lse2 = mmsp.merge_attention(out.clone(), lse.clone(), torch.zeros_like(out),
+                                      torch.full_like(lse, float("-inf")))
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    # in place on views: merging into rows 1..2 of a buffer leaves row 0 alone
+    buf, lbuf = torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)
+    mmsp.merge_attention(buf[:, 1:], lbuf[:, :, 1:], torch.ones(1, 2, 2, 4), torch.zeros(1, 2, 2))
+    assert buf[:, 0].abs().max() == 0 and torch.allclose(buf[:, 1:], torch.full((1, 2, 2, 4), 0.5))
+    assert torch.allclose(lbuf[:, :, 1:], torch.full((1, 2, 2), math.log(2.0)))
 
 
 # -----------------------------------------------------------------------------
