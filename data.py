@@ -830,6 +830,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if kind == "video":
                     obj[0].close()
         images = torch.cat(pixels) if pixels else None  # (F_total, 3, S, S)
+        n_slots = sum(1 for x in ids if x == IMAGE_TOKEN_ID)
+        if n_slots != (0 if images is None else len(images)) * self.tokens_per_frame:  # the model's embed contract
+            raise ValueError(f"sample {sid}: {n_slots} image slots for {0 if images is None else len(images)} frames")
         return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "images": images}
 
