@@ -1074,13 +1074,18 @@ def main(argv=None):
                    help="also run the forward with torch SDPA attention and print the largest logit difference")
     g.add_argument("--bench-steps", type=int, default=0, help="time this many text training steps (after 2 warm-up)")
     g.add_argument("--seq-len", type=int, default=4096, help="tokens per benchmark step (batch 1)")
+    g.add_argument("--grad-ckpt", action="store_true", help="recompute blocks in backward (long benchmark steps)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16: 989)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: an 8B model never exists in fp32
     with torch.device(args.device):
-        model = LongVILA(cfg).to(dtype)
+        model = LongVILA(cfg)
+    torch.set_default_dtype(default_dtype)
+    model.set_grad_checkpointing(args.grad_ckpt)
     print(f"preset {args.preset}: vision {_count(model.vision) / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
           f"{cfg.vision.layers} layers), projector {_count(model.projector) / 1e6:.2f}M, "
           f"llm {_count(model.llm) / 1e6:.2f}M, total {_count(model) / 1e6:.2f}M parameters")
