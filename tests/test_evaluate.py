@@ -336,3 +336,31 @@ def test_task_passkey_and_ppl_cli(tiny_ckpt, demo, tmp_path, capsys):
     assert r["windows"] == 3 and r["tokens"] == 3 * 63 and r["ppl"] == pytest.approx(np.exp(r["nll"]))
     assert 0.5 * 1024 < r["ppl"] < 2 * 1024  # a random tiny model is about as unsure as the vocabulary is large
     assert "ppl:" in capsys.readouterr().out
+
+
+def test_prefill_flops_formula_counts_every_matmul():
+    """llm_forward_flops (the MFU numerator) against torch's FLOP counter on a real forward of the tiny model.
+
+    Attention runs as explicit matmuls over the full T x T score matrix (the counter sees them; the formula's
+    causal half is swapped for the full square), so every FLOP of the blocks and the last token's head is counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longvila import PRESETS, LongVILA
+
+    torch.manual_seed(0)
+    model = LongVILA(PRESETS["tiny"]).eval()
+    c, T = model.config.llm, 48
+
+    def dense_attn(q, k, v, layer_idx):  # (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)  # (B,H,T,D)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # (B, H, T, T)
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)  # (B, T, H, D)
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hidden = model.forward_embeds(torch.randn(1, T, c.dim), torch.arange(T)[None], attn=dense_attn)
+        model.llm.output(hidden[:, -1])
+    causal, full = 2.0 * c.n_layers * c.dim * T * T, 4.0 * c.n_layers * c.dim * T * T
+    assert counter.get_total_flops() == ev.llm_forward_flops(model, T) - causal + full
