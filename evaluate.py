@@ -376,7 +376,8 @@ def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> 
     per = -(-F // sp)  # frames per rank, rounded up
     pad = frames[-1:].expand(per * sp - F, *frames.shape[1:])  # (per*sp - F, 3, S, S) dummy frames, dropped below
     mine = torch.cat([frames, pad], dim=0)[layout.sp_rank * per:(layout.sp_rank + 1) * per]  # (per, 3, S, S)
-    local = torch.cat([model.encode_images(mine[i:i + batch].to(device, dtype)) for i in range(0, per, batch)])
+    local = torch.cat([model.encode_images(mine[i:i + batch].to(device, dtype))
+                       for i in range(0, per, batch)])  # (per, N, C)
     parts = [torch.empty_like(local) for _ in range(sp)]  # sp x (per, N, C)
     torch.distributed.all_gather(parts, local.contiguous(), group=layout.sp_group)
     return torch.cat(parts, dim=0)[:F]  # (sp*per, N, C) -> (F, N, C)
@@ -394,7 +395,7 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
     slots = ids == IMAGE_TOKEN_ID  # (T,)
     h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the -200 slots get a dummy row, overwritten below
     n = int(slots.sum())
-    m = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]
+    m = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]  # (F, N, C) -> F*N rows
     if n != m:
         raise ValueError(f"the prompt has {n} visual-token slots but {m} visual feature rows were given")
     if n:
@@ -570,9 +571,8 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
     def key(h, n, d):
         return f"{names[h]}|frames={n}|depth={d:g}"
 
-    # each needle's features once: (K, N, C)
-    needle_feats = encode_frames(model, torch.cat([_frames_tensor(n["image"][None], size) for n in needles]),
-                                 layout, vision_batch)
+    needle_pixels = torch.cat([_frames_tensor(n["image"][None], size) for n in needles])  # (K, 3, S, S)
+    needle_feats = encode_frames(model, needle_pixels, layout, vision_batch)  # (K, N, C): each needle once
     bar = Progress(len(sources) * len(frame_counts) * len(depths), "niah", enabled=progress and main)
     done = [v["correct"] for v in cells.values()]
     for h, src in enumerate(sources):
@@ -636,7 +636,7 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
 def media_frames(path: str, num_frames=None, fps=None):
     """(uint8 frames (F, H, W, 3), placeholder) of a video file ("<video>") or an image file ("<image>")."""
     if path.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
-        return load_image(path)[None], "<image>"
+        return load_image(path)[None], "<image>"  # (1, H, W, 3)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such video or image file")
     return read_video(path, num_frames=num_frames, fps=fps)[0], "<video>"
@@ -1007,7 +1007,7 @@ def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> d
     prefill_s = max(ttft - vision_s, 1e-9)
     n_dec = len(printer.times) - 1
     decode_tps = n_dec / (printer.times[-1] - printer.times[0]) if n_dec > 0 else float("nan")
-    mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],
+    mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
                        dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
