@@ -236,10 +236,10 @@ if HAS_TRITON:
             v_ptrs += BLOCK_N * svt
         return acc, l_i, m_i
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
     def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY,
+                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY, TMA_OK,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
@@ -356,11 +356,11 @@ if HAS_TRITON:
             do_ptrs += BLOCK_M * sdt
         return dk, dv
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd,
                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
+                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -449,10 +449,10 @@ if HAS_TRITON:
             v_ptrs += BLOCK_N * svt
         return dq
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
     def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, Kd, Vd,
                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
-                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY,
+                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
@@ -513,16 +513,24 @@ if HAS_TRITON:
               "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
 
     def _cfgs(name, choices):
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_HOOKS[name])
-                for bm, bn, w, s in choices]
+        # every tile shape twice: TMA descriptor loads and plain pointer loads; the timings decide
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+                              pre_hook=_HOOKS[name]) for bm, bn, w, s in choices for tma in (True, False)]
 
-    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "USE_TMA"]
-    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
-                                               (128, 128, 8, 2), (128, 128, 8, 3)]), key=_TUNE_KEY)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2),
-                                                 (32, 128, 8, 3), (64, 64, 8, 3)]), key=_TUNE_KEY)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
-                                             (128, 128, 8, 2)]), key=_TUNE_KEY)(_bwd_dq_kernel)
+    def _prune(configs, named_args, **kwargs):
+        """Without descriptors (TMA_OK == 0) only the pointer-load configs can run."""
+        return [c for c in configs if named_args["TMA_OK"] or not c.kwargs["USE_TMA"]]
+
+    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "TMA_OK"]
+    _PRUNE = {"early_config_prune": _prune}
+    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                                               (256, 64, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3)]),
+                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3),
+                                                 (64, 128, 8, 4)]),
+                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]),
+                                key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
     "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
@@ -538,15 +546,15 @@ def _bucket(n):
     return min(1 << max(0, int(n) - 1).bit_length(), 16384)
 
 
-def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk):
-    """Run `tuned` (autotuned) on large problems, else `raw` with the fixed config."""
+def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
+    """Run `tuned` (autotuned, TMA or not) on large problems, else `raw` with the fixed config."""
     if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK:
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     bm, bn, w, s = (_FIXED_INTERPRET if _INTERPRET else _FIXED)[name]
     nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
     _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
-    raw[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def _dev(x):
@@ -591,16 +599,17 @@ def _desc(x):
     return TensorDescriptor(x, shape=[B * T, Hx * D], strides=[x.stride(1), 1], block_shape=[16, D])
 
 
-def _triton_consts(q, D, causal, tma):
+def _triton_consts(q, D, causal):
     block_d = max(16, triton.next_power_of_2(D))
     if D > 128:
         raise ValueError(f"kernels: the triton backend supports head dims up to 128, got {D}; use backend='torch'")
     return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), UPCAST=_INTERPRET,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(tma))
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=None):
-    """tma: None -> use TMA descriptors where _tma_ok; True/False force (tests run both in the interpreter)."""
+    """tma: None -> pass TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel);
+    True/False force (tests run both paths in the interpreter)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
@@ -611,14 +620,15 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
     if Tk == 0:  # nothing to attend to: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
     tma = _tma_ok(D, q, k, v) if tma is None else tma
-    consts = _triton_consts(q, D, causal, tma)
+    consts = _triton_consts(q, D, causal)
     descs = (_desc(q), _desc(k), _desc(v)) if tma else (q, k, v)
     args = (q, k, v, out, lse) + descs + (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk))
+        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
     with _dev(q):
-        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk)
+        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk,
+                tma)
     return out, lse
 
 
@@ -636,7 +646,7 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
     tma = _tma_ok(D, q, k, v, dout) if tma is None else tma
-    consts = _triton_consts(q, D, causal, tma)
+    consts = _triton_consts(q, D, causal)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     with _dev(q):
@@ -646,14 +656,14 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
             dout.stride(2), Tq, H, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_m)
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-        tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk))
+        tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
         _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
                 (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
                 + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
-                consts, Tq, Tk)
+                consts, Tq, Tk, tma)
         _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
-                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk)
+                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk, tma)
     return dq, dk, dv
 
 # -----------------------------------------------------------------------------
