@@ -52,10 +52,13 @@ def rel(a, b):
 
 
 def tol(backend, dtype, tight):
-    """fp32 arithmetic (torch twin, interpreter, fp32 inputs) -> tight; compiled GPU kernels with 16-bit operands
-    in the matrix products (P and dS rounded to bf16/fp16 as in every flash attention) -> 2e-2 / 5e-2."""
-    if backend == "torch" or kernels._INTERPRET or DEVICE == "cpu" or dtype == torch.float32:
+    """fp32 arithmetic (torch twin, interpreter) -> tight; compiled fp32 (tf32x3) -> 10x tight; compiled GPU kernels
+    with 16-bit operands in the matrix products (P and dS rounded to bf16/fp16 as in every flash attention) -> 2e-2 /
+    5e-2."""
+    if backend == "torch" or kernels._INTERPRET or DEVICE == "cpu":
         return tight
+    if dtype == torch.float32:  # compiled fp32: tf32x3 tensor-core products
+        return tight * 10
     return 2e-2 if tight <= 1e-5 else 5e-2
 
 
@@ -236,7 +239,8 @@ def test_gpu_real_size_error_vs_sdpa(Hkv):
     G = H // Hkv
 
     def sdpa(q, k, v):  # (B, T, H, D) layout in and out; KV repeated for GQA
-        qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2)
+        qt = q.transpose(1, 2)                                      # (B, H, T, D)
+        kt, vt = (x.repeat_interleave(G, 2).transpose(1, 2) for x in (k, v))  # (B, Hkv, T, D) -> (B, H, T, D)
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
 
     def run(fn, dtype):
