@@ -112,6 +112,10 @@ class StagePreset:
 
 
 STAGES = {
+    # Stage 0 is not LongVILA's: the reference starts from a pretrained LLM (Llama-3 / Qwen2). A model that starts
+    # from random weights (the tiny demo) first learns the language of its data: the LLM alone on the text of the
+    # conversations (media removed). `--stage all` runs it only when there is no --init_from.
+    0: StagePreset("llm-text-warmup", False, False, True, lr=1e-3, schedule="cosine", warmup=0.03, data_kind="text"),
     1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, data_kind="caption"),
     2: StagePreset("pretraining", False, True, True, lr=5e-5, schedule="cosine", warmup=0.03, data_kind="caption"),
     3: StagePreset("short-sft", True, True, True, lr=1e-4, schedule="cosine", warmup=0.03, data_kind="short_sft"),
@@ -124,11 +128,12 @@ STAGES = {
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
 # far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
 TINY_DEMO = {
-    1: dict(lr=3e-3, steps=60, global_batch=8, seq_len=512),
+    0: dict(lr=3e-3, steps=80, global_batch=16, seq_len=512),
+    1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512),
     2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
-    3: dict(lr=1e-3, steps=80, global_batch=8, seq_len=512),
-    4: dict(lr=1e-3, steps=20, global_batch=4, seq_len=1024, trained_len=512),
-    5: dict(lr=1e-3, steps=120, global_batch=8, seq_len=1024, num_frames=32),
+    3: dict(lr=2e-3, steps=120, global_batch=8, seq_len=512),
+    4: dict(lr=1e-3, steps=15, global_batch=2, seq_len=1024, trained_len=512),
+    5: dict(lr=2e-3, steps=120, global_batch=8, seq_len=1024, num_frames=32),
 }
 
 
@@ -475,6 +480,7 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
 
 # The demo folder's files per stage (see data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
 DEMO_FILES = {
+    0: [("stage1.json", 1.0), ("stage2.json", 0.5), ("stage3.json", 1.0), ("stage5.json", 1.0)],  # text only
     1: [("stage1.json", 1.0)],
     2: [("stage2.json", 1.0)],
     3: [("stage3.json", 1.0)],
@@ -500,16 +506,66 @@ def parse_data(spec: str, stage: int) -> tuple[list, str]:
     return files, os.path.dirname(os.path.abspath(files[0][0]))
 
 
+class SyntheticVideoDataset:
+    """`--data synthetic`: random long-video samples of exactly the shape of real ones, for throughput runs of large
+    models without data on disk. Sample i (seeded by i): 16 text tokens, num_frames x (N placeholders + newline),
+    16 question tokens, 32 supervised answer tokens; pixels uniform in [-1, 1] (the range after preprocessing)."""
+
+    def __init__(self, num_frames: int, tokens_per_frame: int, image_size: int, vocab_size: int, n: int = 4):
+        self.F, self.N, self.S, self.V, self.n = num_frames, tokens_per_frame, image_size, vocab_size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        import longvila
+
+        g = torch.Generator().manual_seed(i)
+        text = lambda k: torch.randint(0, self.V, (k,), generator=g)  # noqa: E731  (k,) random token ids
+        frame = torch.cat([torch.full((self.N,), longvila.IMAGE_TOKEN_ID), text(1)])  # (N + 1,) one frame's slots
+        answer = text(32)
+        ids = torch.cat([text(16), frame.repeat(self.F), text(16), answer])  # (T,)
+        labels = torch.full_like(ids, longvila.IGNORE_INDEX)
+        labels[-answer.numel():] = answer  # (T,) the answer is supervised
+        images = torch.rand(self.F, 3, self.S, self.S, generator=g) * 2 - 1  # (F, 3, S, S)
+        return {"id": f"synthetic-{i}", "input_ids": ids, "labels": labels, "images": images}
+
+
 def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | None = None):
     """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise."""
     import data
 
+    if cfg.data == "synthetic":
+        return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
+                                     model_config.vision.image_size, model_config.llm.vocab_size)
+
     files, default_root = parse_data(cfg.data, cfg.stage)
     if cfg.stage == 4:
         return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
+    if cfg.stage == 0:
+        files = [(text_only_copy(path, cfg.out), w) for path, w in files]
     frames = cfg.num_frames or model_config.num_video_frames
     return data.SupervisedDataset(files, media_root or default_root, tokenizer, model_config.vision.image_size,
                                   model_config.tokens_per_frame, frames, cfg.seq_len, seed=cfg.seed)
+
+
+def text_only_copy(path: str, out: str) -> str:
+    """Stage 0's data: a copy of a conversation file without media (no image/video keys, no <image>/<video>)."""
+    with open(path) as f:
+        samples = json.load(f)
+    for s in samples:
+        s.pop("image", None)
+        s.pop("video", None)
+        for turn in s["conversations"]:
+            for marker in ("<image>\n", "<video>\n", "<image>", "<video>"):
+                turn["value"] = turn["value"].replace(marker, "")
+    dst = os.path.join(out, "text_only_" + os.path.basename(path))
+    os.makedirs(out, exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
+    with open(tmp, "w") as f:
+        json.dump(samples, f)
+    os.replace(tmp, dst)
+    return dst
 
 
 class ItemCache:
@@ -679,14 +735,14 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     # --- data ---
     dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
     cache = ItemCache(dataset, cfg.cache_data)
-    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch)
-    sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed, batch_size=cfg.global_batch // layout.dp)
     if cfg.global_batch % (layout.dp * cfg.micro_batch):
         raise ValueError(f"--global_batch {cfg.global_batch} must be a multiple of dp ({layout.dp}) x "
                          f"--micro_batch ({cfg.micro_batch})")
     if layout.sp > 1 and cfg.micro_batch != 1:
         raise ValueError("with --sp > 1 every SP group reads one sample at a time: use --micro_batch 1")
 
+    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch)
+    sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed, batch_size=cfg.global_batch // layout.dp)
     # --- resume ---
     start = 0
     if cfg.resume:
@@ -730,7 +786,7 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
-            msg = (f"stage {cfg.stage} step {step}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
+            msg = (f"stage {cfg.stage} step {step + 1}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
                    f"(lr {lr:.2e})")
             if not cfg.skip_nonfinite:
                 raise NonFiniteLoss(msg + "; stopping (the last checkpoint is intact; lower --lr or pass "
@@ -779,12 +835,15 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 # command line: flags grouped by topic; --stage picks the defaults, explicit flags win
 
 HELP = {
-    "stage": "1..5, a range like 2-5, or all (= 1-5): the stages run in order, each from the last one's model",
+    "stage": "1..5, a range like 2-5, or all: the stages run in order, each from the last one's model; all = 1-5, "
+             "or 0-5 without --init_from (stage 0: the LLM alone learns the data's text, standing in for the "
+             "pretrained LLM the reference starts from)",
     "model": "longvila.PRESETS name for a random init (tiny | bench-1b | longvila-8b | longvila-7b | longvila-1.5b)",
     "init_from": "VILA-layout folder to start from, or none (random --model); default: stage 1 none, stage N "
                  "<out>/stage{N-1}/model",
     "out": "root of the run: stage N writes <out>/stage<N>/ (config.json, metrics.jsonl, checkpoints/, model/)",
-    "data": "the demo folder (generated if missing), or files `a.json:1.0,b.json:0.5` (stage 4: a .txt/.jsonl/.bin)",
+    "data": "the demo folder (generated if missing), files `a.json:1.0,b.json:0.5` (stage 4: a .txt/.jsonl/.bin), "
+            "or synthetic (random video samples of --num_frames frames: throughput runs)",
     "num_frames": "frames per video (0: the model config's num_video_frames)",
     "seq_len": "max tokens per sample; stage 4: the context window it extends to",
     "media_root": "folder the media paths of the data files are relative to (default: the first file's folder)",
@@ -825,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  argument_default=argparse.SUPPRESS)  # absent flags stay absent: presets fill them
     ap.add_argument("--eval", choices=["auto", "niah", "none"], default="auto",
                     help="after stage 5: needle-in-a-haystack on the demo's held-out videos (auto: with demo data)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads per process (0: torch's default; 1 is fastest on a busy machine)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for title, names in GROUPS.items():
         g = ap.add_argument_group(title)
@@ -843,13 +904,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse_stages(text: str) -> list[int]:
+def parse_stages(text: str, from_scratch: bool = False) -> list[int]:
+    """`all` = 1-5, or 0-5 when the chain starts from random weights (stage 0 teaches the LLM its language)."""
     if text == "all":
-        return [1, 2, 3, 4, 5]
+        return [0, 1, 2, 3, 4, 5] if from_scratch else [1, 2, 3, 4, 5]
     lo, _, hi = text.partition("-")
     stages = list(range(int(lo), int(hi or lo) + 1))
-    if not stages or stages[0] < 1 or stages[-1] > 5:
-        raise ValueError(f"--stage {text!r}: expected 1..5, a range like 2-5, or all")
+    if not stages or stages[0] < 0 or stages[-1] > 5:
+        raise ValueError(f"--stage {text!r}: expected 0..5, a range like 2-5, or all")
     return stages
 
 
@@ -862,7 +924,8 @@ def resolve(stage: int, flags: dict) -> TrainConfig:
     root = flags.get("out", "runs/demo")
     values["out"] = os.path.join(root, f"stage{stage}")
     if "init_from" not in flags or flags["init_from"] == "auto":
-        values["init_from"] = "none" if stage == 1 else os.path.join(root, f"stage{stage - 1}", "model")
+        prev = os.path.join(root, f"stage{stage - 1}", "model")
+        values["init_from"] = "none" if stage == 0 or (stage == 1 and not os.path.isdir(prev)) else prev
     return TrainConfig(**values)
 
 
@@ -894,18 +957,20 @@ def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> floa
 def main(argv=None):
     args = vars(build_parser().parse_args(argv))
     eval_mode = args.pop("eval")
-    stages = parse_stages(args.pop("stage", "all"))
+    threads = args.pop("threads")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    stages = parse_stages(args.pop("stage", "all"), from_scratch=args.get("init_from", "none") == "none")
     import mmsp
 
     info = mmsp.init_distributed()
-    torch.set_num_threads(max(1, torch.get_num_threads())) if info.world_size == 1 else None
     layouts = {}
     model_dir = None
     for stage in stages:
         cfg = resolve(stage, args)
-        if cfg.model == "tiny" and "cache_data" not in args:
+        if (cfg.model == "tiny" or cfg.data == "synthetic") and "cache_data" not in args:
             cfg.cache_data = True
-        if "," not in cfg.data and not os.path.splitext(cfg.data)[1]:  # a folder: the demo layout
+        if cfg.data != "synthetic" and "," not in cfg.data and not os.path.splitext(cfg.data)[1]:  # demo folder
             ensure_demo_data(cfg.data, info.rank, info.world_size)
         key = (cfg.sp, cfg.ring)
         if key not in layouts:

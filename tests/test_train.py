@@ -1,0 +1,253 @@
+"""train.py: the curriculum's module freezing, sequence-parallel training equal to one process, exact resume after
+kill -9, checkpoints readable by any number of processes, schedules, and the non-finite-loss stop.
+
+    python -m pytest -q tests/test_train.py --durations=0
+
+All runs use a small demo data set (data.make_demo with a few dozen samples) and the `tiny` preset in fp32.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import longvila
+import train
+from helpers import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # same threads everywhere: bitwise repeatable
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("demo"))
+    data.make_demo(path, data.DemoConfig(images=24, short_videos=12, long_videos=6, passkey_docs=12, val_images=2,
+                                         val_short_videos=2, val_long_videos=2, haystacks=1, mcq=2, caption_videos=1,
+                                         val_passkey_docs=2))
+    return path
+
+
+def weights(folder: str) -> dict:
+    return {k: v.float() for k, v in longvila.LongVILA.from_pretrained(folder).state_dict().items()}
+
+
+def metrics(run: str) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_train(args: list, nproc: int = 1, timeout: float = 300):
+    """train.py in a fresh process (torchrun when nproc > 1); returns the completed process."""
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+         str(free_port()), "train.py"]
+    p = subprocess.run(cmd + args + ["--eval", "none"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd + args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+# -----------------------------------------------------------------------------
+# pure functions
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(lr=1e-3, schedule="cosine", warmup=0.1, steps=100, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # 10 warmup steps, linear
+    assert lrs[10] == pytest.approx(1e-3)  # the cosine starts at the peak ...
+    assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-2)  # ... is half-way at the middle ...
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)  # ... and ends at min_lr_ratio * lr
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    cfg = train.TrainConfig(lr=2e-5, schedule="constant", warmup=2, steps=50)  # stage 4
+    assert [train.lr_at(s, cfg) for s in (0, 1, 2, 49)] == pytest.approx([1e-5, 2e-5, 2e-5, 2e-5])
+
+
+def test_rope_theta_for_context():
+    # the reference's Qwen2 numbers (trained at 32k, theta 1e6) are the anchors
+    for target, theta in ((131072, 1.53e7), (262144, 2.07e8), (524288, 1.062e9)):
+        assert train.rope_theta_for_context(1e6, 32768, target) == pytest.approx(theta, rel=1e-6)
+    assert train.rope_theta_for_context(1e6, 32768, 32768) == 1e6  # never lowered
+    a, b, c = (train.rope_theta_for_context(5e5, 8192, n) for n in (16384, 65536, 262144))  # Llama-3, 8k
+    assert 5e5 < a < b < c
+
+
+def test_stage_presets_and_flag_precedence():
+    cfg = train.resolve(4, {"model": "longvila-8b", "out": "r"})
+    assert (cfg.train_vision, cfg.train_projector, cfg.train_llm) == (False, False, True)
+    assert (cfg.lr, cfg.schedule, cfg.warmup) == (2e-5, "constant", 2)
+    assert cfg.init_from == os.path.join("r", "stage3", "model") and cfg.out == os.path.join("r", "stage4")
+    assert train.parse_stages("all", from_scratch=True) == [0, 1, 2, 3, 4, 5]
+    cfg = train.resolve(5, {"model": "longvila-8b", "lr": 2e-5, "init_from": "x"})
+    assert cfg.grad_checkpointing and cfg.lr == 2e-5 and cfg.init_from == "x"  # flags beat the preset
+    assert train.resolve(1, {}).init_from == "none" and train.resolve(1, {}).lr == 3e-3  # tiny: the demo's tuning
+    assert train.parse_stages("all") == [1, 2, 3, 4, 5] and train.parse_stages("2-4") == [2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# the curriculum: each stage trains exactly its modules
+
+
+def test_each_stage_trains_exactly_its_modules(demo, tmp_path):
+    """`--stage all` from scratch = stages 0-5, 2 steps each; every stage's saved model is compared with the one it
+    started from: exactly the parameters of the stage's modules changed."""
+    out = str(tmp_path / "run")
+    train.main(["--stage", "all", "--data", demo, "--out", out, "--steps", "2", "--global_batch", "2",
+                "--num_frames", "4", "--seq_len", "256", "--eval", "none"])
+    torch.manual_seed(0)  # stage 0 starts from the seeded random init of the tiny preset
+    before = {k: v.float() for k, v in longvila.LongVILA(longvila.PRESETS["tiny"]).state_dict().items()}
+    n_used = longvila.PRESETS["tiny"].vision.n_used_layers
+    trains = {0: {"llm"}, 1: {"projector"}, 2: {"projector", "llm"}, 3: {"vision", "projector", "llm"}, 4: {"llm"},
+              5: {"vision", "projector", "llm"}}
+    for stage in range(0, 6):
+        after = weights(os.path.join(out, f"stage{stage}", "model"))
+        for name, w in after.items():
+            part = name.split(".")[0]
+            never = name.startswith("vision.post_norm") or any(
+                name.startswith(f"vision.layers.{i}.") for i in range(n_used, 100))  # after the selected layer
+            changed = not torch.equal(w, before[name])
+            assert changed == (part in trains[stage] and not never), \
+                f"stage {stage}: {name} {'changed' if changed else 'unchanged'}"
+        rows = metrics(os.path.join(out, f"stage{stage}"))
+        assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+        before = after
+    # stage 4 raised RoPE theta and wrote it into the model it saved (and stage 5 kept it)
+    for stage in (4, 5):
+        with open(os.path.join(out, f"stage{stage}", "model", "llm", "config.json")) as f:
+            assert json.load(f)["rope_theta"] > longvila.PRESETS["tiny"].llm.rope_theta
+    with open(os.path.join(out, "stage3", "model", "llm", "config.json")) as f:
+        assert json.load(f)["rope_theta"] == longvila.PRESETS["tiny"].llm.rope_theta
+    with open(os.path.join(out, "stage4", "config.json")) as f:
+        resolved = json.load(f)
+    assert resolved["schedule"] == "constant" and "rope_theta" in resolved["config_changes"]
+    assert os.path.isfile(os.path.join(out, "stage5", "model", "llm", "tokenizer.json"))
+
+
+# -----------------------------------------------------------------------------
+# sequence parallelism + FSDP2 on 4 gloo processes == one process on the same global batch
+
+
+@pytest.fixture(scope="module")
+def sp_runs(demo, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sp"))
+    common = ["--stage", "5", "--init_from", "none", "--data", demo, "--steps", "3", "--global_batch", "2",
+              "--num_frames", "8", "--lr", "1e-3"]
+    runs = {}
+    for name, nproc, extra in (("single", 1, []), ("sp2", 4, ["--sp", "2"]), ("sp4_ring2", 4, ["--sp", "4", "--ring", "2"])):
+        run_train(common + extra + ["--out", os.path.join(root, name)], nproc=nproc)
+        runs[name] = os.path.join(root, name, "stage5")
+    return runs
+
+
+@pytest.mark.parametrize("name", ["sp2", "sp4_ring2"])
+def test_sequence_parallel_matches_single_process(sp_runs, name):
+    """Same global batch (2 samples): one process accumulates 2 micro-batches; sp2 = dp 2 x ulysses 2; 2x2 = ring 2 x
+    ulysses 2 with 2 micro-batches. fp32 everywhere; only the order of floating-point sums differs (all-reduce /
+    reduce-scatter over ranks, ring LSE merges, chunked CE): ~1e-7 relative. Step 1 (no update yet) is held to
+    rtol 1e-5. AdamW's first updates move every parameter by ~lr whatever the gradient's size, so a gradient
+    coordinate near 0 whose sign flips under that noise moves its weight by ~2 lr: later steps get rtol 2e-3
+    (we saw up to 3e-4). A real mistake - a wrong normalisation, a lost shard, a missing all-reduce - changes step
+    1 by more than 1e-2."""
+    ref, got = metrics(sp_runs["single"]), metrics(sp_runs[name])
+    assert [r["step"] for r in got] == [1, 2, 3]
+    # step 1 is pure forward/backward math from the same weights: summation order only
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-5)
+    for a, b in zip(ref, got):  # after AdamW updates (see the docstring)
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3), (a, b)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    with open(os.path.join(sp_runs[name], "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["world_size"] == 4 and cfg["sp"] == int(name[2]) and cfg["grad_checkpointing"]
+
+
+def test_checkpoint_from_4_processes_loads_in_1(sp_runs):
+    """The model folder written by 4 FSDP ranks is a plain VILA checkpoint: one process loads it, and its weights
+    equal the single-process run's: all but a few coordinates to float noise (we see max 8e-6), and any to 2 lr x
+    3 steps (the sign-flip argument above). Mis-assembled shards would differ by the init scale (0.02) nearly
+    everywhere."""
+    ref = weights(os.path.join(sp_runs["single"], "model"))
+    got = weights(os.path.join(sp_runs["sp4_ring2"], "model"))
+    assert ref.keys() == got.keys()
+    diff = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
+    assert diff.max() < 6e-3 and (diff > 1e-5).float().mean() < 1e-3, (diff.max(), (diff > 1e-5).float().mean())
+    model = longvila.LongVILA.from_pretrained(os.path.join(sp_runs["sp4_ring2"], "model"))
+    ids = torch.randint(0, model.config.llm.vocab_size, (1, 12))
+    logits, _ = model(ids)
+    assert torch.isfinite(logits).all()
+
+
+# -----------------------------------------------------------------------------
+# kill -9, then --resume: bitwise the same weights as an uninterrupted run
+
+
+def test_kill_and_resume_is_exact(demo, tmp_path):
+    args = ["--stage", "3", "--init_from", "none", "--data", demo, "--steps", "8", "--global_batch", "2",
+            "--num_frames", "4", "--save_every", "2"]
+    full = str(tmp_path / "full")
+    run_train(args + ["--out", full])
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--out", killed, "--eval", "none"], cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(killed, "stage3", "checkpoints", "latest")
+    deadline = time.time() + 120
+    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-training, right after the first checkpoint was published
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "stage3", "model")), "the run finished before the kill"
+    with open(latest) as f:
+        resumed_from = int(f.read().strip().split("-")[1])
+    assert resumed_from < 8
+    run_train(args + ["--out", killed, "--resume"])
+    a, b = weights(os.path.join(full, "stage3", "model")), weights(os.path.join(killed, "stage3", "model"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume from step {resumed_from}"
+    steps = [r["step"] for r in metrics(os.path.join(killed, "stage3"))]
+    assert steps == list(range(1, 9)), steps  # the lines of redone steps were replaced, not duplicated
+    assert [r["loss"] for r in metrics(os.path.join(killed, "stage3"))] == \
+        [r["loss"] for r in metrics(os.path.join(full, "stage3"))]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
+    """A save killed before its rename leaves a .tmp folder that `latest` never names."""
+    root = tmp_path / "checkpoints"
+    (root / "step-000002").mkdir(parents=True)
+    (root / "step-000004.tmp").mkdir()
+    train.write_text_atomic(str(root / "latest"), "step-000002")
+    assert train.latest_checkpoint(str(tmp_path)) == str(root / "step-000002")
+    tmp = tmp_path / "new.tmp"
+    tmp.mkdir()
+    (tmp / "x").write_text("1")
+    train.publish_dir(str(tmp), str(root / "step-000002"))  # re-publishing a step replaces it whole
+    assert (root / "step-000002" / "x").read_text() == "1" and not tmp.exists()
+
+
+# -----------------------------------------------------------------------------
+# a NaN / inf loss stops the run naming the step, or skips the step with --skip_nonfinite
+
+
+def test_nonfinite_loss_stops_or_skips(demo, tmp_path, monkeypatch):
+    real = train.forward_backward
+    calls = []
+
+    def poisoned(*a, **k):
+        loss, tokens, lengths = real(*a, **k)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), tokens, lengths
+
+    monkeypatch.setattr(train, "forward_backward", poisoned)
+    args = ["--stage", "1", "--data", demo, "--steps", "3", "--global_batch", "2", "--eval", "none"]
+    with pytest.raises(train.NonFiniteLoss, match="step 2"):  # the second step
+        train.main(args + ["--out", str(tmp_path / "stop")])
+    calls.clear()
+    train.main(args + ["--out", str(tmp_path / "skip"), "--skip_nonfinite"])
+    rows = metrics(str(tmp_path / "skip" / "stage1"))
+    assert [r["skipped"] for r in rows] == [False, True, False]
