@@ -173,7 +173,8 @@ def _sp_add_args(p):
     g.add_argument("--small", action="store_true", help="tiny sizes (S=64,128, H=4, Hkv=2,4, D=16, fp32): a CPU/gloo "
                    "smoke run: torchrun --nproc_per_node 2 bench.py sp --device cpu --small")
     g.add_argument("--methods", default="1gpu-whole,1gpu-share,zigzag-ring,ring,ulysses,torch-cp-flash,"
-                   "torch-cp-cudnn", help="which rows to run")
+                   "torch-cp-cudnn", help="which rows to run; add '2d' for every ulysses x ring "
+                   "factorisation of the world size, or name one as 2d-UxR (e.g. 2d-2x2)")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--iters", type=int, default=5)
 
@@ -239,6 +240,16 @@ def _sp_run(args):
     layouts = {"zigzag-ring": mmsp.make_layout(sp=W, ring=W, backend=backend),
                "ring": mmsp.make_layout(sp=W, ring=W, backend=backend, zigzag=False),
                "ulysses": mmsp.make_layout(sp=W, ring=1, backend=backend)}
+    # 2D layouts "2d-UxR" (Ulysses U inside, zigzag ring R outside, U*R = W), asked for by name in --methods or
+    # all of them with "2d": e.g. at 4 GPUs 2d-2x2; at 8 GPUs 2d-4x2 and 2d-2x4 (8x1 = ulysses, 1x8 = zigzag-ring)
+    if "2d" in methods:
+        methods = [m for m in methods if m != "2d"] + [f"2d-{W // r}x{r}" for r in range(2, W) if W % r == 0]
+    for m in methods:
+        if m.startswith("2d-"):
+            u, r = (int(x) for x in m[3:].split("x"))
+            if u * r != W:
+                raise SystemExit(f"bench sp: layout {m} needs ulysses*ring = {u * r} processes, this run has {W}")
+            layouts[m] = mmsp.make_layout(sp=W, ring=r, backend=backend)
     mesh = None
     if cuda and W > 1 and any(m.startswith("torch-cp") for m in methods):
         from torch.distributed.device_mesh import init_device_mesh
@@ -283,7 +294,7 @@ def _sp_run(args):
                         emit(S, Hkv, method, 1, ms, f"{n} tokens", tokens=n)
                 elif method in layouts:
                     lay = layouts[method]
-                    if method == "ulysses" and (H % W or (Hkv % W and W % Hkv)):
+                    if method != "ring" and (H % lay.ulysses or (Hkv % lay.ulysses and lay.ulysses % Hkv)):
                         emit(S, Hkv, method, W, None, "n/a: heads do not split over ulysses")
                         continue
                     idx = mmsp.layout_indices(S, lay).to(device)                     # (S/W,)
