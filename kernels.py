@@ -524,9 +524,10 @@ if HAS_TRITON:
               "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
 
     def _cfgs(name, choices):
-        # every tile shape twice: TMA descriptor loads and plain pointer loads; the timings decide
+        # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of the H100 sweeps in bench.py
+        # (14 / 8 / 6 candidates per kernel in the last one); fewer configs = less compile time at the first call of a shape
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
-                              pre_hook=_HOOKS[name]) for bm, bn, w, s in choices for tma in (True, False)]
+                              pre_hook=_HOOKS[name]) for bm, bn, w, s, tma in choices]
 
     def _prune(configs, named_args, **kwargs):
         """Without descriptors (TMA_OK == 0) only the pointer-load configs can run."""
@@ -534,13 +535,13 @@ if HAS_TRITON:
 
     _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "TMA_OK"]
     _PRUNE = {"early_config_prune": _prune}
-    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                                               (256, 64, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3)]),
+    _fwd_tuned = triton.autotune(_cfgs("fwd", [(256, 64, 8, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
+                                               (128, 128, 8, 2, True), (128, 64, 8, 3, False)]),
                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3),
-                                                 (64, 128, 8, 4)]),
+    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 2, True),
+                                                 (32, 128, 8, 3, True), (32, 128, 8, 3, False)]),
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]),
+    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, False)]),
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
@@ -558,8 +559,9 @@ def _bucket(n):
 
 
 def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
-    """Run `tuned` (autotuned, TMA or not) on large problems, else `raw` with the fixed config."""
-    if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK:
+    """Run `tuned` (autotuned, TMA or not) on large 16-bit problems, else `raw` with the fixed config (fp32 inputs
+    too: the tuned tiles are sized for 16-bit data and would overflow shared memory in fp32)."""
+    if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK and consts["DOT_PREC"] != "tf32x3":
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     bm, bn, w, s = (_FIXED_INTERPRET if _INTERPRET else _FIXED)[name]
