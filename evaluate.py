@@ -1166,6 +1166,8 @@ def main(argv=None):
                 layout=layout, out_dir=args.out, max_new_tokens=args.max_new_tokens, progress=progress)
     elif args.task in ("caption", "ask"):
         prompt = args.prompt if args.task == "caption" else args.question
+        if not args.video and not args.random_frames:
+            raise ValueError(f"{args.task}: give --video (a file or folder) or --random_frames F")
         if args.random_frames or args.timing:
             n = args.random_frames or args.num_frames or model.config.num_video_frames
             frames = random_frames(n, model.config.vision.image_size, args.seed) if args.random_frames \
@@ -1181,8 +1183,6 @@ def main(argv=None):
                 if is_main(layout):
                     print("" if not args.no_stream else reply)
         else:
-            if not args.video:
-                raise ValueError(f"{args.task}: give --video (a file or folder) or --random_frames F")
             run_caption(model, tokenizer, args.video, prompt, num_frames=args.num_frames, fps=args.fps,
                         layout=layout, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                         stream=not args.no_stream)
