@@ -20,7 +20,8 @@ Public API (SPEC.md):
     load_image(path) -> uint8 np (H,W,3)
     preprocess(frames uint8 (F,H,W,3), image_size) -> float32 torch (F,3,S,S)
     SupervisedDataset(files_with_weights, media_root, tokenizer, image_size, tokens_per_frame, num_frames,
-                      max_len, fps=None, seed=0, video_backend=None)   # stages 1, 2, 3, 5; item: {"id", "input_ids", "labels", "images"}
+                      max_len, fps=None, seed=0, video_backend=None)
+        # stages 1, 2, 3, 5; item: {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S) | None}
     TextWindowDataset(path, tokenizer, seq_len, seed)   # stage 4: .txt / .jsonl / .bin (uint32)
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
     collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}

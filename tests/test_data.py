@@ -275,7 +275,8 @@ def test_golden_llama3_layout(tok):
     sys_ = ["You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", "."]
     hdr = lambda r: ["<|start_header_id|>", r, "<|end_header_id|>", "ĊĊ"]  # noqa: E731
     layout = (["<|begin_of_text|>"] + hdr("system") + sys_ + ["<|eot_id|>"]
-              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"] + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
+              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"]
+              + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
               + ["<|eot_id|>"] + hdr("assistant") + ["red", "<|eot_id|>"]
               + hdr("user") + ["Which", "Ġway", "Ġdoes", "Ġit", "Ġmove", "?", "<|eot_id|>"]
               + hdr("assistant") + ["left", "<|eot_id|>"])
@@ -292,7 +293,8 @@ def test_golden_chatml_layout(tok):
     hdr = lambda r: ["<|im_start|>", r, "Ċ"]  # noqa: E731
     end = ["<|im_end|>", "Ċ"]
     layout = (hdr("system") + sys_ + end
-              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"] + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
+              + hdr("user") + [I, I, I, "Ċ", I, I, I, "Ċ"]
+              + ["Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġneedle", "?"]
               + end + hdr("assistant") + ["red"] + end
               + hdr("user") + ["Which", "Ġway", "Ġdoes", "Ġit", "Ġmove", "?"] + end
               + hdr("assistant") + ["left"] + end)
