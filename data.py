@@ -1078,7 +1078,7 @@ def short_clip(rng: np.random.Generator, needle: bool) -> tuple[np.ndarray, dict
     n = int(rng.integers(1, 4))
     colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
     shapes = [str(s) for s in rng.choice(SHAPES, size=n, replace=False)]
-    r = 0.13 * DEMO_SIZE
+    r = 0.15 * DEMO_SIZE
     objs = []
     for c, s in zip(colors, shapes):
         motion, path = _moving(rng, SHORT_FRAMES, 3.0, r)
@@ -1101,7 +1101,7 @@ def long_clip(rng: np.random.Generator, n_frames: int, n_segments: int, needle: 
     with needle=True exactly one frame (random position) is a needle frame."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     seg_len = n_frames // n_segments
-    r = 0.1 * DEMO_SIZE
+    r = 0.15 * DEMO_SIZE  # ~10 px across at 32 px: colour and shape both visible
     frames = np.empty((n_frames, DEMO_SIZE, DEMO_SIZE, 3), np.uint8)
     segments = []
     for k in range(n_segments):
