@@ -90,9 +90,7 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -108,7 +106,6 @@ except Exception:  # noqa: BLE001 - missing or (while being written) broken long
     IGNORE_INDEX = -100  # label of an unsupervised position
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 class MediaError(RuntimeError):
@@ -810,19 +807,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         queues = {"image": [p for k, p in media if k == "image"], "video": [p for k, p in media if k == "video"]}
         slots = [(k, queues[k].pop(0)) for k in (order_markers or kinds)]
         opened, counts = [], []
-        for kind, rel in slots:
-            path = os.path.join(root, rel)
-            if kind == "image":
-                opened.append(("image", path, load_image(path)))
-                counts.append(1)
-            else:
-                video = VideoFile(path, self.video_backend)
-                idx = video.indices(self.num_frames, self.fps)  # (F,)
-                if len(idx) == 0:
-                    raise MediaError(f"{path}: no frames")
-                opened.append(("video", path, (video, idx)))
-                counts.append(len(idx))
-        try:
+        try:  # every video opened here is closed in `finally`, whatever fails
+            for kind, rel in slots:
+                path = os.path.join(root, rel)
+                if kind == "image":
+                    opened.append(("image", path, load_image(path)))
+                    counts.append(1)
+                else:
+                    video = VideoFile(path, self.video_backend)
+                    opened.append(("video", path, (video, video.indices(self.num_frames, self.fps))))
+                    counts.append(len(opened[-1][2][1]))  # F frames after uniform / fps sampling
+                    if counts[-1] == 0:
+                        raise MediaError(f"{path}: no frames")
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
             ids, labels, counts = self._fit(sid, convs, ids, labels, counts, [k for k, _ in slots])
