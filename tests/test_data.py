@@ -638,3 +638,16 @@ def test_longvideo_sft_with_a_real_tiny_checkpoint(tmp_path, tok):
     assert stats["done"] == 1 and len(seen) == 1 and isinstance(seen[0], str)
     rec = json.loads(open(data._done_path(str(tmp_path / "out.json.parts"), os.path.abspath(video))).read())
     assert rec["segments"][0]["caption"] == seen[0].strip() and isinstance(rec["raw"], str)
+
+
+def test_loop_video_for_the_throughput_bench(tmp_path, mp4s):
+    """bench-video's real-content long video: a clip's packets repeated (no re-encoding) decode to the clip
+    repeated, frame for frame, with continuous timestamps."""
+    out = str(tmp_path / "loop.mp4")
+    data.loop_video(mp4s["h264"], out, seconds=12.0)  # 5 s clip -> 3 loops
+    with data.VideoFile(out, "pyav") as v:
+        assert (v.num_frames, v.fps) == (120, 8.0)
+        np.testing.assert_array_equal(_frame_ids(v.get([3, 43, 83, 119])), [3, 3, 3, 39])
+        np.testing.assert_allclose(v.timestamps([0, 40, 119]), [0.0, 5.0, 119 / 8], atol=1e-6)
+    frames, idx, _ = data.read_video(out, num_frames=4, backend="decord")
+    np.testing.assert_array_equal(_frame_ids(frames), idx % 40)
