@@ -151,7 +151,10 @@ def fps_indices(total: int, video_fps: float, fps: float, num_frames: int | None
 
 
 class _DecordReader:
-    """decord.VideoReader: builds its key-frame index on open; get_batch seeks/decodes only what it needs."""
+    """decord.VideoReader: builds its key-frame index on open. Frames are read in sorted order with the same
+    plan as the PyAV reader (seek to a key frame only when it lies past the decode position, else skip_frames,
+    which decodes without colour conversion), and the position is kept between calls: get_batch would seek back
+    to the key frame at the start of every call, re-decoding up to a GOP per chunk of a long video."""
 
     def __init__(self, path: str):
         import decord  # optional dependency: ImportError sends us to PyAV
@@ -161,9 +164,23 @@ class _DecordReader:
         self.fps = float(self.vr.get_avg_fps())
         if self.num_frames <= 0:
             raise MediaError(f"{path}: decord found no video frames")
+        self.keys = np.asarray(self.vr.get_key_indices(), dtype=np.int64)  # (k,) key frame indices
+        self.pos = -1  # index of the last frame returned by next()
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        return self.vr.get_batch(list(map(int, indices))).asnumpy()  # (F, H, W, 3) uint8
+        if len(self.keys) == 0 or self.keys[0] != 0:  # no usable key-frame index: let decord plan it
+            return self.vr.get_batch(list(map(int, indices))).asnumpy()  # (F, H, W, 3) uint8
+        got = {}
+        for target in np.unique(indices):
+            kf = int(self.keys[np.searchsorted(self.keys, target, side="right") - 1])  # last key frame <= target
+            if target <= self.pos or kf > self.pos:
+                self.vr.seek(kf)
+                self.pos = kf - 1
+            if target - self.pos > 1:
+                self.vr.skip_frames(int(target - self.pos - 1))
+            got[int(target)] = self.vr.next().asnumpy()  # (H, W, 3) uint8
+            self.pos = int(target)
+        return np.stack([got[int(i)] for i in indices])  # (F, H, W, 3)
 
     def timestamps(self, indices: np.ndarray) -> np.ndarray:
         return self.vr.get_frame_timestamp(list(map(int, indices)))[:, 0].astype(np.float64)  # (F,) start s
