@@ -423,10 +423,15 @@ def load_video(path: str, image_size: int, num_frames: int | None = None, fps: f
         idx = video.indices(num_frames, fps)  # (F,)
         if len(idx) == 0:
             raise MediaError(f"{path}: no frames to read (num_frames={num_frames}, fps={fps})")
-        out = torch.empty(len(idx), 3, image_size, image_size)  # (F, 3, S, S)
-        for s in range(0, len(idx), chunk):
-            out[s:s + chunk] = preprocess(video.get(idx[s:s + chunk]), image_size)  # (chunk, 3, S, S)
-        return out, idx, video.timestamps(idx)
+        return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
+
+
+def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64) -> torch.Tensor:
+    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time."""
+    out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
+    for s in range(0, len(indices), chunk):
+        out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -849,7 +854,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 else:
                     video, idx = obj
                     idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
-                    pixels.append(preprocess(video.get(idx), self.image_size))  # (F, 3, S, S)
+                    pixels.append(video_pixels(video, idx, self.image_size))  # (F, 3, S, S)
         finally:
             for kind, _, obj in opened:
                 if kind == "video":
