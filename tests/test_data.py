@@ -218,6 +218,16 @@ def test_load_image_and_chunked_load_video(tmp_path, mp4s):
 def test_tiny_tokenizer_deterministic_and_cached(tok, tmp_path):
     a, b = data.build_tiny_tokenizer(), data.build_tiny_tokenizer()
     assert a.to_str() == b.to_str()
+    import hashlib
+    import subprocess
+    import sys
+
+    # and in a fresh process (hash-map seeds differ per process; the trainer must not depend on them)
+    other = subprocess.run([sys.executable, "-c", "import hashlib, data; print(hashlib.sha1("
+                            "data.build_tiny_tokenizer().to_str().encode()).hexdigest())"],
+                           cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert other == hashlib.sha1(a.to_str().encode()).hexdigest()
     assert tok.vocab_size <= 1024
     cached = [f for f in os.listdir(os.path.dirname(tok.source)) if f.endswith(".json")]
     assert cached == [os.path.basename(tok.source)]
