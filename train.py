@@ -79,6 +79,7 @@ class TrainConfig:
     micro_batch: int = 1         # samples per forward on one rank (SP runs take 1)
     steps: int = 100
     grad_checkpointing: bool = False
+    reinit_projector: bool = False  # start from a fresh projector (stage 1: the reference creates it there)
     # stage 4: RoPE for the longer context
     rope_theta: float = 0.0      # 0: keep the model's; stage 4 derives it from seq_len (rope_theta_for_context)
     trained_len: int = 0         # stage 4: the context the model was trained at (0: its config's max_seq_len)
@@ -108,15 +109,20 @@ class StagePreset:
     schedule: str
     warmup: float
     grad_checkpointing: bool = False
+    reinit_projector: bool = False
     data_kind: str = ""          # which demo dataset feeds the stage (see build_dataset)
 
 
 STAGES = {
-    # Stage 0 is not LongVILA's: the reference starts from a pretrained LLM (Llama-3 / Qwen2). A model that starts
-    # from random weights (the tiny demo) first learns the language of its data: the LLM alone on the text of the
-    # conversations (media removed). `--stage all` runs it only when there is no --init_from.
-    0: StagePreset("llm-text-warmup", False, False, True, lr=1e-3, schedule="cosine", warmup=0.03, data_kind="text"),
-    1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, data_kind="caption"),
+    # Stage 0 is not LongVILA's: the reference starts from a pretrained vision tower (SigLIP) and a pretrained LLM
+    # (Llama-3 / Qwen2). A model that starts from random weights (the tiny demo) first trains stand-ins for them:
+    # everything, on single-turn "what colour is the needle" questions about short videos. `--stage all` runs stage 0 only when there is
+    # no --init_from. (Stage 1 keeps the stand-in's projector in the demo; from real checkpoints it starts a fresh
+    # one, as the reference.)
+    0: StagePreset("stand-in-pretraining", True, True, True, lr=1e-3, schedule="cosine", warmup=0.03,
+                   data_kind="single_turn"),
+    1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, reinit_projector=True,
+                   data_kind="caption"),
     2: StagePreset("pretraining", False, True, True, lr=5e-5, schedule="cosine", warmup=0.03, data_kind="caption"),
     3: StagePreset("short-sft", True, True, True, lr=1e-4, schedule="cosine", warmup=0.03, data_kind="short_sft"),
     4: StagePreset("context-extension", False, False, True, lr=2e-5, schedule="constant", warmup=2,
@@ -128,12 +134,12 @@ STAGES = {
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
 # far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
 TINY_DEMO = {
-    0: dict(lr=3e-3, steps=80, global_batch=16, seq_len=512),
-    1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512),
+    0: dict(lr=2e-3, steps=200, global_batch=16, seq_len=512, schedule="constant", warmup=5),
+    1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512, reinit_projector=False),
     2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
-    3: dict(lr=2e-3, steps=120, global_batch=8, seq_len=512),
-    4: dict(lr=1e-3, steps=15, global_batch=2, seq_len=1024, trained_len=512),
-    5: dict(lr=2e-3, steps=120, global_batch=8, seq_len=1024, num_frames=32),
+    3: dict(lr=3e-3, steps=200, global_batch=16, seq_len=512),
+    4: dict(lr=3e-4, steps=15, global_batch=2, seq_len=1024, trained_len=512),
+    5: dict(lr=2e-3, steps=150, global_batch=16, seq_len=1024, num_frames=32),
 }
 
 
@@ -141,7 +147,8 @@ def stage_defaults(stage: int, model: str) -> dict:
     """The flag defaults of one stage: the preset's, then the tiny demo's tuning when the model is tiny."""
     p = STAGES[stage]
     d = dict(stage=stage, train_vision=p.train_vision, train_projector=p.train_projector, train_llm=p.train_llm,
-             lr=p.lr, schedule=p.schedule, warmup=p.warmup, grad_checkpointing=p.grad_checkpointing)
+             lr=p.lr, schedule=p.schedule, warmup=p.warmup, grad_checkpointing=p.grad_checkpointing,
+             reinit_projector=p.reinit_projector)
     if model == "tiny":
         d.update(TINY_DEMO[stage])
     return d
@@ -480,7 +487,7 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
 
 # The demo folder's files per stage (see data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
 DEMO_FILES = {
-    0: [("stage1.json", 1.0), ("stage2.json", 0.5), ("stage3.json", 1.0), ("stage5.json", 1.0)],  # text only
+    0: [("stage3.json", 1.0)],  # its needle questions, one per sample (single_turn_copy)
     1: [("stage1.json", 1.0)],
     2: [("stage2.json", 1.0)],
     3: [("stage3.json", 1.0)],
@@ -543,27 +550,34 @@ def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | N
     if cfg.stage == 4:
         return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
     if cfg.stage == 0:
-        files = [(text_only_copy(path, cfg.out), w) for path, w in files]
+        files = [(single_turn_copy(path, cfg.out), w) for path, w in files]
     frames = cfg.num_frames or model_config.num_video_frames
     return data.SupervisedDataset(files, media_root or default_root, tokenizer, model_config.vision.image_size,
                                   model_config.tokens_per_frame, frames, cfg.seq_len, seed=cfg.seed)
 
 
-def text_only_copy(path: str, out: str) -> str:
-    """Stage 0's data: a copy of a conversation file without media (no image/video keys, no <image>/<video>)."""
+def single_turn_copy(path: str, out: str, keep: str = "needle") -> str:
+    """Stage 0's data: every question/answer turn of a conversation file whose question contains `keep` as its own
+    sample (same media). Naming the colour of the frame that stands out is the visual skill the stand-in must
+    bring, as a pretrained vision tower would: one colour word per sample is a signal a random model picks up in
+    ~100 steps; the same question as one turn of four among other tasks takes far longer."""
     with open(path) as f:
         samples = json.load(f)
+    single = []
     for s in samples:
-        s.pop("image", None)
-        s.pop("video", None)
-        for turn in s["conversations"]:
-            for marker in ("<image>\n", "<video>\n", "<image>", "<video>"):
-                turn["value"] = turn["value"].replace(marker, "")
-    dst = os.path.join(out, "text_only_" + os.path.basename(path))
+        turns = s["conversations"]
+        media = "".join(m for m in ("<image>\n", "<video>\n") if m in turns[0]["value"])
+        for k in range(0, len(turns) - 1, 2):
+            if keep not in turns[k]["value"]:
+                continue
+            q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
+            single.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
+                               conversations=[dict(turns[k], value=q), turns[k + 1]]))
+    dst = os.path.join(out, "single_turn_" + os.path.basename(path))
     os.makedirs(out, exist_ok=True)
     tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
     with open(tmp, "w") as f:
-        json.dump(samples, f)
+        json.dump(single, f)
     os.replace(tmp, dst)
     return dst
 
@@ -692,6 +706,7 @@ def find_tokenizer_json(cfg: TrainConfig) -> str | None:
 def train_stage(cfg: TrainConfig, info, layout) -> str:
     """Train one stage; returns the folder of the saved model (VILA layout)."""
     import data
+    import longvila
 
     rank, world, device = info.rank, info.world_size, info.device
     log = RunLog(cfg.out, rank, cfg.resume)
@@ -701,6 +716,10 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 
     # --- model, trainable modules, stage config changes ---
     model = build_model(cfg, world, device)
+    if cfg.reinit_projector and cfg.init_from != "none":
+        # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
+        torch.manual_seed(cfg.seed)
+        model.projector.apply(longvila.LongVILA._init_weights)
     changes = apply_stage_to_config(cfg, model)
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -811,6 +830,18 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
             save_checkpoint(cfg.out, done, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
                             meta)
 
+    # --- the end: a throughput summary (steps after the first third: compilation and autotuning are over) ---
+    if rank == 0 and cfg.steps > start:
+        with open(log.path) as f:
+            rows = [json.loads(ln) for ln in f if ln.strip()]
+        rows = rows[len(rows) // 3:] or rows
+        tps = sum(r["tok_per_s_per_device"] for r in rows) / len(rows)
+        mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
+        mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
+        log.info(f"stage {cfg.stage} summary over steps {rows[0]['step']}-{rows[-1]['step']}: {tps:,.0f} tokens/s/device, "
+                 f"MFU {mfu_text}, peak memory {max(r['mem_gb'] for r in rows):.2f} GB/device, "
+                 f"loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}, {world} x {device.type}")
+
     # --- the end: a checkpoint to resume from, and the model in the released layout for the next stage ---
     final = os.path.join(cfg.out, "model")
     if cfg.no_save:
@@ -856,6 +887,7 @@ HELP = {
     "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
     "micro_batch": "samples per forward on one rank", "steps": "optimizer steps",
     "grad_checkpointing": "recompute every vision / LLM block in the backward",
+    "reinit_projector": "start from a freshly initialised projector (stage 1 default, as the reference)",
     "rope_theta": "RoPE base to train with (0: the model's; stage 4 derives it from --seq_len)",
     "trained_len": "stage 4: context the model was trained at (0: its config's max_seq_len)",
     "sp": "sequence-parallel degree (ring x ulysses); world = dp x sp", "ring": "ring degree inside --sp",
@@ -871,7 +903,7 @@ GROUPS = {
     "data": ["data", "media_root", "num_frames", "seq_len", "cache_data"],
     "trainable modules": ["train_vision", "train_projector", "train_llm"],
     "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-                     "global_batch", "micro_batch", "steps", "grad_checkpointing", "dtype"],
+                     "global_batch", "micro_batch", "steps", "grad_checkpointing", "reinit_projector", "dtype"],
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
@@ -949,6 +981,8 @@ def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> floa
     model = longvila.LongVILA.from_pretrained(model_dir, dtype=torch.float32, device=info.device).eval()
     tokenizer = data.Tokenizer.for_checkpoint(model_dir)
     niah = os.path.join(data_dir, "eval", "niah")
+    if info.rank == 0 and os.path.exists(os.path.join(out, "results.json")):
+        os.remove(os.path.join(out, "results.json"))  # results of an earlier model: run_niah would resume from them
     res = evaluate.run_niah(model, tokenizer, os.path.join(niah, "haystack"), os.path.join(niah, "needles"),
                             layout=layout if info.world_size > 1 else None, out_dir=out)
     return res["mean"]
