@@ -27,7 +27,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # same thr
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("demo"))
-    data.make_demo(path, data.DemoConfig(images=24, short_videos=12, long_videos=6, passkey_docs=12, val_images=2,
+    data.make_demo(path, data.DemoConfig(images=24, short_videos=24, long_videos=6, passkey_docs=12, val_images=2,
                                          val_short_videos=2, val_long_videos=2, haystacks=1, mcq=2, caption_videos=1,
                                          val_passkey_docs=2))
     return path
@@ -99,7 +99,7 @@ def test_each_stage_trains_exactly_its_modules(demo, tmp_path):
     started from: exactly the parameters of the stage's modules changed."""
     out = str(tmp_path / "run")
     train.main(["--stage", "all", "--data", demo, "--out", out, "--steps", "2", "--global_batch", "2",
-                "--num_frames", "4", "--seq_len", "256", "--eval", "none"])
+                "--num_frames", "4", "--seq_len", "256", "--trained_len", "128", "--eval", "none"])
     torch.manual_seed(0)  # stage 0 starts from the seeded random init of the tiny preset
     before = {k: v.float() for k, v in longvila.LongVILA(longvila.PRESETS["tiny"]).state_dict().items()}
     n_used = longvila.PRESETS["tiny"].vision.n_used_layers
