@@ -1,12 +1,14 @@
 """LongVILA's five-stage training curriculum from one entry point, on one CPU or many GPUs.
 
-    python train.py --stage all                       # the CPU demo: demo data, tiny model, stages 1-5, then NIAH
+    python train.py --stage all                       # the CPU demo: demo data, tiny model, stages 0-5, then NIAH
     python train.py --stage 3 --init_from runs/demo/stage2/model --steps 20
     torchrun --nproc_per_node 4 train.py --stage 5 --sp 4 --ring 2 --init_from runs/demo/stage4/model
     torchrun --nproc_per_node 8 train.py --stage 4 --model longvila-8b --init_from /ckpt/LongVILA-8B \\
         --data /data/slimpajama.jsonl --seq_len 131072 --sp 8 --ring 8 --steps 80
 
 The curriculum (paper Sec. 3 and Table 1; the reference's hyper-parameters, /work/shared/LONGVILA.md Sec. 3):
+    0 stand-in           all (only from random weights) needle-colour QA, one per sample (the demo's stand-in for
+                                                       the pretrained SigLIP + LLM the reference starts from)
     1 alignment          projector only                image-caption pairs           lr 1e-3 cosine, warmup 3%
     2 pre-training       projector + LLM               captions / interleaved        lr 5e-5 cosine, warmup 3%
     3 short SFT          vision + projector + LLM      image / short-video QA        lr 1e-4 cosine, warmup 3%
@@ -14,8 +16,8 @@ The curriculum (paper Sec. 3 and Table 1; the reference's hyper-parameters, /wor
                          (RoPE theta raised to the target context and written into the saved config)
     5 long SFT           vision + projector + LLM      long-video QA                 lr 5e-5 cosine, warmup 3%,
                                                                                      activation checkpointing
-`--stage N` picks a preset of defaults (STAGES below); every flag overrides it. `--stage all` (= `1-5`) chains the
-stages, each starting from the model the previous one saved.
+`--stage N` picks a preset of defaults (STAGES below; TINY_DEMO retunes them for the tiny model); every flag
+overrides it. `--stage all` chains stages 1-5 (0-5 without --init_from), each from the model the previous one saved.
 
 Distribution: `init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU). The world is a
 `dp x ring x ulysses` grid (mmsp.make_layout); every rank of one SP group reads the same sample and mmsp.sp_forward
@@ -38,9 +40,8 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     skip_nonfinite: bool = False
-    log_every: int = 1
     peak_tflops: float = 0.0     # per device, for MFU (0: 989 for H100/H200 bf16 dense, none on CPU)
     dtype: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
 
@@ -134,12 +134,12 @@ STAGES = {
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
 # far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
 TINY_DEMO = {
-    0: dict(lr=2e-3, steps=200, global_batch=16, seq_len=512, schedule="constant", warmup=5),
+    0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5),
     1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512, reinit_projector=False),
     2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
-    3: dict(lr=3e-3, steps=200, global_batch=16, seq_len=512),
-    4: dict(lr=3e-4, steps=15, global_batch=2, seq_len=1024, trained_len=512),
-    5: dict(lr=2e-3, steps=150, global_batch=16, seq_len=1024, num_frames=32),
+    3: dict(lr=2e-3, steps=120, global_batch=16, seq_len=512),
+    4: dict(lr=1e-4, steps=10, global_batch=2, seq_len=1024, trained_len=512),
+    5: dict(lr=2e-3, steps=200, global_batch=16, seq_len=1024, num_frames=32),
 }
 
 
@@ -202,12 +202,6 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
         if "H100" in name or "H200" in name:
             return 989e12
     return 0.0
-
-
-def flops_per_token_fallback(n_params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token when the model cannot say: 6*N (matmuls, forward + backward) + 6*L*C*T (causal
-    attention scores and values: 2*2*L*C*T forward for a full square, halved by the causal mask, x3 for backward)."""
-    return 6.0 * n_params + 6.0 * n_layers * dim * seq_len
 
 
 # -----------------------------------------------------------------------------
@@ -632,10 +626,10 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
         dist.all_reduce(stats)
         stats /= layout.sp  # every rank of an SP group holds the same sample
     total = stats[:-1].sum().clamp(min=1.0)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
-        images = [None if im is None else im.to(device) for im in b["images"]]
+        images = [None if im is None else im.to(device) for im in b["images"]]  # per sample (F, 3, S, S) | None
         with autocast():
             if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
                 _, loss = model(ids, images, labels, return_logits=False, sp=layout)  # this rank's share
@@ -816,7 +810,7 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         dt = time.time() - t0
         # FLOPs of this rank's samples, summed over dp (SP ranks share theirs): LLM (with attention) + vision
         frames = sum(im.shape[0] for b in batches for im in b["images"] if im is not None)
-        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64)
+        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64)  # ()
         if world > 1:
             dist.all_reduce(flops)
             flops /= layout.sp
@@ -894,7 +888,7 @@ HELP = {
     "seed": "seed of the init and of the data order", "save_every": "checkpoint every N steps (0: only the model at the end)",
     "keep_checkpoints": "checkpoints kept per stage", "resume": "continue from <out>/stageN/checkpoints/latest",
     "no_save": "write no checkpoint or model (benchmarks)", "skip_nonfinite": "skip steps with a NaN/inf loss "
-    "instead of stopping", "log_every": "(kept for compatibility: every step is logged)",
+    "instead of stopping",
     "peak_tflops": "peak TFLOP/s of one device for MFU (0: H100/H200 bf16 989, unknown on CPU)",
     "dtype": "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16",
 }
@@ -907,7 +901,7 @@ GROUPS = {
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
-                                 "log_every", "peak_tflops"],
+                                 "peak_tflops"],
 }
 
 
@@ -917,7 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval", choices=["auto", "niah", "none"], default="auto",
                     help="after stage 5: needle-in-a-haystack on the demo's held-out videos (auto: with demo data)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads per process (0: torch's default; 1 is fastest on a busy machine)")
+                    help="CPU threads per process (0: 1 for the tiny model, whose 128-wide matmuls gain nothing from "
+                         "more and lose a lot on a busy machine; torch's default otherwise)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for title, names in GROUPS.items():
         g = ap.add_argument_group(title)
@@ -991,7 +986,7 @@ def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> floa
 def main(argv=None):
     args = vars(build_parser().parse_args(argv))
     eval_mode = args.pop("eval")
-    threads = args.pop("threads")
+    threads = args.pop("threads") or (1 if args.get("model", TrainConfig.model) == "tiny" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
     stages = parse_stages(args.pop("stage", "all"), from_scratch=args.get("init_from", "none") == "none")
