@@ -621,10 +621,11 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
     sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
     counts = [supervised_targets(b["labels"]) for b in batches]
     lengths = [int(n) for b in batches for n in (b["labels"].shape[1],) * b["labels"].shape[0]]
-    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64)  # (accum + 1,)
-    if world > 1:
+    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
+    if world > 1:  # on the compute device: NCCL has no CPU tensors
         dist.all_reduce(stats)
         stats /= layout.sp  # every rank of an SP group holds the same sample
+    stats = stats.cpu()
     total = stats[:-1].sum().clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
@@ -810,7 +811,8 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         dt = time.time() - t0
         # FLOPs of this rank's samples, summed over dp (SP ranks share theirs): LLM (with attention) + vision
         frames = sum(im.shape[0] for b in batches for im in b["images"] if im is not None)
-        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64)  # ()
+        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64,
+                             device=device)  # () on the compute device: NCCL has no CPU tensors
         if world > 1:
             dist.all_reduce(flops)
             flops /= layout.sp
