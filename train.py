@@ -829,14 +829,14 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     # --- the end: a throughput summary (steps after the first third: compilation and autotuning are over) ---
     if rank == 0 and cfg.steps > start:
         with open(log.path) as f:
-            rows = [json.loads(ln) for ln in f if ln.strip()]
-        rows = rows[len(rows) // 3:] or rows
+            every = [json.loads(ln) for ln in f if ln.strip()]
+        rows = every[len(every) // 3:] or every
         tps = sum(r["tok_per_s_per_device"] for r in rows) / len(rows)
         mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
         mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
         log.info(f"stage {cfg.stage} summary over steps {rows[0]['step']}-{rows[-1]['step']}: {tps:,.0f} tokens/s/device, "
                  f"MFU {mfu_text}, peak memory {max(r['mem_gb'] for r in rows):.2f} GB/device, "
-                 f"loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}, {world} x {device.type}")
+                 f"loss {every[0]['loss']:.4f} (step 1) -> {every[-1]['loss']:.4f}, {world} x {device.type}")
 
     # --- the end: a checkpoint to resume from, and the model in the released layout for the next stage ---
     final = os.path.join(cfg.out, "model")
