@@ -76,6 +76,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
+    vision_lr_scale: float = 1.0  # the vision tower learns at lr * this (a from-scratch tower collapses at full lr)
     global_batch: int = 8        # samples per optimizer step over the whole world (= dp * micro_batch * accum)
     micro_batch: int = 1         # samples per forward on one rank (SP runs take 1)
     steps: int = 100
@@ -134,12 +135,12 @@ STAGES = {
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
 # far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
 TINY_DEMO = {
-    0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5),
+    0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512, reinit_projector=False),
     2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
-    3: dict(lr=2e-3, steps=120, global_batch=16, seq_len=512),
+    3: dict(lr=2e-3, steps=120, global_batch=16, seq_len=512, vision_lr_scale=0.02),
     4: dict(lr=1e-4, steps=10, global_batch=2, seq_len=1024, trained_len=512),
-    5: dict(lr=2e-3, steps=200, global_batch=16, seq_len=1024, num_frames=32),
+    5: dict(lr=2e-3, steps=200, global_batch=16, seq_len=1024, num_frames=32, vision_lr_scale=0.02),
 }
 
 
@@ -742,7 +743,12 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
                 compute_dtype != torch.float32 else (lambda: torch.autocast(device.type, enabled=False)))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in model.param_groups(cfg.weight_decay)]
+    # AdamW groups: decay / no decay (model.param_groups), each split into vision tower and the rest, so the vision
+    # tower can learn at lr * vision_lr_scale (set per step below through each group's lr_scale)
+    vision = {id(p) for p in model.vision.parameters()}
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
+                   lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
+              for g in model.param_groups(cfg.weight_decay) for is_vision in (False, True)]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=use_cuda)
 
@@ -789,7 +795,7 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         t0 = time.time()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         # the data position of a step is the step itself: the sampler is a pure function of (seed, step)
         indices = sampler.indices_for_step(step)
         batches = micro_batches(indices, cache, cfg.micro_batch, tokenizer.pad_id)
@@ -878,6 +884,8 @@ HELP = {
     "train_vision": "train the vision tower", "train_projector": "train the projector", "train_llm": "train the LLM",
     "lr": "peak learning rate", "schedule": "cosine | constant (both after a linear warmup)",
     "warmup": "warmup: < 1 = fraction of the steps, >= 1 = steps", "min_lr_ratio": "cosine floor as a fraction of lr",
+    "vision_lr_scale": "the vision tower's learning rate is lr x this (tiny demo: 0.02; a from-scratch tower "
+                       "trained at the full rate collapses colours onto a few directions)",
     "weight_decay": "AdamW weight decay (>= 2-D weights only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
@@ -899,7 +907,7 @@ GROUPS = {
     "data": ["data", "media_root", "num_frames", "seq_len", "cache_data"],
     "trainable modules": ["train_vision", "train_projector", "train_llm"],
     "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-                     "global_batch", "micro_batch", "steps", "grad_checkpointing", "reinit_projector", "dtype"],
+                     "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "reinit_projector", "dtype"],
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
