@@ -69,7 +69,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "cudnn")
+# The backend used when a call passes backend=None; None = "triton" on CUDA, "torch" elsewhere. Set it once at start
+# (train.py / bench.py --attn_backend), e.g. kernels.DEFAULT_BACKEND = "cudnn", to switch the model's attention.
+DEFAULT_BACKEND = None
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
@@ -97,11 +100,14 @@ def _check(q, k, v, softmax_scale):
 
 
 def _pick_backend(backend, x):
-    """None -> "triton" on CUDA tensors (when triton is importable), else "torch"."""
+    """None -> DEFAULT_BACKEND, else "triton" on CUDA tensors (when triton is importable), else "torch"."""
+    backend = DEFAULT_BACKEND if backend is None else backend
     if backend is None:
         return "triton" if (HAS_TRITON and x.is_cuda) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "cudnn" and not x.is_cuda:
+        raise RuntimeError("kernels: backend='cudnn' needs CUDA tensors")
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("kernels: backend='triton' asked for, but triton is not importable")
@@ -652,7 +658,7 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
     return out, lse
 
 
-def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None):
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None, on_dkdv=None):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v, out, dout = (_lastdim_contig(x) for x in (q, k, v, out, dout))
@@ -681,39 +687,127 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
                 (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
                 + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
                 consts, Tq, Tk, tma)
+        if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
+            on_dkdv(dk, dv)
         _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
                 + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk, tma)
     return dq, dk, dv
 
 # -----------------------------------------------------------------------------
+# cuDNN: torch's own fused attention op as a third backend (CUDA, 16-bit)
+#
+# Triton 3.6 cannot warp-specialise on Hopper (see the top of this file), and cuDNN's attention is ~1.2-1.35x faster
+# there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
+# context_parallel ring calls), so the same ring/merge code can run on it. It knows one causal mask: top-left on
+# equal lengths. Calls it cannot do exactly fall back to Triton.
+
+def _cudnn_ok(q, k, causal, q_offset, k_offset):
+    """Does this call fit cuDNN: 16-bit CUDA tensors, D % 8 == 0 and D <= 128, and a mask that is either none or
+    the square causal one (Tq == Tk, q_offset == k_offset). Every zigzag ring step and the model's own call fit."""
+    Tq, Tk, D = q.shape[1], k.shape[1], q.shape[3]
+    mask_ok = (not causal) or (Tq == Tk and q_offset == k_offset)
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128 and mask_ok
+            and q.shape[0] * Tq * Tk > 0)
+
+
+def _expand_kv(x, G):
+    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G. The op takes one head count, so
+    GQA is expanded here, on this GPU, after any communication (rings still move only the real KV heads)."""
+    return x if G == 1 else x.repeat_interleave(G, dim=2)
+
+
+def _cudnn_forward(q, k, v, causal, scale, out_fp32):
+    B, Tq, H, D = q.shape
+    G = H // k.shape[2]
+    t = lambda x: x.transpose(1, 2)                                      # (B, T, heads, D) -> (B, heads, T, D) view
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), None, True, 0.0, bool(causal), False, scale=scale)
+    out = res[0].transpose(1, 2)                                         # (B, Tq, H, D)
+    lse = res[1].reshape(B, H, Tq).float()                               # (B, H, Tq, 1) -> (B, H, Tq), natural log
+    return (out.float() if out_fp32 else out), lse
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
+    """cuDNN's backward from the GLOBAL out/lse (a ring passes them): P = exp(S - lse) per block, as ours."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    t = lambda x: x.transpose(1, 2)
+    # out and dout in one layout (cuDNN reads both with one stride set), both in the inputs' dtype
+    out = out.to(q.dtype).contiguous()                                   # (B, Tq, H, D)
+    dout = dout.to(q.dtype).contiguous()                                 # (B, Tq, H, D)
+    lse4 = lse.float().contiguous().unsqueeze(-1)                        # (B, H, Tq, 1) as the op returns it
+    philox = torch.zeros(1, dtype=torch.int64, device=q.device)          # dropout seed/offset: unused at p = 0
+    # attn_bias and the varlen cu_seq tensors: undefined (None), which the op reads as dense 4-D, no bias
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        t(dout), t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), t(out), lse4, philox, philox, None, None, None,
+        Tq, Tk, 0.0, bool(causal), scale=scale)                          # (B, H, T, D) each
+    dq, dk, dv = t(dq), t(dk), t(dv)                                     # (B, T, H, D)
+    if G > 1:   # the expanded heads' gradients summed back onto their KV head
+        dk = dk.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
+        dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)
+    gdt = torch.float32 if grad_fp32 else q.dtype
+    return dq.to(gdt), dk.to(gdt), dv.to(gdt)
+
+# -----------------------------------------------------------------------------
 # the dispatcher (the interface of SPEC.md)
+
+def _fully_visible(causal, Tk, q_offset, k_offset):
+    """A causal call whose first query already sees the last key has no mask at all: drop it (cuDNN can then
+    take it, and the Triton kernels skip the per-block mask test)."""
+    return causal and q_offset >= k_offset + Tk - 1
+
+
+def _route(backend, q, k, causal, q_offset, k_offset):
+    """The backend that really runs: "cudnn" falls back to "triton" for calls it cannot do exactly."""
+    backend = _pick_backend(backend, q)
+    if backend == "cudnn" and not _cudnn_ok(q, k, causal, q_offset, k_offset):
+        backend = "triton" if HAS_TRITON else "torch"
+    return backend
+
 
 def attention_forward(q, k, v, causal=True, softmax_scale=None, q_offset=0, k_offset=0, out_fp32=False,
                       backend=None):
     """Attention of q (B,Tq,H,D) over k, v (B,Tk,Hkv,D) -> (out (B,Tq,H,D), lse (B,H,Tq) fp32, natural log).
 
     causal: query i sees key j iff q_offset + i >= k_offset + j (true positions). A row that sees no key gets
-    out 0 and lse -inf. out_fp32: return out in fp32 (ring merging). backend: None (triton on CUDA, else torch),
-    "triton" or "torch"."""
-    _, _, _, _, _, _, scale = _check(q, k, v, softmax_scale)
-    backend = _pick_backend(backend, q)
+    out 0 and lse -inf. out_fp32: return out in fp32 (ring merging; cuDNN computes it in 16 bits and upcasts).
+    backend: None (DEFAULT_BACKEND, else triton on CUDA, torch elsewhere), "triton", "torch" or "cudnn" (calls
+    whose mask cuDNN cannot express run on triton)."""
+    _, _, _, _, Tk, _, scale = _check(q, k, v, softmax_scale)
+    causal = bool(causal) and not _fully_visible(causal, Tk, q_offset, k_offset)
+    backend = _route(backend, q, k, causal, q_offset, k_offset)
+    if backend == "cudnn":
+        return _cudnn_forward(q, k, v, causal, scale, bool(out_fp32))
     fn = _triton_forward if backend == "triton" else _torch_forward
-    return fn(q, k, v, bool(causal), scale, int(q_offset), int(k_offset), bool(out_fp32))
+    return fn(q, k, v, causal, scale, int(q_offset), int(k_offset), bool(out_fp32))
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, q_offset=0, k_offset=0,
-                       grad_fp32=False, backend=None):
+                       grad_fp32=False, backend=None, on_dkdv=None):
     """Gradients (dq (B,Tq,H,D), dk (B,Tk,Hkv,D), dv) of attention_forward, from the GLOBAL out and lse.
 
-    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: return fp32 gradients."""
-    B, Tq, H, D, _, _, scale = _check(q, k, v, softmax_scale)
+    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: return fp32 gradients.
+    on_dkdv(dk, dv): called as soon as dk/dv are final in stream order; on the triton backend that is BEFORE the
+    dQ kernel is queued, so a ring can put dk/dv on the wire while dQ computes (other backends: at the end)."""
+    B, Tq, H, D, Tk, _, scale = _check(q, k, v, softmax_scale)
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
         raise ValueError(f"kernels: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "
                          f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Tq)}")
-    backend = _pick_backend(backend, q)
-    fn = _triton_backward if backend == "triton" else _torch_backward
-    return fn(dout, q, k, v, out, lse, bool(causal), scale, int(q_offset), int(k_offset), bool(grad_fp32))
+    causal = bool(causal) and not _fully_visible(causal, Tk, q_offset, k_offset)
+    backend = _route(backend, q, k, causal, q_offset, k_offset)
+    if backend == "triton":
+        return _triton_backward(dout, q, k, v, out, lse, causal, scale, int(q_offset), int(k_offset),
+                                bool(grad_fp32), on_dkdv=on_dkdv)
+    if backend == "cudnn":
+        dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, causal, scale, bool(grad_fp32))
+    else:
+        dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, causal, scale, int(q_offset), int(k_offset),
+                                     bool(grad_fp32))
+    if on_dkdv is not None:
+        on_dkdv(dk, dv)
+    return dq, dk, dv
 
 
 class _FlashAttn(torch.autograd.Function):
