@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 IMAGE_TOKEN_ID = -200  # one visual token's placeholder in input_ids (the reference's IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions that are not supervised
@@ -327,6 +327,34 @@ def _sample(logits, temperature, top_p, generator=None):
 
 
 # -----------------------------------------------------------------------------
+# activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" recomputes it too but keeps
+# the outputs of the fused attention kernels (torch's SDPA ops, kernels.py's cudnn backend), whose forward is the
+# most expensive part at long context (at 64k tokens attention is ~half of an 8B block's FLOPs). Memory per block
+# and token: the attention output (H*D 16-bit values) + its log-sum-exp. Our Triton kernels are not dispatcher
+# ops, so with backend triton "save-attn" saves nothing more than "full".
+
+def _attention_ops():
+    ops = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    return {getattr(torch.ops.aten, name).default for name in ops if hasattr(torch.ops.aten, name)}
+
+
+def _save_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+CHECKPOINT_MODES = ("full", "save-attn")
+
+
+def checkpointed(mode, fn, *args):
+    """fn(*args) with its activations recomputed in the backward (mode in CHECKPOINT_MODES)."""
+    if mode == "save-attn":
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(_save_attention))
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+# -----------------------------------------------------------------------------
 # vision tower: SigLIP (no CLS token, learned position embedding, pre-LN blocks, GELU-tanh MLP)
 
 class VisionAttention(nn.Module):
@@ -389,7 +417,7 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (F, P, Cv), patches in row-major order
         x = x + self.pos_embed.weight  # (F, P, Cv)
         for blk in self.layers[:self.cfg.n_used_layers]:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+            x = checkpointed(self.grad_checkpointing, blk, x) if self.grad_checkpointing and torch.is_grad_enabled() \
                 else blk(x)  # (F, P, Cv)
         return x
 
@@ -490,7 +518,7 @@ class Transformer(nn.Module):
                                 dtype=h.dtype)  # (B, T, D/2) each
         for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
-                h = checkpoint(layer, h, cos, sin, attn, i, use_reentrant=False)  # (B, T, C)
+                h = checkpointed(self.grad_checkpointing, layer, h, cos, sin, attn, i)  # (B, T, C)
             else:
                 h = layer(h, cos, sin, attn, i, cache)  # (B, T, C)
         if cache is not None:
@@ -684,10 +712,15 @@ class LongVILA(nn.Module):
         self.projector.requires_grad_(projector)
         self.llm.requires_grad_(llm)
 
-    def set_grad_checkpointing(self, on: bool = True):
-        """Recompute each vision/decoder block in backward (long-video SFT: activations of 200k+ tokens)."""
-        self.vision.grad_checkpointing = on
-        self.llm.grad_checkpointing = on
+    def set_grad_checkpointing(self, on=True):
+        """Recompute each vision/decoder block in backward (long-video SFT: activations of 200k+ tokens).
+
+        on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs)."""
+        mode = "full" if on is True else (on or False)
+        if mode and mode not in CHECKPOINT_MODES:
+            raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES}, True or False; got {on!r}")
+        self.vision.grad_checkpointing = mode
+        self.llm.grad_checkpointing = mode
 
     def param_groups(self, weight_decay: float):
         """AdamW groups: decay on >= 2-D weight matrices only; none on norms, biases, embeddings (token, position)."""

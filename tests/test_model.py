@@ -358,6 +358,32 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
     model.set_grad_checkpointing(False)
     assert torch.allclose(loss, loss3, atol=1e-6)
     assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
+    # "save-attn" keeps the fused attention outputs: same gradients, and the backward runs no attention forward
+    # (vision and LLM blocks both), where "full" recomputes every one of them
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttentionForwards(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in lv._attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for mode in ("full", "save-attn"):
+        model.zero_grad()
+        model.set_grad_checkpointing(mode)
+        _, loss4 = model(ids, [frames], labels)
+        with CountAttentionForwards() as c:
+            loss4.backward()
+        counts[mode] = c.n
+        assert torch.allclose(loss, loss4, atol=1e-6)
+        assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
+    model.set_grad_checkpointing(False)
+    n_blocks = model.config.vision.n_used_layers + model.config.llm.n_layers
+    assert counts == {"full": n_blocks, "save-attn": 0}, counts
+    with pytest.raises(ValueError, match="checkpointing mode"):
+        model.set_grad_checkpointing("sometimes")
     # nothing supervised -> loss 0, not NaN
     _, zero = model(ids, [frames], torch.full_like(ids, IGNORE_INDEX))
     assert zero.item() == 0.0
