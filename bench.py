@@ -175,6 +175,9 @@ def _sp_add_args(p):
     g.add_argument("--methods", default="1gpu-whole,1gpu-share,zigzag-ring,ring,ulysses,torch-cp-flash,"
                    "torch-cp-cudnn", help="which rows to run; add '2d' for every ulysses x ring "
                    "factorisation of the world size, or name one as 2d-UxR (e.g. 2d-2x2)")
+    g.add_argument("--backend", default=None, choices=["triton", "cudnn", "torch"],
+                   help="kernels.py backend of every row but torch-cp (default: triton on CUDA, torch on CPU); cudnn = "
+                        "torch's cuDNN fused attention inside our ring/Ulysses code")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--iters", type=int, default=5)
 
@@ -229,7 +232,7 @@ def _sp_run(args):
     else:
         seqlens, H, D = [int(s) for s in args.seqlens.split(",")], args.heads, args.head_dim
         kvs, dtype = [int(x) for x in args.kv_heads.split(",")], (torch.bfloat16 if cuda else torch.float32)
-    backend = "triton" if cuda else "torch"
+    backend = args.backend or ("triton" if cuda else "torch")
     methods = args.methods.split(",")
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
     world = dist.group.WORLD if W > 1 else None

@@ -81,6 +81,8 @@ class TrainConfig:
     micro_batch: int = 1         # samples per forward on one rank (SP runs take 1)
     steps: int = 100
     grad_checkpointing: bool = False
+    checkpoint_mode: str = "full"   # "full" | "save-attn" (keep the fused attention outputs: cudnn backend)
+    attn_backend: str = "auto"      # kernels.py backend on CUDA: auto (= triton) | triton | cudnn | torch
     reinit_projector: bool = False  # start from a fresh projector (stage 1: the reference creates it there)
     # stage 4: RoPE for the longer context
     rope_theta: float = 0.0      # 0: keep the model's; stage 4 derives it from seq_len (rope_theta_for_context)
@@ -327,24 +329,6 @@ def latest_checkpoint(out: str) -> str | None:
 def transformer_blocks(model) -> list:
     """The repeated blocks of the model (SigLIP layers, then LLM layers): the units of FSDP and of recomputation."""
     return list(model.vision.layers) + list(model.llm.layers)
-
-
-def enable_activation_checkpointing(blocks: list):
-    """Recompute each block's activations in the backward instead of storing them (paper stage 5).
-
-    We wrap the block's `forward` on the instance, not the module, so parameter names (and so checkpoints) do not
-    change. FSDP2's hooks sit on `__call__`: the forward all-gathers the block's parameters before the checkpointed
-    forward runs, and the pre-backward hook all-gathers them again before the recomputation needs them.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
 
 
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
@@ -718,7 +702,12 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         model.projector.apply(longvila.LongVILA._init_weights)
     changes = apply_stage_to_config(cfg, model)
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False)
+    if cfg.attn_backend != "auto":
+        import kernels
+        if cfg.attn_backend not in kernels.BACKENDS:
+            raise ValueError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {kernels.BACKENDS}")
+        kernels.DEFAULT_BACKEND = cfg.attn_backend if device.type == "cuda" else None  # CPU: always the twin
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     # FLOPs per sample of T tokens, F frames = a*T + b*T^2 + v*F (model.flops_per_token is linear in T)
@@ -891,6 +880,10 @@ HELP = {
     "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
     "micro_batch": "samples per forward on one rank", "steps": "optimizer steps",
     "grad_checkpointing": "recompute every vision / LLM block in the backward",
+    "checkpoint_mode": "full (recompute whole blocks) | save-attn (recompute all but the fused attention kernels' "
+                       "outputs, which are kept: ~H*D*2 bytes per token and block; needs --attn_backend cudnn on GPU)",
+    "attn_backend": "attention kernels on CUDA: auto (= triton, kernels.py) | triton | cudnn (torch's cuDNN fused "
+                    "attention; calls it cannot express fall back to triton) | torch",
     "reinit_projector": "start from a freshly initialised projector (stage 1 default, as the reference)",
     "rope_theta": "RoPE base to train with (0: the model's; stage 4 derives it from --seq_len)",
     "trained_len": "stage 4: context the model was trained at (0: its config's max_seq_len)",
@@ -907,7 +900,8 @@ GROUPS = {
     "data": ["data", "media_root", "num_frames", "seq_len", "cache_data"],
     "trainable modules": ["train_vision", "train_projector", "train_llm"],
     "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-                     "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "reinit_projector", "dtype"],
+                     "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "checkpoint_mode",
+                     "attn_backend", "reinit_projector", "dtype"],
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
