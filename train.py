@@ -601,6 +601,24 @@ def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int)
     return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
 
 
+def pack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
+
+    data.preprocess resizes in uint8 and only then normalises, (k/255 - 0.5)/0.5 = k * 2/255 - 1 for an integer
+    k, so k = round((x + 1) * 127.5) recovers it and unpack_pixels redoes preprocess's two float ops on it:
+    bitwise the same tensor at a quarter of the bytes. That matters between loader processes (a 1024-frame 384 px
+    sample is 1.8 GB in fp32, 0.45 GB in uint8, through shared memory, pinned memory and PCIe). Pixels that are
+    not of that form (data.preprocess's float path when one side grows, --data synthetic) stay float."""
+    k = x.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)  # (F, 3, S, S) uint8
+    return k if torch.equal(unpack_pixels(k), x) else x
+
+
+def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (F, 3, S, S) from pack_pixels -> float32 in [-1, 1], the same ops as data.preprocess (on any device);
+    float input passes through."""
+    return x.float().mul_(2.0 / 255.0).sub_(1.0) if x.dtype == torch.uint8 else x
+
+
 class StepBatches(torch.utils.data.Dataset):
     """The data of optimizer steps first..last-1 as a map-style dataset: item k = this rank's collated
     micro-batches of step first + k, plus the samples that step had to skip.
@@ -615,9 +633,10 @@ class StepBatches(torch.utils.data.Dataset):
     the difference its own build made and the training loop adds them up.
     """
 
-    def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int):
+    def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int,
+                 pack: bool = False):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
-        self.micro, self.pad_id = micro, pad_id
+        self.micro, self.pad_id, self.pack = micro, pad_id, pack  # pack: pixels as uint8 (see pack_pixels)
 
     def __len__(self):
         return max(0, self.last - self.first)
@@ -628,6 +647,9 @@ class StepBatches(torch.utils.data.Dataset):
         n0, files0 = getattr(dataset, "skipped", 0), len(getattr(dataset, "skipped_files", []))
         indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
         batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        if self.pack:
+            for b in batches:
+                b["images"] = [None if im is None else pack_pixels(im) for im in b["images"]]  # (F, 3, S, S) each
         return {"step": step, "batches": batches, "skipped": getattr(dataset, "skipped", 0) - n0,
                 "skipped_files": list(getattr(dataset, "skipped_files", [])[files0:])}
 
@@ -661,7 +683,7 @@ def _init_loader_worker(worker_id: int, decode_threads: int):
 
 
 def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, workers: int,
-                pin_memory: bool, seed: int) -> torch.utils.data.DataLoader:
+                pin_memory: bool, seed: int, timeout: float = 0) -> torch.utils.data.DataLoader:
     """Batches of steps first..last-1, in order. workers = 0: built in this process when the step asks for them
     (the plain synchronous loop). workers = N > 0: N forked processes build the next steps while the current one
     trains; each holds at most 2 finished steps (prefetch_factor), so at most 2N steps of pixels are in memory.
@@ -669,12 +691,15 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
     batch_size=None: an item already is a whole step (no re-collation). One pass over the stage's steps is one
     DataLoader epoch, so persistent_workers would never be used: workers end with the stage. The generator is
     private because creating the iterator draws a seed for the workers, and drawing it from torch's global RNG
-    would change the training RNG stream (and break bitwise equality with workers=0 and exact resume)."""
-    steps = StepBatches(cache, sampler, first, last, micro, pad_id)
+    would change the training RNG stream (and break bitwise equality with workers=0 and exact resume). Workers send
+    pixels as uint8 (pack_pixels; forward_backward unpacks them on the compute device). timeout (workers > 0):
+    seconds to wait for one step before raising (0: forever; benchmarks)."""
+    steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
     extra = {}
     if workers > 0:
         threads = max(1, cpu_cores() // (workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        extra = dict(prefetch_factor=2, worker_init_fn=functools.partial(_init_loader_worker, decode_threads=threads))
+        extra = dict(prefetch_factor=2, timeout=timeout,
+                     worker_init_fn=functools.partial(_init_loader_worker, decode_threads=threads))
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)
 
@@ -711,7 +736,8 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
-        images = [None if im is None else im.to(device) for im in b["images"]]  # per sample (F, 3, S, S) | None
+        # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
+        images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
         with autocast():
             if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
                 _, loss = model(ids, images, labels, return_logits=False, sp=layout)  # this rank's share

@@ -312,3 +312,13 @@ def test_loader_workers_default_and_cache_conflict(demo, tmp_path):
     with pytest.raises(ValueError, match="--cache_data with --workers 2"):
         train.main(["--stage", "1", "--data", demo, "--steps", "1", "--global_batch", "2", "--cache_data",
                     "--workers", "2", "--out", str(tmp_path / "x"), "--eval", "none"])
+
+
+def test_pack_pixels_is_lossless_or_a_no_op():
+    """Loader workers send preprocess's pixels as uint8: bitwise the same after unpacking; other floats stay."""
+    frames = torch.randint(0, 256, (2, 45, 80, 3), dtype=torch.uint8).numpy()  # (F, H, W, 3)
+    x = data.preprocess(frames, 32)  # (F, 3, 32, 32) float32
+    k = train.pack_pixels(x)
+    assert k.dtype == torch.uint8 and torch.equal(train.unpack_pixels(k), x)
+    y = torch.rand(2, 3, 8, 8) * 2 - 1  # (F, 3, S, S) not on the 2/255 grid: --data synthetic
+    assert train.pack_pixels(y) is y
