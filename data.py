@@ -21,7 +21,7 @@ Public API (SPEC.md):
     load_image(path) -> uint8 np (H,W,3)
     preprocess(frames uint8 (F,H,W,3), image_size) -> float32 torch (F,3,S,S)
     SupervisedDataset(files_with_weights, media_root, tokenizer, image_size, tokens_per_frame, num_frames,
-                      max_len, fps=None, seed=0, video_backend=None)
+                      max_len, fps=None, seed=0, video_backend=None, decode_threads=0)
         # stages 1, 2, 3, 5; item: {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S) | None}
     TextWindowDataset(path, tokenizer, seq_len, seed)   # stage 4: .txt / .jsonl / .bin (uint32)
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
@@ -156,10 +156,10 @@ class _DecordReader:
     which decodes without colour conversion), and the position is kept between calls: get_batch would seek back
     to the key frame at the start of every call, re-decoding up to a GOP per chunk of a long video."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int = 0):
         import decord  # optional dependency: ImportError sends us to PyAV
 
-        self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
+        self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)  # 0: decord picks
         self.num_frames = len(self.vr)
         self.fps = float(self.vr.get_avg_fps())
         if self.num_frames <= 0:
@@ -198,7 +198,7 @@ class _PyAVReader:
     otherwise it keeps decoding forward; only the wanted frames are converted to RGB.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int = 0):
         import av
 
         self.path = path
@@ -207,6 +207,7 @@ class _PyAVReader:
             raise MediaError(f"{path}: no video stream")
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame + slice threads
+        self.stream.codec_context.thread_count = threads  # 0: one per core (ffmpeg's default)
         pts, key = [], []
         for packet in self.container.demux(self.stream):
             if packet.pts is None or packet.size == 0:
@@ -273,18 +274,19 @@ class VideoFile:
     """An open video: .num_frames, .fps, .backend, .indices(num_frames, fps), .get(indices) -> (F, H, W, 3) uint8.
 
     backend: "decord" | "pyav" | None (decord, and PyAV when decord is missing or fails on the file).
+    threads: decoder threads (0: the library's default, about one per core; loader workers pass their share).
     """
 
-    def __init__(self, path: str, backend: str | None = None):
+    def __init__(self, path: str, backend: str | None = None, threads: int = 0):
         if not os.path.isfile(path):
             raise MediaError(f"{path}: video file not found")
         if os.path.getsize(path) == 0:
             raise MediaError(f"{path}: empty video file (0 bytes)")
-        self.path = path
+        self.path, self.threads = path, threads
         errors = []
         for name in ([backend] if backend else ["decord", "pyav"]):
             try:
-                self.reader = _DecordReader(path) if name == "decord" else _PyAVReader(path)
+                self.reader = _DecordReader(path, threads) if name == "decord" else _PyAVReader(path, threads)
                 self.backend = name
                 break
             except Exception as e:  # noqa: BLE001 - any reader failure means: try the next one, then report all
@@ -309,7 +311,7 @@ class VideoFile:
             if self.backend == "decord":  # decord opened the file but fails to decode it: PyAV gets a try
                 try:
                     self.reader.close()
-                    self.reader, self.backend = _PyAVReader(self.path), "pyav"
+                    self.reader, self.backend = _PyAVReader(self.path, self.threads), "pyav"
                     return self.reader.get(np.asarray(indices, dtype=np.int64))
                 except Exception as e2:  # noqa: BLE001
                     raise MediaError(f"{self.path}: cannot decode frames ({type(e).__name__}: {e}; "
@@ -776,9 +778,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
                  tokens_per_frame: int, num_frames: int = 8, max_len: int = 4096, fps: float | None = None,
-                 seed: int = 0, video_backend: str | None = None):
+                 seed: int = 0, video_backend: str | None = None, decode_threads: int = 0):
         self.tokenizer, self.image_size, self.tokens_per_frame = tokenizer, image_size, tokens_per_frame
         self.video_backend = video_backend  # None: decord, PyAV on failure; "pyav" reads long videos faster
+        self.decode_threads = decode_threads  # 0: the decoder's default (~1 per core); loader workers set a share
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -839,7 +842,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     opened.append(("image", path, load_image(path)))
                     counts.append(1)
                 else:
-                    video = VideoFile(path, self.video_backend)
+                    video = VideoFile(path, self.video_backend, self.decode_threads)
                     opened.append(("video", path, (video, video.indices(self.num_frames, self.fps))))
                     counts.append(len(opened[-1][2][1]))  # F frames after uniform / fps sampling
                     if counts[-1] == 0:

@@ -35,6 +35,7 @@ step, data position, RNG), with `checkpoints/latest` naming the newest complete 
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ class TrainConfig:
     seq_len: int = 512           # max tokens per sample (stage 4: the target context = window length)
     media_root: str = ""         # media paths in the data files are relative to this ("": the first file's folder)
     cache_data: bool = False     # keep decoded samples in memory (small data sets: the demo)
+    workers: int = -1            # loader processes building the next steps' batches (-1: auto, see loader_workers)
     # which modules learn
     train_vision: bool = False
     train_projector: bool = True
@@ -583,6 +585,117 @@ def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int)
     return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
 
 
+def pack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
+
+    data.preprocess resizes in uint8 and only then normalises, (k/255 - 0.5)/0.5 = k * 2/255 - 1 for an integer
+    k, so k = round((x + 1) * 127.5) recovers it and unpack_pixels redoes preprocess's two float ops on it:
+    bitwise the same tensor at a quarter of the bytes. That matters between loader processes (a 1024-frame 384 px
+    sample is 1.8 GB in fp32, 0.45 GB in uint8, through shared memory, pinned memory and PCIe). Pixels that are
+    not of that form (data.preprocess's float path when one side grows, --data synthetic) stay float. Done 64
+    frames at a time, so packing a 1.8 GB sample needs 0.45 GB more, not two more float copies."""
+    k = torch.empty(x.shape, dtype=torch.uint8)  # (F, 3, S, S)
+    for s in range(0, len(x), 64):
+        k[s:s + 64] = x[s:s + 64].add(1.0).mul_(127.5).round_().clamp_(0, 255)  # (64, 3, S, S) levels 0..255
+        if not torch.equal(unpack_pixels(k[s:s + 64]), x[s:s + 64]):
+            return x
+    return k
+
+
+def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (F, 3, S, S) from pack_pixels -> float32 in [-1, 1], the same ops as data.preprocess (on any device);
+    float input passes through."""
+    return x.float().mul_(2.0 / 255.0).sub_(1.0) if x.dtype == torch.uint8 else x
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The data of optimizer steps first..last-1 as a map-style dataset: item k = this rank's collated
+    micro-batches of step first + k, plus the samples that step had to skip.
+
+    An item is a pure function of (seed, step) - data.SPSampler.indices_for_step(step) is, and so is building a
+    sample - so it does not matter which process builds it or in which order: any number of loader workers gives
+    the batches of workers=0, and a resumed run starts at the saved step. Every rank of an SP group has the same
+    dp_rank, hence the same indices and the same sample.
+
+    Skipped samples (unreadable media: data.SupervisedDataset counts them in `.skipped` / `.skipped_files`) are
+    counted in whichever process built the item; a DataLoader worker's counters die with it, so each item carries
+    the difference its own build made and the training loop adds them up.
+    """
+
+    def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int,
+                 pack: bool = False):
+        self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
+        self.micro, self.pad_id, self.pack = micro, pad_id, pack  # pack: pixels as uint8 (see pack_pixels)
+
+    def __len__(self):
+        return max(0, self.last - self.first)
+
+    def __getitem__(self, k: int) -> dict:
+        step = self.first + k
+        dataset = self.cache.dataset
+        n0, files0 = getattr(dataset, "skipped", 0), len(getattr(dataset, "skipped_files", []))
+        indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
+        batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        if self.pack:
+            for b in batches:
+                b["images"] = [None if im is None else pack_pixels(im) for im in b["images"]]  # (F, 3, S, S) each
+        return {"step": step, "batches": batches, "skipped": getattr(dataset, "skipped", 0) - n0,
+                "skipped_files": list(getattr(dataset, "skipped_files", [])[files0:])}
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask: containers and `taskset` give fewer than os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(cfg: TrainConfig) -> int:
+    """--workers, or when -1 (auto): 0 with --cache_data (after the first epoch every step is a dictionary
+    lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a 1024-frame sample takes
+    ~60 core-seconds (README), so the loader wants every core it can get; the processes of a node share them, and
+    past 8 per process the in-flight samples' memory (workers x 2 steps) costs more than it gains."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    if cfg.cache_data:
+        return 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: processes on this node
+    return max(1, min(8, cpu_cores() // local_world))
+
+
+def _init_loader_worker(worker_id: int, decode_threads: int):
+    """In each loader process: give the video decoder its share of the cores (DataLoader already set torch to 1
+    thread). A sample's frames come out of one decoder, so threads inside it are the only parallelism within one
+    sample; with as many workers as cores, more threads than 1 per worker would only oversubscribe."""
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset.cache.dataset
+    if hasattr(dataset, "decode_threads"):
+        dataset.decode_threads = decode_threads
+
+
+def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, workers: int,
+                pin_memory: bool, seed: int, timeout: float = 0) -> torch.utils.data.DataLoader:
+    """Batches of steps first..last-1, in order. workers = 0: built in this process when the step asks for them
+    (the plain synchronous loop). workers = N > 0: N forked processes build the next steps while the current one
+    trains; each holds at most 2 finished steps (prefetch_factor), so at most 2N steps of pixels are in memory.
+
+    batch_size=None: an item already is a whole step (no re-collation). One pass over the stage's steps is one
+    DataLoader epoch, so persistent_workers would never be used: workers end with the stage. The generator is
+    private because creating the iterator draws a seed for the workers, and drawing it from torch's global RNG
+    would change the training RNG stream (and break bitwise equality with workers=0 and exact resume). Workers send
+    pixels as uint8 (pack_pixels; forward_backward unpacks them on the compute device). timeout (workers > 0):
+    seconds to wait for one step before raising (0: forever; benchmarks)."""
+    steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
+    extra = {}
+    if workers > 0:
+        threads = max(1, cpu_cores() // (workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        extra = dict(prefetch_factor=2, timeout=timeout,
+                     worker_init_fn=functools.partial(_init_loader_worker, decode_threads=threads))
+    # pinned (page-locked) memory lets the copy to the GPU run asynchronously; DataLoader pins in a thread of its
+    # own with workers, in the step itself without (where it would only add a copy to the synchronous loop)
+    return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=pin_memory and workers > 0,
+                                       generator=torch.Generator().manual_seed(seed), **extra)
+
+
 def supervised_targets(labels: torch.Tensor) -> int:
     """Positions whose NEXT token is supervised (the loss's count after shifting)."""
     import longvila
@@ -615,7 +728,8 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
-        images = [None if im is None else im.to(device) for im in b["images"]]  # per sample (F, 3, S, S) | None
+        # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
+        images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
         with autocast():
             if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
                 _, loss = model(ids, images, labels, return_logits=False, sp=layout)  # this rank's share
@@ -743,6 +857,13 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 
     # --- data ---
     dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
+    workers = loader_workers(cfg)
+    if workers > 0 and cfg.cache_data:
+        # The cache would live in each worker (a copy per process, each decoding every sample again) and after the
+        # first epoch serves steps in microseconds: caching and workers answer the same problem for different data
+        # sizes, so a run picks one.
+        raise ValueError(f"--cache_data with --workers {workers}: the cache is kept in the training process, "
+                         "workers decode in their own; pass --workers 0 (small data: cache) or --no-cache_data")
     cache = ItemCache(dataset, cfg.cache_data)
     if cfg.global_batch % (layout.dp * cfg.micro_batch):
         raise ValueError(f"--global_batch {cfg.global_batch} must be a multiple of dp ({layout.dp}) x "
@@ -753,12 +874,12 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch)
     sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed, batch_size=cfg.global_batch // layout.dp)
     # --- resume ---
-    start = 0
+    start, skipped_total = 0, 0
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is not None:
             meta = load_checkpoint(ckpt, model, optimizer, rank, device)
-            start = meta["step"]
+            start, skipped_total = meta["step"], meta.get("data_skipped", 0)
             log.info(f"resumed from {ckpt} at step {start}")
             if rank == 0 and os.path.exists(log.path):  # drop the lines of steps that will be redone
                 with open(log.path) as f:
@@ -770,24 +891,31 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     log.write_config(cfg.out, cfg, dict(world_size=world, dp=layout.dp, sp=layout.sp, ring=layout.ring,
                                         ulysses=layout.ulysses, device=str(device), compute_dtype=str(compute_dtype),
                                         dataset_size=len(dataset), trainable_params=n_train, total_params=n_total,
-                                        config_changes=changes, tokenizer=tok_json, start_step=start))
+                                        config_changes=changes, tokenizer=tok_json, start_step=start,
+                                        loader_workers=workers))
     log.info(f"stage {cfg.stage} ({STAGES[cfg.stage].name}): {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters "
              f"train; {len(dataset)} samples; world {world} = dp {layout.dp} x ring {layout.ring} x ulysses "
-             f"{layout.ulysses}; {cfg.steps} steps of {cfg.global_batch} samples; {device}, {compute_dtype}"
+             f"{layout.ulysses}; {cfg.steps} steps of {cfg.global_batch} samples; {device}, {compute_dtype}; "
+             f"{f'{workers} loader workers' if workers else 'data loaded in-process'}"
              + (f"; {', '.join(f'{k} {a:g} -> {b:g}' for k, (a, b) in changes.items())}" if changes else ""))
 
     peak = peak_flops(cfg, device)
     meta = dict(stage=cfg.stage, seed=cfg.seed, global_batch=cfg.global_batch)
     model.train()
+    # the data position of a step is the step itself (the sampler is a pure function of (seed, step)): the loader
+    # starts at `start`, so a resumed run reads exactly what the uninterrupted one read
+    loader = iter(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id, workers,
+                              pin_memory=use_cuda, seed=cfg.seed))
     t_loop = time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        # the data position of a step is the step itself: the sampler is a pure function of (seed, step)
-        indices = sampler.indices_for_step(step)
-        batches = micro_batches(indices, cache, cfg.micro_batch, tokenizer.pad_id)
+        item = next(loader)  # with workers: built while the previous steps trained; data_s = the time we waited
+        t_data = time.time() - t0
+        assert item["step"] == step, (item["step"], step)
+        batches = item["batches"]
         loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
         norm = grad_norm_and_clip(params, cfg.grad_clip)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
@@ -806,20 +934,28 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         dt = time.time() - t0
         # FLOPs of this rank's samples, summed over dp (SP ranks share theirs): LLM (with attention) + vision
         frames = sum(im.shape[0] for b in batches for im in b["images"] if im is not None)
-        flops = torch.tensor(sum(fa * T + fb * T * T for T in lengths) + fv * frames, dtype=torch.float64,
-                             device=device)  # () on the compute device: NCCL has no CPU tensors
+        # (2,) FLOPs and skipped samples, on the compute device (NCCL has no CPU tensors), summed over dp (the
+        # ranks of an SP group read the same samples, so each counted them once)
+        counts = torch.tensor([sum(fa * T + fb * T * T for T in lengths) + fv * frames, item["skipped"]],
+                              dtype=torch.float64, device=device)
         if world > 1:
-            dist.all_reduce(flops)
-            flops /= layout.sp
+            dist.all_reduce(counts)
+            counts /= layout.sp
+        flops, skipped = counts[0], int(round(float(counts[1])))
+        skipped_total += skipped
+        if item["skipped_files"]:  # this rank's view; the warning of each skip was printed where it happened
+            log.info(f"stage {cfg.stage} step {step + 1}: skipped {item['skipped']} sample(s) with unreadable "
+                     f"media: {', '.join(item['skipped_files'])}")
         record = dict(stage=cfg.stage, step=step + 1, loss=loss.item(), lr=lr, grad_norm=norm.item(),
                       tok_per_s=tokens / dt, tok_per_s_per_device=tokens / dt / world,
                       mfu=(float(flops) / dt / world / peak) if peak else None, mem_gb=peak_memory_gb(device),
-                      step_s=dt, skipped=not finite, time=time.time())
+                      step_s=dt, data_s=t_data, skipped=not finite, data_skipped=skipped_total, time=time.time())
         log.step(record, progress_bar(step + 1 - start, cfg.steps - start, time.time() - t_loop))
         done = step + 1
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and not cfg.no_save:
             save_checkpoint(cfg.out, done, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
-                            meta)
+                            dict(meta, data_skipped=skipped_total))
+    del loader  # its workers (if any) exit now, not when the next stage starts its own
 
     # --- the end: a throughput summary (steps after the first third: compilation and autotuning are over) ---
     if rank == 0 and cfg.steps > start:
@@ -831,7 +967,9 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
         log.info(f"stage {cfg.stage} summary over steps {rows[0]['step']}-{rows[-1]['step']}: {tps:,.0f} tokens/s/device, "
                  f"MFU {mfu_text}, peak memory {max(r['mem_gb'] for r in rows):.2f} GB/device, "
-                 f"loss {every[0]['loss']:.4f} (step 1) -> {every[-1]['loss']:.4f}, {world} x {device.type}")
+                 f"loss {every[0]['loss']:.4f} (step 1) -> {every[-1]['loss']:.4f}, {world} x {device.type}, "
+                 f"{every[-1].get('data_skipped', 0)} samples skipped (unreadable media), "
+                 f"waited {sum(r.get('data_s', 0.0) for r in rows) / len(rows):.2f} s/step for data")
 
     # --- the end: a checkpoint to resume from, and the model in the released layout for the next stage ---
     final = os.path.join(cfg.out, "model")
@@ -840,7 +978,7 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         return final
     if cfg.save_every:
         save_checkpoint(cfg.out, cfg.steps, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
-                        meta)
+                        dict(meta, data_skipped=skipped_total))
     tmp = os.path.join(cfg.out, "model.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -869,7 +1007,10 @@ HELP = {
     "num_frames": "frames per video (0: the model config's num_video_frames)",
     "seq_len": "max tokens per sample; stage 4: the context window it extends to",
     "media_root": "folder the media paths of the data files are relative to (default: the first file's folder)",
-    "cache_data": "keep decoded samples in memory (default on for the tiny demo)",
+    "cache_data": "keep decoded samples in memory (default on for the tiny demo and --data synthetic, unless "
+                  "--workers > 0)",
+    "workers": "loader processes that build the next steps' batches while the current step trains (-1: 0 with "
+               "--cache_data, else min(8, cores / processes per node); 0: in the training process)",
     "train_vision": "train the vision tower", "train_projector": "train the projector", "train_llm": "train the LLM",
     "lr": "peak learning rate", "schedule": "cosine | constant (both after a linear warmup)",
     "warmup": "warmup: < 1 = fraction of the steps, >= 1 = steps", "min_lr_ratio": "cosine floor as a fraction of lr",
@@ -897,7 +1038,7 @@ HELP = {
 }
 GROUPS = {
     "what to train": ["stage", "model", "init_from", "out"],
-    "data": ["data", "media_root", "num_frames", "seq_len", "cache_data"],
+    "data": ["data", "media_root", "num_frames", "seq_len", "cache_data", "workers"],
     "trainable modules": ["train_vision", "train_projector", "train_llm"],
     "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                      "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "checkpoint_mode",
@@ -1001,8 +1142,8 @@ def main(argv=None):
     model_dir = None
     for stage in stages:
         cfg = resolve(stage, args)
-        if (cfg.model == "tiny" or cfg.data == "synthetic") and "cache_data" not in args:
-            cfg.cache_data = True
+        if (cfg.model == "tiny" or cfg.data == "synthetic") and "cache_data" not in args and cfg.workers <= 0:
+            cfg.cache_data = True  # small data: decode once (an explicit --workers N > 0 keeps the cache off)
         if cfg.data != "synthetic" and "," not in cfg.data and not os.path.splitext(cfg.data)[1]:  # demo folder
             ensure_demo_data(cfg.data, info.rank, info.world_size)
         key = (cfg.sp, cfg.ring)

@@ -7,6 +7,7 @@ All runs use a small demo data set (data.make_demo with a few dozen samples) and
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,3 +252,73 @@ def test_nonfinite_loss_stops_or_skips(demo, tmp_path, monkeypatch):
     train.main(args + ["--out", str(tmp_path / "skip"), "--skip_nonfinite"])
     rows = metrics(str(tmp_path / "skip" / "stage1"))
     assert [r["skipped"] for r in rows] == [False, True, False]
+
+
+# -----------------------------------------------------------------------------
+# the background loader: N worker processes build the next steps' batches; the training must not notice
+
+
+@pytest.fixture(scope="module")
+def broken_media(demo, tmp_path_factory):
+    """The demo's stage-3 samples with every third video unreadable: a missing file, or bytes that are no video.
+    Media paths stay relative to the demo folder (--media_root)."""
+    root = tmp_path_factory.mktemp("broken")
+    garbage = root / "garbage.mp4"
+    garbage.write_bytes(os.urandom(4096))
+    with open(os.path.join(demo, "stage3.json")) as f:
+        samples = json.load(f)
+    for k, s in enumerate(samples):
+        if k % 3 == 0:
+            s["video"] = str(garbage) if k % 2 else "media/short/missing.mp4"
+    path = root / "stage3_broken.json"
+    path.write_text(json.dumps(samples))
+    return str(path)
+
+
+def test_loader_workers_equal_in_process_and_resume(demo, broken_media, tmp_path):
+    """--workers 2 (forked loader processes, 2 steps prefetched each) vs --workers 0 (the synchronous loop) on data
+    with unreadable videos: the same losses, grad norms and skipped-sample counts step by step, and bitwise the
+    same final weights, because a step's batch is a pure function of (seed, step) wherever it is built. Then the
+    workers=2 run is rewound to its step-2 checkpoint (as after a kill) and resumed with workers: bitwise again."""
+    args = ["--stage", "3", "--init_from", "none", "--data", broken_media, "--media_root", demo, "--steps", "4",
+            "--global_batch", "2", "--num_frames", "4", "--save_every", "2", "--no-cache_data"]
+    runs = {w: str(tmp_path / f"w{w}") for w in (0, 2)}
+    out = {w: run_train(args + ["--workers", str(w), "--out", runs[w]]).stdout for w in runs}
+    ref, got = metrics(os.path.join(runs[0], "stage3")), metrics(os.path.join(runs[2], "stage3"))
+    key = lambda rows: [(r["step"], r["loss"], r["grad_norm"], r["data_skipped"]) for r in rows]  # noqa: E731
+    assert key(got) == key(ref)
+    assert ref[-1]["data_skipped"] > 0, "no unreadable sample was drawn: the test data lost its point"
+    assert "missing.mp4" in out[2] or "garbage.mp4" in out[2]  # the skipped files reach the log from the workers
+    assert f"{ref[-1]['data_skipped']} samples skipped" in out[2]  # ... and the summary
+    with open(os.path.join(runs[2], "stage3", "config.json")) as f:
+        assert json.load(f)["loader_workers"] == 2
+    a, b = weights(os.path.join(runs[0], "stage3", "model")), weights(os.path.join(runs[2], "stage3", "model"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    run = os.path.join(runs[2], "stage3")
+    train.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")
+    shutil.rmtree(os.path.join(run, "model"))
+    p = run_train(args + ["--workers", "2", "--out", runs[2], "--resume"])
+    assert "at step 2" in p.stdout
+    assert key(metrics(run)) == key(ref)  # the skipped count went through the checkpoint too
+    b = weights(os.path.join(run, "model"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loader_workers_default_and_cache_conflict(demo, tmp_path):
+    assert train.loader_workers(train.TrainConfig(cache_data=True)) == 0  # cached demo: nothing to overlap
+    assert 1 <= train.loader_workers(train.TrainConfig(cache_data=False)) <= 8
+    assert train.loader_workers(train.TrainConfig(cache_data=False, workers=0)) == 0
+    with pytest.raises(ValueError, match="--cache_data with --workers 2"):
+        train.main(["--stage", "1", "--data", demo, "--steps", "1", "--global_batch", "2", "--cache_data",
+                    "--workers", "2", "--out", str(tmp_path / "x"), "--eval", "none"])
+
+
+def test_pack_pixels_is_lossless_or_a_no_op():
+    """Loader workers send preprocess's pixels as uint8: bitwise the same after unpacking; other floats stay."""
+    frames = torch.randint(0, 256, (2, 45, 80, 3), dtype=torch.uint8).numpy()  # (F, H, W, 3)
+    x = data.preprocess(frames, 32)  # (F, 3, 32, 32) float32
+    k = train.pack_pixels(x)
+    assert k.dtype == torch.uint8 and torch.equal(train.unpack_pixels(k), x)
+    y = torch.rand(2, 3, 8, 8) * 2 - 1  # (F, 3, S, S) not on the 2/255 grid: --data synthetic
+    assert train.pack_pixels(y) is y
