@@ -556,6 +556,10 @@ _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small proble
 _FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
     "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
 }
+# fp32 inputs with a padded head dim of 128 (D = 72..128): the 64x64 two-stage tiles above need 262,656 bytes of
+# shared memory in fp32 (H200 limit 232,448; seen in a compiled GPU run of tests/test_kernels.py, cases D=72 and
+# D=80). Tiles of a quarter the size, one stage. The fp32 path is the accuracy path, not the fast one.
+_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
 _TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: fixed config
 
 
@@ -564,13 +568,20 @@ def _bucket(n):
     return min(1 << max(0, int(n) - 1).bit_length(), 16384)
 
 
+def _fixed_config(name, dot_prec, block_d):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` when it is not autotuned."""
+    if _INTERPRET:
+        return _FIXED_INTERPRET[name]
+    return (_FIXED_FP32_WIDE if dot_prec == "tf32x3" and block_d > 64 else _FIXED)[name]
+
+
 def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
     """Run `tuned` (autotuned, TMA or not) on large 16-bit problems, else `raw` with the fixed config (fp32 inputs
     too: the tuned tiles are sized for 16-bit data and would overflow shared memory in fp32)."""
     if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK and consts["DOT_PREC"] != "tf32x3":
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
-    bm, bn, w, s = (_FIXED_INTERPRET if _INTERPRET else _FIXED)[name]
+    bm, bn, w, s = _fixed_config(name, consts["DOT_PREC"], consts["BLOCK_D"])
     nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
     _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
     raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)

@@ -259,3 +259,45 @@ def test_gpu_real_size_error_vs_sdpa(Hkv):
         err_s = ((s.float() - r).norm() / r.norm()).item()
         print(f"{name}: triton {err_o:.2e}  sdpa-flash {err_s:.2e}")
         assert math.isfinite(err_o) and err_o <= 2 * err_s, name
+
+
+COMPILE_SMEM = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+kernels._INTERPRET = False  # the GPU tables, whatever this machine is
+out = []
+# the backward kernels hold the most tiles (fwd needs 196,608 bytes at the largest fp32 config); ~10 s a compile
+for name, fn, floats, ptr, prec, D in [("dkdv", kernels._bwd_dkdv_kernel, {"scale", "scale2"}, "*bf16", "tf32", 128),
+                                       ("dkdv", kernels._bwd_dkdv_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72),
+                                       ("dq", kernels._bwd_dq_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72)]:
+    bm, bn, warps, stages = kernels._fixed_config(name, prec, triton.next_power_of_2(D))
+    consts = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), EVEN_D=triton.next_power_of_2(D) == D,
+                  CAUSAL=True, UPCAST=False, DOT_PREC=prec, USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn)
+    n_ptr = fn.arg_names.index("sqb")  # tensors come first, then strides/sizes, then constexprs
+    sig = {a: "constexpr" if a in consts else ptr if i < n_ptr else "fp32" if a in floats else "i32"
+           for i, a in enumerate(fn.arg_names)}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    out.append([name, ptr, D, k.metadata.shared])
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_fixed_configs_fit_hopper_shared_memory(tmp_path):
+    # Compile (no GPU needed: Triton ships ptxas) every non-autotuned config for sm_90 and check its shared memory
+    # against the H100/H200 per-block limit (232,448 bytes). A compiled GPU run of this file once failed with
+    # "Required: 262656" for fp32 at D=72 (64x64 two-stage tiles); _FIXED_FP32_WIDE is the fix. A subprocess,
+    # because this process runs the kernels in the interpreter (no compiler).
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", COMPILE_SMEM], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3
+    for name, ptr, D, shared in rows:
+        assert shared <= 232448, f"{name} {ptr} D={D}: {shared} bytes of shared memory"
