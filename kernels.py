@@ -43,6 +43,13 @@ and TMA but does not warp-specialize on Hopper, so the softmax (exp2, row max/su
 work as in FA3/cuDNN's ping-pong schedule; the backward does 7 matrix products per tile pair instead of 5 (the dQ
 kernel recomputes QK^T and dO V^T rather than accumulating dQ with atomics), and the dK/dV kernel holds two fp32
 (BLOCK_N, D) accumulators, which puts it at 230-255 registers per thread (spills in some configs).
+
+Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
+(aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
+ring attention and the model can run on it (`DEFAULT_BACKEND = "cudnn"`, or train.py --attn_backend cudnn). It
+has one causal mask (square, top-left), which is every call the zigzag ring and the model make; anything else
+(offset masks, fp32, D > 128) falls back to Triton. On 2 H200 the zigzag ring over it matches torch's context
+parallel over cuDNN at 128k tokens (472 vs 474 ms), and 8B stage-5 training at 64k tokens runs 1.22x faster.
 """
 import functools
 import math

@@ -44,8 +44,14 @@ import shutil
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+# Before torch touches CUDA: grow the caching allocator's segments in place instead of carving fixed blocks. Long-
+# video steps allocate activations of very different sizes (frames, then 64k-256k tokens), and with fixed blocks an
+# 8B stage-5 step at 128k tokens on an H200 failed with 14 GB reserved but unusable (fragmentation). Set the
+# variable yourself to override.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # configuration: one dataclass of every flag, and the table of stage presets

@@ -301,3 +301,25 @@ def test_fixed_configs_fit_hopper_shared_memory(tmp_path):
     assert len(rows) == 3
     for name, ptr, D, shared in rows:
         assert shared <= 232448, f"{name} {ptr} D={D}: {shared} bytes of shared memory"
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.HAS_TRITON else []))
+def test_backend_choice_fully_visible_mask_and_dkdv_callback(backend, monkeypatch):
+    q, k, v, dout = make(1, 24, 40, 4, 2, 64, torch.float32)
+    # a causal call whose first query already sees the last key is the unmasked call (cuDNN can then take it)
+    full = kernels.attention_forward(q, k, v, causal=False, backend=backend)
+    past = kernels.attention_forward(q, k, v, causal=True, q_offset=39, k_offset=0, backend=backend)
+    assert torch.equal(full[0], past[0]) and torch.equal(full[1], past[1])
+    # on_dkdv sees the final dk/dv (on triton: before the dQ kernel is queued), exactly what is returned
+    seen = []
+    grads = kernels.attention_backward(dout, q, k, v, *full, causal=False, backend=backend,
+                                       on_dkdv=lambda dk, dv: seen.append((dk.clone(), dv.clone())))
+    assert len(seen) == 1 and torch.equal(seen[0][0], grads[1]) and torch.equal(seen[0][1], grads[2])
+    # DEFAULT_BACKEND is what backend=None means; bad names and cudnn on CPU tensors are clear errors
+    monkeypatch.setattr(kernels, "DEFAULT_BACKEND", backend)
+    assert torch.equal(kernels.attention_forward(q, k, v, causal=False)[0], full[0])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.attention_forward(q, k, v, backend="flash3")
+    if not q.is_cuda:
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            kernels.attention_forward(q, k, v, backend="cudnn")
