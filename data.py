@@ -428,11 +428,34 @@ def load_video(path: str, image_size: int, num_frames: int | None = None, fps: f
         return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
 
 
-def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64) -> torch.Tensor:
-    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time."""
+def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64,
+                 threads: int = 1) -> torch.Tensor:
+    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time.
+
+    threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded by its own reader
+    of the file in its own thread (decord calls through ctypes, PyAV decodes and converts, torch resizes: all
+    without the GIL). A 1024-frame sample of a long video needs almost every frame decoded, ~60 CPU-seconds in one
+    thread; the runs split all of that work, where a decoder's own threads speed up only the decoding (not the RGB
+    conversion and the resize). Every run starts at a key frame, so the pixels equal the one-thread result.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
-    for s in range(0, len(indices), chunk):
-        out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+    if threads <= 1 or len(indices) < 2 * threads:
+        for s in range(0, len(indices), chunk):
+            out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = np.array_split(np.argsort(indices, kind="stable"), threads)  # positions into indices, by frame number
+
+    def decode(run: np.ndarray):
+        with VideoFile(video.path, video.backend, threads=1) as v:  # readers are not thread-safe: one each
+            for s in range(0, len(run), chunk):
+                pos = torch.from_numpy(run[s:s + chunk])  # (c,) positions in the output
+                out[pos] = preprocess(v.get(indices[run[s:s + chunk]]), image_size)  # (c, 3, S, S)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, runs))  # list(): re-raise a failed run's exception here
     return out
 
 
@@ -781,7 +804,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                  seed: int = 0, video_backend: str | None = None, decode_threads: int = 0):
         self.tokenizer, self.image_size, self.tokens_per_frame = tokenizer, image_size, tokens_per_frame
         self.video_backend = video_backend  # None: decord, PyAV on failure; "pyav" reads long videos faster
-        self.decode_threads = decode_threads  # 0: the decoder's default (~1 per core); loader workers set a share
+        # threads decoding one video: 0 = one reader with the library's own threads (its default); k >= 1 = k
+        # single-threaded readers on k runs of the frames (video_pixels); loader workers set their share of the cores
+        self.decode_threads = decode_threads
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -842,7 +867,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     opened.append(("image", path, load_image(path)))
                     counts.append(1)
                 else:
-                    video = VideoFile(path, self.video_backend, self.decode_threads)
+                    video = VideoFile(path, self.video_backend, 1 if self.decode_threads >= 1 else 0)
                     opened.append(("video", path, (video, video.indices(self.num_frames, self.fps))))
                     counts.append(len(opened[-1][2][1]))  # F frames after uniform / fps sampling
                     if counts[-1] == 0:
@@ -857,7 +882,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 else:
                     video, idx = obj
                     idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
-                    pixels.append(video_pixels(video, idx, self.image_size))  # (F, 3, S, S)
+                    pixels.append(video_pixels(video, idx, self.image_size, threads=self.decode_threads))  # (F,3,S,S)
         finally:
             for kind, _, obj in opened:
                 if kind == "video":

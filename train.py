@@ -678,9 +678,10 @@ def loader_workers(cfg: TrainConfig) -> int:
 
 
 def _init_loader_worker(worker_id: int, decode_threads: int):
-    """In each loader process: give the video decoder its share of the cores (DataLoader already set torch to 1
-    thread). A sample's frames come out of one decoder, so threads inside it are the only parallelism within one
-    sample; with as many workers as cores, more threads than 1 per worker would only oversubscribe."""
+    """In each loader process: its share of the cores decodes each video (data.video_pixels: that many readers on
+    contiguous runs of the frames; DataLoader already set torch to 1 thread). With few workers a sample is ready
+    sooner (and fewer samples sit in memory); with as many workers as cores it is 1 thread each, no
+    oversubscription."""
     info = torch.utils.data.get_worker_info()
     dataset = info.dataset.cache.dataset
     if hasattr(dataset, "decode_threads"):

@@ -322,3 +322,18 @@ def test_pack_pixels_is_lossless_or_a_no_op():
     assert k.dtype == torch.uint8 and torch.equal(train.unpack_pixels(k), x)
     y = torch.rand(2, 3, 8, 8) * 2 - 1  # (F, 3, S, S) not on the 2/255 grid: --data synthetic
     assert train.pack_pixels(y) is y
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_video_runs_in_threads_equal_one_reader(tmp_path, backend):
+    """Loader workers decode one video with several readers on contiguous runs of its frames (one thread each):
+    the pixels must equal one reader's, in the original (unsorted, repeated) order."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (90, 48, 64, 3), dtype=torch.uint8, generator=g).numpy()  # (F, H, W, 3)
+    path = str(tmp_path / "v.mp4")
+    data.write_video(path, frames, fps=30, gop=12)  # key frames every 12: every run starts at its own
+    idx = [80, 3, 3, 41, 17, 66, 25, 89, 0, 52, 52, 30]
+    with data.VideoFile(path, backend, threads=1) as v:
+        one = data.video_pixels(v, idx, 32, chunk=4)  # (12, 3, 32, 32)
+        three = data.video_pixels(v, idx, 32, chunk=4, threads=3)
+    assert torch.equal(one, three)
