@@ -463,6 +463,9 @@ def _data_run(args):
                   f"(first after {row['first_s']} s) -> {row['samples_per_s']:.3f} samples/s, "
                   f"{row['frames_per_s']:.1f} frames/s{' (cut at --max-seconds)' if partial else ''} | "
                   + json.dumps(row), flush=True)
+            if args.json:  # after every setting too: a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     return rows
 
 

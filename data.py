@@ -27,10 +27,11 @@ Public API (SPEC.md):
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
     collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}
     IMAGE_TOKEN_ID = -200, IGNORE_INDEX = -100 (taken from longvila.py when it exists)
-  also: VideoFile(path, backend) (.num_frames, .fps, .indices(), .get(indices)), load_video(path, image_size,
-    num_frames, fps, chunk) (decode + preprocess in chunks), write_video(path, frames, fps), mcq_prompt(question,
-    options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out, DemoConfig), COLORS,
-    SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
+  also: VideoFile(path, backend, threads=0) (.num_frames, .fps, .indices(), .get(indices)), load_video(path,
+    image_size, num_frames, fps, chunk) (decode + preprocess in chunks), video_pixels(video, indices, image_size,
+    chunk, threads=1) (threads > 1: runs of frames decoded in parallel), write_video(path, frames, fps),
+    mcq_prompt(question, options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out,
+    DemoConfig), COLORS, SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
 
 --------------------------------------------------------------------------------------------------------------
 Demo data layout: `python data.py demo --out data/demo --seed 0` (deterministic by seed, a few seconds)
