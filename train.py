@@ -651,7 +651,10 @@ class StepBatches(torch.utils.data.Dataset):
         dataset = self.cache.dataset
         n0, files0 = getattr(dataset, "skipped", 0), len(getattr(dataset, "skipped_files", []))
         indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
-        batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        try:
+            batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        except Exception as e:  # in a worker, DataLoader re-raises it in the training process with this message
+            raise RuntimeError(f"data of step {step + 1} (dataset indices {indices}): {type(e).__name__}: {e}") from e
         if self.pack:
             for b in batches:
                 b["images"] = [None if im is None else pack_pixels(im) for im in b["images"]]  # (F, 3, S, S) each

@@ -338,3 +338,22 @@ def test_video_runs_in_threads_equal_one_reader(tmp_path, backend):
         one = data.video_pixels(v, idx, 32, chunk=4)  # (12, 3, 32, 32)
         three = data.video_pixels(v, idx, 32, chunk=4, threads=3)
     assert torch.equal(one, three)
+
+
+def test_loader_error_names_the_step_and_the_sample():
+    """A step whose samples cannot be built (data.SupervisedDataset gives up after 64 bad ones in a row) stops
+    training with the step, the dataset indices and the dataset's own message (which names the file), also when a
+    worker process hit it."""
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise RuntimeError(f"sample s3-{i}: /data/video_{i}.mp4: cannot open video")
+
+    sampler = data.SPSampler(4, 0, 1, seed=0, batch_size=2)
+    for workers in (0, 1):
+        loader = train.step_loader(train.ItemCache(Unreadable(), False), sampler, 1, 2, 1, 0, workers,
+                                   pin_memory=False, seed=0)
+        with pytest.raises(RuntimeError, match=r"data of step 2 \(dataset indices \[\d, \d\]\).*video_\d\.mp4"):
+            next(iter(loader))
