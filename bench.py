@@ -435,7 +435,7 @@ def _data_run(args):
                 loader.worker_init_fn = None
             t0 = time.perf_counter()
             arrived, frames, partial = [], 0, False
-            it = iter(loader)
+            it = train.start_loader(loader)  # forks the workers
             try:
                 for _ in range(count):
                     item = next(it)

@@ -808,6 +808,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         # threads decoding one video: 0 = one reader with the library's own threads (its default); k >= 1 = k
         # single-threaded readers on k runs of the frames (video_pixels); loader workers set their share of the cores
         self.decode_threads = decode_threads
+        # (sp_rank, sp) or None: decode only the frames this rank of a sequence-parallel group encodes (train.py
+        # sets it); the others stay -1, the sample's shapes and tokens are unchanged
+        self.frame_shard: tuple[int, int] | None = None
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -876,14 +879,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
             ids, labels, counts = self._fit(sid, convs, ids, labels, counts, [k for k, _ in slots])
-            pixels = []
+            lo, hi = 0, sum(counts)  # the frames of the sample (all media, in slot order) this process decodes
+            if self.frame_shard is not None:
+                rank, sp = self.frame_shard
+                per = -(-hi // sp)  # mmsp.frame_split: ceil(F/sp) frames per SP rank
+                lo, hi = min(rank * per, hi), min((rank + 1) * per, hi)
+            pixels, first = [], 0
             for (kind, path, obj), n in zip(opened, counts):
+                a, b = min(max(lo - first, 0), n), min(max(hi - first, 0), n)  # [a, b) of this medium's n frames
+                first += n
                 if kind == "image":
-                    pixels.append(preprocess(obj[None], self.image_size))  # (1, 3, S, S)
-                else:
-                    video, idx = obj
-                    idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
+                    pixels.append(preprocess(obj[None], self.image_size) if a < b else  # (1, 3, S, S)
+                                  torch.full((1, 3, self.image_size, self.image_size), -1.0))  # not ours: see below
+                    continue
+                video, idx = obj
+                idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
+                if a == 0 and b == n:
                     pixels.append(video_pixels(video, idx, self.image_size, threads=self.decode_threads))  # (F,3,S,S)
+                    continue
+                # frames another SP rank encodes: never read here (mmsp.encode_frames_sharded), so never decoded;
+                # -1 (black) keeps them on the uint8 grid of train.pack_pixels
+                px = torch.full((n, 3, self.image_size, self.image_size), -1.0)  # (F, 3, S, S)
+                if a < b:
+                    px[a:b] = video_pixels(video, idx[a:b], self.image_size, threads=self.decode_threads)  # (b-a,3,S,S)
+                pixels.append(px)
         finally:
             for kind, _, obj in opened:
                 if kind == "video":

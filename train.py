@@ -36,6 +36,7 @@ step, data position, RNG), with `checkpoints/latest` naming the newest complete 
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -716,6 +717,16 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
                                        generator=torch.Generator().manual_seed(seed), **extra)
 
 
+def start_loader(loader: torch.utils.data.DataLoader):
+    """iter(loader), after freeing this process's garbage when workers are about to be forked. A forked child that
+    frees an object of a library with threads of its own waits forever for threads that exist only in the parent:
+    we saw a worker hang in PyAV's VideoReformatter.__dealloc__ (swscale's slice threads) on garbage left by
+    earlier videos of the parent. Collected here, in the parent, nothing of the kind is left for a child to free."""
+    if loader.num_workers > 0:
+        gc.collect()
+    return iter(loader)
+
+
 def supervised_targets(labels: torch.Tensor) -> int:
     """Positions whose NEXT token is supervised (the loss's count after shifting)."""
     import longvila
@@ -872,6 +883,10 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 
     # --- data ---
     dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
+    if layout.sp > 1 and hasattr(dataset, "frame_shard"):
+        # the ranks of an SP group read the same sample, but each encodes only its ceil(F/sp) frames
+        # (mmsp.encode_frames_sharded): each decodes only those, and sp ranks share the decoding instead of repeating it
+        dataset.frame_shard = (layout.sp_rank, layout.sp)
     workers = loader_workers(cfg)
     if workers > 0 and cfg.cache_data:
         # The cache would live in each worker (a copy per process, each decoding every sample again) and after the
@@ -919,8 +934,8 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     model.train()
     # the data position of a step is the step itself (the sampler is a pure function of (seed, step)): the loader
     # starts at `start`, so a resumed run reads exactly what the uninterrupted one read
-    loader = iter(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id, workers,
-                              pin_memory=use_cuda, seed=cfg.seed))
+    loader = start_loader(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id,
+                                      workers, pin_memory=use_cuda, seed=cfg.seed))
     t_loop = time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()

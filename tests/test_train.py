@@ -356,4 +356,25 @@ def test_loader_error_names_the_step_and_the_sample():
         loader = train.step_loader(train.ItemCache(Unreadable(), False), sampler, 1, 2, 1, 0, workers,
                                    pin_memory=False, seed=0)
         with pytest.raises(RuntimeError, match=r"data of step 2 \(dataset indices \[\d, \d\]\).*video_\d\.mp4"):
-            next(iter(loader))
+            next(train.start_loader(loader))
+
+
+def test_sp_ranks_decode_only_their_frames(demo):
+    """With --sp > 1 each rank of the group decodes only the ceil(F/sp) frames it encodes (the test above checks
+    the losses); here: those frames equal the full sample's, the rest are -1, shapes and tokens are unchanged."""
+    tok = data.Tokenizer.from_file(os.path.join(demo, "tokenizer.json"))
+    ds = data.SupervisedDataset([os.path.join(demo, "stage2.json")], None, tok, 32, 4, num_frames=6, max_len=1024)
+    assert [ds[i]["images"].shape[0] for i in (0, 1, 10)] == [6, 1, 2]  # a video, an image, two images
+    for i in (0, 1, 10):
+        full = ds[i]
+        F = full["images"].shape[0]
+        for sp in (2, 3):
+            per = -(-F // sp)  # mmsp.frame_split
+            for r in range(sp):
+                ds.frame_shard = (r, sp)
+                got = ds[i]  # (a rank may hold no frame at all: 2 images on 3 ranks)
+                lo, hi = min(r * per, F), min((r + 1) * per, F)
+                assert torch.equal(got["input_ids"], full["input_ids"]) and got["images"].shape == (F, 3, 32, 32)
+                assert torch.equal(got["images"][lo:hi], full["images"][lo:hi])
+                assert (got["images"][:lo] == -1).all() and (got["images"][hi:] == -1).all()
+            ds.frame_shard = None
