@@ -403,7 +403,7 @@ def _data_run(args):
         source = args.source
         if source is None:
             source = args.video + ".clip.mp4"
-            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 1 key frame
+            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 2 key frames
         data.loop_video(source, args.video, args.seconds)
         print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB, looped {source}) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
