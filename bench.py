@@ -406,7 +406,7 @@ def _data_run(args):
         source = args.source
         if source is None:
             source = args.video + ".clip.mp4"
-            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 1 key frame
+            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 2 key frames
         data.loop_video(source, args.video, args.seconds)
         print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB, looped {source}) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
@@ -438,7 +438,7 @@ def _data_run(args):
                 loader.worker_init_fn = None
             t0 = time.perf_counter()
             arrived, frames, partial = [], 0, False
-            it = iter(loader)
+            it = train.start_loader(loader)  # forks the workers
             try:
                 for _ in range(count):
                     item = next(it)
@@ -466,6 +466,9 @@ def _data_run(args):
                   f"(first after {row['first_s']} s) -> {row['samples_per_s']:.3f} samples/s, "
                   f"{row['frames_per_s']:.1f} frames/s{' (cut at --max-seconds)' if partial else ''} | "
                   + json.dumps(row), flush=True)
+            if args.json:  # after every setting too: a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     return rows
 
 

@@ -27,10 +27,11 @@ Public API (SPEC.md):
     SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
     collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}
     IMAGE_TOKEN_ID = -200, IGNORE_INDEX = -100 (taken from longvila.py when it exists)
-  also: VideoFile(path, backend) (.num_frames, .fps, .indices(), .get(indices)), load_video(path, image_size,
-    num_frames, fps, chunk) (decode + preprocess in chunks), write_video(path, frames, fps), mcq_prompt(question,
-    options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out, DemoConfig), COLORS,
-    SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
+  also: VideoFile(path, backend, threads=0) (.num_frames, .fps, .indices(), .get(indices)), load_video(path,
+    image_size, num_frames, fps, chunk) (decode + preprocess in chunks), video_pixels(video, indices, image_size,
+    chunk, threads=1) (threads > 1: runs of frames decoded in parallel), write_video(path, frames, fps),
+    mcq_prompt(question, options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out,
+    DemoConfig), COLORS, SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
 
 --------------------------------------------------------------------------------------------------------------
 Demo data layout: `python data.py demo --out data/demo --seed 0` (deterministic by seed, a few seconds)
@@ -428,11 +429,34 @@ def load_video(path: str, image_size: int, num_frames: int | None = None, fps: f
         return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
 
 
-def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64) -> torch.Tensor:
-    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time."""
+def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64,
+                 threads: int = 1) -> torch.Tensor:
+    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time.
+
+    threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded by its own reader
+    of the file in its own thread (decord calls through ctypes, PyAV decodes and converts, torch resizes: all
+    without the GIL). A 1024-frame sample of a long video needs almost every frame decoded, ~60 CPU-seconds in one
+    thread; the runs split all of that work, where a decoder's own threads speed up only the decoding (not the RGB
+    conversion and the resize). Every run starts at a key frame, so the pixels equal the one-thread result.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
-    for s in range(0, len(indices), chunk):
-        out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+    if threads <= 1 or len(indices) < 2 * threads:
+        for s in range(0, len(indices), chunk):
+            out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = np.array_split(np.argsort(indices, kind="stable"), threads)  # positions into indices, by frame number
+
+    def decode(run: np.ndarray):
+        with VideoFile(video.path, video.backend, threads=1) as v:  # readers are not thread-safe: one each
+            for s in range(0, len(run), chunk):
+                pos = torch.from_numpy(run[s:s + chunk])  # (c,) positions in the output
+                out[pos] = preprocess(v.get(indices[run[s:s + chunk]]), image_size)  # (c, 3, S, S)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, runs))  # list(): re-raise a failed run's exception here
     return out
 
 
@@ -781,7 +805,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
                  seed: int = 0, video_backend: str | None = None, decode_threads: int = 0):
         self.tokenizer, self.image_size, self.tokens_per_frame = tokenizer, image_size, tokens_per_frame
         self.video_backend = video_backend  # None: decord, PyAV on failure; "pyav" reads long videos faster
-        self.decode_threads = decode_threads  # 0: the decoder's default (~1 per core); loader workers set a share
+        # threads decoding one video: 0 = one reader with the library's own threads (its default); k >= 1 = k
+        # single-threaded readers on k runs of the frames (video_pixels); loader workers set their share of the cores
+        self.decode_threads = decode_threads
+        # (sp_rank, sp) or None: decode only the frames this rank of a sequence-parallel group encodes (train.py
+        # sets it); the others stay -1, the sample's shapes and tokens are unchanged
+        self.frame_shard: tuple[int, int] | None = None
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -842,7 +871,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     opened.append(("image", path, load_image(path)))
                     counts.append(1)
                 else:
-                    video = VideoFile(path, self.video_backend, self.decode_threads)
+                    video = VideoFile(path, self.video_backend, 1 if self.decode_threads >= 1 else 0)
                     opened.append(("video", path, (video, video.indices(self.num_frames, self.fps))))
                     counts.append(len(opened[-1][2][1]))  # F frames after uniform / fps sampling
                     if counts[-1] == 0:
@@ -850,14 +879,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
             ids, labels, counts = self._fit(sid, convs, ids, labels, counts, [k for k, _ in slots])
-            pixels = []
+            lo, hi = 0, sum(counts)  # the frames of the sample (all media, in slot order) this process decodes
+            if self.frame_shard is not None:
+                rank, sp = self.frame_shard
+                per = -(-hi // sp)  # mmsp.frame_split: ceil(F/sp) frames per SP rank
+                lo, hi = min(rank * per, hi), min((rank + 1) * per, hi)
+            pixels, first = [], 0
             for (kind, path, obj), n in zip(opened, counts):
+                a, b = min(max(lo - first, 0), n), min(max(hi - first, 0), n)  # [a, b) of this medium's n frames
+                first += n
                 if kind == "image":
-                    pixels.append(preprocess(obj[None], self.image_size))  # (1, 3, S, S)
-                else:
-                    video, idx = obj
-                    idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
-                    pixels.append(video_pixels(video, idx, self.image_size))  # (F, 3, S, S)
+                    pixels.append(preprocess(obj[None], self.image_size) if a < b else  # (1, 3, S, S)
+                                  torch.full((1, 3, self.image_size, self.image_size), -1.0))  # not ours: see below
+                    continue
+                video, idx = obj
+                idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
+                if a == 0 and b == n:
+                    pixels.append(video_pixels(video, idx, self.image_size, threads=self.decode_threads))  # (F,3,S,S)
+                    continue
+                # frames another SP rank encodes: never read here (mmsp.encode_frames_sharded), so never decoded;
+                # -1 (black) keeps them on the uint8 grid of train.pack_pixels
+                px = torch.full((n, 3, self.image_size, self.image_size), -1.0)  # (F, 3, S, S)
+                if a < b:
+                    px[a:b] = video_pixels(video, idx[a:b], self.image_size, threads=self.decode_threads)  # (b-a,3,S,S)
+                pixels.append(px)
         finally:
             for kind, _, obj in opened:
                 if kind == "video":

@@ -36,6 +36,7 @@ step, data position, RNG), with `checkpoints/latest` naming the newest complete 
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -641,7 +642,10 @@ class StepBatches(torch.utils.data.Dataset):
         dataset = self.cache.dataset
         n0, files0 = getattr(dataset, "skipped", 0), len(getattr(dataset, "skipped_files", []))
         indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
-        batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        try:
+            batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        except Exception as e:  # in a worker, DataLoader re-raises it in the training process with this message
+            raise RuntimeError(f"data of step {step + 1} (dataset indices {indices}): {type(e).__name__}: {e}") from e
         if self.pack:
             for b in batches:
                 b["images"] = [None if im is None else pack_pixels(im) for im in b["images"]]  # (F, 3, S, S) each
@@ -668,9 +672,10 @@ def loader_workers(cfg: TrainConfig) -> int:
 
 
 def _init_loader_worker(worker_id: int, decode_threads: int):
-    """In each loader process: give the video decoder its share of the cores (DataLoader already set torch to 1
-    thread). A sample's frames come out of one decoder, so threads inside it are the only parallelism within one
-    sample; with as many workers as cores, more threads than 1 per worker would only oversubscribe."""
+    """In each loader process: its share of the cores decodes each video (data.video_pixels: that many readers on
+    contiguous runs of the frames; DataLoader already set torch to 1 thread). With few workers a sample is ready
+    sooner (and fewer samples sit in memory); with as many workers as cores it is 1 thread each, no
+    oversubscription."""
     info = torch.utils.data.get_worker_info()
     dataset = info.dataset.cache.dataset
     if hasattr(dataset, "decode_threads"):
@@ -700,6 +705,16 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory and workers > 0,
                                        generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def start_loader(loader: torch.utils.data.DataLoader):
+    """iter(loader), after freeing this process's garbage when workers are about to be forked. A forked child that
+    frees an object of a library with threads of its own waits forever for threads that exist only in the parent:
+    we saw a worker hang in PyAV's VideoReformatter.__dealloc__ (swscale's slice threads) on garbage left by
+    earlier videos of the parent. Collected here, in the parent, nothing of the kind is left for a child to free."""
+    if loader.num_workers > 0:
+        gc.collect()
+    return iter(loader)
 
 
 def supervised_targets(labels: torch.Tensor) -> int:
@@ -863,6 +878,10 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 
     # --- data ---
     dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
+    if layout.sp > 1 and hasattr(dataset, "frame_shard"):
+        # the ranks of an SP group read the same sample, but each encodes only its ceil(F/sp) frames
+        # (mmsp.encode_frames_sharded): each decodes only those, and sp ranks share the decoding instead of repeating it
+        dataset.frame_shard = (layout.sp_rank, layout.sp)
     workers = loader_workers(cfg)
     if workers > 0 and cfg.cache_data:
         # The cache would live in each worker (a copy per process, each decoding every sample again) and after the
@@ -910,8 +929,8 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     model.train()
     # the data position of a step is the step itself (the sampler is a pure function of (seed, step)): the loader
     # starts at `start`, so a resumed run reads exactly what the uninterrupted one read
-    loader = iter(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id, workers,
-                              pin_memory=use_cuda, seed=cfg.seed))
+    loader = start_loader(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id,
+                                      workers, pin_memory=use_cuda, seed=cfg.seed))
     t_loop = time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()

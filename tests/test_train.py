@@ -260,7 +260,7 @@ def test_nonfinite_loss_stops_or_skips(demo, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def broken_media(demo, tmp_path_factory):
-    """The demo's stage-3 samples with every third video unreadable: a missing file, or bytes that are no video.
+    """The demo's stage-3 samples with every second video unreadable: a missing file, or bytes that are no video.
     Media paths stay relative to the demo folder (--media_root)."""
     root = tmp_path_factory.mktemp("broken")
     garbage = root / "garbage.mp4"
@@ -268,8 +268,8 @@ def broken_media(demo, tmp_path_factory):
     with open(os.path.join(demo, "stage3.json")) as f:
         samples = json.load(f)
     for k, s in enumerate(samples):
-        if k % 3 == 0:
-            s["video"] = str(garbage) if k % 2 else "media/short/missing.mp4"
+        if k % 2 == 0:
+            s["video"] = str(garbage) if k % 4 else "media/short/missing.mp4"
     path = root / "stage3_broken.json"
     path.write_text(json.dumps(samples))
     return str(path)
@@ -279,8 +279,9 @@ def test_loader_workers_equal_in_process_and_resume(demo, broken_media, tmp_path
     """--workers 2 (forked loader processes, 2 steps prefetched each) vs --workers 0 (the synchronous loop) on data
     with unreadable videos: the same losses, grad norms and skipped-sample counts step by step, and bitwise the
     same final weights, because a step's batch is a pure function of (seed, step) wherever it is built. Then the
-    workers=2 run is rewound to its step-2 checkpoint (as after a kill) and resumed with workers: bitwise again."""
-    args = ["--stage", "3", "--init_from", "none", "--data", broken_media, "--media_root", demo, "--steps", "4",
+    workers=2 run is rewound to its step-2 checkpoint (as after a kill) and resumed with 1 worker (which decodes
+    each video as runs of frames in cores-many threads): bitwise again."""
+    args = ["--stage", "3", "--init_from", "none", "--data", broken_media, "--media_root", demo, "--steps", "3",
             "--global_batch", "2", "--num_frames", "4", "--save_every", "2", "--no-cache_data"]
     runs = {w: str(tmp_path / f"w{w}") for w in (0, 2)}
     out = {w: run_train(args + ["--workers", str(w), "--out", runs[w]]).stdout for w in runs}
@@ -298,7 +299,7 @@ def test_loader_workers_equal_in_process_and_resume(demo, broken_media, tmp_path
     run = os.path.join(runs[2], "stage3")
     train.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")
     shutil.rmtree(os.path.join(run, "model"))
-    p = run_train(args + ["--workers", "2", "--out", runs[2], "--resume"])
+    p = run_train(args + ["--workers", "1", "--out", runs[2], "--resume"])
     assert "at step 2" in p.stdout
     assert key(metrics(run)) == key(ref)  # the skipped count went through the checkpoint too
     b = weights(os.path.join(run, "model"))
@@ -322,3 +323,58 @@ def test_pack_pixels_is_lossless_or_a_no_op():
     assert k.dtype == torch.uint8 and torch.equal(train.unpack_pixels(k), x)
     y = torch.rand(2, 3, 8, 8) * 2 - 1  # (F, 3, S, S) not on the 2/255 grid: --data synthetic
     assert train.pack_pixels(y) is y
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_video_runs_in_threads_equal_one_reader(tmp_path, backend):
+    """Loader workers decode one video with several readers on contiguous runs of its frames (one thread each):
+    the pixels must equal one reader's, in the original (unsorted, repeated) order."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (90, 48, 64, 3), dtype=torch.uint8, generator=g).numpy()  # (F, H, W, 3)
+    path = str(tmp_path / "v.mp4")
+    data.write_video(path, frames, fps=30, gop=12)  # key frames every 12: every run starts at its own
+    idx = [80, 3, 3, 41, 17, 66, 25, 89, 0, 52, 52, 30]
+    with data.VideoFile(path, backend, threads=1) as v:
+        one = data.video_pixels(v, idx, 32, chunk=4)  # (12, 3, 32, 32)
+        three = data.video_pixels(v, idx, 32, chunk=4, threads=3)
+    assert torch.equal(one, three)
+
+
+def test_loader_error_names_the_step_and_the_sample():
+    """A step whose samples cannot be built (data.SupervisedDataset gives up after 64 bad ones in a row) stops
+    training with the step, the dataset indices and the dataset's own message (which names the file), also when a
+    worker process hit it."""
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise RuntimeError(f"sample s3-{i}: /data/video_{i}.mp4: cannot open video")
+
+    sampler = data.SPSampler(4, 0, 1, seed=0, batch_size=2)
+    for workers in (0, 1):
+        loader = train.step_loader(train.ItemCache(Unreadable(), False), sampler, 1, 2, 1, 0, workers,
+                                   pin_memory=False, seed=0)
+        with pytest.raises(RuntimeError, match=r"data of step 2 \(dataset indices \[\d, \d\]\).*video_\d\.mp4"):
+            next(train.start_loader(loader))
+
+
+def test_sp_ranks_decode_only_their_frames(demo):
+    """With --sp > 1 each rank of the group decodes only the ceil(F/sp) frames it encodes (the test above checks
+    the losses); here: those frames equal the full sample's, the rest are -1, shapes and tokens are unchanged."""
+    tok = data.Tokenizer.from_file(os.path.join(demo, "tokenizer.json"))
+    ds = data.SupervisedDataset([os.path.join(demo, "stage2.json")], None, tok, 32, 4, num_frames=6, max_len=1024)
+    assert [ds[i]["images"].shape[0] for i in (0, 1, 10)] == [6, 1, 2]  # a video, an image, two images
+    for i in (0, 1, 10):
+        full = ds[i]
+        F = full["images"].shape[0]
+        for sp in (2, 3):
+            per = -(-F // sp)  # mmsp.frame_split
+            for r in range(sp):
+                ds.frame_shard = (r, sp)
+                got = ds[i]  # (a rank may hold no frame at all: 2 images on 3 ranks)
+                lo, hi = min(r * per, F), min((r + 1) * per, F)
+                assert torch.equal(got["input_ids"], full["input_ids"]) and got["images"].shape == (F, 3, 32, 32)
+                assert torch.equal(got["images"][lo:hi], full["images"][lo:hi])
+                assert (got["images"][:lo] == -1).all() and (got["images"][hi:] == -1).all()
+            ds.frame_shard = None
