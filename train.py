@@ -560,9 +560,9 @@ def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | N
 #               in ~100 steps; the same question as one turn of four among other tasks takes far longer).
 #   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
 #               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
-#               the habit of reading the answer off the image's place, which stage 1's projector then learns to
-#               serve from pixels. Without it the frozen LLM of stage 1 has never seen a caption and no projector
-#               can make it write one (stage 1 fell only 13.4 -> 12.4).
+#               the habit of reading the answer off the image's place, which stage 1's projector then has to
+#               serve from pixels (the tiny demo's only partly: README). Without it the frozen LLM of stage 1 has
+#               never seen a caption and no projector can make it write one (stage 1 fell only 13.4 -> 12.4).
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe"}
 
 
