@@ -7,8 +7,9 @@
         --data /data/slimpajama.jsonl --seq_len 131072 --sp 8 --ring 8 --steps 80
 
 The curriculum (paper Sec. 3 and Table 1; the reference's hyper-parameters, /work/shared/LONGVILA.md Sec. 3):
-    0 stand-in           all (only from random weights) needle-colour QA, one per sample (the demo's stand-in for
-                                                       the pretrained SigLIP + LLM the reference starts from)
+    0 stand-in           all (only from random weights) needle-colour QA, one per sample, + captions as text (the
+                                                       demo's stand-in for the pretrained SigLIP + LLM the reference
+                                                       starts from)
     1 alignment          projector only                image-caption pairs           lr 1e-3 cosine, warmup 3%
     2 pre-training       projector + LLM               captions / interleaved        lr 5e-5 cosine, warmup 3%
     3 short SFT          vision + projector + LLM      image / short-video QA        lr 1e-4 cosine, warmup 3%
@@ -128,11 +129,12 @@ class StagePreset:
 STAGES = {
     # Stage 0 is not LongVILA's: the reference starts from a pretrained vision tower (SigLIP) and a pretrained LLM
     # (Llama-3 / Qwen2). A model that starts from random weights (the tiny demo) first trains stand-ins for them:
-    # everything, on single-turn "what colour is the needle" questions about short videos. `--stage all` runs stage 0 only when there is
-    # no --init_from. (Stage 1 keeps the stand-in's projector in the demo; from real checkpoints it starts a fresh
-    # one, as the reference.)
+    # everything, on single-turn "what colour is the needle" questions about short videos (the visual skill) and,
+    # as text, on captions written where their image would be (the caption language; see STAND_IN_DATA).
+    # `--stage all` runs stage 0 only when there is no --init_from. (Stage 1 keeps the stand-in's projector in the
+    # demo; from real checkpoints it starts a fresh one, as the reference.)
     0: StagePreset("stand-in-pretraining", True, True, True, lr=1e-3, schedule="cosine", warmup=0.03,
-                   data_kind="single_turn"),
+                   data_kind="stand_in"),
     1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, reinit_projector=True,
                    data_kind="caption"),
     2: StagePreset("pretraining", False, True, True, lr=5e-5, schedule="cosine", warmup=0.03, data_kind="caption"),
@@ -475,7 +477,7 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
 
 # The demo folder's files per stage (see data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
 DEMO_FILES = {
-    0: [("stage3.json", 1.0)],  # its needle questions, one per sample (single_turn_copy)
+    0: [("stage3.json", 1.0), ("stage1.json", 0.2)],  # needle questions + 240 captions as text (STAND_IN_DATA)
     1: [("stage1.json", 1.0)],
     2: [("stage2.json", 1.0)],
     3: [("stage3.json", 1.0)],
@@ -538,34 +540,53 @@ def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | N
     if cfg.stage == 4:
         return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
     if cfg.stage == 0:
-        files = [(single_turn_copy(path, cfg.out), w) for path, w in files]
+        files = [(stand_in_copy(path, cfg.out, STAND_IN_DATA.get(os.path.basename(path), "needle")), w)
+                 for path, w in files]
     frames = cfg.num_frames or model_config.num_video_frames
     return data.SupervisedDataset(files, media_root or default_root, tokenizer, model_config.vision.image_size,
                                   model_config.tokens_per_frame, frames, cfg.seq_len, seed=cfg.seed)
 
 
-def single_turn_copy(path: str, out: str, keep: str = "needle") -> str:
-    """Stage 0's data: every question/answer turn of a conversation file whose question contains `keep` as its own
-    sample (same media). Naming the colour of the frame that stands out is the visual skill the stand-in must
-    bring, as a pretrained vision tower would: one colour word per sample is a signal a random model picks up in
-    ~100 steps; the same question as one turn of four among other tasks takes far longer."""
+# What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
+#   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
+#               pretrained vision tower would bring (one colour word per sample is a signal a random model picks up
+#               in ~100 steps; the same question as one turn of four among other tasks takes far longer).
+#   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
+#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
+#               the habit of reading the answer off the image's place, which stage 1's projector then has to
+#               serve from pixels (the tiny demo's only partly: README). Without it the frozen LLM of stage 1 has
+#               never seen a caption and no projector can make it write one (stage 1 fell only 13.4 -> 12.4).
+STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe"}
+
+
+def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
+    """Stage 0's version of one conversation file (keep: see STAND_IN_DATA), written to `out`; returns its path."""
+    import data
+
     with open(path) as f:
         samples = json.load(f)
-    single = []
+    copies = []
     for s in samples:
         turns = s["conversations"]
-        media = "".join(m for m in ("<image>\n", "<video>\n") if m in turns[0]["value"])
-        for k in range(0, len(turns) - 1, 2):
-            if keep not in turns[k]["value"]:
-                continue
-            q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
-            single.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
-                               conversations=[dict(turns[k], value=q), turns[k + 1]]))
-    dst = os.path.join(out, "single_turn_" + os.path.basename(path))
+        if keep == "needle":
+            media = "".join(m for m in ("<image>\n", "<video>\n") if m in turns[0]["value"])
+            for k in range(0, len(turns) - 1, 2):
+                if "needle" in turns[k]["value"]:
+                    q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
+                    copies.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
+                                       conversations=[dict(turns[k], value=q), turns[k + 1]]))
+        elif keep == "describe":
+            words, q = turns[1]["value"].strip(), turns[0]["value"]
+            q = data.MEDIA_RE.sub(words, q) if data.MEDIA_RE.search(q) else words + "\n" + q
+            copies.append(dict({k: v for k, v in s.items() if k not in ("image", "video")},
+                               id=f"{s.get('id', '?')}-describe", conversations=[dict(turns[0], value=q), turns[1]]))
+        else:
+            raise ValueError(f"stand_in_copy: keep={keep!r}, expected 'needle' or 'describe'")
+    dst = os.path.join(out, f"stand_in_{keep}_" + os.path.basename(path))
     os.makedirs(out, exist_ok=True)
     tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
     with open(tmp, "w") as f:
-        json.dump(single, f)
+        json.dump(copies, f)
     os.replace(tmp, dst)
     return dst
 
@@ -1021,8 +1042,8 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
 
 HELP = {
     "stage": "1..5, a range like 2-5, or all: the stages run in order, each from the last one's model; all = 1-5, "
-             "or 0-5 without --init_from (stage 0: the LLM alone learns the data's text, standing in for the "
-             "pretrained LLM the reference starts from)",
+             "or 0-5 without --init_from (stage 0: a model from random weights learns needle-colour questions and "
+             "the caption language, standing in for the pretrained vision tower and LLM the reference starts from)",
     "model": "longvila.PRESETS name for a random init (tiny | bench-1b | longvila-8b | longvila-7b | longvila-1.5b)",
     "init_from": "VILA-layout folder to start from, or none (random --model); default: stage 1 none, stage N "
                  "<out>/stage{N-1}/model",
@@ -1102,7 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_stages(text: str, from_scratch: bool = False) -> list[int]:
-    """`all` = 1-5, or 0-5 when the chain starts from random weights (stage 0 teaches the LLM its language)."""
+    """`all` = 1-5, or 0-5 when the chain starts from random weights (stage 0: stand-ins for the pretrained
+    vision tower and LLM)."""
     if text == "all":
         return [0, 1, 2, 3, 4, 5] if from_scratch else [1, 2, 3, 4, 5]
     lo, _, hi = text.partition("-")

@@ -79,7 +79,7 @@ def test_rope_theta_for_context():
     assert 5e5 < a < b < c
 
 
-def test_stage_presets_and_flag_precedence():
+def test_stage_presets_and_flag_precedence(tmp_path):
     cfg = train.resolve(4, {"model": "longvila-8b", "out": "r"})
     assert (cfg.train_vision, cfg.train_projector, cfg.train_llm) == (False, False, True)
     assert (cfg.lr, cfg.schedule, cfg.warmup) == (2e-5, "constant", 2)
@@ -87,8 +87,30 @@ def test_stage_presets_and_flag_precedence():
     assert train.parse_stages("all", from_scratch=True) == [0, 1, 2, 3, 4, 5]
     cfg = train.resolve(5, {"model": "longvila-8b", "lr": 2e-5, "init_from": "x"})
     assert cfg.grad_checkpointing and cfg.lr == 2e-5 and cfg.init_from == "x"  # flags beat the preset
-    assert train.resolve(1, {}).init_from == "none" and train.resolve(1, {}).lr == 3e-3  # tiny: the demo's tuning
+    fresh = {"out": str(tmp_path / "r")}  # no stage0/ there (runs/demo/stage0 may exist where the tests run)
+    assert train.resolve(1, fresh).init_from == "none" and train.resolve(1, fresh).lr == 3e-3  # tiny: demo tuning
     assert train.parse_stages("all") == [1, 2, 3, 4, 5] and train.parse_stages("2-4") == [2, 3, 4]
+
+
+def test_stand_in_data(demo, tmp_path):
+    """Stage 0's data: the needle questions one per sample with their video; the captions as text only, written
+    where their image was."""
+    files = dict(train.DEMO_FILES[0])
+    assert train.STAND_IN_DATA == {"stage3.json": "needle", "stage1.json": "describe"} and set(files) == {
+        "stage3.json", "stage1.json"}
+    with open(train.stand_in_copy(os.path.join(demo, "stage3.json"), str(tmp_path), "needle")) as f:
+        needles = json.load(f)
+    assert needles and all(len(s["conversations"]) == 2 and "video" in s for s in needles)
+    assert all(s["conversations"][0]["value"].startswith("<video>\n") and "needle" in s["conversations"][0]["value"]
+               for s in needles)
+    with open(os.path.join(demo, "stage1.json")) as f:
+        captions = json.load(f)
+    with open(train.stand_in_copy(os.path.join(demo, "stage1.json"), str(tmp_path), "describe")) as f:
+        described = json.load(f)
+    assert len(described) == len(captions)
+    for src, s in zip(captions, described):
+        (q, a), (q0, a0) = [t["value"] for t in s["conversations"]], [t["value"] for t in src["conversations"]]
+        assert "image" not in s and "video" not in s and a == a0 and q == q0.replace("<image>", a0)
 
 
 # -----------------------------------------------------------------------------
