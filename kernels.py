@@ -219,6 +219,20 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _keys_seen(m0, Tq, Tk, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+        """End of the keys some query row m0..m0+BLOCK_M-1 sees (row i sees key j iff j <= i + diff)."""
+        if CAUSAL:
+            return tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
+        return Tk
+
+    @triton.jit
+    def _keys_unmasked(m0, Tk, diff, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+        """End of the whole key blocks every query row of the block sees: those need no mask."""
+        if CAUSAL:
+            return (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
+        return (Tk // BLOCK_N) * BLOCK_N
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk, diff,
                    scale2, skt, svt,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -291,13 +305,8 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if CAUSAL:
-            # keys j < hi are visible to some row of the block; keys j < n_full to all of them
-            hi = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
-            n_full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
-        else:
-            hi = Tk
-            n_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
+        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full,
                                    offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, False,
                                    CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
@@ -500,12 +509,8 @@ if HAS_TRITON:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        if CAUSAL:
-            hi = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
-            n_full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
-        else:
-            hi = Tk
-            n_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
+        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
         k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
         dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full, offs_m,
@@ -764,7 +769,7 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
     dq, dk, dv = t(dq), t(dk), t(dv)                                     # (B, T, H, D)
     if G > 1:   # the expanded heads' gradients summed back onto their KV head
         dk = dk.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
-        dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)
+        dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
     gdt = torch.float32 if grad_fp32 else q.dtype
     return dq.to(gdt), dk.to(gdt), dv.to(gdt)
 
@@ -778,11 +783,13 @@ def _fully_visible(causal, Tk, q_offset, k_offset):
 
 
 def _route(backend, q, k, causal, q_offset, k_offset):
-    """The backend that really runs: "cudnn" falls back to "triton" for calls it cannot do exactly."""
+    """(the backend that really runs, the mask it runs with): a fully visible causal call loses its mask, and
+    "cudnn" falls back to "triton" for calls it cannot do exactly."""
+    causal = bool(causal) and not _fully_visible(causal, k.shape[1], q_offset, k_offset)
     backend = _pick_backend(backend, q)
     if backend == "cudnn" and not _cudnn_ok(q, k, causal, q_offset, k_offset):
         backend = "triton" if HAS_TRITON else "torch"
-    return backend
+    return backend, causal
 
 
 def attention_forward(q, k, v, causal=True, softmax_scale=None, q_offset=0, k_offset=0, out_fp32=False,
@@ -793,9 +800,8 @@ def attention_forward(q, k, v, causal=True, softmax_scale=None, q_offset=0, k_of
     out 0 and lse -inf. out_fp32: return out in fp32 (ring merging; cuDNN computes it in 16 bits and upcasts).
     backend: None (DEFAULT_BACKEND, else triton on CUDA, torch elsewhere), "triton", "torch" or "cudnn" (calls
     whose mask cuDNN cannot express run on triton)."""
-    _, _, _, _, Tk, _, scale = _check(q, k, v, softmax_scale)
-    causal = bool(causal) and not _fully_visible(causal, Tk, q_offset, k_offset)
-    backend = _route(backend, q, k, causal, q_offset, k_offset)
+    scale = _check(q, k, v, softmax_scale)[-1]
+    backend, causal = _route(backend, q, k, causal, q_offset, k_offset)
     if backend == "cudnn":
         return _cudnn_forward(q, k, v, causal, scale, bool(out_fp32))
     fn = _triton_forward if backend == "triton" else _torch_forward
@@ -813,8 +819,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None,
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
         raise ValueError(f"kernels: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "
                          f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Tq)}")
-    causal = bool(causal) and not _fully_visible(causal, Tk, q_offset, k_offset)
-    backend = _route(backend, q, k, causal, q_offset, k_offset)
+    backend, causal = _route(backend, q, k, causal, q_offset, k_offset)
     if backend == "triton":
         return _triton_backward(dout, q, k, v, out, lse, causal, scale, int(q_offset), int(k_offset),
                                 bool(grad_fp32), on_dkdv=on_dkdv)

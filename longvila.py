@@ -24,6 +24,7 @@ checkpoint I/O (Hugging Face names <-> ours, one dict) | command line.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -333,7 +334,9 @@ def _sample(logits, temperature, top_p, generator=None):
 # and token: the attention output (H*D 16-bit values) + its log-sum-exp. Our Triton kernels are not dispatcher
 # ops, so with backend triton "save-attn" saves nothing more than "full".
 
+@functools.lru_cache(maxsize=None)
 def _attention_ops():
+    """The fused attention ops of this torch build (asked once: the policy below runs for every op of a block)."""
     ops = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"]
     return {getattr(torch.ops.aten, name).default for name in ops if hasattr(torch.ops.aten, name)}
