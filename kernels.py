@@ -854,3 +854,228 @@ class _FlashAttn(torch.autograd.Function):
 def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
     """Differentiable attention: q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D). The model's default on CUDA."""
     return _FlashAttn.apply(q, k, v, causal, softmax_scale, backend)
+
+# -----------------------------------------------------------------------------
+# fused elementwise ops of the decoder block: RMSNorm, SwiGLU, RoPE (Triton, CUDA training)
+#
+# In eager PyTorch each of these is a chain of small kernels over (T, C)-sized tensors: the HF-exact RMSNorm is
+# 7 of them (upcast, square, mean, rsqrt, multiply, downcast, gain) with fp32 temporaries, RoPE slices, multiplies
+# and concatenates, SwiGLU writes silu(gate) before multiplying. At 32k tokens per GPU an 8B decoder then moves
+# ~60 GB per layer per step through HBM for work that needs a few GB (profile in README, "Stage 5 training").
+# Each op below is one kernel forward and one backward, reading its inputs once and writing its outputs once, in
+# fp32 arithmetic with 16-bit storage. Their PyTorch twins are the model's own eager functions
+# (longvila.rms_norm, longvila.apply_rotary_emb, silu(gate) * up), which longvila.py calls on CPU; it calls these
+# on CUDA tensors while FUSED_OPS is true (train.py --no-fused_ops switches them off for comparison).
+# Differences to the twins: the twins round every intermediate to 16 bits, these round once at the end.
+
+FUSED_OPS = True
+
+if HAS_TRITON:
+    @triton.jit
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, BLOCK_C: tl.constexpr):
+        # one program per row: the whole row (C <= 16k) sits in registers
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        mask = cols < C
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+        # HF rounds the normalised row to the input dtype BEFORE the gain; so do we (same numbers as the twin)
+        n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # (BLOCK_C,)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        tl.store(Y + row * stride_y + cols, (n * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, C, ROWS_PER_PROG,
+                             BLOCK_C: tl.constexpr):
+        # program p owns rows [p * ROWS_PER_PROG, ...): dx row by row, and its partial sum of dw (summed by torch)
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        mask = cols < C
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        row0 = pid * ROWS_PER_PROG
+        for i in range(0, ROWS_PER_PROG):
+            row = (row0 + i).to(tl.int64)
+            if row < M:
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
+                rstd = tl.load(RSTD + row)
+                xhat = x * rstd  # (BLOCK_C,)
+                dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)  # d(n * w)/dw = n, the rounded row
+                g = dy * w  # dL/dxhat, (BLOCK_C,)
+                # xhat = x / rms(x):  dx = rstd * (g - xhat * mean(g * xhat))
+                dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / C))  # (BLOCK_C,)
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DW_PART + pid * C + cols, dw, mask=mask)
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+        mask = offs < N
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DY, G, U, DG, DU, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+        mask = offs < N
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        # y = g * s(g) * u:  dy/du = g s(g),  dy/dg = u * s(g) * (1 + g (1 - s(g)))
+        tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(X, COS, SIN, Y, T, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct, HX, SIGN,
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        # one program per token: all its heads at once; y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin (rotate_half
+        # layout). SIGN = -1 rotates back by the same angle, which is the backward (a rotation's transpose).
+        pid = tl.program_id(0).to(tl.int64)
+        b, t = pid // T, pid % T
+        h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
+        d = tl.arange(0, BLOCK_HALF)[None, :]  # (1, BLOCK_HALF)
+        mask = (h < HX) & (d < HALF)  # (BLOCK_H, BLOCK_HALF)
+        c = tl.load(COS + b * stride_cb + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)  # (1, HALF)
+        s = SIGN * tl.load(SIN + b * stride_cb + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)
+        x_ptr = X + b * stride_xb + t * stride_xt + h * stride_xh + d  # (BLOCK_H, BLOCK_HALF)
+        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        y_ptr = Y + pid * HX * 2 * HALF + h * 2 * HALF + d  # Y is a new contiguous (B, T, HX, D)
+        tl.store(y_ptr, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+
+
+def _rows(x):
+    """(..., C) -> (M, C) with unit stride along C (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, C)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = _rows(x)  # (M, C)
+        M, C = x2.shape
+        if C > 16384:
+            raise ValueError(f"kernels.rms_norm: rows of up to 16384 channels, got {C}")
+        y = torch.empty((M, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, C)
+        rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+        block_c = triton.next_power_of_2(C)
+        with _dev(x):
+            _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
+                                       num_warps=min(16, max(1, block_c // 256)))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape[:-1] + (C,))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        M, C = x2.shape
+        dy2 = _rows(dy)  # (M, C)
+        dx = torch.empty_like(x2)  # (M, C)
+        n_prog = max(1, min(M, 1024))  # enough programs to fill any GPU; each sums its rows' share of dw
+        rows_per = triton.cdiv(M, n_prog)
+        n_prog = triton.cdiv(M, rows_per)
+        dw_part = torch.empty((n_prog, C), dtype=torch.float32, device=x2.device)  # (programs, C)
+        block_c = triton.next_power_of_2(C)
+        with _dev(x2):
+            _rms_norm_bwd_kernel[(n_prog,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
+                                            dx.stride(0), M, C, rows_per, BLOCK_C=block_c,
+                                            num_warps=min(16, max(1, block_c // 256)))
+        dw = dw_part.sum(0).to(weight.dtype)  # (C,)
+        return dx.view(ctx.x_shape), dw, None
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    BLOCK = 1024
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        with _dev(gate):
+            _swiglu_fwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](gate, up, y, n, BLOCK=_SwiGLUFn.BLOCK)
+        ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        with _dev(gate):
+            _swiglu_bwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_SwiGLUFn.BLOCK)
+        return dg, du
+
+
+def _rotary(x, cos, sin, sign):
+    """x (B, T, HX, D), cos/sin (B, T, D/2) -> x rotated by sign * angle, a new contiguous (B, T, HX, D)."""
+    B, T, HX, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride() == cos.stride() else sin.contiguous()
+    if sin.stride() != cos.stride():  # one set of strides serves both tables
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)
+    with _dev(x):
+        _rotary_kernel[(B * T,)](x, cos, sin, y, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
+                                 cos.stride(1), HX, float(sign), HALF=D // 2, BLOCK_H=triton.next_power_of_2(HX),
+                                 BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
+    return y
+
+
+class _RotaryFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotary(dy, cos, sin, -1.0), None, None  # the transpose of a rotation is the opposite rotation
+
+
+def _check_fused(*xs):
+    if not HAS_TRITON:
+        raise RuntimeError("kernels: the fused ops need triton")
+    if not xs[0].is_cuda and not _INTERPRET:
+        raise RuntimeError("kernels: the fused ops on CPU tensors need TRITON_INTERPRET=1 set before `import kernels`")
+
+
+def rms_norm(x, weight, eps):
+    """Fused twin of longvila.rms_norm: x (..., C), weight (C,) -> (..., C), differentiable in x and weight."""
+    _check_fused(x)
+    return _RMSNormFn.apply(x, weight, float(eps))
+
+
+def swiglu(gate, up):
+    """Fused silu(gate) * up (SwiGLU, Shazeer 2020): gate, up (..., F) -> (..., F), differentiable in both."""
+    _check_fused(gate)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"kernels.swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype}"
+                         " must match")
+    return _SwiGLUFn.apply(gate, up)
+
+
+def rotary(x, cos, sin):
+    """Fused twin of longvila.apply_rotary_emb: x (B, T, HX, D), cos/sin (B, T, D/2) -> (B, T, HX, D)."""
+    _check_fused(x)
+    B, T, _, D = x.shape
+    if D % 2 or cos.shape != (B, T, D // 2) or sin.shape != cos.shape:
+        raise ValueError(f"kernels.rotary: x {tuple(x.shape)} needs cos/sin of shape {(B, T, D // 2)}, got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    return _RotaryFn.apply(x, cos, sin)
+
+
+def use_fused(x):
+    """Should the model call the fused ops on x? CUDA tensors, triton importable, FUSED_OPS on."""
+    return FUSED_OPS and HAS_TRITON and x.is_cuda

@@ -195,8 +195,21 @@ PRESETS: dict[str, LongVILAConfig] = {
 # -----------------------------------------------------------------------------
 # pure functions
 
+def _fused_ops(x):
+    """kernels.py when x is a CUDA tensor and its fused Triton ops are on (kernels.FUSED_OPS), else None.
+
+    On CUDA, RMSNorm, RoPE and SwiGLU run as one Triton kernel each (forward and backward) instead of chains of
+    small eager kernels; the eager code below is their twin and the CPU path (kernels.py, "fused elementwise")."""
+    if not x.is_cuda:
+        return None
+    import kernels
+    return kernels if kernels.use_fused(x) else None
+
+
 def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
+    if (fused := _fused_ops(x)) is not None:
+        return fused.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()  # (..., C)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
@@ -222,10 +235,19 @@ def apply_rotary_emb(x, cos, sin):
 
     x (B, T, H, D); cos, sin (B, T, D/2) -> (B, T, H, D)
     """
+    if (fused := _fused_ops(x)) is not None:
+        return fused.rotary(x, cos, sin)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, H, D)
+
+
+def swiglu(gate, up):
+    """SwiGLU's gating (Shazeer 2020): silu(gate) * up, gate and up (..., F) -> (..., F)."""
+    if (fused := _fused_ops(gate)) is not None:
+        return fused.swiglu(gate, up)
+    return F.silu(gate) * up
 
 
 def shift_labels(labels):
@@ -332,7 +354,8 @@ def _sample(logits, temperature, top_p, generator=None):
 # the outputs of the fused attention kernels (torch's SDPA ops, kernels.py's cudnn backend), whose forward is the
 # most expensive part at long context (at 64k tokens attention is ~half of an 8B block's FLOPs). Memory per block
 # and token: the attention output (H*D 16-bit values) + its log-sum-exp. Our Triton kernels are not dispatcher
-# ops, so with backend triton "save-attn" saves nothing more than "full".
+# ops, so with backend triton "save-attn" saves nothing more than "full". It applies to the decoder only (see
+# set_grad_checkpointing: the vision tower's short per-frame attention is cheaper to redo than to keep).
 
 @functools.lru_cache(maxsize=None)
 def _attention_ops():
@@ -482,7 +505,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):  # (B, T, C)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer 2020), (B, T, C)
+        return self.w2(swiglu(self.w1(x), self.w3(x)))  # (B, T, F) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -507,6 +530,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
+        self.checkpoint_layers = None  # None: every block when checkpointing; n: only the first n (memory to spare)
         self.tie()
 
     def tie(self):
@@ -520,7 +544,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                 dtype=h.dtype)  # (B, T, D/2) each
         for i, layer in enumerate(self.layers):
-            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+            n_ckpt = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None and i < n_ckpt:
                 h = checkpointed(self.grad_checkpointing, layer, h, cos, sin, attn, i)  # (B, T, C)
             else:
                 h = layer(h, cos, sin, attn, i, cache)  # (B, T, C)
@@ -715,15 +740,24 @@ class LongVILA(nn.Module):
         self.projector.requires_grad_(projector)
         self.llm.requires_grad_(llm)
 
-    def set_grad_checkpointing(self, on=True):
+    def set_grad_checkpointing(self, on=True, llm_layers=None):
         """Recompute each vision/decoder block in backward (long-video SFT: activations of 200k+ tokens).
 
-        on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs)."""
+        on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs).
+        llm_layers: None = every decoder block; n = only the first n, the rest keep their activations (memory
+        that would otherwise sit unused buys back their recomputation: ~1/4 of a block's backward time each)."""
         mode = "full" if on is True else (on or False)
         if mode and mode not in CHECKPOINT_MODES:
             raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES}, True or False; got {on!r}")
-        self.vision.grad_checkpointing = mode
+        n = self.config.llm.n_layers
+        if llm_layers is not None and not 0 <= llm_layers <= n:
+            raise ValueError(f"checkpointed decoder blocks must be between 0 and {n}, got {llm_layers}")
+        # the vision tower always recomputes whole blocks: its attention spans one frame (729 patches), cheap to
+        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block (15 GB for 325 frames x 27
+        # blocks: what made 8B at 128k tokens run out of memory on an H200)
+        self.vision.grad_checkpointing = mode and "full"
         self.llm.grad_checkpointing = mode
+        self.llm.checkpoint_layers = llm_layers
 
     def param_groups(self, weight_decay: float):
         """AdamW groups: decay on >= 2-D weight matrices only; none on norms, biases, embeddings (token, position)."""

@@ -92,7 +92,9 @@ class TrainConfig:
     steps: int = 100
     grad_checkpointing: bool = False
     checkpoint_mode: str = "full"   # "full" | "save-attn" (keep the fused attention outputs: cudnn backend)
+    checkpoint_layers: int = -1     # decoder blocks recomputed when checkpointing (-1: all; the rest keep activations)
     attn_backend: str = "auto"      # kernels.py backend on CUDA: auto (= triton) | triton | cudnn | torch
+    fused_ops: bool = True          # CUDA: RMSNorm, RoPE, SwiGLU as fused Triton kernels (kernels.py)
     reinit_projector: bool = False  # start from a fresh projector (stage 1: the reference creates it there)
     # stage 4: RoPE for the longer context
     rope_theta: float = 0.0      # 0: keep the model's; stage 4 derives it from seq_len (rope_theta_for_context)
@@ -858,7 +860,11 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         model.projector.apply(longvila.LongVILA._init_weights)
     changes = apply_stage_to_config(cfg, model)
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
-    model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False)
+    model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False,
+                                 llm_layers=None if cfg.checkpoint_layers < 0 else cfg.checkpoint_layers)
+    if device.type == "cuda":
+        import kernels
+        kernels.FUSED_OPS = cfg.fused_ops
     if cfg.attn_backend != "auto":
         import kernels
         if cfg.attn_backend not in kernels.BACKENDS:
@@ -1069,6 +1075,10 @@ HELP = {
     "grad_checkpointing": "recompute every vision / LLM block in the backward",
     "checkpoint_mode": "full (recompute whole blocks) | save-attn (recompute all but the fused attention kernels' "
                        "outputs, which are kept: ~H*D*2 bytes per token and block; needs --attn_backend cudnn on GPU)",
+    "checkpoint_layers": "with --grad_checkpointing: recompute only the first N decoder blocks, the others keep "
+                         "their activations (-1: all; use memory that would sit unused)",
+    "fused_ops": "CUDA: RMSNorm, RoPE and SwiGLU as one fused Triton kernel each (kernels.py); --no-fused_ops runs "
+                 "the eager PyTorch twins",
     "attn_backend": "attention kernels on CUDA: auto (= triton, kernels.py) | triton | cudnn (torch's cuDNN fused "
                     "attention; calls it cannot express fall back to triton) | torch",
     "reinit_projector": "start from a freshly initialised projector (stage 1 default, as the reference)",
@@ -1088,7 +1098,7 @@ GROUPS = {
     "trainable modules": ["train_vision", "train_projector", "train_llm"],
     "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                      "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "checkpoint_mode",
-                     "attn_backend", "reinit_projector", "dtype"],
+                     "checkpoint_layers", "attn_backend", "fused_ops", "reinit_projector", "dtype"],
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",

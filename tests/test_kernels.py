@@ -261,6 +261,64 @@ def test_gpu_real_size_error_vs_sdpa(Hkv):
         assert math.isfinite(err_o) and err_o <= 2 * err_s, name
 
 
+# -----------------------------------------------------------------------------
+# fused elementwise ops (RMSNorm, SwiGLU, RoPE) vs their eager twins in longvila.py, both against fp64
+
+def _fused_cases(dtype):
+    """(name, fused fn, eager twin, inputs): odd sizes (C not a power of two, 3 heads, broadcast-free cos/sin)."""
+    import longvila as lv
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
+    pos = torch.arange(5).expand(2, 5) + 7  # (B, T) true positions
+    cos, sin = lv.rope_cos_sin(pos, 8, 10000.0, dtype=dtype)  # (B, T, D/2) as the model makes them
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    return [("rms_norm", lambda x, w: kernels.rms_norm(x, w, 1e-5), lambda x, w: lv.rms_norm(x, w, 1e-5),
+             (r(2, 7, 40) * 3, 1 + 0.1 * r(40))),
+            ("swiglu", kernels.swiglu, lambda a, b: torch.nn.functional.silu(a) * b, (r(3, 5, 33) * 2, r(3, 5, 33))),
+            ("rotary", lambda x: kernels.rotary(x, cos, sin), lambda x: lv.apply_rotary_emb(x, cos, sin),
+             (r(2, 5, 3, 8),))]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_match_twins(dtype):
+    # One kernel each way, fp32 arithmetic: outputs and every gradient at least as close to the fp64 twin as the
+    # eager twin itself is in this dtype (the twin rounds each intermediate to 16 bits, the kernels round once).
+    for name, fused, twin, xs in _fused_cases(dtype):
+        outs = {}
+        for label, fn, inputs in [("fused", fused, xs), ("twin", twin, xs),
+                                  ("fp64", twin, tuple(x.double() for x in xs))]:
+            inputs = tuple(x.detach().clone().requires_grad_() for x in inputs)
+            y = fn(*inputs)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+            outs[label] = [y] + list(torch.autograd.grad(y, inputs, dy))
+            assert y.dtype == xs[0].dtype or label == "fp64"
+        for i, (f, t, ref) in enumerate(zip(outs["fused"], outs["twin"], outs["fp64"])):
+            err_f, err_t = (f.double() - ref).abs().max().item(), (t.double() - ref).abs().max().item()
+            # bf16: plus one unit in the last place of the largest value, because Triton's interpreter rounds to
+            # bf16 by truncation (seen: x.to(tl.bfloat16) is up to 1 ulp off where the GPU rounds to nearest)
+            ulp = 2.0 ** (math.floor(math.log2(ref.abs().max().item())) - 7)
+            tol = 1e-6 if dtype == torch.float32 else 1.25 * err_t + ulp
+            assert err_f <= tol, f"{name} {dtype} output/grad {i}: fused {err_f:.3g} twin {err_t:.3g}"
+
+
+@needs_triton
+def test_fused_ops_errors_and_strides():
+    x = torch.randn(2, 4, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="cos/sin of shape"):
+        kernels.rotary(x, torch.ones(2, 4, 3, device=DEVICE), torch.ones(2, 4, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="must match"):
+        kernels.swiglu(x, x[..., :4])
+    # a non-contiguous input (a slice of heads, as q/k are views of one projection) gives the contiguous result
+    import longvila as lv
+    big = torch.randn(2, 4, 5, 8, device=DEVICE)
+    cos, sin = lv.rope_cos_sin(torch.arange(4).expand(2, 4), 8, 500000.0)
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    torch.testing.assert_close(kernels.rotary(big[:, :, 1:4], cos, sin), lv.apply_rotary_emb(big[:, :, 1:4], cos, sin))
+    w = torch.randn(8, device=DEVICE)
+    torch.testing.assert_close(kernels.rms_norm(big.transpose(1, 2), w, 1e-6), lv.rms_norm(big.transpose(1, 2), w, 1e-6))
+
+
 COMPILE_SMEM = r"""
 import json, sys
 import triton

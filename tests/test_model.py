@@ -358,8 +358,8 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
     model.set_grad_checkpointing(False)
     assert torch.allclose(loss, loss3, atol=1e-6)
     assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
-    # "save-attn" keeps the fused attention outputs: same gradients, and the backward runs no attention forward
-    # (vision and LLM blocks both), where "full" recomputes every one of them
+    # "save-attn" keeps the decoder's fused attention outputs: same gradients, and the backward runs no decoder
+    # attention forward (the vision tower's per-frame attention is always recomputed), where "full" recomputes all
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountAttentionForwards(TorchDispatchMode):
@@ -381,9 +381,21 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
         assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
     model.set_grad_checkpointing(False)
     n_blocks = model.config.vision.n_used_layers + model.config.llm.n_layers
-    assert counts == {"full": n_blocks, "save-attn": 0}, counts
+    assert counts == {"full": n_blocks, "save-attn": model.config.vision.n_used_layers}, counts
     with pytest.raises(ValueError, match="checkpointing mode"):
         model.set_grad_checkpointing("sometimes")
+    # only the first decoder block recomputed, the others keep their activations: same gradients
+    model.zero_grad()
+    model.set_grad_checkpointing("full", llm_layers=1)
+    _, loss5 = model(ids, [frames], labels)
+    with CountAttentionForwards() as c:
+        loss5.backward()
+    model.set_grad_checkpointing(False)
+    assert torch.allclose(loss, loss5, atol=1e-6)
+    assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
+    assert c.n == model.config.vision.n_used_layers + 1, c.n
+    with pytest.raises(ValueError, match="between 0 and"):
+        model.set_grad_checkpointing(True, llm_layers=model.config.llm.n_layers + 1)
     # nothing supervised -> loss 0, not NaN
     _, zero = model(ids, [frames], torch.full_like(ids, IGNORE_INDEX))
     assert zero.item() == 0.0
