@@ -1,6 +1,7 @@
 """Benchmarks for longvila: attention kernels and multi-modal sequence parallelism, measured on real runs.
 
     python bench.py kernels                               # Triton vs torch SDPA (flash, cuDNN), one GPU
+    python bench.py ops                                   # fused RMSNorm / RoPE / SwiGLU vs eager, one GPU
     torchrun --nproc_per_node 2 bench.py sp               # zigzag ring vs ring vs Ulysses vs torch context_parallel
     python bench.py data --make --workers 0,1,2           # train.py's loader: 1024-frame samples of a 10-min 720p video
 
@@ -473,6 +474,50 @@ def _data_run(args):
 
 
 BENCHMARKS["data"] = (_data_add_args, _data_run)
+
+# -----------------------------------------------------------------------------
+# ops: the fused elementwise kernels of the decoder block (kernels.py) vs their eager twins (longvila.py)
+
+def _ops_add_args(p):
+    p.add_argument("--model", default="longvila-8b", help="longvila.PRESETS name: C, ffn width, heads, head dim")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
+
+
+def _ops_run(args):
+    """Forward+backward time of RMSNorm, RoPE (q) and SwiGLU at one GPU's share of a step, bf16, fused vs eager."""
+    from triton.testing import do_bench
+
+    import kernels
+    import longvila as lv
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py ops: needs a CUDA GPU")
+    cfg = lv.PRESETS[args.model].llm
+    T, C, F, H, D = args.tokens, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    cos, sin = lv.rope_cos_sin(torch.arange(T, device="cuda")[None], D, cfg.rope_theta, dtype=torch.bfloat16)
+    cases = {"rms_norm": (lambda x, w: lv.rms_norm(x, w, cfg.norm_eps), [(1, T, C), (C,)]),  # (B, T, C), (C,)
+             "rope (q)": (lambda q: lv.apply_rotary_emb(q, cos, sin), [(1, T, H, D)]),       # (B, T, H, D)
+             "swiglu": (lv.swiglu, [(1, T, F), (1, T, F)])}                                  # (B, T, F) x 2
+    print(f"bench ops | {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.model} | T={T} | bf16 "
+          f"| forward+backward, do_bench median")
+    rows = []
+    for name, (fn, shapes) in cases.items():
+        xs = [torch.randn(s, **bf).requires_grad_() for s in shapes]
+        t = {}
+        for fused in (False, True):
+            kernels.FUSED_OPS = fused
+            dy = torch.randn_like(fn(*xs))
+            t[fused] = do_bench(lambda: torch.autograd.grad(fn(*xs), xs, dy), warmup=5, rep=50)
+        kernels.FUSED_OPS = True
+        rows.append(dict(op=name, tokens=T, eager_ms=round(t[False], 3), fused_ms=round(t[True], 3),
+                         speedup=round(t[False] / t[True], 2)))
+        print(f"| {name:9s} | eager {t[False]:7.3f} ms | fused {t[True]:7.3f} ms | {t[False] / t[True]:5.2f}x |",
+              flush=True)
+    return rows
+
+
+BENCHMARKS["ops"] = (_ops_add_args, _ops_run)
 
 # -----------------------------------------------------------------------------
 # command line

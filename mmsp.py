@@ -308,7 +308,10 @@ class RingAttention(torch.autograd.Function):
                 out_b, lse_b = kernels.attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=c,
                                                          softmax_scale=scale, out_fp32=True, backend=backend)
                 if out is None:                                    # step 0 is the diagonal: every row is set
-                    out, lse = out_b.float(), lse_b.float()        # (B, Tl, H, D), (B, H, Tl) fp32
+                    # the merges below write into out/lse in place, so they must not alias a kernel's output:
+                    # selective checkpointing (train.py --checkpoint_mode save-attn) caches the cuDNN op's
+                    # lse for the recomputation and refuses a mutated one (out_b is already a fresh fp32 copy)
+                    out, lse = out_b.float(), lse_b.float().clone()  # (B, Tl, H, D), (B, H, Tl) fp32
                 else:
                     merge_attention(out[:, qs], lse[:, :, qs], out_b.float(), lse_b.float())   # in place
             if step + 1 < R:

@@ -35,6 +35,7 @@ plus train_state/, the sharded fp32 weights + AdamW state written by torch.distr
 step, data position, RNG), with `checkpoints/latest` naming the newest complete one. Saves are atomic.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -110,6 +111,7 @@ class TrainConfig:
     resume: bool = False
     skip_nonfinite: bool = False
     peak_tflops: float = 0.0     # per device, for MFU (0: 989 for H100/H200 bf16 dense, none on CPU)
+    profile_step: int = 0        # profile this step's forward+backward on rank 0 (0: off)
     dtype: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
 
 
@@ -242,6 +244,41 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    return ("NCCL" if "nccl" in n else "attention" if any(a in n for a in ("cudnn", "fmha", "flash", "attn")) else
+            "matrix products" if any(a in n for a in ("gemm", "xmma", "cutlass", "nvjet", "sm90_")) else
+            "fused ops (kernels.py)" if any(a in n for a in ("_rms_norm", "_swiglu", "_rotary")) else
+            "other (elementwise, copies, reductions)")
+
+
+def profile_report(prof, path: str) -> list:
+    """Lines summing one profiled step: GPU kernel time by kind (streams overlap, so kinds can sum past the span),
+    the GPU's busy time and the 8 costliest 'other' kernels; the Chrome trace is written to `path` (or, on CPU,
+    the costliest ops). Open the trace in chrome://tracing or ui.perfetto.dev."""
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not ev:  # CPU run: no kernels, the op table instead
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()
+    kinds, other = {}, {}
+    for e in ev:
+        kind = _kernel_kind(e["name"])
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3  # ms
+        if kind.startswith("other"):
+            n, ms = other.get(e["name"][:90], (0, 0.0))
+            other[e["name"][:90]] = (n + 1, ms + e["dur"] / 1e3)
+    busy, end = 0.0, -math.inf  # union of the kernel intervals, any stream
+    for s, d in sorted((e["ts"], e["dur"]) for e in ev):
+        busy += max(0.0, s + d - max(s, end))
+        end = max(end, s + d)
+    span = (max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
+    lines = [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"]
+    lines += [f"  {k:40s} {v:9.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in sorted(other.items(), key=lambda kv: -kv[1][1])[:8]]
+    return lines + [f"trace: {path}"]
 
 
 class RunLog:
@@ -968,7 +1005,16 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         t_data = time.time() - t0
         assert item["step"] == step, (item["step"], step)
         batches = item["batches"]
-        loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
+        profiling = cfg.profile_step == step + 1 and rank == 0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])) if profiling else contextlib.nullcontext() \
+                as prof:
+            loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
+            if profiling and use_cuda:
+                torch.cuda.synchronize(device)
+        if profiling:
+            for line in profile_report(prof, os.path.join(cfg.out, f"trace_step{step + 1}.json")):
+                log.info(f"profile step {step + 1} (rank 0, forward+backward): {line}")
         norm = grad_norm_and_clip(params, cfg.grad_clip)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
         if finite:
@@ -1090,6 +1136,8 @@ HELP = {
     "no_save": "write no checkpoint or model (benchmarks)", "skip_nonfinite": "skip steps with a NaN/inf loss "
     "instead of stopping",
     "peak_tflops": "peak TFLOP/s of one device for MFU (0: H100/H200 bf16 989, unknown on CPU)",
+    "profile_step": "profile step N's forward+backward on rank 0: GPU time by kernel kind in the log, the Chrome "
+                    "trace in <out>/trace_stepN.json (0: off; the profiled step runs slower, leave it out of timings)",
     "dtype": "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16",
 }
 GROUPS = {
@@ -1102,7 +1150,7 @@ GROUPS = {
     "context extension (stage 4)": ["rope_theta", "trained_len"],
     "parallelism": ["sp", "ring"],
     "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
-                                 "peak_tflops"],
+                                 "peak_tflops", "profile_step"],
 }
 
 

@@ -276,6 +276,18 @@ def test_nonfinite_loss_stops_or_skips(demo, tmp_path, monkeypatch):
     assert [r["skipped"] for r in rows] == [False, True, False]
 
 
+def test_profile_step_writes_a_trace_and_logs_it(demo, tmp_path, capsys):
+    train.main(["--stage", "1", "--data", demo, "--steps", "2", "--global_batch", "2", "--eval", "none",
+                "--no_save", "--profile_step", "2", "--out", str(tmp_path)])
+    trace = tmp_path / "stage1" / "trace_step2.json"
+    assert trace.exists() and json.loads(trace.read_text())["traceEvents"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("profile step 2 (rank 0")]
+    assert any("aten::mm" in ln for ln in lines), lines[:5]  # on CPU: the op table (on CUDA: time by kernel kind)
+    assert train._kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert train._kernel_kind("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "matrix products"
+    assert train._kernel_kind("_rms_norm_bwd_kernel") == "fused ops (kernels.py)"
+
+
 # -----------------------------------------------------------------------------
 # the background loader: N worker processes build the next steps' batches; the training must not notice
 
