@@ -43,6 +43,9 @@ and TMA but does not warp-specialize on Hopper, so the softmax (exp2, row max/su
 work as in FA3/cuDNN's ping-pong schedule; the backward does 7 matrix products per tile pair instead of 5 (the dQ
 kernel recomputes QK^T and dO V^T rather than accumulating dQ with atomics), and the dK/dV kernel holds two fp32
 (BLOCK_N, D) accumulators, which puts it at 230-255 registers per thread (spills in some configs).
+BWD_DQ_ATOMIC = True switches to a fused backward (FlashAttention-2's scheme): the dK/dV kernel also computes
+dQ = scale * dS K per tile pair and adds it into an fp32 buffer, by TMA reduce-add on Hopper, else by atomics:
+5 products per tile pair, dQ summed in a run-dependent order. `bench.py kernels --providers triton,triton-atomic`.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
@@ -351,13 +354,14 @@ if HAS_TRITON:
         tl.store(LSE2 + row, lse2, mask=offs_m < Tq)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Qd, DOd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi,
+    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi,
                     offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2, sqt, sdt, sdqt,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
                     DQ_ATOMIC: tl.constexpr):
         """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows);
-        with DQ_ATOMIC also add this key block's share of dQ, scale * dS K, into the fp32 rows at dq_ptrs.
+        with DQ_ATOMIC also add this key block's share of dQ, scale * dS K, into the fp32 rows at dq_base (this
+        head's row 0; pointer path) or through the TMA descriptor DQd (same rows/columns as Qd).
 
         Key rows past Tk are masked only for dQ: in dK/dV they touch only their own rows, which are not stored.
         Query rows past Tq have lse2 = +inf (padding) -> P = 0."""
@@ -399,20 +403,28 @@ if HAS_TRITON:
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)                         # (BN, BD)
             if DQ_ATOMIC:  # the 5th product: dQ[rows] += scale * dS K, summed over key blocks by fp32 atomics
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * scale       # (BM, BD)
-                if MASKED:
-                    tl.atomic_add(dq_ptrs, dq, mask=(rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                                  sem="relaxed")
-                elif EVEN_D:
-                    tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+                if USE_TMA and not UPCAST:
+                    # one bulk reduce-add of the tile (cp.reduce.async.bulk.tensor, FA3's dQ path): no per-thread
+                    # addresses. Rows past Tq land in the next batch's rows, but add exact zeros there (P = 0).
+                    # The interpreter has no TMA reduce: it takes the pointer atomics below.
+                    DQd.atomic_add([q_row0 + m0, q_col], dq)
                 else:
-                    tl.atomic_add(dq_ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
-                dq_ptrs += BLOCK_M * sdqt
+                    # addresses rebuilt per tile, not carried: a loop-carried (BM, BD) pointer tensor would hold
+                    # two registers per element through the loop
+                    dq_ptrs = dq_base + rows[:, None].to(tl.int64) * sdqt + offs_d[None, :]                # (BM, BD)
+                    if MASKED:
+                        tl.atomic_add(dq_ptrs, dq, mask=(rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                                      sem="relaxed")
+                    elif EVEN_D:
+                        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+                    else:
+                        tl.atomic_add(dq_ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
             q_ptrs += BLOCK_M * sqt
             do_ptrs += BLOCK_M * sdt
         return dk, dv
 
     @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Qd, DOd,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Qd, DOd, DQd,
                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdqb, sdqt, sdqh,
                          Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
@@ -462,22 +474,22 @@ if HAS_TRITON:
             dq_base = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
             q_ptrs = q_base + lo.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + lo.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dq_ptrs = dq_base + lo.to(tl.int64) * sdqt + offs_m[:, None] * sdqt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr,
-                                 delta_ptr, lo, mid, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2, sqt, sdt,
-                                 sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
+                                 lse2_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
+                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
+                                 DQ_ATOMIC)
             q_ptrs = q_base + mid.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + mid.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dq_ptrs = dq_base + mid.to(tl.int64) * sdqt + offs_m[:, None] * sdqt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr,
-                                 delta_ptr, mid, tail, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2, sqt, sdt,
-                                 sdqt, HEAD_DIM, BLOCK_M, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
+                                 lse2_ptr, delta_ptr, mid, tail, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
+                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
+                                 DQ_ATOMIC)
             q_ptrs = q_base + tail.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + tail.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dq_ptrs = dq_base + tail.to(tl.int64) * sdqt + offs_m[:, None] * sdqt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr,
-                                 delta_ptr, tail, Tq, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2, sqt, sdt,
-                                 sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
+                                 lse2_ptr, delta_ptr, tail, Tq, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
+                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
+                                 DQ_ATOMIC)
         dk = dk * scale  # dK = scale * dS^T Q
         mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -573,7 +585,7 @@ if HAS_TRITON:
     _HOOKS = {"fwd": _tma_hook({"Qd": "BLOCK_M", "Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
               "dkdv": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M"}),
               "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
-              "fused": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M"})}
+              "fused": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M", "DQd": "BLOCK_M"})}
 
     def _cfgs(name, choices):
         # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of the H100 sweeps in bench.py
@@ -595,10 +607,13 @@ if HAS_TRITON:
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, False)]),
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
-    # the fused backward (BWD_DQ_ATOMIC): the dK/dV kernel with DQ_ATOMIC=True, its own tuner (own cache); configs
-    # from the sm_90 compile on CPU (registers/spills), not yet from a GPU sweep
-    _fused_tuned = triton.autotune(_cfgs("fused", [(64, 128, 8, 2, True), (64, 128, 8, 3, True), (32, 128, 8, 2, True),
-                                                   (64, 64, 4, 2, True), (64, 128, 8, 2, False)]),
+    # the fused backward (BWD_DQ_ATOMIC): the dK/dV kernel with DQ_ATOMIC=True under its own tuner (own cache).
+    # Configs chosen from an sm_90 compile on CPU (Triton 3.6, bf16, D=128; ptxas spill bytes), not yet a GPU sweep:
+    # with TMA (dQ by TMA reduce-add) 64x128x2 spills 1076 B, 32x128x3 124 B, 64x64x8w 40-68 B; without TMA
+    # (per-element red.global) 64x128 spills 6316 B; 128x64 and 128x128 exceed shared memory or spill >3.7 KB.
+    _fused_tuned = triton.autotune(_cfgs("fused", [(64, 128, 8, 2, True), (32, 128, 8, 3, True), (32, 128, 8, 2, True),
+                                                   (64, 64, 8, 3, True), (64, 64, 8, 2, True),
+                                                   (64, 128, 8, 2, False)]),
                                    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
@@ -754,7 +769,8 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
             if dq_atomic else dk  # (B, Tq, H, D) fp32; dk: a placeholder pointer, never read when DQ_ATOMIC=False
         name, tuned = ("fused", _fused_tuned) if dq_atomic else ("dkdv", _dkdv_tuned)
         _launch(name, tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
-                (q, k, v, dout, lse2, delta, dk, dv, dq_acc) + ((_desc(q), _desc(dout)) if tma else (q, dout))
+                (q, k, v, dout, lse2, delta, dk, dv, dq_acc)
+                + ((_desc(q), _desc(dout), _desc(dq_acc) if dq_atomic else dout) if tma else (q, dout, dq_acc))
                 + common + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                             dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) + tail,
                 dict(consts, DQ_ATOMIC=dq_atomic), Tq, Tk, tma)

@@ -179,7 +179,8 @@ def test_fused_atomic_backward_switch(monkeypatch):
     out, lse = kernels.attention_forward(q, k, v, backend="triton")
     seen = []
     real = kernels._bwd_dkdv_kernel.run
-    monkeypatch.setattr(kernels._bwd_dkdv_kernel, "run", lambda *a, **kw: seen.append(kw["DQ_ATOMIC"]) or real(*a, **kw))
+    monkeypatch.setattr(kernels._bwd_dkdv_kernel, "run",
+                        lambda *a, **kw: seen.append(kw["DQ_ATOMIC"]) or real(*a, **kw))
     sep = kernels.attention_backward(dout, q, k, v, out, lse, backend="triton")
     monkeypatch.setattr(kernels, "BWD_DQ_ATOMIC", True)
     fused = kernels.attention_backward(dout, q, k, v, out, lse, backend="triton")
@@ -281,8 +282,11 @@ def test_import_without_triton():
 # GPU only: real sizes, bf16 error within 2x of torch SDPA's own error vs an fp32 reference
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dq_atomic", [False, True])
 @pytest.mark.parametrize("Hkv", [32, 8])
-def test_gpu_real_size_error_vs_sdpa(Hkv):
+def test_gpu_real_size_error_vs_sdpa(Hkv, dq_atomic, monkeypatch):
+    # dq_atomic: the fused backward at the autotuned (TMA reduce-add) configs, which small tests never reach
+    monkeypatch.setattr(kernels, "BWD_DQ_ATOMIC", dq_atomic)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     B, T, H, D = 1, 4096, 32, 128
     q, k, v, dout = make(B, T, T, H, Hkv, D, torch.bfloat16, seed=5)
