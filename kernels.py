@@ -39,10 +39,14 @@ runs past one batch's last row reads the next batch's rows: those keys are maske
 
 Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.83x cuDNN and ~1.5x
 SDPA-flash; forward+backward ~0.73-0.78x cuDNN and ~1.23-1.32x SDPA-flash. What limits it: Triton 3.6 issues wgmma
-and TMA but does not warp-specialize on Hopper, so the softmax (exp2, row max/sum) does not overlap the tensor-core
-work as in FA3/cuDNN's ping-pong schedule; the backward does 7 matrix products per tile pair instead of 5 (the dQ
-kernel recomputes QK^T and dO V^T rather than accumulating dQ with atomics), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators, which puts it at 230-255 registers per thread (spills in some configs).
+and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does not overlap the
+tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind tl.range(warp_specialize=True) does
+partition a one-loop attention forward at num_warps=4 with in-kernel tl.make_tensor_descriptor loads, producer +
+2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal forward it fails with a compiler assertion, and
+with host TMA descriptors it rejects the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.)
+The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T rather than
+accumulating dQ with atomics), and the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators, which puts it at 255
+registers per thread with spills (sm_90 compile, Triton 3.6, bf16 D=128: 64x128, 2-3 stages, TMA: ~450 B).
 BWD_DQ_ATOMIC = True switches to a fused backward (FlashAttention-2's scheme): the dK/dV kernel also computes
 dQ = scale * dS K per tile pair and adds it into an fp32 buffer, by TMA reduce-add on Hopper, else by atomics:
 5 products per tile pair, dQ summed in a run-dependent order. `bench.py kernels --providers triton,triton-atomic`.
