@@ -28,9 +28,7 @@ def _kernels_add_args(p):
     p.add_argument("--kv-heads", default="32,8", help="comma-separated KV head counts (GQA when < heads)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
-    p.add_argument("--providers", default="triton,flash,cudnn",
-                   help="triton (kernels.py), triton-atomic (kernels.py with BWD_DQ_ATOMIC: fused backward, dQ by "
-                        "atomics; its forward is triton's, so fwd rows are skipped), flash / cudnn (SDPA)")
+    p.add_argument("--providers", default="triton,flash,cudnn", help="triton (kernels.py), flash / cudnn (SDPA)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--report-kernels", action="store_true", help="print registers/spills/smem/wgmma per variant")
     p.add_argument("--no-tma", action="store_true", help="ablation: pointer loads instead of TMA descriptors")
@@ -89,18 +87,12 @@ def _kernels_run(args):
                     bwd = mode == "fwd+bwd"
                     xs = [x.detach().requires_grad_(bwd) for x in (q, k, v)]
                     note = ""
-                    if prov == "triton-atomic" and not bwd:
-                        continue  # the same forward kernel as "triton"
-                    if prov in ("triton", "triton-atomic"):
-                        kernels.BWD_DQ_ATOMIC = prov == "triton-atomic"  # the backward variant this row times
+                    if prov == "triton":
                         if bwd:
                             fn = lambda: kernels.flash_attn_func(*xs, causal=causal).backward(dout)
                         else:
                             fn = lambda: kernels.attention_forward(*xs, causal=causal)
-                        try:
-                            ms = timed(fn, xs if bwd else None)
-                        finally:
-                            kernels.BWD_DQ_ATOMIC = False
+                        ms = timed(fn, xs if bwd else None)
                     else:
                         # SDPA takes (B, H, S, D) views of the same (B, S, H, D) storage
                         qt, kt, vt = (x.transpose(1, 2) for x in xs)
@@ -134,16 +126,13 @@ def _kernels_run(args):
                           + (f"{ms:9.3f} ms {tflops:7.1f} TFLOP/s {note}" if ms else note), flush=True)
                     torch.cuda.empty_cache()
             for mode in args.modes.split(","):
-                for ours in ("triton", "triton-atomic"):
-                    if (ours, mode) not in results:
-                        continue
-                    t = results[(ours, mode)]
-                    ratios = "  ".join(f"x{p}={t / results[(p, mode)]:.2f}" for p in ("cudnn", "flash")
-                                       if results.get((p, mode)) == results.get((p, mode)) and (p, mode) in results)
-                    print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} {ours}/sdpa: {ratios}")
+                t = results.get(("triton", mode), float("nan"))
+                ratios = "  ".join(f"x{p}={t / results[(p, mode)]:.2f}" for p in ("cudnn", "flash")
+                                   if results.get((p, mode)) == results.get((p, mode)) and (p, mode) in results)
+                print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} triton/sdpa: {ratios}")
             del q, k, v, dout
             torch.cuda.empty_cache()
-    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned", "_fused_tuned"):
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
         tuner = getattr(kernels, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
             print(f"autotune {name} key={key[:5]} -> {cfg}")
@@ -160,16 +149,12 @@ def _kernels_run(args):
                               f"cp.async={ptx.count('cp.async.cg')} tma={ptx.count('cp.async.bulk')}")
             except Exception as e:  # report only: never fail the benchmark over it
                 print(f"{name}: no compiler report ({type(e).__name__}: {e})")
-    print("\n| S | Hkv | mode | triton TFLOP/s | triton-atomic | flash | cuDNN | triton/cuDNN | triton/flash "
-          "| atomic/cuDNN | atomic/flash |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    nan = float("nan")
+    print("\n| S | Hkv | mode | triton TFLOP/s | flash | cuDNN | triton/cuDNN | triton/flash |")
+    print("|---|---|---|---|---|---|---|---|")
     for (S, Hkv, mode) in dict.fromkeys((r["S"], r["Hkv"], r["mode"]) for r in rows):
         get = {r["provider"]: r["tflops"] for r in rows if (r["S"], r["Hkv"], r["mode"]) == (S, Hkv, mode)}
-        t, ta = get.get("triton", nan), get.get("triton-atomic", nan)
-        fl, cu = get.get("flash", nan), get.get("cudnn", nan)
-        print(f"| {S} | {Hkv} | {mode} | {t:.0f} | {ta:.0f} | {fl:.0f} | {cu:.0f} | {t / cu:.2f} | {t / fl:.2f} "
-              f"| {ta / cu:.2f} | {ta / fl:.2f} |")
+        t, fl, cu = get.get("triton", float("nan")), get.get("flash", float("nan")), get.get("cudnn", float("nan"))
+        print(f"| {S} | {Hkv} | {mode} | {t:.0f} | {fl:.0f} | {cu:.0f} | {t / cu:.2f} | {t / fl:.2f} |")
     return rows
 
 

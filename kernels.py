@@ -43,17 +43,10 @@ runs past one batch's last row reads the next batch's rows: those keys are maske
 
 Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.83x cuDNN and ~1.5x
 SDPA-flash; forward+backward ~0.73-0.78x cuDNN and ~1.23-1.32x SDPA-flash. What limits it: Triton 3.6 issues wgmma
-and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does not overlap the
-tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind tl.range(warp_specialize=True) does
-partition a one-loop attention forward at num_warps=4 with in-kernel tl.make_tensor_descriptor loads, producer +
-2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal forward it fails with a compiler assertion, and
-with host TMA descriptors it rejects the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.)
-The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T rather than
-accumulating dQ with atomics), and the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators, which puts it at 255
-registers per thread with spills (sm_90 compile, Triton 3.6, bf16 D=128: 64x128, 2-3 stages, TMA: ~450 B).
-BWD_DQ_ATOMIC = True switches to a fused backward (FlashAttention-2's scheme): the dK/dV kernel also computes
-dQ = scale * dS K per tile pair and adds it into an fp32 buffer, by TMA reduce-add on Hopper, else by atomics:
-5 products per tile pair, dQ summed in a run-dependent order. `bench.py kernels --providers triton,triton-atomic`.
+and TMA but does not warp-specialize on Hopper, so the softmax (exp2, row max/sum) does not overlap the tensor-core
+work as in FA3/cuDNN's ping-pong schedule; the backward does 7 matrix products per tile pair instead of 5 (the dQ
+kernel recomputes QK^T and dO V^T rather than accumulating dQ with atomics), and the dK/dV kernel holds two fp32
+(BLOCK_N, D) accumulators, which puts it at 230-255 registers per thread (spills in some configs).
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
@@ -91,11 +84,6 @@ BACKENDS = ("triton", "torch", "cudnn")
 # The backend used when a call passes backend=None; None = "triton" on CUDA, "torch" elsewhere. Set it once at start
 # (train.py / bench.py --attn_backend), e.g. kernels.DEFAULT_BACKEND = "cudnn", to switch the model's attention.
 DEFAULT_BACKEND = None
-# The Triton backward: False = a dK/dV kernel then a dQ kernel (7 matrix products per tile pair, deterministic);
-# True = one fused kernel that adds dQ into an fp32 buffer with atomics (5 products; FlashAttention-2's own scheme;
-# the order of the fp32 additions, so the last bits of dQ, vary from run to run). Set it once at start, like
-# DEFAULT_BACKEND; bench.py times both (`--providers triton,triton-atomic`).
-BWD_DQ_ATOMIC = False
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
@@ -362,16 +350,13 @@ if HAS_TRITON:
         tl.store(LSE2 + row, lse2, mask=offs_m < Tq)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi,
-                    offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2, sqt, sdt, sdqt,
+    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi, offs_m,
+                    offs_n, offs_d, Tq, diff, scale2, sqt, sdt,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                    DQ_ATOMIC: tl.constexpr):
-        """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows);
-        with DQ_ATOMIC also add this key block's share of dQ, scale * dS K, into the fp32 rows at dq_base (this
-        head's row 0; pointer path) or through the TMA descriptor DQd (same rows/columns as Qd).
+                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+        """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows).
 
-        Key rows past Tk are masked only for dQ: in dK/dV they touch only their own rows, which are not stored.
+        Key rows past Tk are never masked here: they only touch their own rows of dK/dV, which are not stored.
         Query rows past Tq have lse2 = +inf (padding) -> P = 0."""
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
@@ -388,12 +373,7 @@ if HAS_TRITON:
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                                 # (BN, BM)
             pT = tl.math.exp2(sT * scale2 - lse2[None, :])                                        # (BN, BM)
             if MASKED:
-                if DQ_ATOMIC:  # keys past Tk (zero rows of k) still get exp2(0 - lse2) > 0, maybe inf: drop them
-                    keep = offs_n[:, None] < Tk
-                    if CAUSAL:
-                        keep = keep & (rows[None, :] + diff >= offs_n[:, None])
-                    pT = tl.where(keep, pT, 0.0)
-                elif CAUSAL:
+                if CAUSAL:
                     pT = tl.where(rows[None, :] + diff >= offs_n[:, None], pT, 0.0)
             if USE_TMA:
                 do = DOd.load([q_row0 + m0, q_col])                                               # (BM, BD)
@@ -409,40 +389,20 @@ if HAS_TRITON:
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                               # (BN, BM)
             dsT = pT * (dpT - delta[None, :])                                                     # (BN, BM)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)                         # (BN, BD)
-            if DQ_ATOMIC:  # the 5th product: dQ[rows] += scale * dS K, summed over key blocks by fp32 atomics
-                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * scale       # (BM, BD)
-                if USE_TMA and not UPCAST:
-                    # one bulk reduce-add of the tile (cp.reduce.async.bulk.tensor, FA3's dQ path): no per-thread
-                    # addresses. Rows past Tq land in the next batch's rows, but add exact zeros there (P = 0).
-                    # The interpreter has no TMA reduce: it takes the pointer atomics below.
-                    DQd.atomic_add([q_row0 + m0, q_col], dq)
-                else:
-                    # addresses rebuilt per tile, not carried: a loop-carried (BM, BD) pointer tensor would hold
-                    # two registers per element through the loop
-                    dq_ptrs = dq_base + rows[:, None].to(tl.int64) * sdqt + offs_d[None, :]                # (BM, BD)
-                    if MASKED:
-                        tl.atomic_add(dq_ptrs, dq, mask=(rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                                      sem="relaxed")
-                    elif EVEN_D:
-                        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-                    else:
-                        tl.atomic_add(dq_ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
             q_ptrs += BLOCK_M * sqt
             do_ptrs += BLOCK_M * sdt
         return dk, dv
 
     @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Qd, DOd, DQd,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd,
                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                         sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdqb, sdqt, sdqh,
+                         sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                          Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                         DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read it.
-        Grid (B*Hkv, cdiv(Tk, BLOCK_N)); no KV copies. DQ_ATOMIC=False: no atomics, DQ unused (the dQ kernel
-        follows). DQ_ATOMIC=True: the fused backward (FlashAttention-2's own): every tile pair also adds its
-        share of dQ into DQ, an fp32 (B, Tq, H, D) buffer of zeros, so 5 matrix products per tile pair, not 7."""
+        Grid (B*Hkv, cdiv(Tk, BLOCK_N)); no atomics, no KV copies."""
         Hkv = H // GROUP
         pid_bk = tl.program_id(0)
         b = pid_bk // Hkv
@@ -457,8 +417,7 @@ if HAS_TRITON:
                        offs_n, Tk, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                        # (BN, BD)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        # query blocks: [lo, mid) diagonal (masked), [mid, tail) unmasked (empty if q_full <= mid), [tail, Tq)
-        # ragged tail (masked)
+        # query blocks: [lo, mid) diagonal (masked), [mid, q_full) unmasked, [tail, Tq) ragged tail (masked)
         q_full = (Tq // BLOCK_M) * BLOCK_M
         if CAUSAL:
             lo = (tl.minimum(tl.maximum(n0 - diff, 0), Tq) // BLOCK_M) * BLOCK_M  # first row seeing a key
@@ -469,35 +428,27 @@ if HAS_TRITON:
             lo = q_full * 0  # a runtime zero (a tensor, so .to() works below)
             mid = lo
         tail = tl.maximum(mid, q_full)
-        if DQ_ATOMIC:  # the last key block is ragged: its keys past Tk must be masked (for dQ) in every query block
-            ragged = n0 + BLOCK_N > Tk
-            mid = tl.where(ragged, lo, mid)
-            tail = tl.where(ragged, lo, tail)
         for g in range(0, GROUP):
             h = hk * GROUP + g
             q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
             do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
             lse2_ptr = LSE2 + (b * H + h).to(tl.int64) * Tq
             delta_ptr = DELTA + (b * H + h).to(tl.int64) * Tq
-            dq_base = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
             q_ptrs = q_base + lo.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + lo.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
-                                 lse2_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
-                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
-                                 DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 lo, mid, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
             q_ptrs = q_base + mid.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + mid.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
-                                 lse2_ptr, delta_ptr, mid, tail, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
-                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
-                                 DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 mid, q_full, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
             q_ptrs = q_base + tail.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
             do_ptrs = do_base + tail.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_base, Qd, DOd, DQd, b * Tq, h * HEAD_DIM,
-                                 lse2_ptr, delta_ptr, tail, Tq, offs_m, offs_n, offs_d, Tq, Tk, diff, scale, scale2,
-                                 sqt, sdt, sdqt, HEAD_DIM, BLOCK_M, True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA,
-                                 DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
+                                 tail, Tq, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
+                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
         dk = dk * scale  # dK = scale * dS^T Q
         mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -592,8 +543,7 @@ if HAS_TRITON:
 
     _HOOKS = {"fwd": _tma_hook({"Qd": "BLOCK_M", "Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
               "dkdv": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M"}),
-              "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
-              "fused": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M", "DQd": "BLOCK_M"})}
+              "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
 
     def _cfgs(name, choices):
         # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of the H100 sweeps in bench.py
@@ -615,25 +565,17 @@ if HAS_TRITON:
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, False)]),
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
-    # the fused backward (BWD_DQ_ATOMIC): the dK/dV kernel with DQ_ATOMIC=True under its own tuner (own cache).
-    # Configs chosen from an sm_90 compile on CPU (Triton 3.6, bf16, D=128; ptxas spill bytes), not yet a GPU sweep:
-    # with TMA (dQ by TMA reduce-add) 64x128x2 spills 1076 B, 32x128x3 124 B, 64x64x8w 40-68 B; without TMA
-    # (per-element red.global) 64x128 spills 6316 B; 128x64 and 128x128 exceed shared memory or spill >3.7 KB.
-    _fused_tuned = triton.autotune(_cfgs("fused", [(64, 128, 8, 2, True), (32, 128, 8, 3, True), (32, 128, 8, 2, True),
-                                                   (64, 64, 8, 3, True), (64, 64, 8, 2, True),
-                                                   (64, 128, 8, 2, False)]),
-                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
-    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "fused": (64, 64, 4, 2),
+    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
 }
 _FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "fused": (16, 32, 4, 1),
+    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
 }
 # fp32 inputs with a padded head dim of 128 (D = 72..128): the 64x64 two-stage tiles above need 262,656 bytes of
 # shared memory in fp32 (H200 limit 232,448; seen in a compiled GPU run of tests/test_kernels.py, cases D=72 and
 # D=80). Tiles of a quarter the size, one stage. The fp32 path is the accuracy path, not the fast one.
-_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1), "fused": (32, 32, 4, 1)}
+_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
 _TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: fixed config
 
 
@@ -743,11 +685,7 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
     return out, lse
 
 
-def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None, on_dkdv=None,
-                     dq_atomic=None):
-    """dq_atomic: None -> BWD_DQ_ATOMIC; True: one fused kernel (dK, dV, and dQ by fp32 atomics; 5 products per tile
-    pair), False: the dK/dV kernel then the dQ kernel (7 products, no atomics, deterministic)."""
-    dq_atomic = BWD_DQ_ATOMIC if dq_atomic is None else bool(dq_atomic)
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None, on_dkdv=None):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v, out, dout = (_lastdim_contig(x) for x in (q, k, v, out, dout))
@@ -772,22 +710,12 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
-        # fused: dQ summed in fp32 by atomics, in dq itself when the gradients are fp32, else in a scratch buffer
-        dq_acc = (dq if grad_fp32 else torch.empty((B, Tq, H, D), dtype=torch.float32, device=q.device)).zero_() \
-            if dq_atomic else dk  # (B, Tq, H, D) fp32; dk: a placeholder pointer, never read when DQ_ATOMIC=False
-        name, tuned = ("fused", _fused_tuned) if dq_atomic else ("dkdv", _dkdv_tuned)
-        _launch(name, tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
-                (q, k, v, dout, lse2, delta, dk, dv, dq_acc)
-                + ((_desc(q), _desc(dout), _desc(dq_acc) if dq_atomic else dout) if tma else (q, dout, dq_acc))
-                + common + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) + tail,
-                dict(consts, DQ_ATOMIC=dq_atomic), Tq, Tk, tma)
+        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
+                (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
+                + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
+                consts, Tq, Tk, tma)
         if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
             on_dkdv(dk, dv)
-        if dq_atomic:
-            if dq_acc is not dq:
-                dq.copy_(dq_acc)  # fp32 -> the inputs' dtype
-            return dq, dk, dv
         _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
                 + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk, tma)

@@ -87,12 +87,11 @@ CASES = {  # name: (B, Tq, Tk, H, Hkv, D, causal, q_offset, k_offset, dtype)
 }
 
 
-def check_backend(backend, case, tma=None, dq_atomic=None):
+def check_backend(backend, case, tma=None):
     B, Tq, Tk, H, Hkv, D, causal, qo, ko, dt = CASES[case]
-    if tma is not None or dq_atomic is not None:  # the Triton kernels with TMA descriptor loads forced on or off,
-        # or with the fused atomic-dQ backward forced on or off (internal entry points)
+    if tma is not None:  # the Triton kernels with TMA descriptor loads forced on or off (internal entry points)
         fwd = lambda *a, **kw: kernels._triton_forward(*a, tma=tma, **kw)
-        bwd = lambda *a, **kw: kernels._triton_backward(*a, tma=tma, dq_atomic=dq_atomic, **kw)
+        bwd = lambda *a, **kw: kernels._triton_backward(*a, tma=tma, **kw)
         kernels_forward = lambda q, k, v, out_fp32=False, backend=None, causal=True, q_offset=0, k_offset=0: fwd(
             q, k, v, causal, D ** -0.5, q_offset, k_offset, out_fp32)
         kernels_backward = lambda dout, q, k, v, out, lse, grad_fp32=False, backend=None, causal=True, q_offset=0, \
@@ -137,56 +136,6 @@ def test_triton_matches_fp64(case):
 def test_triton_tma_path_matches_fp64(case):
     # the Hopper path: K/V (forward, dQ) and Q/dO (dK/dV) read by 2-D TMA descriptors over the (B*T, heads*D) view
     check_backend("triton", case, tma=True)
-
-
-@needs_triton
-@pytest.mark.parametrize("case", list(CASES))
-def test_triton_fused_atomic_backward_matches_fp64(case):
-    # BWD_DQ_ATOMIC: one kernel per key block adds dQ into an fp32 buffer with atomics; every case (GQA, D=72,
-    # offsets, rows that see nothing, Tq != Tk, ragged last key block, fp32 and 16-bit gradients)
-    check_backend("triton", case, dq_atomic=True)
-
-
-@needs_triton
-@pytest.mark.skipif(kernels.TensorDescriptor is None, reason="this triton has no TensorDescriptor")
-@pytest.mark.parametrize("case", ["gqa8-bf16-masked-rows", "batch2-offsets"])
-def test_triton_fused_atomic_backward_tma_path_matches_fp64(case):
-    check_backend("triton", case, tma=True, dq_atomic=True)
-
-
-@needs_triton
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees those infs before the mask
-@pytest.mark.parametrize("dq_atomic", [False, True])
-def test_triton_backward_very_negative_scores(dq_atomic):
-    # every score near -240, so lse ~ -237: a zero-padded key past Tk has score 0 and exp(0 - lse) = inf in fp32;
-    # the dQ of both backwards must mask such keys (not just rely on their zero rows: inf * 0 = nan)
-    B, Tq, Tk, H, D = 1, 23, 41, 2, 64
-    g = torch.Generator().manual_seed(7)
-    k = (1.0 + 0.1 * torch.randn(B, Tk, H, D, generator=g)).to(DEVICE)     # (B, Tk, H, D) all near +1
-    q = (-30.0 + torch.randn(B, Tq, H, D, generator=g)).to(DEVICE)         # (B, Tq, H, D) scores ~ -30 * 64 / 8
-    v, dout = torch.randn(B, Tk, H, D, generator=g).to(DEVICE), torch.randn(B, Tq, H, D, generator=g).to(DEVICE)
-    out, lse = kernels.attention_forward(q, k, v, causal=False, backend="triton")
-    assert lse.max() < -150
-    grads = kernels._triton_backward(dout, q, k, v, out, lse, False, D ** -0.5, 0, 0, True, dq_atomic=dq_atomic)
-    for name, gr, r in zip("dq dk dv".split(), grads, reference_grads(q, k, v, dout, causal=False)):
-        assert torch.isfinite(gr).all() and rel(gr, r) < tol("triton", torch.float32, 1e-4), name
-
-
-@needs_triton
-def test_fused_atomic_backward_switch(monkeypatch):
-    # the module switch is what attention_backward (and so flash_attn_func) runs; both give the same gradients
-    q, k, v, dout = make(1, 37, 37, 4, 2, 64, torch.float32, seed=6)
-    out, lse = kernels.attention_forward(q, k, v, backend="triton")
-    seen = []
-    real = kernels._bwd_dkdv_kernel.run
-    monkeypatch.setattr(kernels._bwd_dkdv_kernel, "run",
-                        lambda *a, **kw: seen.append(kw["DQ_ATOMIC"]) or real(*a, **kw))
-    sep = kernels.attention_backward(dout, q, k, v, out, lse, backend="triton")
-    monkeypatch.setattr(kernels, "BWD_DQ_ATOMIC", True)
-    fused = kernels.attention_backward(dout, q, k, v, out, lse, backend="triton")
-    assert seen == [False, True]
-    for a, b in zip(sep, fused):
-        assert rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -282,11 +231,8 @@ def test_import_without_triton():
 # GPU only: real sizes, bf16 error within 2x of torch SDPA's own error vs an fp32 reference
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dq_atomic", [False, True])
 @pytest.mark.parametrize("Hkv", [32, 8])
-def test_gpu_real_size_error_vs_sdpa(Hkv, dq_atomic, monkeypatch):
-    # dq_atomic: the fused backward at the autotuned (TMA reduce-add) configs, which small tests never reach
-    monkeypatch.setattr(kernels, "BWD_DQ_ATOMIC", dq_atomic)
+def test_gpu_real_size_error_vs_sdpa(Hkv):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     B, T, H, D = 1, 4096, 32, 128
     q, k, v, dout = make(B, T, T, H, Hkv, D, torch.bfloat16, seed=5)
@@ -384,13 +330,10 @@ out = []
 # the backward kernels hold the most tiles (fwd needs 196,608 bytes at the largest fp32 config); ~10 s a compile
 for name, fn, floats, ptr, prec, D in [("dkdv", kernels._bwd_dkdv_kernel, {"scale", "scale2"}, "*bf16", "tf32", 128),
                                        ("dkdv", kernels._bwd_dkdv_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72),
-                                       ("dq", kernels._bwd_dq_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72),
-                                       ("fused", kernels._bwd_dkdv_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72)]:
+                                       ("dq", kernels._bwd_dq_kernel, {"scale", "scale2"}, "*fp32", "tf32x3", 72)]:
     bm, bn, warps, stages = kernels._fixed_config(name, prec, triton.next_power_of_2(D))
     consts = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), EVEN_D=triton.next_power_of_2(D) == D,
                   CAUSAL=True, UPCAST=False, DOT_PREC=prec, USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn)
-    if name in ("dkdv", "fused"):
-        consts["DQ_ATOMIC"] = name == "fused"
     n_ptr = fn.arg_names.index("sqb")  # tensors come first, then strides/sizes, then constexprs
     sig = {a: "constexpr" if a in consts else ptr if i < n_ptr else "fp32" if a in floats else "i32"
            for i, a in enumerate(fn.arg_names)}
@@ -413,7 +356,7 @@ def test_fixed_configs_fit_hopper_shared_memory(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_SMEM], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 4
+    assert len(rows) == 3
     for name, ptr, D, shared in rows:
         assert shared <= 232448, f"{name} {ptr} D={D}: {shared} bytes of shared memory"
 
