@@ -41,12 +41,21 @@ On Hopper, K/V (forward, dQ) and Q/dO (dK/dV) can be read through TMA descriptor
 the (B, T, heads, D) tensors; the autotuner picks TMA or plain pointer loads per kernel and shape. A TMA block that
 runs past one batch's last row reads the next batch's rows: those keys are masked, those queries are never stored.
 
-Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.83x cuDNN and ~1.5x
-SDPA-flash; forward+backward ~0.73-0.78x cuDNN and ~1.23-1.32x SDPA-flash. What limits it: Triton 3.6 issues wgmma
-and TMA but does not warp-specialize on Hopper, so the softmax (exp2, row max/sum) does not overlap the tensor-core
-work as in FA3/cuDNN's ping-pong schedule; the backward does 7 matrix products per tile pair instead of 5 (the dQ
-kernel recomputes QK^T and dO V^T rather than accumulating dQ with atomics), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators, which puts it at 230-255 registers per thread (spills in some configs).
+Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.73-0.84x cuDNN and
+~1.3-1.5x SDPA-flash; forward+backward ~0.72-0.78x cuDNN and ~1.22-1.32x SDPA-flash. What limits it: Triton 3.6
+issues wgmma and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does
+not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind
+tl.range(warp_specialize=True) does partition a one-loop attention forward at num_warps=4 with in-kernel
+tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal
+forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
+the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
+per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
+(BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90 compile, bf16 D=128, 64x128 tiles,
+2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
+kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
+backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
+more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
+KV heads; it was removed again.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
