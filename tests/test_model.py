@@ -362,21 +362,31 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
     # attention forward (the vision tower's per-frame attention is always recomputed), where "full" recomputes all
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    F_ = model.config.llm.ffn_dim
+
     class CountAttentionForwards(TorchDispatchMode):
-        n = 0
+        n = 0  # attention forwards
+        w2 = 0  # forward products of the MLP's down projection, (T, F) @ W2^T (the backward's dX = dG @ W1 also
+        # reads F-wide rows, but with the weight itself, not a transposed view)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += func in lv._attention_ops()
+            self.w2 += func is torch.ops.aten.mm.default and args[0].shape[-1] == F_ and args[1].shape[0] == F_ \
+                and not args[1].is_contiguous()
             return func(*args, **(kwargs or {}))
 
     counts = {}
     for mode in ("full", "save-attn"):
         model.zero_grad()
         model.set_grad_checkpointing(mode)
-        _, loss4 = model(ids, [frames], labels)
+        with CountAttentionForwards() as fwd:
+            _, loss4 = model(ids, [frames], labels)
         with CountAttentionForwards() as c:
             loss4.backward()
         counts[mode] = c.n
+        # the recomputation stops once every tensor the backward saved exists again: the block's last product,
+        # w2 (one per decoder block in the forward), is never redone
+        assert (fwd.w2, c.w2) == (model.config.llm.n_layers, 0), (mode, fwd.w2, c.w2)
         assert torch.allclose(loss, loss4, atol=1e-6)
         assert torch.allclose(model.projector.fc1.weight.grad, g_full, atol=1e-6)
     model.set_grad_checkpointing(False)
