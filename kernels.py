@@ -337,6 +337,77 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
         tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
+    def _fwd_ws_kernel(Q, K, V, O, LSE,
+                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                       Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """_fwd_kernel's contract in ONE key loop that Triton's Hopper pass can warp-specialize (FWD_WARP_SPECIALIZE).
+
+        One program: BLOCK_M queries of one (batch, head); grid (B*H, cdiv(Tq, BLOCK_M)); 16-bit, D = BLOCK_D in
+        (64, 128). With WARP_SPECIALIZE (num_warps=4) the compiler splits the loop into a producer warp (TMA loads
+        of K, V into a ring of shared-memory stages) and two consumer warp groups of BLOCK_M/2 rows each (wgmma +
+        softmax), so one group's exp2 overlaps the other's matrix products (FA3's ping-pong, done by the compiler).
+        The pass takes one loop with descriptor loads made in the kernel: hence no unmasked/masked loop split, and
+        the mask is chosen per block inside the loop. Under the interpreter WARP_SPECIALIZE is a no-op."""
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP                                     # GQA: the KV head this query head reads
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        # One 2-D descriptor per (batch, head) over its (T, D) rows: the TMA engine zero-fills rows past Tq / Tk,
+        # so a ragged last block reads neither the next batch nor the next head (keys past Tk are masked below).
+        Qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, shape=[Tq, HEAD_DIM],
+                                       strides=[sqt, 1], block_shape=[BLOCK_M, BLOCK_D])               # (Tq, D)
+        Kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, shape=[Tk, HEAD_DIM],
+                                       strides=[skt, 1], block_shape=[BLOCK_N, BLOCK_D])               # (Tk, D)
+        Vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, shape=[Tk, HEAD_DIM],
+                                       strides=[svt, 1], block_shape=[BLOCK_N, BLOCK_D])               # (Tk, D)
+        q = Qd.load([m0, 0])                                                                   # (BM, BD)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
+        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
+        # last key each row sees, minus n0 below: one compare per score decides causal AND ragged-Tk masking
+        last = tl.minimum(offs_m + diff, Tk - 1) if CAUSAL else offs_m * 0 + (Tk - 1)             # (BM,)
+        for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = Kd.load([n0, 0])                                                               # (BN, BD)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
+            # The mask on EVERY block: Triton's Hopper pass drops warp specialization (silently, and spills)
+            # when the loop body holds an `if`, and two loops (unmasked, then diagonal) fail to compile. One
+            # integer compare and one select per score; the scale stays fused into the exp2 argument below.
+            s = tl.where(offs_n[None, :] <= (last - n0)[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)                                     # (BM,) log2 units
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
+            p = tl.math.exp2(s * scale2 - m_sub[:, None])                                      # (BM, BN)
+            alpha = tl.math.exp2(m_i - m_sub)                                                  # (BM,)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = Vd.load([n0, 0])                                                               # (BN, BD)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)                      # (BM, BD)
+            m_i = m_new
+        # epilogue as _fwd_kernel: a row that saw no key keeps l = 0 -> out 0, lse -inf
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]                                                             # (BM, BD)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
+        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+        tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
     @triton.jit(do_not_specialize=["Tq"])
     def _bwd_preprocess(O, DO, LSE, DELTA, LSE2, sob, sot, soh, sdb, sdt, sdh, Tq, H,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
