@@ -75,6 +75,8 @@ try:  # triton is optional: without it (or without a GPU) the PyTorch twin below
     import triton.language as tl
 
     HAS_TRITON = True
+    # in-kernel TMA descriptors, what the warp-specialized forward needs (Triton >= 3.4 or so; 3.6 and 3.7 have it)
+    HAS_WS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
     try:  # host-side TMA descriptors (Hopper's bulk tensor copy engine); optional
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # pragma: no cover
@@ -84,6 +86,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
     tl = None
     TensorDescriptor = None
     HAS_TRITON = False
+    HAS_WS = False
 
 # Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -93,6 +96,10 @@ BACKENDS = ("triton", "torch", "cudnn")
 # The backend used when a call passes backend=None; None = "triton" on CUDA, "torch" elsewhere. Set it once at start
 # (train.py / bench.py --attn_backend), e.g. kernels.DEFAULT_BACKEND = "cudnn", to switch the model's attention.
 DEFAULT_BACKEND = None
+# The warp-specialized forward (_fwd_ws_kernel) of the triton backend: None = where it is supported and the problem
+# is large enough to autotune (CUDA on Hopper, 16-bit, D in (64, 128)); True = wherever its kernel fits (16-bit,
+# D in (64, 128), TMA-legal strides: any size, any GPU, and the interpreter), False = never (the two-loop kernel).
+FWD_WARP_SPECIALIZE = None
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
@@ -640,6 +647,11 @@ if HAS_TRITON:
     _fwd_tuned = triton.autotune(_cfgs("fwd", [(256, 64, 8, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
                                                (128, 128, 8, 2, True), (128, 64, 8, 3, False)]),
                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+    # warp-specialized forward: 4 warps (the Hopper pass partitions only then: producer warp + 2 consumer groups);
+    # 128x128 with 3 stages needs 246,176 B of shared memory (limit 232,448), so 3-4 stages only at BLOCK_N 64
+    _fwd_ws_tuned = triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s)
+                                     for bm, bn, s in [(128, 128, 2), (128, 64, 2), (128, 64, 3), (128, 64, 4)]],
+                                    key=_TUNE_KEY[:-1])(_fwd_ws_kernel)
     _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 2, True),
                                                  (32, 128, 8, 3, True), (32, 128, 8, 3, False)]),
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
@@ -647,10 +659,10 @@ if HAS_TRITON:
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
-    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
+    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "fwd_ws": (128, 64, 4, 2),
 }
 _FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
+    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "fwd_ws": (32, 16, 4, 1),
 }
 # fp32 inputs with a padded head dim of 128 (D = 72..128): the 64x64 two-stage tiles above need 262,656 bytes of
 # shared memory in fp32 (H200 limit 232,448; seen in a compiled GPU run of tests/test_kernels.py, cases D=72 and
@@ -678,9 +690,10 @@ def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     bm, bn, w, s = _fixed_config(name, consts["DOT_PREC"], consts["BLOCK_D"])
-    nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
-    _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
-    raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    if name in _HOOKS:  # host TMA descriptors: block shapes of this config
+        _HOOKS[name](dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn))
+        consts = dict(consts, USE_TMA=bool(tma))
+    raw[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def _dev(x):
@@ -725,6 +738,30 @@ def _desc(x):
     return TensorDescriptor(x, shape=[B * T, Hx * D], strides=[x.stride(1), 1], block_shape=[16, D])
 
 
+def _ws_fits(D, *xs):
+    """Can _fwd_ws_kernel take these (B, T, heads, D) tensors: 16-bit, D in (64, 128), and every (batch, head)'s
+    (T, D) rows a legal TMA descriptor (16-byte aligned base and row stride, D contiguous)?"""
+    return HAS_WS and D in (64, 128) and all(
+        x.dtype in (torch.float16, torch.bfloat16) and x.stride(3) == 1 and x.data_ptr() % 16 == 0
+        and all(n == 1 or (st * x.element_size()) % 16 == 0 for n, st in zip(x.shape[:3], x.stride()[:3]))
+        for x in xs)
+
+
+def _use_ws(q, k, v, D, Tq, Tk):
+    """Route this forward to _fwd_ws_kernel? See FWD_WARP_SPECIALIZE."""
+    if FWD_WARP_SPECIALIZE is False or not _ws_fits(D, q, k, v):
+        return False
+    if FWD_WARP_SPECIALIZE:
+        return True
+    return q.is_cuda and _capability(q.device.index)[0] == 9 and Tq * Tk >= _TUNE_MIN_WORK
+
+
+def _ws_scratch(size, alignment, stream):
+    """Global memory for the TMA descriptors _fwd_ws_kernel writes in the kernel (128 bytes per descriptor and
+    program), from torch's caching allocator on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _triton_consts(q, D, causal):
     block_d = max(16, triton.next_power_of_2(D))
     if D > 128:
@@ -741,8 +778,9 @@ def _fp32_dot_precision():
 
 
 def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=None):
-    """tma: None -> pass TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel);
-    True/False force (tests run both paths in the interpreter)."""
+    """tma: None -> the warp-specialized kernel where FWD_WARP_SPECIALIZE says so, else the two-loop kernel with
+    TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel); True/False: the two-loop
+    kernel with descriptors forced on/off (tests run both paths in the interpreter)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
@@ -752,12 +790,22 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
         return out, lse
     if Tk == 0:  # nothing to attend to: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
-    tma = _tma_ok(D, q, k, v) if tma is None else tma
     consts = _triton_consts(q, D, causal)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    if tma is None and _use_ws(q, k, v, D, Tq, Tk):  # the warp-specialized one-loop kernel (FWD_WARP_SPECIALIZE)
+        args = (q, k, v, out, lse) + strides + (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E,
+                                                 _bucket(Tq), _bucket(Tk))
+        with _dev(q):
+            # the descriptors' scratch; a context variable, so set on every call (autograd's backward thread may
+            # run a checkpointed forward again)
+            triton.set_allocator(_ws_scratch)
+            _launch("fwd_ws", _fwd_ws_tuned, _fwd_ws_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args,
+                    dict(consts, WARP_SPECIALIZE=True), Tq, Tk, False)
+        return out, lse
+    tma = _tma_ok(D, q, k, v) if tma is None else tma
     descs = (_desc(q), _desc(k), _desc(v)) if tma else (q, k, v)
-    args = (q, k, v, out, lse) + descs + (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+    args = (q, k, v, out, lse) + descs + strides + (
         Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
     with _dev(q):
         _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk,

@@ -138,6 +138,23 @@ def test_triton_tma_path_matches_fp64(case):
     check_backend("triton", case, tma=True)
 
 
+# the warp-specialized forward's domain: 16-bit, D in (64, 128) (forced on, so it runs at these small sizes too;
+# under the interpreter the same one-loop kernel with its in-kernel descriptors, without the compiler's WS pass)
+WS_CASES = [name for name, c in CASES.items() if c[9] != torch.float32 and c[5] in (64, 128)]
+
+
+@needs_triton
+@pytest.mark.skipif(not kernels.HAS_WS, reason="this triton has no in-kernel tensor descriptors")
+@pytest.mark.parametrize("case", WS_CASES)
+def test_triton_warp_specialized_forward_matches_fp64(case, monkeypatch):
+    launched = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda name, *a: launched.append(name) or launch(name, *a))
+    monkeypatch.setattr(kernels, "FWD_WARP_SPECIALIZE", True)
+    check_backend("triton", case)  # forward via _fwd_ws_kernel; the backward from its out and lse
+    assert launched.count("fwd_ws") == 2 and "fwd" not in launched
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_twin_matches_fp64(case):
     check_backend("torch", case)
@@ -248,9 +265,17 @@ def test_import_without_triton():
 # GPU only: real sizes, bf16 error within 2x of torch SDPA's own error vs an fp32 reference
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ws", [False, True], ids=["two-loop-fwd", "warp-specialized-fwd"])
 @pytest.mark.parametrize("Hkv", [32, 8])
-def test_gpu_real_size_error_vs_sdpa(Hkv):
+def test_gpu_real_size_error_vs_sdpa(Hkv, ws, monkeypatch):
+    # ws: the forward by _fwd_ws_kernel (Hopper only), whose out and lse the backward then uses
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if ws and not (kernels.HAS_WS and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the warp-specialized forward is built for Hopper (capability 9)")
+    launched = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda name, *a: launched.append(name) or launch(name, *a))
+    monkeypatch.setattr(kernels, "FWD_WARP_SPECIALIZE", ws)
     B, T, H, D = 1, 4096, 32, 128
     q, k, v, dout = make(B, T, T, H, Hkv, D, torch.bfloat16, seed=5)
     G = H // Hkv
@@ -276,6 +301,15 @@ def test_gpu_real_size_error_vs_sdpa(Hkv):
         err_s = ((s.float() - r).norm() / r.norm()).item()
         print(f"{name}: triton {err_o:.2e}  sdpa-flash {err_s:.2e}")
         assert math.isfinite(err_o) and err_o <= 2 * err_s, name
+    if ws:  # its lse too, against fp32 logsumexp of the causal scores of the same bf16 inputs, 8 heads at a time
+        lse = kernels.attention_forward(q, k, v, causal=True)[1]                 # (B, H, T)
+        kk = k.float().repeat_interleave(G, 2)                                   # (B, T, H, D)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)     # (T, T) key after query
+        for h in range(0, H, 8):
+            s = torch.einsum("bqhd,bkhd->bhqk", q[:, :, h:h + 8].float(), kk[:, :, h:h + 8]) * D ** -0.5
+            ref_lse = s.masked_fill(future, float("-inf")).logsumexp(-1)         # (B, 8, T)
+            assert (lse[:, h:h + 8] - ref_lse).abs().max().item() < 1e-3
+    assert ("fwd_ws" in launched) == ws and (("fwd" in launched) != ws)
 
 
 # -----------------------------------------------------------------------------
