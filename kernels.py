@@ -43,15 +43,18 @@ runs past one batch's last row reads the next batch's rows: those keys are maske
 
 Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.73-0.84x cuDNN and
 ~1.3-1.5x SDPA-flash; forward+backward ~0.72-0.78x cuDNN and ~1.22-1.32x SDPA-flash. What limits it: Triton 3.6
-issues wgmma and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does
-not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind
-tl.range(warp_specialize=True) does partition a one-loop attention forward at num_warps=4 with in-kernel
-tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal
-forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
-the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
-per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90 compile, bf16 D=128, 64x128 tiles,
-2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
+issues wgmma and TMA but does not warp-specialize the two-loop kernels on Hopper, so the softmax (exp2, row max/sum)
+does not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. Its Hopper pass behind
+tl.range(warp_specialize=True) fails on the two-loop causal forward (compiler assertion), does nothing at
+num_warps=8 and rejects host TMA descriptors' split block shapes, but it does partition a ONE-loop forward at
+num_warps=4 with in-kernel tl.make_tensor_descriptor loads: _fwd_ws_kernel, a producer warp group (TMA) and two
+consumer warp groups of 64 query rows each (wgmma + softmax), setmaxnreg 40/232, no spills, 115-181 KB shared memory
+(sm_90 compiles, Triton 3.6.0 and 3.7.1). Its price: the causal mask is applied on every key block (an `if` in the
+loop body makes the pass give up, silently). FWD_WARP_SPECIALIZE switches it (None: on Hopper, 16-bit, D 64/128,
+autotuned sizes; not yet timed); `bench.py kernels --providers triton,triton-ws,...` times both forwards.
+The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and
+the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90
+compile, bf16 D=128, 64x128 tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
 kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
 backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
 more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
@@ -353,12 +356,13 @@ if HAS_TRITON:
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """_fwd_kernel's contract in ONE key loop that Triton's Hopper pass can warp-specialize (FWD_WARP_SPECIALIZE).
 
-        One program: BLOCK_M queries of one (batch, head); grid (B*H, cdiv(Tq, BLOCK_M)); 16-bit, D = BLOCK_D in
-        (64, 128). With WARP_SPECIALIZE (num_warps=4) the compiler splits the loop into a producer warp (TMA loads
-        of K, V into a ring of shared-memory stages) and two consumer warp groups of BLOCK_M/2 rows each (wgmma +
-        softmax), so one group's exp2 overlaps the other's matrix products (FA3's ping-pong, done by the compiler).
-        The pass takes one loop with descriptor loads made in the kernel: hence no unmasked/masked loop split, and
-        the mask is chosen per block inside the loop. Under the interpreter WARP_SPECIALIZE is a no-op."""
+        One program: BLOCK_M queries of one (batch, head); grid (B*H, cdiv(Tq, BLOCK_M)); 16-bit, D = BLOCK_D
+        in (64, 128). With WARP_SPECIALIZE (num_warps=4) the compiler splits the loop into a producer warp group
+        (TMA loads of Q, K, V; K and V into a ring of num_stages shared-memory buffers) and two consumer warp
+        groups of BLOCK_M/2 rows each (wgmma + softmax), so one group's softmax can overlap the other's matrix
+        products (FA3's ping-pong, scheduled by the compiler). The pass takes one loop with descriptor loads made
+        in the kernel: hence no unmasked/masked loop split, the mask goes on every block. The interpreter runs
+        the same code (warp_specialize is a no-op there)."""
         pid_bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
         b = pid_bh // H
