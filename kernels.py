@@ -52,13 +52,13 @@ consumer warp groups of 64 query rows each (wgmma + softmax), setmaxnreg 40/232,
 (sm_90 compiles, Triton 3.6.0 and 3.7.1). Its price: the causal mask is applied on every key block (an `if` in the
 loop body makes the pass give up, silently). FWD_WARP_SPECIALIZE switches it (None: on Hopper, 16-bit, D 64/128,
 autotuned sizes; not yet timed); `bench.py kernels --providers triton,triton-ws,...` times both forwards.
-The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and
-the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90
-compile, bf16 D=128, 64x128 tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
-kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
-backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
-more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
-KV heads; it was removed again.
+The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the
+dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90
+compile, bf16 D=128, 64x128 tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics
+(TMA reduce-add) from the dK/dV kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27):
+slower, 0.60-0.73x cuDNN forward+ backward against 0.70-0.79x for the two kernels here (its 5th product pushes the
+dK/dV kernel to 255 registers with more spills, and the reduce-adds contend in L2), and its reduce-add path failed
+the real-size accuracy test at 32 KV heads; it was removed again.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
