@@ -56,7 +56,7 @@ The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel re
 dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90
 compile, bf16 D=128, 64x128 tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics
 (TMA reduce-add) from the dK/dV kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27):
-slower, 0.60-0.73x cuDNN forward+ backward against 0.70-0.79x for the two kernels here (its 5th product pushes the
+slower, 0.60-0.73x cuDNN forward+backward against 0.70-0.79x for the two kernels here (its 5th product pushes the
 dK/dV kernel to 255 registers with more spills, and the reduce-adds contend in L2), and its reduce-add path failed
 the real-size accuracy test at 32 KV heads; it was removed again.
 
