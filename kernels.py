@@ -102,7 +102,7 @@ DEFAULT_BACKEND = None
 # The warp-specialized forward (_fwd_ws_kernel) of the triton backend: None = where it is supported and the problem
 # is large enough to autotune (CUDA on Hopper, 16-bit, D in (64, 128)); True = wherever its kernel fits (16-bit,
 # D in (64, 128), TMA-legal strides: any size, any GPU, and the interpreter), False = never (the two-loop kernel).
-FWD_WARP_SPECIALIZE = False
+FWD_WARP_SPECIALIZE = None
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
