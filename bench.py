@@ -28,9 +28,7 @@ def _kernels_add_args(p):
     p.add_argument("--kv-heads", default="32,8", help="comma-separated KV head counts (GQA when < heads)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
-    p.add_argument("--providers", default="triton,flash,cudnn",
-                   help="triton (kernels.py, two-loop forward), triton-ws (kernels.py, warp-specialized forward: "
-                        "FWD_WARP_SPECIALIZE=True; same backward), flash / cudnn (SDPA)")
+    p.add_argument("--providers", default="triton,flash,cudnn", help="triton (kernels.py), flash / cudnn (SDPA)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--report-kernels", action="store_true", help="print registers/spills/smem/wgmma per variant")
     p.add_argument("--no-tma", action="store_true", help="ablation: pointer loads instead of TMA descriptors")
@@ -89,20 +87,12 @@ def _kernels_run(args):
                     bwd = mode == "fwd+bwd"
                     xs = [x.detach().requires_grad_(bwd) for x in (q, k, v)]
                     note = ""
-                    if prov in ("triton", "triton-ws"):
-                        kernels.FWD_WARP_SPECIALIZE = prov == "triton-ws"  # both timed in this one process
+                    if prov == "triton":
                         if bwd:
                             fn = lambda: kernels.flash_attn_func(*xs, causal=causal).backward(dout)
                         else:
                             fn = lambda: kernels.attention_forward(*xs, causal=causal)
-                        try:
-                            ms = timed(fn, xs if bwd else None)
-                        except Exception as e:  # a failing warp-specialized compile must not lose the other rows
-                            if prov == "triton":
-                                raise
-                            ms, note = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                        finally:
-                            kernels.FWD_WARP_SPECIALIZE = None
+                        ms = timed(fn, xs if bwd else None)
                     else:
                         # SDPA takes (B, H, S, D) views of the same (B, S, H, D) storage
                         qt, kt, vt = (x.transpose(1, 2) for x in xs)
@@ -136,42 +126,35 @@ def _kernels_run(args):
                           + (f"{ms:9.3f} ms {tflops:7.1f} TFLOP/s {note}" if ms else note), flush=True)
                     torch.cuda.empty_cache()
             for mode in args.modes.split(","):
-                for ours in ("triton", "triton-ws"):
-                    if (ours, mode) not in results:
-                        continue
-                    t = results[(ours, mode)]
-                    ratios = "  ".join(f"x{p}={t / results[(p, mode)]:.2f}" for p in ("cudnn", "flash")
-                                       if results.get((p, mode)) == results.get((p, mode)) and (p, mode) in results)
-                    print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} {ours}/sdpa: {ratios}")
+                t = results.get(("triton", mode), float("nan"))
+                ratios = "  ".join(f"x{p}={t / results[(p, mode)]:.2f}" for p in ("cudnn", "flash")
+                                   if results.get((p, mode)) == results.get((p, mode)) and (p, mode) in results)
+                print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} triton/sdpa: {ratios}")
             del q, k, v, dout
             torch.cuda.empty_cache()
-    for name in ("_fwd_tuned", "_fwd_ws_tuned", "_dkdv_tuned", "_dq_tuned"):
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
         tuner = getattr(kernels, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
             print(f"autotune {name} key={key[:5]} -> {cfg}")
         for cfg, t in getattr(tuner, "configs_timings", {}).items():
             print(f"  last tuning {name}: {cfg} -> {t}")
     if args.report_kernels:  # what the compiler made of each variant: registers, spills, shared memory, wgmma
-        for name in ("_fwd_kernel", "_fwd_ws_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
             try:
                 for dev_cache in getattr(kernels, name).device_caches.values():
                     for ck in dev_cache[0].values():
                         md, ptx = ck.metadata, ck.asm.get("ptx", "")
                         print(f"{name}: warps={md.num_warps} stages={md.num_stages} regs={ck.n_regs} "
                               f"spills={ck.n_spills} smem={md.shared} wgmma={ptx.count('wgmma.mma_async')} "
-                              f"cp.async={ptx.count('cp.async.cg')} tma={ptx.count('cp.async.bulk')} "
-                              f"setmaxnreg={ptx.count('setmaxnreg')}")
+                              f"cp.async={ptx.count('cp.async.cg')} tma={ptx.count('cp.async.bulk')}")
             except Exception as e:  # report only: never fail the benchmark over it
                 print(f"{name}: no compiler report ({type(e).__name__}: {e})")
-    print("\n| S | Hkv | mode | triton TFLOP/s | triton-ws | flash | cuDNN | triton/cuDNN | triton-ws/cuDNN | "
-          "triton/flash |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    nan = float("nan")
+    print("\n| S | Hkv | mode | triton TFLOP/s | flash | cuDNN | triton/cuDNN | triton/flash |")
+    print("|---|---|---|---|---|---|---|---|")
     for (S, Hkv, mode) in dict.fromkeys((r["S"], r["Hkv"], r["mode"]) for r in rows):
         get = {r["provider"]: r["tflops"] for r in rows if (r["S"], r["Hkv"], r["mode"]) == (S, Hkv, mode)}
-        t, tw, fl, cu = (get.get(p, nan) for p in ("triton", "triton-ws", "flash", "cudnn"))
-        print(f"| {S} | {Hkv} | {mode} | {t:.0f} | {tw:.0f} | {fl:.0f} | {cu:.0f} | {t / cu:.2f} | {tw / cu:.2f} "
-              f"| {t / fl:.2f} |")
+        t, fl, cu = get.get("triton", float("nan")), get.get("flash", float("nan")), get.get("cudnn", float("nan"))
+        print(f"| {S} | {Hkv} | {mode} | {t:.0f} | {fl:.0f} | {cu:.0f} | {t / cu:.2f} | {t / fl:.2f} |")
     return rows
 
 

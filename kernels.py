@@ -43,22 +43,19 @@ runs past one batch's last row reads the next batch's rows: those keys are maske
 
 Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.73-0.84x cuDNN and
 ~1.3-1.5x SDPA-flash; forward+backward ~0.72-0.78x cuDNN and ~1.22-1.32x SDPA-flash. What limits it: Triton 3.6
-issues wgmma and TMA but does not warp-specialize the two-loop kernels on Hopper, so the softmax (exp2, row max/sum)
-does not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. Its Hopper pass behind
-tl.range(warp_specialize=True) fails on the two-loop causal forward (compiler assertion), does nothing at
-num_warps=8 and rejects host TMA descriptors' split block shapes, but it does partition a ONE-loop forward at
-num_warps=4 with in-kernel tl.make_tensor_descriptor loads: _fwd_ws_kernel, a producer warp group (TMA) and two
-consumer warp groups of 64 query rows each (wgmma + softmax), setmaxnreg 40/232, no spills, 115-181 KB shared memory
-(sm_90 compiles, Triton 3.6.0 and 3.7.1). Its price: the causal mask is applied on every key block (an `if` in the
-loop body makes the pass give up, silently). FWD_WARP_SPECIALIZE switches it (None: on Hopper, 16-bit, D 64/128,
-autotuned sizes; not yet timed); `bench.py kernels --providers triton,triton-ws,...` times both forwards.
-The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the
-dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90
-compile, bf16 D=128, 64x128 tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics
-(TMA reduce-add) from the dK/dV kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27):
-slower, 0.60-0.73x cuDNN forward+backward against 0.70-0.79x for the two kernels here (its 5th product pushes the
-dK/dV kernel to 255 registers with more spills, and the reduce-adds contend in L2), and its reduce-add path failed
-the real-size accuracy test at 32 KV heads; it was removed again.
+issues wgmma and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does
+not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind
+tl.range(warp_specialize=True) does partition a one-loop attention forward at num_warps=4 with in-kernel
+tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal
+forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
+the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
+per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
+(BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90 compile, bf16 D=128, 64x128 tiles,
+2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
+kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
+backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
+more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
+KV heads; it was removed again.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
@@ -78,8 +75,6 @@ try:  # triton is optional: without it (or without a GPU) the PyTorch twin below
     import triton.language as tl
 
     HAS_TRITON = True
-    # in-kernel TMA descriptors, what the warp-specialized forward needs (Triton >= 3.4 or so; 3.6 and 3.7 have it)
-    HAS_WS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
     try:  # host-side TMA descriptors (Hopper's bulk tensor copy engine); optional
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # pragma: no cover
@@ -89,7 +84,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
     tl = None
     TensorDescriptor = None
     HAS_TRITON = False
-    HAS_WS = False
 
 # Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -99,10 +93,6 @@ BACKENDS = ("triton", "torch", "cudnn")
 # The backend used when a call passes backend=None; None = "triton" on CUDA, "torch" elsewhere. Set it once at start
 # (train.py / bench.py --attn_backend), e.g. kernels.DEFAULT_BACKEND = "cudnn", to switch the model's attention.
 DEFAULT_BACKEND = None
-# The warp-specialized forward (_fwd_ws_kernel) of the triton backend: None = where it is supported and the problem
-# is large enough to autotune (CUDA on Hopper, 16-bit, D in (64, 128)); True = wherever its kernel fits (16-bit,
-# D in (64, 128), TMA-legal strides: any size, any GPU, and the interpreter), False = never (the two-loop kernel).
-FWD_WARP_SPECIALIZE = None
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
@@ -347,78 +337,6 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
         tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY"])
-    def _fwd_ws_kernel(Q, K, V, O, LSE,
-                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                       Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """_fwd_kernel's contract in ONE key loop that Triton's Hopper pass can warp-specialize (FWD_WARP_SPECIALIZE).
-
-        One program: BLOCK_M queries of one (batch, head); grid (B*H, cdiv(Tq, BLOCK_M)); 16-bit, D = BLOCK_D
-        in (64, 128). With WARP_SPECIALIZE (num_warps=4) the compiler splits the loop into a producer warp group
-        (TMA loads of Q, K, V; K and V into a ring of num_stages shared-memory buffers) and two consumer warp
-        groups of BLOCK_M/2 rows each (wgmma + softmax), so one group's softmax can overlap the other's matrix
-        products (FA3's ping-pong, scheduled by the compiler). The pass takes one loop with descriptor loads made
-        in the kernel: hence no unmasked/masked loop split, the mask goes on every block. The interpreter runs
-        the same code (warp_specialize is a no-op there)."""
-        pid_bh = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP                                     # GQA: the KV head this query head reads
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        # One 2-D descriptor per (batch, head) over its (T, D) rows: the TMA engine zero-fills rows past Tq / Tk,
-        # so a ragged last block reads neither the next batch nor the next head (keys past Tk are masked below).
-        Qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, shape=[Tq, HEAD_DIM],
-                                       strides=[sqt, 1], block_shape=[BLOCK_M, BLOCK_D])               # (Tq, D)
-        Kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, shape=[Tk, HEAD_DIM],
-                                       strides=[skt, 1], block_shape=[BLOCK_N, BLOCK_D])               # (Tk, D)
-        Vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, shape=[Tk, HEAD_DIM],
-                                       strides=[svt, 1], block_shape=[BLOCK_N, BLOCK_D])               # (Tk, D)
-        q = Qd.load([m0, 0])                                                                   # (BM, BD)
-        if UPCAST:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
-        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
-        # last key each row sees, minus n0 below: one compare per score decides causal AND ragged-Tk masking
-        last = tl.minimum(offs_m + diff, Tk - 1) if CAUSAL else offs_m * 0 + (Tk - 1)             # (BM,)
-        for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            k = Kd.load([n0, 0])                                                               # (BN, BD)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
-            # The mask on EVERY block: Triton's Hopper pass drops warp specialization (silently, and spills)
-            # when the loop body holds an `if`, and two loops (unmasked, then diagonal) fail to compile. One
-            # integer compare and one select per score; the scale stays fused into the exp2 argument below.
-            s = tl.where(offs_n[None, :] <= (last - n0)[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)                                     # (BM,) log2 units
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
-            p = tl.math.exp2(s * scale2 - m_sub[:, None])                                      # (BM, BN)
-            alpha = tl.math.exp2(m_i - m_sub)                                                  # (BM,)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = Vd.load([n0, 0])                                                               # (BN, BD)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)                      # (BM, BD)
-            m_i = m_new
-        # epilogue as _fwd_kernel: a row that saw no key keeps l = 0 -> out 0, lse -inf
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]                                                             # (BM, BD)
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
-        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None])
-        tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
-
     @triton.jit(do_not_specialize=["Tq"])
     def _bwd_preprocess(O, DO, LSE, DELTA, LSE2, sob, sot, soh, sdb, sdt, sdh, Tq, H,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -651,11 +569,6 @@ if HAS_TRITON:
     _fwd_tuned = triton.autotune(_cfgs("fwd", [(256, 64, 8, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
                                                (128, 128, 8, 2, True), (128, 64, 8, 3, False)]),
                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
-    # warp-specialized forward: 4 warps (the Hopper pass partitions only then: producer warp + 2 consumer groups);
-    # 128x128 with 3 stages needs 246,176 B of shared memory (limit 232,448), so 3-4 stages only at BLOCK_N 64
-    _fwd_ws_tuned = triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s)
-                                     for bm, bn, s in [(128, 128, 2), (128, 64, 2), (128, 64, 3), (128, 64, 4)]],
-                                    key=_TUNE_KEY[:-1])(_fwd_ws_kernel)
     _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 2, True),
                                                  (32, 128, 8, 3, True), (32, 128, 8, 3, False)]),
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
@@ -663,10 +576,10 @@ if HAS_TRITON:
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
-    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "fwd_ws": (128, 64, 4, 2),
+    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
 }
 _FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "fwd_ws": (32, 16, 4, 1),
+    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
 }
 # fp32 inputs with a padded head dim of 128 (D = 72..128): the 64x64 two-stage tiles above need 262,656 bytes of
 # shared memory in fp32 (H200 limit 232,448; seen in a compiled GPU run of tests/test_kernels.py, cases D=72 and
@@ -694,10 +607,9 @@ def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
     bm, bn, w, s = _fixed_config(name, consts["DOT_PREC"], consts["BLOCK_D"])
-    if name in _HOOKS:  # host TMA descriptors: block shapes of this config
-        _HOOKS[name](dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn))
-        consts = dict(consts, USE_TMA=bool(tma))
-    raw[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
+    _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
+    raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def _dev(x):
@@ -742,30 +654,6 @@ def _desc(x):
     return TensorDescriptor(x, shape=[B * T, Hx * D], strides=[x.stride(1), 1], block_shape=[16, D])
 
 
-def _ws_fits(D, *xs):
-    """Can _fwd_ws_kernel take these (B, T, heads, D) tensors: 16-bit, D in (64, 128), and every (batch, head)'s
-    (T, D) rows a legal TMA descriptor (16-byte aligned base and row stride, D contiguous)?"""
-    return HAS_WS and D in (64, 128) and all(
-        x.dtype in (torch.float16, torch.bfloat16) and x.stride(3) == 1 and x.data_ptr() % 16 == 0
-        and all(n == 1 or (st * x.element_size()) % 16 == 0 for n, st in zip(x.shape[:3], x.stride()[:3]))
-        for x in xs)
-
-
-def _use_ws(q, k, v, D, Tq, Tk):
-    """Route this forward to _fwd_ws_kernel? See FWD_WARP_SPECIALIZE."""
-    if FWD_WARP_SPECIALIZE is False or not _ws_fits(D, q, k, v):
-        return False
-    if FWD_WARP_SPECIALIZE:
-        return True
-    return q.is_cuda and _capability(q.device.index)[0] == 9 and Tq * Tk >= _TUNE_MIN_WORK
-
-
-def _ws_scratch(size, alignment, stream):
-    """Global memory for the TMA descriptors _fwd_ws_kernel writes in the kernel (128 bytes per descriptor and
-    program), from torch's caching allocator on the current device."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _triton_consts(q, D, causal):
     block_d = max(16, triton.next_power_of_2(D))
     if D > 128:
@@ -782,9 +670,8 @@ def _fp32_dot_precision():
 
 
 def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=None):
-    """tma: None -> the warp-specialized kernel where FWD_WARP_SPECIALIZE says so, else the two-loop kernel with
-    TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel); True/False: the two-loop
-    kernel with descriptors forced on/off (tests run both paths in the interpreter)."""
+    """tma: None -> pass TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel);
+    True/False force (tests run both paths in the interpreter)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
@@ -794,22 +681,12 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
         return out, lse
     if Tk == 0:  # nothing to attend to: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
-    consts = _triton_consts(q, D, causal)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    if tma is None and _use_ws(q, k, v, D, Tq, Tk):  # the warp-specialized one-loop kernel (FWD_WARP_SPECIALIZE)
-        args = (q, k, v, out, lse) + strides + (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E,
-                                                 _bucket(Tq), _bucket(Tk))
-        with _dev(q):
-            # the descriptors' scratch; a context variable, so set on every call (autograd's backward thread may
-            # run a checkpointed forward again)
-            triton.set_allocator(_ws_scratch)
-            _launch("fwd_ws", _fwd_ws_tuned, _fwd_ws_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args,
-                    dict(consts, WARP_SPECIALIZE=True), Tq, Tk, False)
-        return out, lse
     tma = _tma_ok(D, q, k, v) if tma is None else tma
+    consts = _triton_consts(q, D, causal)
     descs = (_desc(q), _desc(k), _desc(v)) if tma else (q, k, v)
-    args = (q, k, v, out, lse) + descs + strides + (
+    args = (q, k, v, out, lse) + descs + (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
     with _dev(q):
         _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk,
