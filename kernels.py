@@ -55,7 +55,9 @@ per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the d
 kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
 backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
 more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
-KV heads; it was removed again.
+KV heads; it was removed again. So was a warp-specialized forward (one key loop, in-kernel TMA descriptors, the
+causal mask on every block, 4 warps: producer + 2 consumer groups in the sm_90 compile): on an H200 it ran 0.71-0.90x
+cuDNN against 0.83-0.89x for the kernel here (no faster; slower at 64k) and failed the real-size accuracy test.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
@@ -747,32 +749,12 @@ def _cudnn_ok(q, k, causal, q_offset, k_offset):
             and q.shape[0] * Tq * Tk > 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _cudnn_takes_gqa(device_index):
-    """Does this torch build's cuDNN op accept fewer KV heads than query heads (GQA) and give what expanding the
-    KV heads gives? Asked once per GPU with a tiny call (torch 2.11 on an H200: yes, bit-identical output)."""
-    from torch.utils._python_dispatch import _disable_current_modes
-    # The first call can come from inside a model forward under selective checkpointing, whose dispatch mode
-    # would cache these probe outputs as if they were the model's (and hand them back in the recomputation):
-    # run outside every mode, without autograd.
-    with _disable_current_modes(), torch.no_grad():
-        g = torch.Generator(device=f"cuda:{device_index}").manual_seed(0)
-        q, kv = (torch.randn(1, h, 64, 64, device=f"cuda:{device_index}", dtype=torch.bfloat16, generator=g)
-                 for h in (4, 2))  # (B, heads, T, D)
-        op = torch.ops.aten._scaled_dot_product_cudnn_attention
-        try:
-            native = op(q, kv, kv, None, True, 0.0, True, False)[0]
-        except RuntimeError:
-            return False
-        expanded = op(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1), None, True, 0.0, True, False)[0]
-        return torch.equal(native, expanded)
-
-
 def _expand_kv(x, G):
-    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G, for torch builds whose cuDNN op
-    takes one head count. Done here, on this GPU, after any communication (rings move only the real KV heads);
-    where the op takes GQA itself (_cudnn_takes_gqa) nothing is copied."""
-    return x if G == 1 or _cudnn_takes_gqa(x.device.index) else x.repeat_interleave(G, dim=2)
+    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G. Done here, on this GPU, after any
+    communication, so rings move only the real KV heads. (torch 2.11's cuDNN op also takes fewer KV heads itself,
+    bit-identical: passing them so was timed on 2 H200 in 8B training and changed nothing measurable, 43.0 vs 43.2%
+    MFU at 64k, so the simpler copy stays.)"""
+    return x if G == 1 else x.repeat_interleave(G, dim=2)
 
 
 def _cudnn_forward(q, k, v, causal, scale, out_fp32):
@@ -801,8 +783,8 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         t(dout), t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), t(out), lse4, philox, philox, None, None, None,
         Tq, Tk, 0.0, bool(causal), scale=scale)                          # (B, H, T, D) each
-    dq, dk, dv = t(dq), t(dk), t(dv)                                     # (B, T, H|Hkv, D)
-    if dk.shape[2] != Hkv:   # the expanded heads' gradients summed back onto their KV head
+    dq, dk, dv = t(dq), t(dk), t(dv)                                     # (B, T, H, D)
+    if G > 1:   # the expanded heads' gradients summed back onto their KV head
         dk = dk.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
         dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
     gdt = torch.float32 if grad_fp32 else q.dtype
