@@ -982,11 +982,13 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty((M, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, C)
         rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
         block_c = triton.next_power_of_2(C)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        if M == 0 or C == 0:
+            return y.view(x.shape[:-1] + (C,))
         with _dev(x):
             _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
                                        num_warps=min(16, max(1, block_c // 256)))
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
         return y.view(x.shape[:-1] + (C,))
 
     @staticmethod
@@ -995,6 +997,8 @@ class _RMSNormFn(torch.autograd.Function):
         M, C = x2.shape
         dy2 = _rows(dy)  # (M, C)
         dx = torch.empty_like(x2)  # (M, C)
+        if M == 0 or C == 0:
+            return dx.view(ctx.x_shape), torch.zeros_like(weight), None
         n_prog = max(1, min(M, 1024))  # enough programs to fill any GPU; each sums its rows' share of dw
         rows_per = triton.cdiv(M, n_prog)
         n_prog = triton.cdiv(M, rows_per)
@@ -1016,9 +1020,11 @@ class _SwiGLUFn(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
         n = gate.numel()
+        ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
+        if n == 0:
+            return y
         with _dev(gate):
             _swiglu_fwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](gate, up, y, n, BLOCK=_SwiGLUFn.BLOCK)
-        ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
         return y
 
     @staticmethod
@@ -1027,6 +1033,8 @@ class _SwiGLUFn(torch.autograd.Function):
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
+        if n == 0:
+            return dg, du
         with _dev(gate):
             _swiglu_bwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_SwiGLUFn.BLOCK)
         return dg, du
@@ -1042,6 +1050,8 @@ def _rotary(x, cos, sin, sign):
     if sin.stride() != cos.stride():  # one set of strides serves both tables
         cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
     with _dev(x):
         _rotary_kernel[(B * T,)](x, cos, sin, y, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
                                  cos.stride(1), HX, float(sign), HALF=D // 2, BLOCK_H=triton.next_power_of_2(HX),
@@ -1087,10 +1097,14 @@ def rotary(x, cos, sin):
     """Fused twin of longvila.apply_rotary_emb: x (B, T, HX, D), cos/sin (B, T, D/2) -> (B, T, HX, D)."""
     _check_fused(x)
     B, T, _, D = x.shape
-    if D % 2 or cos.shape != (B, T, D // 2) or sin.shape != cos.shape:
+    try:  # a batch of 1 serves every row, as in the eager twin (a stride-0 view, no copy)
+        cos_b, sin_b = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)  # (B, T, D/2)
+    except RuntimeError:
+        cos_b = None
+    if D % 2 or cos_b is None:
         raise ValueError(f"kernels.rotary: x {tuple(x.shape)} needs cos/sin of shape {(B, T, D // 2)}, got "
                          f"{tuple(cos.shape)} / {tuple(sin.shape)}")
-    return _RotaryFn.apply(x, cos, sin)
+    return _RotaryFn.apply(x, cos_b, sin_b)
 
 
 def use_fused(x):

@@ -240,7 +240,9 @@ def apply_rotary_emb(x, cos, sin):
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, H, D)
+    # in x's dtype: under autocast q/k come out of their projections in bf16 while cos/sin stay fp32, and the
+    # attention kernels want q, k, v in one dtype (the fused kernel computes in fp32 and stores in x's dtype too)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)  # (B, T, H, D)
 
 
 def swiglu(gate, up):

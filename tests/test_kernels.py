@@ -334,6 +334,19 @@ def test_fused_ops_errors_and_strides():
     torch.testing.assert_close(kernels.rotary(big[:, :, 1:4], cos, sin), lv.apply_rotary_emb(big[:, :, 1:4], cos, sin))
     w = torch.randn(8, device=DEVICE)
     torch.testing.assert_close(kernels.rms_norm(big.transpose(1, 2), w, 1e-6), lv.rms_norm(big.transpose(1, 2), w, 1e-6))
+    # cos/sin of batch 1 serve a batch of 2 (broadcast, as in the twin); bf16 x with fp32 angles stays bf16 (autocast:
+    # projections in bf16, angles in fp32), and the twin now returns x's dtype too
+    xb = big.bfloat16()
+    y = kernels.rotary(xb, cos[:1], sin[:1])
+    assert y.dtype == torch.bfloat16 and lv.apply_rotary_emb(xb, cos[:1], sin[:1]).dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), lv.apply_rotary_emb(big, cos[:1], sin[:1]), atol=0.05, rtol=0.02)
+    # empty inputs: empty outputs and gradients, no launch
+    e = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
+    ew = torch.ones(8, device=DEVICE, requires_grad=True)
+    kernels.rms_norm(e, ew, 1e-6).sum().backward()
+    assert e.grad.shape == (0, 8) and torch.equal(ew.grad, torch.zeros(8, device=DEVICE))
+    assert kernels.swiglu(e, e).shape == (0, 8)
+    assert kernels.rotary(torch.zeros(1, 0, 2, 8, device=DEVICE), cos[:1, :0], sin[:1, :0]).numel() == 0
 
 
 COMPILE_SMEM = r"""
