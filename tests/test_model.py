@@ -324,6 +324,11 @@ def test_attention_hook_plugs_in_kernels_flash_attention():
                                                                                                backend="torch"))
         sdpa = model.forward_embeds(h, pos, attn=lv.sdpa_attention)
     assert (flash - ref).abs().max().item() <= TOL and torch.equal(sdpa, ref)
+    # under autocast (train.py on one GPU: fp32 weights, bf16 products) q/k leave RoPE in the projections' bf16,
+    # beside a bf16 v, even though the angles are fp32: the flash kernels take only one dtype for all three
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.forward_embeds(h, pos, attn=lambda q, k, v, i: kernels.flash_attn_func(q, k, v, backend="torch"))
+    assert (mixed.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
     # a KV cache filled in pieces (prefill 7, then 5 more, then 1 by 1) gives the hidden states of one full pass
     T = ids.shape[1]
     cache = lv.KVCache(4, 1, T, 2, 32, torch.float32, "cpu")
