@@ -504,12 +504,12 @@ def _ops_run(args):
     rows = []
     for name, (fn, shapes) in cases.items():
         xs = [torch.randn(s, **bf).requires_grad_() for s in shapes]
-        t = {}
+        t, before = {}, kernels.FUSED_OPS
         for fused in (False, True):
             kernels.FUSED_OPS = fused
             dy = torch.randn_like(fn(*xs))
             t[fused] = do_bench(lambda: torch.autograd.grad(fn(*xs), xs, dy), warmup=5, rep=50)
-        kernels.FUSED_OPS = True
+        kernels.FUSED_OPS = before
         rows.append(dict(op=name, tokens=T, eager_ms=round(t[False], 3), fused_ms=round(t[True], 3),
                          speedup=round(t[False] / t[True], 2)))
         print(f"| {name:9s} | eager {t[False]:7.3f} ms | fused {t[True]:7.3f} ms | {t[False] / t[True]:5.2f}x |",

@@ -877,15 +877,19 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
 #
 # In eager PyTorch each of these is a chain of small kernels over (T, C)-sized tensors: the HF-exact RMSNorm is
 # 7 of them (upcast, square, mean, rsqrt, multiply, downcast, gain) with fp32 temporaries, RoPE slices, multiplies
-# and concatenates, SwiGLU writes silu(gate) before multiplying. At 32k tokens per GPU an 8B decoder then moves
-# ~60 GB per layer per step through HBM for work that needs a few GB (profile in README, "Stage 5 training").
-# Each op below is one kernel forward and one backward, reading its inputs once and writing its outputs once, in
-# fp32 arithmetic with 16-bit storage. Their PyTorch twins are the model's own eager functions
-# (longvila.rms_norm, longvila.apply_rotary_emb, silu(gate) * up), which longvila.py calls on CPU; it calls these
-# on CUDA tensors while FUSED_OPS is true (train.py --no-fused_ops switches them off for comparison).
-# Differences to the twins: the twins round every intermediate to 16 bits, these round once at the end.
+# and concatenates, SwiGLU writes silu(gate) before multiplying: each pass reads and writes the whole tensor (the
+# RMSNorm forward moves ~9x the bytes of its input and output). Each op below is one kernel forward and one
+# backward, reading its inputs once and writing its outputs once, in fp32 arithmetic with 16-bit storage
+# (`python bench.py ops`: RMSNorm 13x, RoPE 10x, SwiGLU 1.8x faster forward+backward on an H200 at 32k tokens).
+# Their PyTorch twins are the model's own eager functions (longvila.rms_norm, longvila.apply_rotary_emb,
+# longvila.swiglu), which longvila.py calls on CPU; it calls these on CUDA tensors while FUSED_OPS is True
+# (train.py --no-fused_ops switches them off for comparison). Differences to the twins: the twins round every
+# intermediate to 16 bits, these round once at the end.
 
+# True: the model uses the fused ops on CUDA tensors; False: never; "always": on CPU tensors too, in Triton's
+# interpreter (tests: the model through the fused ops, checkpointing included).
 FUSED_OPS = True
+MAX_NORM_WIDTH = 16384  # rms_norm keeps a whole row in registers: wider rows take the eager twin
 
 if HAS_TRITON:
     @triton.jit
@@ -976,20 +980,21 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x2 = _rows(x)  # (M, C)
+        weight = weight.contiguous()  # the kernels read the gain at unit stride
         M, C = x2.shape
-        if C > 16384:
-            raise ValueError(f"kernels.rms_norm: rows of up to 16384 channels, got {C}")
+        if C > MAX_NORM_WIDTH:
+            raise ValueError(f"kernels.rms_norm: rows of up to {MAX_NORM_WIDTH} channels, got {C}")
         y = torch.empty((M, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, C)
         rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
         block_c = triton.next_power_of_2(C)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         if M == 0 or C == 0:
-            return y.view(x.shape[:-1] + (C,))
+            return y.view(x.shape[:-1] + (C,))  # (..., C)
         with _dev(x):
             _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
                                        num_warps=min(16, max(1, block_c // 256)))
-        return y.view(x.shape[:-1] + (C,))
+        return y.view(x.shape[:-1] + (C,))  # (M, C) -> (..., C)
 
     @staticmethod
     def backward(ctx, dy):
@@ -998,7 +1003,7 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = _rows(dy)  # (M, C)
         dx = torch.empty_like(x2)  # (M, C)
         if M == 0 or C == 0:
-            return dx.view(ctx.x_shape), torch.zeros_like(weight), None
+            return dx.view(ctx.x_shape), torch.zeros_like(weight), None  # (..., C), (C,)
         n_prog = max(1, min(M, 1024))  # enough programs to fill any GPU; each sums its rows' share of dw
         rows_per = triton.cdiv(M, n_prog)
         n_prog = triton.cdiv(M, rows_per)
@@ -1008,8 +1013,9 @@ class _RMSNormFn(torch.autograd.Function):
             _rms_norm_bwd_kernel[(n_prog,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
                                             dx.stride(0), M, C, rows_per, BLOCK_C=block_c,
                                             num_warps=min(16, max(1, block_c // 256)))
-        dw = dw_part.sum(0).to(weight.dtype)  # (C,)
-        return dx.view(ctx.x_shape), dw, None
+        # a frozen gain (stages 1-2 freeze the LLM, yet gradients flow through its norms): no sum
+        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (C,)
+        return dx.view(ctx.x_shape), dw, None  # (M, C) -> (..., C)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -1108,5 +1114,10 @@ def rotary(x, cos, sin):
 
 
 def use_fused(x):
-    """Should the model call the fused ops on x? CUDA tensors, triton importable, FUSED_OPS on."""
-    return FUSED_OPS and HAS_TRITON and x.is_cuda
+    """Should the model call the fused ops on x? triton importable, fp16/bf16/fp32, and a CUDA tensor with FUSED_OPS
+    True, or any tensor the kernels can run on with FUSED_OPS = "always" (CPU: the interpreter)."""
+    if not HAS_TRITON or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if FUSED_OPS == "always":
+        return x.is_cuda or _INTERPRET
+    return FUSED_OPS is True and x.is_cuda

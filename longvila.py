@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -196,19 +197,23 @@ PRESETS: dict[str, LongVILAConfig] = {
 # pure functions
 
 def _fused_ops(x):
-    """kernels.py when x is a CUDA tensor and its fused Triton ops are on (kernels.FUSED_OPS), else None.
+    """kernels.py when its fused Triton ops should run on x (kernels.use_fused), else None.
 
     On CUDA, RMSNorm, RoPE and SwiGLU run as one Triton kernel each (forward and backward) instead of chains of
-    small eager kernels; the eager code below is their twin and the CPU path (kernels.py, "fused elementwise")."""
-    if not x.is_cuda:
-        return None
-    import kernels
+    small eager kernels; the eager code below is their twin and the CPU path (kernels.py, "fused elementwise").
+    On CPU only if a test has imported kernels and set kernels.FUSED_OPS = "always" (Triton's interpreter)."""
+    if x.is_cuda:
+        import kernels
+    else:
+        kernels = sys.modules.get("kernels")  # never imported here on CPU: nothing forced the fused ops
+        if kernels is None:
+            return None
     return kernels if kernels.use_fused(x) else None
 
 
 def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
-    if (fused := _fused_ops(x)) is not None:
+    if (fused := _fused_ops(x)) is not None and x.shape[-1] <= fused.MAX_NORM_WIDTH:
         return fused.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()  # (..., C)
@@ -759,8 +764,8 @@ class LongVILA(nn.Module):
         if llm_layers is not None and not 0 <= llm_layers <= n:
             raise ValueError(f"checkpointed decoder blocks must be between 0 and {n}, got {llm_layers}")
         # the vision tower always recomputes whole blocks: its attention spans one frame (729 patches), cheap to
-        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block (15 GB for 325 frames x 27
-        # blocks: what made 8B at 128k tokens run out of memory on an H200)
+        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block (14 GB for 325 frames x 26
+        # used blocks: what made 8B at 128k tokens run out of memory on an H200)
         self.vision.grad_checkpointing = mode and "full"
         self.llm.grad_checkpointing = mode
         self.llm.checkpoint_layers = llm_layers

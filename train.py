@@ -248,7 +248,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def _kernel_kind(name: str) -> str:
     n = name.lower()
-    return ("NCCL" if "nccl" in n else "attention" if any(a in n for a in ("cudnn", "fmha", "flash", "attn")) else
+    ours = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")  # kernels.py's attention
+    return ("NCCL" if "nccl" in n else
+            "attention" if any(a in n for a in ("cudnn", "fmha", "flash", "attn") + ours) else
             "matrix products" if any(a in n for a in ("gemm", "xmma", "cutlass", "nvjet", "sm90_")) else
             "fused ops (kernels.py)" if any(a in n for a in ("_rms_norm", "_swiglu", "_rotary")) else
             "other (elementwise, copies, reductions)")
@@ -995,6 +997,8 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     # starts at `start`, so a resumed run reads exactly what the uninterrupted one read
     loader = start_loader(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id,
                                       workers, pin_memory=use_cuda, seed=cfg.seed))
+    if cfg.profile_step > cfg.steps:
+        log.info(f"--profile_step {cfg.profile_step} is past this stage's {cfg.steps} steps: nothing is profiled")
     t_loop = time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -1006,9 +1010,9 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         assert item["step"] == step, (item["step"], step)
         batches = item["batches"]
         profiling = cfg.profile_step == step + 1 and rank == 0
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])) if profiling else contextlib.nullcontext() \
-                as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
+        profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
+        with profiler as prof:
             loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
             if profiling and use_cuda:
                 torch.cuda.synchronize(device)
@@ -1118,7 +1122,7 @@ HELP = {
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
     "micro_batch": "samples per forward on one rank", "steps": "optimizer steps",
-    "grad_checkpointing": "recompute every vision / LLM block in the backward",
+    "grad_checkpointing": "recompute every vision / LLM block in the backward (--checkpoint_layers: only some)",
     "checkpoint_mode": "full (recompute whole blocks) | save-attn (recompute all but the fused attention kernels' "
                        "outputs, which are kept: ~H*D*2 bytes per token and block; needs --attn_backend cudnn on GPU)",
     "checkpoint_layers": "with --grad_checkpointing: recompute only the first N decoder blocks, the others keep "

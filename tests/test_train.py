@@ -286,6 +286,7 @@ def test_profile_step_writes_a_trace_and_logs_it(demo, tmp_path, capsys):
     assert train._kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
     assert train._kernel_kind("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "matrix products"
     assert train._kernel_kind("_rms_norm_bwd_kernel") == "fused ops (kernels.py)"
+    assert train._kernel_kind("_bwd_dkdv_kernel") == train._kernel_kind("_fwd_kernel") == "attention"  # ours
 
 
 # -----------------------------------------------------------------------------
