@@ -934,18 +934,18 @@ if HAS_TRITON:
     def _swiglu_fwd_kernel(G, U, Y, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
         mask = offs < N
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
         tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(DY, G, U, DG, DU, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
         mask = offs < N
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        s = tl.sigmoid(g)  # (BLOCK,)
         # y = g * s(g) * u:  dy/du = g s(g),  dy/dg = u * s(g) * (1 + g (1 - s(g)))
         tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
         tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
@@ -961,10 +961,10 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_HALF)[None, :]  # (1, BLOCK_HALF)
         mask = (h < HX) & (d < HALF)  # (BLOCK_H, BLOCK_HALF)
         c = tl.load(COS + b * stride_cb + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)  # (1, HALF)
-        s = SIGN * tl.load(SIN + b * stride_cb + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)
+        s = SIGN * tl.load(SIN + b * stride_cb + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)  # same
         x_ptr = X + b * stride_xb + t * stride_xt + h * stride_xh + d  # (BLOCK_H, BLOCK_HALF)
-        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_H, BLOCK_HALF) first halves
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_H, BLOCK_HALF) second halves
         y_ptr = Y + pid * HX * 2 * HALF + h * 2 * HALF + d  # Y is a new contiguous (B, T, HX, D)
         tl.store(y_ptr, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
         tl.store(y_ptr + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
@@ -1023,8 +1023,8 @@ class _SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate)
+        gate, up = gate.contiguous(), up.contiguous()  # (..., F): the kernel walks them flat
+        y = torch.empty_like(gate)  # (..., F)
         n = gate.numel()
         ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
         if n == 0:
@@ -1036,8 +1036,8 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        dy = dy.contiguous()  # (..., F)
+        dg, du = torch.empty_like(gate), torch.empty_like(up)  # (..., F) each
         n = gate.numel()
         if n == 0:
             return dg, du
@@ -1050,12 +1050,10 @@ def _rotary(x, cos, sin, sign):
     """x (B, T, HX, D), cos/sin (B, T, D/2) -> x rotated by sign * angle, a new contiguous (B, T, HX, D)."""
     B, T, HX, D = x.shape
     if x.stride(-1) != 1:
-        x = x.contiguous()
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride() == cos.stride() else sin.contiguous()
-    if sin.stride() != cos.stride():  # one set of strides serves both tables
-        cos, sin = cos.contiguous(), sin.contiguous()
-    y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)
+        x = x.contiguous()  # (B, T, HX, D)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernel reads both tables with one set of strides
+        cos, sin = cos.contiguous(), sin.contiguous()  # (B, T, D/2) each
+    y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)  # (B, T, HX, D)
     if y.numel() == 0:
         return y
     with _dev(x):
@@ -1077,22 +1075,15 @@ class _RotaryFn(torch.autograd.Function):
         return _rotary(dy, cos, sin, -1.0), None, None  # the transpose of a rotation is the opposite rotation
 
 
-def _check_fused(*xs):
-    if not HAS_TRITON:
-        raise RuntimeError("kernels: the fused ops need triton")
-    if not xs[0].is_cuda and not _INTERPRET:
-        raise RuntimeError("kernels: the fused ops on CPU tensors need TRITON_INTERPRET=1 set before `import kernels`")
-
-
 def rms_norm(x, weight, eps):
     """Fused twin of longvila.rms_norm: x (..., C), weight (C,) -> (..., C), differentiable in x and weight."""
-    _check_fused(x)
+    _pick_backend("triton", x)  # triton importable; CPU tensors only in the interpreter (clear errors otherwise)
     return _RMSNormFn.apply(x, weight, float(eps))
 
 
 def swiglu(gate, up):
     """Fused silu(gate) * up (SwiGLU, Shazeer 2020): gate, up (..., F) -> (..., F), differentiable in both."""
-    _check_fused(gate)
+    _pick_backend("triton", gate)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"kernels.swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype}"
                          " must match")
@@ -1101,7 +1092,7 @@ def swiglu(gate, up):
 
 def rotary(x, cos, sin):
     """Fused twin of longvila.apply_rotary_emb: x (B, T, HX, D), cos/sin (B, T, D/2) -> (B, T, HX, D)."""
-    _check_fused(x)
+    _pick_backend("triton", x)
     B, T, _, D = x.shape
     try:  # a batch of 1 serves every row, as in the eager twin (a stride-0 view, no copy)
         cos_b, sin_b = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)  # (B, T, D/2)

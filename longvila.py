@@ -554,8 +554,8 @@ class Transformer(nn.Module):
         attn = attention if attn is None else attn
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                 dtype=h.dtype)  # (B, T, D/2) each
+        n_ckpt = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
         for i, layer in enumerate(self.layers):
-            n_ckpt = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None and i < n_ckpt:
                 h = checkpointed(self.grad_checkpointing, layer, h, cos, sin, attn, i)  # (B, T, C)
             else:
@@ -756,7 +756,7 @@ class LongVILA(nn.Module):
 
         on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs).
         llm_layers: None = every decoder block; n = only the first n, the rest keep their activations (memory
-        that would otherwise sit unused buys back their recomputation: ~1/4 of a block's backward time each)."""
+        that would otherwise sit unused buys back their recomputation; README, "Stage 5 training", measures it)."""
         mode = "full" if on is True else (on or False)
         if mode and mode not in CHECKPOINT_MODES:
             raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES}, True or False; got {on!r}")

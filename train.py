@@ -901,11 +901,11 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
     model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False,
                                  llm_layers=None if cfg.checkpoint_layers < 0 else cfg.checkpoint_layers)
-    if device.type == "cuda":
+    if device.type == "cuda" or cfg.attn_backend != "auto":
         import kernels
+    if device.type == "cuda":
         kernels.FUSED_OPS = cfg.fused_ops
     if cfg.attn_backend != "auto":
-        import kernels
         if cfg.attn_backend not in kernels.BACKENDS:
             raise ValueError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {kernels.BACKENDS}")
         kernels.DEFAULT_BACKEND = cfg.attn_backend if device.type == "cuda" else None  # CPU: always the twin
