@@ -32,6 +32,8 @@ def _kernels_add_args(p):
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--report-kernels", action="store_true", help="print registers/spills/smem/wgmma per variant")
     p.add_argument("--no-tma", action="store_true", help="ablation: pointer loads instead of TMA descriptors")
+    p.add_argument("--l2-budget", type=int, default=None, help="ablation: kernels.L2_BUDGET in bytes (1 = one KV "
+                   "head per wave of programs, before the load-balance minimum; 1125899906842624 = all heads in one)")
 
 
 def _kernels_run(args):
@@ -51,13 +53,15 @@ def _kernels_run(args):
         raise SystemExit("bench.py kernels: needs a CUDA GPU")
     if args.no_tma:
         kernels._tma_ok = lambda *a: False
+    if args.l2_budget is not None:
+        kernels.L2_BUDGET = args.l2_budget
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     causal = not args.no_causal
     B, H, D = args.batch, args.heads, args.head_dim
     print(f"card: {card} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | B={B} H={H} D={D} causal={causal} "
-          f"| tma={'off' if args.no_tma else 'auto'}")
+          f"| tma={'off' if args.no_tma else 'auto'} | L2_BUDGET={kernels.L2_BUDGET}")
     sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     F = torch.nn.functional
     rows = []

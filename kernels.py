@@ -41,17 +41,23 @@ On Hopper, K/V (forward, dQ) and Q/dO (dK/dV) can be read through TMA descriptor
 the (B, T, heads, D) tensors; the autotuner picks TMA or plain pointer loads per kernel and shape. A TMA block that
 runs past one batch's last row reads the next batch's rows: those keys are masked, those queries are never stored.
 
-Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`): forward ~0.73-0.84x cuDNN and
-~1.3-1.5x SDPA-flash; forward+backward ~0.72-0.78x cuDNN and ~1.22-1.32x SDPA-flash. What limits it: Triton 3.6
-issues wgmma and TMA but does not warp-specialize these kernels on Hopper, so the softmax (exp2, row max/sum) does
-not overlap the tensor-core work as in FA3/cuDNN's ping-pong schedule. (Its Hopper pass behind
+Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`, 2026-11-27): forward 0.86x
+cuDNN and 1.5x SDPA-flash; forward+backward 0.71x (32 KV heads) / 0.79x (8 KV heads) cuDNN and 1.22x / 1.34x
+SDPA-flash. Two changes of 2026-11-27 each bought ~5% of the forward, timed in one process on an H100: the program
+order (_program_order: the programs of one or a few heads run together, so their K/V stay in L2, where heads-fastest
+order had every running program on another head; also +4-11% on the 32-head backward at 16k-64k) and 4-warp 128x64
+tiles, two programs to an SM. What limits it: Triton waits for every wgmma right after issuing
+it (the sm_90 PTX of all three kernels has `wgmma.wait_group 0` after each product, even when the next block's
+QK^T is written before this block's PV, where ptxas reports "wgmma serialized", C7515), so inside one program the
+softmax (exp2, row max/sum) never overlaps the tensor cores as in FA3/cuDNN's ping-pong schedule; only a second
+program on the same SM can fill those gaps. Nor does Triton warp-specialize these kernels. (Its Hopper pass behind
 tl.range(warp_specialize=True) does partition a one-loop attention forward at num_warps=4 with in-kernel
 tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal
 forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
 the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
 per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators: 255 registers per thread with ~450 B of spills (sm_90 compile, bf16 D=128, 64x128 tiles,
-2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
+(BLOCK_N, D) accumulators: 255 registers per thread with 230-450 B of spills (sm_90 compiles, bf16 D=128, 64x128
+tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
 kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
 backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
 more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
@@ -248,6 +254,30 @@ if HAS_TRITON:
         return (Tk // BLOCK_N) * BLOCK_N
 
     @triton.jit
+    def _program_order(pid, T, Hkv, GROUP, HEADS_PER_WAVE, MIN_WAVE, BLOCK: tl.constexpr):
+        """Program pid of a 1-D grid -> (batch b, KV head hk, member g of its query-head group, block j, n_blocks).
+
+        Programs with nearby ids run at the same time. The B*Hkv (batch, KV head) pairs go in waves of `hpw` pairs;
+        inside a wave the block index j is slowest and the heads fastest, so every head of the wave works on block j
+        at once: the GROUP query heads of a KV head read the same K/V rows together, and only the wave's K/V (Q/dO
+        in the dK/dV kernel, GROUP = 1 there) need to stay in L2. hpw is HEADS_PER_WAVE (what fits L2, from the
+        host), raised until a wave has MIN_WAVE programs (2 per SM), or the longest-first order within a wave (the
+        caller maps j = 0, 1, ... to its blocks longest-first under a causal mask) has too few programs to balance.
+        Timed on an H100 (autotuned, 32 query heads, D=128, causal): one wave of all heads made the 64k forward 9%
+        and its backward 11% slower than these waves (each head's K/V are 32 MB, L2 50 MB); one KV head a wave,
+        without the minimum, made the 4k forward 9-11% slower (too few programs a wave to balance)."""
+        n_blocks = tl.cdiv(T, BLOCK)
+        n_heads = tl.num_programs(0) // (GROUP * n_blocks)                     # B * Hkv
+        hpw = tl.minimum(tl.maximum(HEADS_PER_WAVE, tl.cdiv(MIN_WAVE, GROUP * n_blocks)), n_heads)
+        wave = pid // (hpw * GROUP * n_blocks)
+        in_wave = tl.minimum(hpw, n_heads - wave * hpw)                        # the last wave may be short
+        r = pid - wave * hpw * GROUP * n_blocks
+        j = r // (in_wave * GROUP)
+        w = r % (in_wave * GROUP)
+        bk = wave * hpw + w // GROUP                                           # b * Hkv + hk
+        return bk // Hkv, bk % Hkv, w % GROUP, j, n_blocks
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk, diff,
                    scale2, skt, svt,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -289,19 +319,20 @@ if HAS_TRITON:
             v_ptrs += BLOCK_N * svt
         return acc, l_i, m_i
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
+                                  "MIN_WAVE"])
     def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY, TMA_OK,
+                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-        """One program: BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
-        pid_bh = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query blocks (most causal work) start first
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP                                     # GQA: the KV head this query head reads
+        """One program: BLOCK_M queries of one (batch, head). Grid (B*H*cdiv(Tq, BLOCK_M),), see _program_order."""
+        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, HEADS_PER_WAVE, MIN_WAVE,
+                                               BLOCK_M)
+        pid_m = n_blocks - 1 - j                            # last query blocks (most causal work) start first
+        h = hk * GROUP + g                                  # GQA: query head h reads KV head hk = h // GROUP
+        pid_bh = b * H + h
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -404,21 +435,20 @@ if HAS_TRITON:
             do_ptrs += BLOCK_M * sdt
         return dk, dv
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
+                                  "MIN_WAVE"])
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd,
                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
+                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read it.
-        Grid (B*Hkv, cdiv(Tk, BLOCK_N)); no atomics, no KV copies."""
+        Grid (B*Hkv*cdiv(Tk, BLOCK_N),), see _program_order; no atomics, no KV copies."""
         Hkv = H // GROUP
-        pid_bk = tl.program_id(0)
-        b = pid_bk // Hkv
-        hk = pid_bk % Hkv
-        n0 = tl.program_id(1) * BLOCK_N                     # first key blocks (most causal work) start first
+        b, hk, _, j, _ = _program_order(tl.program_id(0), Tk, Hkv, 1, HEADS_PER_WAVE, MIN_WAVE, BLOCK_N)
+        n0 = j * BLOCK_N                                    # first key blocks (most causal work) start first
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -497,19 +527,20 @@ if HAS_TRITON:
             v_ptrs += BLOCK_N * svt
         return dq
 
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK"])
+    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
+                                  "MIN_WAVE"])
     def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, Kd, Vd,
                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
-                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK,
+                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
-        """One program: dQ of BLOCK_M queries of one (batch, head). Grid (B*H, cdiv(Tq, BLOCK_M))."""
-        pid_bh = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
+        """One program: dQ of BLOCK_M queries of one (batch, head). Grid (B*H*cdiv(Tq, BLOCK_M),)."""
+        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, HEADS_PER_WAVE, MIN_WAVE,
+                                               BLOCK_M)
+        pid_m = n_blocks - 1 - j
+        h = hk * GROUP + g
+        pid_bh = b * H + h
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -541,8 +572,10 @@ if HAS_TRITON:
                  dq.to(DQ.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
     # -- launch configurations ---------------------------------------------------------------------------------
-    # Large problems autotune over a few Hopper-friendly configs (8 warps: with 4, the fp32 accumulators spill);
-    # small ones (decode steps, tests) and the interpreter use one fixed config, so a generate() loop never
+    # Large problems autotune over a few Hopper-friendly configs: 8 warps, or 4 warps with tiles small enough that
+    # two programs share an SM (Triton waits for every wgmma right after issuing it, so one program never overlaps
+    # its softmax with its matrix products; two programs on one SM can, and the 4-warp 128x64 forward won most
+    # rows of the H100 sweeps); small ones (decode steps, tests) and the interpreter use one fixed config, so a generate() loop never
     # re-tunes for every new length. With TMA the descriptors' block shapes follow the config (pre_hook).
     def _tma_hook(rows_of):
         def hook(nargs):
@@ -557,8 +590,9 @@ if HAS_TRITON:
               "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
 
     def _cfgs(name, choices):
-        # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of the H100 sweeps in bench.py
-        # (14 / 8 / 6 candidates per kernel in the last one); fewer configs = less compile time at the first call of a shape
+        # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of fixed-config sweeps on an H100 and an
+        # H200 (2026-11-27: 4k and 16k, 32 and 8 KV heads; 11 / 10 / 8 candidates); fewer configs = less compile time at a shape's
+        # first call and fewer near-ties for the autotuner to pick wrongly from its own noisy timings
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
                               pre_hook=_HOOKS[name]) for bm, bn, w, s, tma in choices]
 
@@ -568,13 +602,13 @@ if HAS_TRITON:
 
     _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "TMA_OK"]
     _PRUNE = {"early_config_prune": _prune}
-    _fwd_tuned = triton.autotune(_cfgs("fwd", [(256, 64, 8, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
-                                               (128, 128, 8, 2, True), (128, 64, 8, 3, False)]),
+    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 4, 2, True), (128, 128, 8, 3, True), (256, 64, 8, 3, True),
+                                               (128, 64, 8, 3, False)]),
                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 2, True),
-                                                 (32, 128, 8, 3, True), (32, 128, 8, 3, False)]),
+    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 64, 4, 2, True),
+                                                 (32, 128, 8, 3, False)]),
                                   key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, False)]),
+    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 32, 4, 2, True)]),
                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 _FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
@@ -612,6 +646,25 @@ def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
     nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
     _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
     raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+L2_BUDGET = 24 << 20  # bytes of streamed K/V (Q/dO) one wave of heads may keep in L2 (H100/H200 have 50 MB)
+
+
+def _heads_per_wave(n_heads, bytes_per_head):
+    """Heads per wave of _program_order as far as L2 goes: as many of the n_heads (= B * Hkv) as have their
+    streamed K/V (Q/dO) fit L2_BUDGET together; at least 1 (the kernel raises it for load balance)."""
+    return min(n_heads, max(1, L2_BUDGET // max(1, bytes_per_head)))
+
+
+def _min_wave(x):
+    """Programs a wave of _program_order needs for load balance: two per SM (the 4-warp configs fit two)."""
+    return 2 * _sm_count(x.device.index) if x.is_cuda else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _dev(x):
@@ -689,9 +742,10 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
     args = (q, k, v, out, lse) + descs + (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
+        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma),
+        _heads_per_wave(B * Hkv, Tk * D * k.element_size() * 2), _min_wave(q))  # K and V bytes of a KV head
     with _dev(q):
-        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)), args, consts, Tq, Tk,
+        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),), args, consts, Tq, Tk,
                 tma)
     return out, lse
 
@@ -721,21 +775,25 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
-        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv, triton.cdiv(Tk, bn)),
+        kv_bytes = Tk * D * k.element_size() * 2                   # the dQ kernel streams K and V of one KV head
+        qdo_bytes = (H // Hkv) * Tq * D * q.element_size() * 2     # the dK/dV kernel: Q and dO of its query heads
+        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv * triton.cdiv(Tk, bn),),
                 (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
-                + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail,
+                + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail
+                + (_heads_per_wave(B * Hkv, qdo_bytes), _min_wave(q)),
                 consts, Tq, Tk, tma)
         if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
             on_dkdv(dk, dv)
-        _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H, triton.cdiv(Tq, bm)),
+        _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
-                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail, consts, Tq, Tk, tma)
+                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail + (_heads_per_wave(B * Hkv, kv_bytes), _min_wave(q)),
+                consts, Tq, Tk, tma)
     return dq, dk, dv
 
 # -----------------------------------------------------------------------------
 # cuDNN: torch's own fused attention op as a third backend (CUDA, 16-bit)
 #
-# Triton 3.6 cannot warp-specialise on Hopper (see the top of this file), and cuDNN's attention is ~1.2-1.35x faster
+# Triton 3.6 cannot warp-specialise on Hopper (see the top of this file), and cuDNN's attention is ~1.1-1.4x faster
 # there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
 # context_parallel ring calls), so the same ring/merge code can run on it. It knows one causal mask: top-left on
 # equal lengths. Calls it cannot do exactly fall back to Triton.

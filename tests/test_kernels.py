@@ -138,6 +138,28 @@ def test_triton_tma_path_matches_fp64(case):
     check_backend("triton", case, tma=True)
 
 
+@needs_triton
+def test_triton_program_order_waves_change_nothing(monkeypatch):
+    # _program_order maps the 1-D grid to (batch, KV head, group member, block) in waves of heads that fit
+    # L2_BUDGET; every program computes the same tile whatever the wave size, so results must be bitwise equal.
+    # Here B*Hkv = 4 and the K/V of one KV head are 43*64*2*2 = 11,008 bytes: budget 1 -> waves of 1 head,
+    # 33,024 -> 3 (two waves, the second one head short; the dK/dV kernel's Q/dO, 14,848 bytes a head, -> 2),
+    # default -> one wave of all 4. (On CPU no minimum wave size raises these.)
+    assert kernels._heads_per_wave(32, 8 << 20) == 3 and kernels._heads_per_wave(8, 1) == 8
+    assert kernels._heads_per_wave(7, 64 << 20) == 1
+    B, Tq, Tk, H, Hkv, D, causal, qo, ko, dt = CASES["batch2-offsets"]
+    q, k, v, dout = make(B, Tq, Tk, H, Hkv, D, dt)
+    kw = dict(causal=causal, q_offset=qo, k_offset=ko, backend="triton")
+    runs = []
+    for budget in (kernels.L2_BUDGET, 1, 33024):
+        monkeypatch.setattr(kernels, "L2_BUDGET", budget)
+        out, lse = kernels.attention_forward(q, k, v, **kw)
+        runs.append((out, lse) + tuple(kernels.attention_backward(dout, q, k, v, out, lse, **kw)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_twin_matches_fp64(case):
     check_backend("torch", case)
