@@ -56,8 +56,8 @@ tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 4
 forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
 the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
 per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators: 255 registers per thread with 230-450 B of spills (sm_90 compiles, bf16 D=128, 64x128
-tiles, 2-3 stages, TMA). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
+(BLOCK_N, D) accumulators: 255 registers per thread and spills (232 B stored, 316 B loaded per thread in the sm_90
+compile of the bf16 D=128 64x128 3-stage TMA config). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
 kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
 backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
 more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
@@ -265,7 +265,7 @@ if HAS_TRITON:
         caller maps j = 0, 1, ... to its blocks longest-first under a causal mask) has too few programs to balance.
         Timed on an H100 (autotuned, 32 query heads, D=128, causal): one wave of all heads made the 64k forward 9%
         and its backward 11% slower than these waves (each head's K/V are 32 MB, L2 50 MB); one KV head a wave,
-        without the minimum, made the 4k forward 9-11% slower (too few programs a wave to balance)."""
+        timed before MIN_WAVE existed, made the 4k forward 9-11% slower (too few programs a wave to balance)."""
         n_blocks = tl.cdiv(T, BLOCK)
         n_heads = tl.num_programs(0) // (GROUP * n_blocks)                     # B * Hkv
         hpw = tl.minimum(tl.maximum(HEADS_PER_WAVE, tl.cdiv(MIN_WAVE, GROUP * n_blocks)), n_heads)
@@ -793,7 +793,7 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
 # -----------------------------------------------------------------------------
 # cuDNN: torch's own fused attention op as a third backend (CUDA, 16-bit)
 #
-# Triton 3.6 cannot warp-specialise on Hopper (see the top of this file), and cuDNN's attention is ~1.1-1.4x faster
+# Triton 3.6 does not warp-specialise these kernels on Hopper (top of this file), and cuDNN's attention is ~1.1-1.4x faster
 # there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
 # context_parallel ring calls), so the same ring/merge code can run on it. It knows one causal mask: top-left on
 # equal lengths. Calls it cannot do exactly fall back to Triton.

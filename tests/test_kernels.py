@@ -142,19 +142,24 @@ def test_triton_tma_path_matches_fp64(case):
 def test_triton_program_order_waves_change_nothing(monkeypatch):
     # _program_order maps the 1-D grid to (batch, KV head, group member, block) in waves of heads that fit
     # L2_BUDGET; every program computes the same tile whatever the wave size, so results must be bitwise equal.
-    # Here B*Hkv = 4 and the K/V of one KV head are 43*64*2*2 = 11,008 bytes: budget 1 -> waves of 1 head,
-    # 33,024 -> 3 (two waves, the second one head short; the dK/dV kernel's Q/dO, 14,848 bytes a head, -> 2),
-    # default -> one wave of all 4. (On CPU no minimum wave size raises these.)
+    # B*Hkv = 6 KV heads (2 batches x 3), 2 query heads each, 3 blocks of every kernel in the interpreter (70 rows,
+    # blocks of 32), and the minimum wave (2 programs per SM on a GPU) off so these waves run there too. fp32 K/V of
+    # one KV head are 70*64*4*2 = 35,840 bytes, the dK/dV kernel's Q/dO of its 2 query heads 71,680: budget 1 ->
+    # waves of 1 head; 4 * 35,840 -> forward and dQ in waves of 4 + 2 (a short last wave), dK/dV 2 + 2 + 2;
+    # 4 * 71,680 -> forward and dQ in one wave of 6, dK/dV 4 + 2; the default -> one wave of all 6.
     assert kernels._heads_per_wave(32, 8 << 20) == 3 and kernels._heads_per_wave(8, 1) == 8
     assert kernels._heads_per_wave(7, 64 << 20) == 1
-    B, Tq, Tk, H, Hkv, D, causal, qo, ko, dt = CASES["batch2-offsets"]
-    q, k, v, dout = make(B, Tq, Tk, H, Hkv, D, dt)
-    kw = dict(causal=causal, q_offset=qo, k_offset=ko, backend="triton")
+    monkeypatch.setattr(kernels, "_min_wave", lambda x: 1)
+    q, k, v, dout = make(2, 70, 70, 6, 3, 64, torch.float32)
+    kw = dict(causal=True, q_offset=0, k_offset=0, backend="triton")
     runs = []
-    for budget in (kernels.L2_BUDGET, 1, 33024):
+    for budget in (kernels.L2_BUDGET, 1, 4 * 35840, 4 * 71680):
         monkeypatch.setattr(kernels, "L2_BUDGET", budget)
         out, lse = kernels.attention_forward(q, k, v, **kw)
         runs.append((out, lse) + tuple(kernels.attention_backward(dout, q, k, v, out, lse, **kw)))
+    ref = reference(q, k, v, causal=True)[:1] + reference_grads(q, k, v, dout, causal=True)
+    for got, r in zip(runs[0][:1] + runs[0][2:], ref):
+        assert rel(got, r) < 1e-4
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
