@@ -41,29 +41,29 @@ On Hopper, K/V (forward, dQ) and Q/dO (dK/dV) can be read through TMA descriptor
 the (B, T, heads, D) tensors; the autotuner picks TMA or plain pointer loads per kernel and shape. A TMA block that
 runs past one batch's last row reads the next batch's rows: those keys are masked, those queries are never stored.
 
-Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`, 2026-11-27): forward 0.86x
-cuDNN and 1.5x SDPA-flash; forward+backward 0.71x (32 KV heads) / 0.79x (8 KV heads) cuDNN and 1.22x / 1.34x
-SDPA-flash. Two changes of 2026-11-27 each bought ~5% of the forward, timed in one process on an H100: the program
-order (_program_order: the programs of one or a few heads run together, so their K/V stay in L2, where heads-fastest
-order had every running program on another head; also +4-11% on the 32-head backward at 16k-64k) and 4-warp 128x64
-tiles, two programs to an SM. What limits it: Triton waits for every wgmma right after issuing
-it (the sm_90 PTX of all three kernels has `wgmma.wait_group 0` after each product, even when the next block's
-QK^T is written before this block's PV, where ptxas reports "wgmma serialized", C7515), so inside one program the
-softmax (exp2, row max/sum) never overlaps the tensor cores as in FA3/cuDNN's ping-pong schedule; only a second
-program on the same SM can fill those gaps. Nor does Triton warp-specialize these kernels. (Its Hopper pass behind
-tl.range(warp_specialize=True) does partition a one-loop attention forward at num_warps=4 with in-kernel
-tl.make_tensor_descriptor loads, producer + 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal
-forward it fails with a compiler assertion, at num_warps=8 it does nothing, and with host TMA descriptors it rejects
-the split block shapes: seen compiling for sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products
-per tile pair instead of 5 (the dQ kernel recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32
-(BLOCK_N, D) accumulators: 255 registers per thread and spills (232 B stored, 316 B loaded per thread in the sm_90
-compile of the bf16 D=128 64x128 3-stage TMA config). FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV
-kernel, 5 products per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+
-backward against 0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with
-more spills, and the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32
-KV heads; it was removed again. So was a warp-specialized forward (one key loop, in-kernel TMA descriptors, the
-causal mask on every block, 4 warps: producer + 2 consumer groups in the sm_90 compile): on an H200 it ran 0.71-0.90x
-cuDNN against 0.83-0.89x for the kernel here (no faster; slower at 64k) and failed the real-size accuracy test.
+Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`, 2026-11-27): forward 0.86x cuDNN
+and 1.5x SDPA-flash; forward+backward 0.71x (32 KV heads) / 0.79x (8 KV heads) cuDNN and 1.22x / 1.34x SDPA-flash.
+Two changes of 2026-11-27 each bought ~5% of the forward, timed in one process on an H100: the program order
+(_program_order: the programs of one or a few heads run together, so their K/V stay in L2, where heads-fastest order
+had every running program on another head; also +4-11% on the 32-head backward at 16k-64k) and 4-warp 128x64 tiles,
+two programs to an SM. What limits it: Triton waits for every wgmma right after issuing it (the sm_90 PTX of all
+three kernels has `wgmma.wait_group 0` after each product, even when the next block's QK^T is written before this
+block's PV, where ptxas reports "wgmma serialized", C7515), so inside one program the softmax (exp2, row max/sum)
+never overlaps the tensor cores as in FA3/cuDNN's ping-pong schedule; only a second program on the same SM can fill
+those gaps. Nor does Triton warp-specialize these kernels. (Its Hopper pass behind tl.range(warp_specialize=True)
+does partition a one-loop attention forward at num_warps=4 with in-kernel tl.make_tensor_descriptor loads, producer
++ 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal forward it fails with a compiler assertion, at
+num_warps=8 it does nothing, and with host TMA descriptors it rejects the split block shapes: seen compiling for
+sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel
+recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread
+and spills (232 B stored, 316 B loaded per thread in the sm_90 compile of the bf16 D=128 64x128 3-stage TMA config).
+FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV kernel, 5 products
+per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+backward against
+0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with more spills, and
+the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32 KV heads; it was
+removed again. So was a warp-specialized forward (one key loop, in-kernel TMA descriptors, the causal mask on every
+block, 4 warps: producer + 2 consumer groups in the sm_90 compile): on an H200 it ran 0.71-0.90x cuDNN against
+0.83-0.89x for the kernel here (no faster; slower at 64k) and failed the real-size accuracy test.
 
 Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
 (aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
@@ -575,8 +575,9 @@ if HAS_TRITON:
     # Large problems autotune over a few Hopper-friendly configs: 8 warps, or 4 warps with tiles small enough that
     # two programs share an SM (Triton waits for every wgmma right after issuing it, so one program never overlaps
     # its softmax with its matrix products; two programs on one SM can, and the 4-warp 128x64 forward won most
-    # rows of the H100 sweeps); small ones (decode steps, tests) and the interpreter use one fixed config, so a generate() loop never
-    # re-tunes for every new length. With TMA the descriptors' block shapes follow the config (pre_hook).
+    # rows of the H100 sweeps); small ones (decode steps, tests) and the interpreter use one fixed config, so a
+    # generate() loop never re-tunes for every new length. With TMA the descriptors' block shapes follow the config
+    # (pre_hook).
     def _tma_hook(rows_of):
         def hook(nargs):
             for name, block in rows_of.items():
@@ -591,8 +592,8 @@ if HAS_TRITON:
 
     def _cfgs(name, choices):
         # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of fixed-config sweeps on an H100 and an
-        # H200 (2026-11-27: 4k and 16k, 32 and 8 KV heads; 11 / 10 / 8 candidates); fewer configs = less compile time at a shape's
-        # first call and fewer near-ties for the autotuner to pick wrongly from its own noisy timings
+        # H200 (2026-11-27: 4k and 16k, 32 and 8 KV heads; 11 / 10 / 8 candidates); fewer configs = less compile
+        # time at a shape's first call and fewer near-ties for the autotuner to pick wrongly from its noisy timings
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
                               pre_hook=_HOOKS[name]) for bm, bn, w, s, tma in choices]
 
@@ -786,15 +787,16 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
             on_dkdv(dk, dv)
         _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
-                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail + (_heads_per_wave(B * Hkv, kv_bytes), _min_wave(q)),
+                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail
+                + (_heads_per_wave(B * Hkv, kv_bytes), _min_wave(q)),
                 consts, Tq, Tk, tma)
     return dq, dk, dv
 
 # -----------------------------------------------------------------------------
 # cuDNN: torch's own fused attention op as a third backend (CUDA, 16-bit)
 #
-# Triton 3.6 does not warp-specialise these kernels on Hopper (top of this file), and cuDNN's attention is ~1.1-1.4x faster
-# there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
+# Triton 3.6 does not warp-specialise these kernels on Hopper (top of this file), and cuDNN's attention is ~1.1-1.4x
+# faster there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
 # context_parallel ring calls), so the same ring/merge code can run on it. It knows one causal mask: top-left on
 # equal lengths. Calls it cannot do exactly fall back to Triton.
 
