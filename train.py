@@ -111,7 +111,7 @@ class TrainConfig:
     resume: bool = False
     skip_nonfinite: bool = False
     peak_tflops: float = 0.0     # per device, for MFU (0: 989 for H100/H200 bf16 dense, none on CPU)
-    profile_step: int = 0        # profile this step's forward+backward on rank 0 (0: off)
+    profile_step: int = 0        # profile this whole step (fwd+bwd, clipping, optimizer) on rank 0 (0: off)
     dtype: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
 
 
@@ -1014,16 +1014,23 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
         with profiler as prof:
             loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
+            if profiling:  # wall-clock split of the profiled step (synchronised, so the parts add up)
+                if use_cuda:
+                    torch.cuda.synchronize(device)
+                t_fb = time.time()
+            norm = grad_norm_and_clip(params, cfg.grad_clip)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if profiling and use_cuda:
                 torch.cuda.synchronize(device)
         if profiling:
+            t_opt = time.time()
+            log.info(f"profile step {step + 1} (rank 0): wall {t_opt - t0:.3f} s = data wait {t_data:.3f} s + "
+                     f"forward+backward {t_fb - t0 - t_data:.3f} s + clipping and optimizer step {t_opt - t_fb:.3f} s")
             for line in profile_report(prof, os.path.join(cfg.out, f"trace_step{step + 1}.json")):
-                log.info(f"profile step {step + 1} (rank 0, forward+backward): {line}")
-        norm = grad_norm_and_clip(params, cfg.grad_clip)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                log.info(f"profile step {step + 1} (rank 0, forward+backward+optimizer): {line}")
         if not finite:
             msg = (f"stage {cfg.stage} step {step + 1}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
                    f"(lr {lr:.2e})")
@@ -1140,8 +1147,9 @@ HELP = {
     "no_save": "write no checkpoint or model (benchmarks)", "skip_nonfinite": "skip steps with a NaN/inf loss "
     "instead of stopping",
     "peak_tflops": "peak TFLOP/s of one device for MFU (0: H100/H200 bf16 989, unknown on CPU)",
-    "profile_step": "profile step N's forward+backward on rank 0: GPU time by kernel kind in the log, the Chrome "
-                    "trace in <out>/trace_stepN.json (0: off; the profiled step runs slower, leave it out of timings)",
+    "profile_step": "profile step N (forward+backward, clipping, optimizer step) on rank 0: its wall-clock split and "
+                    "GPU time by kernel kind in the log, the Chrome trace in <out>/trace_stepN.json (0: off; the "
+                    "profiled step runs slower, leave it out of timings)",
     "dtype": "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16",
 }
 GROUPS = {

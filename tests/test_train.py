@@ -7,6 +7,7 @@ All runs use a small demo data set (data.make_demo with a few dozen samples) and
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,9 +281,15 @@ def test_profile_step_writes_a_trace_and_logs_it(demo, tmp_path, capsys):
     train.main(["--stage", "1", "--data", demo, "--steps", "2", "--global_batch", "2", "--eval", "none",
                 "--no_save", "--profile_step", "2", "--out", str(tmp_path)])
     trace = tmp_path / "stage1" / "trace_step2.json"
-    assert trace.exists() and json.loads(trace.read_text())["traceEvents"]
+    events = json.loads(trace.read_text())["traceEvents"]
+    # the whole step is profiled: forward+backward, and clipping and the optimizer step after it
+    assert any(e.get("name", "").startswith("Optimizer.step#AdamW") for e in events)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("profile step 2 (rank 0")]
     assert any("aten::mm" in ln for ln in lines), lines[:5]  # on CPU: the op table (on CUDA: time by kernel kind)
+    split = [ln for ln in lines if " = data wait " in ln]
+    assert len(split) == 1 and "forward+backward" in split[0] and "clipping and optimizer step" in split[0]
+    parts = [float(x) for x in re.findall(r"([0-9.]+) s", split[0])]  # wall = data + fwd+bwd + optimizer
+    assert len(parts) == 4 and abs(parts[0] - sum(parts[1:])) < 3e-3 and min(parts) >= 0
     assert train._kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
     assert train._kernel_kind("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "matrix products"
     assert train._kernel_kind("_rms_norm_bwd_kernel") == "fused ops (kernels.py)"
