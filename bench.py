@@ -542,6 +542,5 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
 
 
-
 if __name__ == "__main__":
     main()

@@ -882,7 +882,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             lo, hi = 0, sum(counts)  # the frames of the sample (all media, in slot order) this process decodes
             if self.frame_shard is not None:
                 rank, sp = self.frame_shard
-                per = -(-hi // sp)  # mmsp.frame_split: ceil(F/sp) frames per SP rank
+                import mmsp  # the split rule of mmsp.encode_frames_sharded, ceil(F/sp) frames per SP rank
+                per = mmsp.frame_split(hi, sp)
                 lo, hi = min(rank * per, hi), min((rank + 1) * per, hi)
             pixels, first = [], 0
             for (kind, path, obj), n in zip(opened, counts):

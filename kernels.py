@@ -658,6 +658,12 @@ def _heads_per_wave(n_heads, bytes_per_head):
     return min(n_heads, max(1, L2_BUDGET // max(1, bytes_per_head)))
 
 
+def _wave_args(n_heads, rows, heads, x):
+    """(HEADS_PER_WAVE, MIN_WAVE) of a launch whose programs each stream 2 tensors (K and V, or Q and dO) of
+    `rows` rows and `heads` heads of x's width (D) and element size."""
+    return _heads_per_wave(n_heads, 2 * rows * heads * x.shape[-1] * x.element_size()), _min_wave(x)
+
+
 def _min_wave(x):
     """Programs a wave of _program_order needs for load balance: two per SM (the 4-warp configs fit two)."""
     return 2 * _sm_count(x.device.index) if x.is_cuda else 1
@@ -743,8 +749,8 @@ def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=No
     args = (q, k, v, out, lse) + descs + (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma),
-        _heads_per_wave(B * Hkv, Tk * D * k.element_size() * 2), _min_wave(q))  # K and V bytes of a KV head
+        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
+    args += _wave_args(B * Hkv, Tk, 1, k)                          # each program streams K and V of its KV head
     with _dev(q):
         _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),), args, consts, Tq, Tk,
                 tma)
@@ -776,19 +782,17 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset,
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
-        kv_bytes = Tk * D * k.element_size() * 2                   # the dQ kernel streams K and V of one KV head
-        qdo_bytes = (H // Hkv) * Tq * D * q.element_size() * 2     # the dK/dV kernel: Q and dO of its query heads
         _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv * triton.cdiv(Tk, bn),),
                 (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
                 + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail
-                + (_heads_per_wave(B * Hkv, qdo_bytes), _min_wave(q)),
+                + _wave_args(B * Hkv, Tq, H // Hkv, q),            # Q and dO of the KV head's query heads
                 consts, Tq, Tk, tma)
         if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
             on_dkdv(dk, dv)
         _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),),
                 (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
                 + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail
-                + (_heads_per_wave(B * Hkv, kv_bytes), _min_wave(q)),
+                + _wave_args(B * Hkv, Tk, 1, k),                   # K and V of one KV head
                 consts, Tq, Tk, tma)
     return dq, dk, dv
 

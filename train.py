@@ -279,7 +279,8 @@ def profile_report(prof, path: str) -> list:
     span = (max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
     lines = [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"]
     lines += [f"  {k:40s} {v:9.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in sorted(other.items(), key=lambda kv: -kv[1][1])[:8]]
+    costliest = sorted(other.items(), key=lambda kv: -kv[1][1])[:8]
+    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in costliest]
     return lines + [f"trace: {path}"]
 
 
@@ -1010,7 +1011,9 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
         assert item["step"] == step, (item["step"], step)
         batches = item["batches"]
         profiling = cfg.profile_step == step + 1 and rank == 0
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if use_cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
         with profiler as prof:
             loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)

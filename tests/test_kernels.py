@@ -360,7 +360,8 @@ def test_fused_ops_errors_and_strides():
     cos, sin = cos.to(DEVICE), sin.to(DEVICE)
     torch.testing.assert_close(kernels.rotary(big[:, :, 1:4], cos, sin), lv.apply_rotary_emb(big[:, :, 1:4], cos, sin))
     w = torch.randn(8, device=DEVICE)
-    torch.testing.assert_close(kernels.rms_norm(big.transpose(1, 2), w, 1e-6), lv.rms_norm(big.transpose(1, 2), w, 1e-6))
+    bt = big.transpose(1, 2)  # (2, 5, 4, 8), non-contiguous rows
+    torch.testing.assert_close(kernels.rms_norm(bt, w, 1e-6), lv.rms_norm(bt, w, 1e-6))
     # cos/sin of batch 1 serve a batch of 2 (broadcast, as in the twin); bf16 x with fp32 angles stays bf16 (autocast:
     # projections in bf16, angles in fp32), and the twin now returns x's dtype too
     xb = big.bfloat16()
