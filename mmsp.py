@@ -417,7 +417,7 @@ def sp_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
     q (B, T/sp, H, D), k/v (B, T/sp, Hkv, D) with RoPE applied at true positions -> (B, T/sp, H, D).
     Use as longvila's attention hook: attn=lambda q, k, v, layer_idx: sp_attention(q, k, v, layout)."""
     U = layout.ulysses
-    if q.shape[1] % U or (layout.zigzag and layout.ring > 1 and (q.shape[1] * U) % 2):
+    if layout.zigzag and layout.ring > 1 and (q.shape[1] * U) % 2:
         raise ValueError(f"{q.shape[1]} tokens per rank do not fit ring={layout.ring} x ulysses={U}: pad the whole "
                          f"sequence to a multiple of 2*sp={2 * layout.sp} (mmsp.padded_length) before sharding")
     if U > 1:

@@ -6,6 +6,7 @@ Every distributed test forks gloo workers (helpers.run_workers). Each worker bui
 the same seed, computes the single-process reference itself, cuts out its own shard and compares outputs and
 gradients (the ring-flash-attention test recipe).
 """
+import dataclasses
 import math
 
 import pytest
@@ -114,7 +115,8 @@ def _attn_worker(rank, world, sp, ring, zigzag, T, H, Hkv, D):
     real = idx < T
     errs = []
     for mine, ref in [(out, out_ref), (ql.grad, qr.grad), (kl.grad, kr.grad), (vl.grad, vr.grad)]:
-        errs.append((mine[:, real].double() - ref[:, idx[real]]).abs().max().item())
+        diff = (mine[:, real].double() - ref[:, idx[real]]).abs()       # empty on a rank holding only padding
+        errs.append(diff.max().item() if diff.numel() else 0.0)
     return errs
 
 
@@ -398,3 +400,43 @@ def test_ring_bf16_error_does_not_grow_with_ring_size():
     call on the whole sequence (a bf16 merge would round once per step)."""
     for ring_err, one_err in run_workers(_bf16_worker, 4, (64, 2, 16)):
         assert ring_err <= 1.01 * one_err + 1e-6, (ring_err, one_err)
+
+
+# -----------------------------------------------------------------------------
+# every length at every layout: lengths that are not multiples of sp or sp^2
+
+
+def _any_length_worker(rank, world, sp, ring, lengths):
+    errs = [max(_attn_worker(rank, world, sp, ring, True, T, 8, 2, 8)) for T in lengths]   # attention + grads
+    losses = []
+    torch.manual_seed(0)   # the tiny preset with 8 query heads (2 KV heads), so that Ulysses 8 can split them
+    cfg = longvila.PRESETS["tiny"]
+    model = longvila.LongVILA(longvila.LongVILAConfig(cfg.vision, cfg.projector,
+                                                      dataclasses.replace(cfg.llm, n_heads=8)))
+    for n_frames, seed in ((1, 0), (3, 4), (5, 7)):                       # 3 more lengths through the model
+        input_ids, images, labels = _video_sample(model, n_frames=n_frames, seed=seed)
+        _, ref = model(input_ids, images, labels)
+        lay = mmsp.make_layout(sp=sp, ring=ring, backend="torch")
+        _, loss = mmsp.sp_forward(model, input_ids, images, labels, lay)
+        loss.backward()                                                    # the SP backward runs at this length
+        dist.all_reduce(loss, group=lay.sp_group)
+        losses.append((input_ids.shape[1], ref.item(), loss.item()))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    input_ids, images, _ = _video_sample(model, n_frames=1, seed=3)
+    ref = model.generate(input_ids, images, max_new_tokens=4)
+    got = model.generate(input_ids, images, max_new_tokens=4, sp=mmsp.make_layout(sp=sp, ring=ring,
+                                                                                 backend="torch"))
+    return errs, losses, ref.tolist(), got.tolist()
+
+
+@pytest.mark.parametrize("world,ring", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
+def test_every_length_works_at_every_layout(world, ring):
+    """Ulysses 4 and 8 used to refuse a shard whose length was not a multiple of the Ulysses degree."""
+    lengths = [5, 13, 21, 37]
+    for rank, (errs, losses, ref, got) in enumerate(run_workers(_any_length_worker, world,
+                                                                (world, ring, lengths))):
+        assert max(errs) <= 1e-5, f"rank {rank}: attention errors by length {dict(zip(lengths, errs))}"
+        for T, want, have in losses:
+            assert T % world and abs(have - want) <= 1e-5 * abs(want), (rank, T, have, want)
+        assert got == ref, (rank, got, ref)
