@@ -30,10 +30,6 @@ def _kernels_add_args(p):
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
     p.add_argument("--providers", default="triton,flash,cudnn", help="triton (kernels.py), flash / cudnn (SDPA)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
-    p.add_argument("--report-kernels", action="store_true", help="print registers/spills/smem/wgmma per variant")
-    p.add_argument("--no-tma", action="store_true", help="ablation: pointer loads instead of TMA descriptors")
-    p.add_argument("--l2-budget", type=int, default=None, help="ablation: kernels.L2_BUDGET in bytes (1 = one KV "
-                   "head per wave of programs, before the load-balance minimum; 1125899906842624 = all heads in one)")
 
 
 def _kernels_run(args):
@@ -51,17 +47,13 @@ def _kernels_run(args):
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.py kernels: needs a CUDA GPU")
-    if args.no_tma:
-        kernels._tma_ok = lambda *a: False
-    if args.l2_budget is not None:
-        kernels.L2_BUDGET = args.l2_budget
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     causal = not args.no_causal
     B, H, D = args.batch, args.heads, args.head_dim
     print(f"card: {card} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | B={B} H={H} D={D} causal={causal} "
-          f"| tma={'off' if args.no_tma else 'auto'} | L2_BUDGET={kernels.L2_BUDGET}")
+          )
     sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     F = torch.nn.functional
     rows = []
@@ -142,17 +134,6 @@ def _kernels_run(args):
             print(f"autotune {name} key={key[:5]} -> {cfg}")
         for cfg, t in getattr(tuner, "configs_timings", {}).items():
             print(f"  last tuning {name}: {cfg} -> {t}")
-    if args.report_kernels:  # what the compiler made of each variant: registers, spills, shared memory, wgmma
-        for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-            try:
-                for dev_cache in getattr(kernels, name).device_caches.values():
-                    for ck in dev_cache[0].values():
-                        md, ptx = ck.metadata, ck.asm.get("ptx", "")
-                        print(f"{name}: warps={md.num_warps} stages={md.num_stages} regs={ck.n_regs} "
-                              f"spills={ck.n_spills} smem={md.shared} wgmma={ptx.count('wgmma.mma_async')} "
-                              f"cp.async={ptx.count('cp.async.cg')} tma={ptx.count('cp.async.bulk')}")
-            except Exception as e:  # report only: never fail the benchmark over it
-                print(f"{name}: no compiler report ({type(e).__name__}: {e})")
     print("\n| S | Hkv | mode | triton TFLOP/s | flash | cuDNN | triton/cuDNN | triton/flash |")
     print("|---|---|---|---|---|---|---|---|")
     for (S, Hkv, mode) in dict.fromkeys((r["S"], r["Hkv"], r["mode"]) for r in rows):
@@ -508,12 +489,12 @@ def _ops_run(args):
     rows = []
     for name, (fn, shapes) in cases.items():
         xs = [torch.randn(s, **bf).requires_grad_() for s in shapes]
-        t, before = {}, kernels.FUSED_OPS
+        t = {}
         for fused in (False, True):
-            kernels.FUSED_OPS = fused
+            before = kernels.configure(fused_ops=fused)
             dy = torch.randn_like(fn(*xs))
             t[fused] = do_bench(lambda: torch.autograd.grad(fn(*xs), xs, dy), warmup=5, rep=50)
-        kernels.FUSED_OPS = before
+            kernels.configure(**before)
         rows.append(dict(op=name, tokens=T, eager_ms=round(t[False], 3), fused_ms=round(t[True], 3),
                          speedup=round(t[False] / t[True], 2)))
         print(f"| {name:9s} | eager {t[False]:7.3f} ms | fused {t[True]:7.3f} ms | {t[False] / t[True]:5.2f}x |",

@@ -95,6 +95,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -103,11 +104,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F_nn
 
-try:  # the model file owns the two constants; fall back to their SPEC.md values if it cannot be imported
-    from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID
-except Exception:  # noqa: BLE001 - missing or (while being written) broken longvila.py must not break data
-    IMAGE_TOKEN_ID = -200  # one visual-token slot in input_ids (negative: no tokenizer can produce it)
-    IGNORE_INDEX = -100  # label of an unsupervised position
+import mmsp
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, LongVILA
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 
@@ -882,7 +880,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
             lo, hi = 0, sum(counts)  # the frames of the sample (all media, in slot order) this process decodes
             if self.frame_shard is not None:
                 rank, sp = self.frame_shard
-                import mmsp  # the split rule of mmsp.encode_frames_sharded, ceil(F/sp) frames per SP rank
                 per = mmsp.frame_split(hi, sp)
                 lo, hi = min(rank * per, hi), min((rank + 1) * per, hi)
             pixels, first = [], 0
@@ -1529,8 +1526,6 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
 
 def checkpoint_generators(captioner: str, llm: str, device: str = "cpu", max_new_tokens: int = 256):
     """caption_fn and text_fn backed by LongVILA checkpoints (the LLM one is used text-only)."""
-    from longvila import LongVILA  # lazy: data.py must import without the model file
-
     models = {}
 
     def load(path):
@@ -1625,6 +1620,58 @@ def bench_video(path: str, frame_counts=(256, 1024), image_size: int = 384, back
                         "out_shape": list(pixels.shape)})
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A progress line for the command lines (data generation, training, evaluation)
+# ---------------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr.
+
+    On a terminal the line is redrawn in place; written to a file (a log, a batch job) it is printed as a new line
+    only each time another `every` of the work is done (and at the end), so logs stay short and readable."""
+
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None, width: int = 24,
+                 every: float = 0.05):
+        self.total, self.desc, self.enabled, self.width, self.every = max(int(total), 0), desc, enabled, width, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.n, self.t0, self.postfix, self.shown = 0, time.time(), "", -1.0
+        self._draw()
+
+    @staticmethod
+    def _clock(s: float) -> str:
+        s = int(s)
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    def line(self) -> str:
+        frac = self.n / self.total if self.total else 1.0
+        fill = int(frac * self.width)
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.n * (self.total - self.n) if self.n else 0.0
+        return (f"{self.desc} {self.n}/{self.total} [{'=' * fill}{' ' * (self.width - fill)}] {frac:4.0%} "
+                f"{self._clock(elapsed)}<{self._clock(eta)} {self.postfix}").rstrip()
+
+    def _draw(self, final: bool = False):
+        if not self.enabled:
+            return
+        frac = self.n / self.total if self.total else 1.0
+        if self.live:
+            self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
+        elif final or frac >= self.shown + self.every:  # a log file: one line per `every` of progress
+            self.stream.write(self.line() + "\n")
+            self.shown = frac
+        self.stream.flush()
+
+    def update(self, n: int = 1, **postfix):
+        self.n += n
+        self.postfix = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+        self._draw()
+
+    def close(self):
+        if self.live or self.shown < 1.0:
+            self._draw(final=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ Under torchrun every rank runs the same loop on the same sample (MM-SP: an SP gr
 alone prints and writes files.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,10 +43,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import FILLER, Tokenizer, VideoFile, build_conversation, load_image, mcq_prompt, preprocess, read_video
+from data import FILLER, Progress, Tokenizer, VideoFile, build_conversation, load_image, mcq_prompt, preprocess, read_video
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, LongVILA
 from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,
-                  padded_length, token_owner)
+                  padded_length, sp_forward, sp_generate, token_owner)
 
 # -----------------------------------------------------------------------------
 # prompts (the reference's wording)
@@ -293,40 +294,6 @@ def open_results(path, header: dict, main: bool = True) -> dict:
         torch.distributed.broadcast_object_list(box, src=0)
         results = box[0]
     return results
-
-
-class Progress:
-    """A one-line text progress bar on stderr: `niah  12/36 [=====     ] 33% 0:41<1:22 acc=0.92`."""
-
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None, width: int = 24):
-        self.total, self.desc, self.enabled, self.width = max(int(total), 0), desc, enabled, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.n, self.t0, self.postfix = 0, time.time(), ""
-        self._draw()
-
-    @staticmethod
-    def _clock(s: float) -> str:
-        s = int(s)
-        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-    def _draw(self, end=""):
-        if not self.enabled:
-            return
-        frac = self.n / self.total if self.total else 1.0
-        bar = "=" * int(frac * self.width) + " " * (self.width - int(frac * self.width))
-        elapsed = time.time() - self.t0
-        eta = elapsed / self.n * (self.total - self.n) if self.n else 0.0
-        self.stream.write(f"\r{self.desc} {self.n}/{self.total} [{bar}] {frac:4.0%} "
-                          f"{self._clock(elapsed)}<{self._clock(eta)} {self.postfix}" + end)
-        self.stream.flush()
-
-    def update(self, n: int = 1, **postfix):
-        self.n += n
-        self.postfix = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
-        self._draw()
-
-    def close(self):
-        self._draw(end="\n")
 
 
 # -----------------------------------------------------------------------------
@@ -682,8 +649,13 @@ def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=6
     ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
     input_ids = torch.tensor([ids], device=model_device(model))  # (1, T)
     sp = layout if layout is not None and layout.sp > 1 else None
-    new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, temperature=0.0,
-                         eos_token_id=tokenizer.eos_id if stop_at_eos else None, sp=sp, stream=stream)  # (1, T_new)
+    eos = tokenizer.eos_id if stop_at_eos else None
+    if sp is not None:  # the frames are sharded over the SP group inside
+        new = sp_generate(model, input_ids, images, sp, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                          stream=stream)  # (1, T_new)
+    else:
+        new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                             stream=stream)  # (1, T_new)
     out = [int(t) for t in new[0].tolist()]
     if tokenizer.eos_id in out:
         out = out[:out.index(tokenizer.eos_id)]
@@ -889,12 +861,12 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
     if n == 0:
         raise ValueError(f"ppl: {text_path} has {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
     device = model_device(model)
-    sp = layout if layout is not None and layout.sp > 1 else None
+    sp = functools.partial(sp_forward, layout=layout) if layout is not None and layout.sp > 1 else None
     nll, count = 0.0, 0
     bar = Progress(n, "ppl", enabled=progress and main)
     for w in range(n):
         x = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]], device=device)  # (1, L)
-        _, loss = model(x, labels=x, return_logits=False, sp=sp)  # mean over the L-1 shifted targets
+        _, loss = model(x, labels=x, return_logits=False, sp_forward=sp)  # mean over the L-1 shifted targets
         if sp is not None:  # under MM-SP each rank returns its share (its tokens' NLL / global count): sum them
             torch.distributed.all_reduce(loss, group=layout.sp_group)
         nll += float(loss) * (seq_len - 1)

@@ -98,9 +98,25 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
 BACKENDS = ("triton", "torch", "cudnn")
-# The backend used when a call passes backend=None; None = "triton" on CUDA, "torch" elsewhere. Set it once at start
-# (train.py / bench.py --attn_backend), e.g. kernels.DEFAULT_BACKEND = "cudnn", to switch the model's attention.
-DEFAULT_BACKEND = None
+# What backend=None and the model's fused ops mean; set once at start by configure() (train.py --attn_backend,
+# --fused_ops). backend None: "triton" on CUDA, "torch" elsewhere.
+_SETTINGS = {"backend": None, "fused_ops": True}
+
+
+def configure(backend=None, fused_ops=None):
+    """Set the default attention backend (None = auto, or one of BACKENDS) and whether the model runs RMSNorm,
+    RoPE and SwiGLU as fused Triton kernels (True: on CUDA; False: never; "always": on CPU too, in Triton's
+    interpreter). Arguments left out keep their value. Returns the previous settings (configure(**old) restores)."""
+    old = dict(_SETTINGS)
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"kernels.configure: backend must be auto or one of {BACKENDS}, got {backend!r}")
+    if fused_ops not in (None, True, False, "always"):
+        raise ValueError(f"kernels.configure: fused_ops must be True, False or 'always', got {fused_ops!r}")
+    if backend is not None:
+        _SETTINGS["backend"] = None if backend == "auto" else backend
+    if fused_ops is not None:
+        _SETTINGS["fused_ops"] = fused_ops
+    return old
 
 # -----------------------------------------------------------------------------
 # checks shared by every backend
@@ -128,8 +144,8 @@ def _check(q, k, v, softmax_scale):
 
 
 def _pick_backend(backend, x):
-    """None -> DEFAULT_BACKEND, else "triton" on CUDA tensors (when triton is importable), else "torch"."""
-    backend = DEFAULT_BACKEND if backend is None else backend
+    """None -> the configured default, else "triton" on CUDA tensors (when triton is importable), else "torch"."""
+    backend = _SETTINGS["backend"] if backend is None else backend
     if backend is None:
         return "triton" if (HAS_TRITON and x.is_cuda) else "torch"
     if backend not in BACKENDS:
@@ -952,7 +968,6 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
 
 # True: the model uses the fused ops on CUDA tensors; False: never; "always": on CPU tensors too, in Triton's
 # interpreter (tests: the model through the fused ops, checkpointing included).
-FUSED_OPS = True
 MAX_NORM_WIDTH = 16384  # rms_norm keeps a whole row in registers: wider rows take the eager twin
 
 if HAS_TRITON:
@@ -1173,6 +1188,6 @@ def use_fused(x):
     True, or any tensor the kernels can run on with FUSED_OPS = "always" (CPU: the interpreter)."""
     if not HAS_TRITON or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if FUSED_OPS == "always":
+    if _SETTINGS["fused_ops"] == "always":
         return x.is_cuda or _INTERPRET
-    return FUSED_OPS is True and x.is_cuda
+    return _SETTINGS["fused_ops"] is True and x.is_cuda

@@ -30,14 +30,17 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import kernels
 
 IMAGE_TOKEN_ID = -200  # one visual token's placeholder in input_ids (the reference's IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions that are not supervised
@@ -196,25 +199,10 @@ PRESETS: dict[str, LongVILAConfig] = {
 # -----------------------------------------------------------------------------
 # pure functions
 
-def _fused_ops(x):
-    """kernels.py when its fused Triton ops should run on x (kernels.use_fused), else None.
-
-    On CUDA, RMSNorm, RoPE and SwiGLU run as one Triton kernel each (forward and backward) instead of chains of
-    small eager kernels; the eager code below is their twin and the CPU path (kernels.py, "fused elementwise").
-    On CPU only if a test has imported kernels and set kernels.FUSED_OPS = "always" (Triton's interpreter)."""
-    if x.is_cuda:
-        import kernels
-    else:
-        kernels = sys.modules.get("kernels")  # never imported here on CPU: nothing forced the fused ops
-        if kernels is None:
-            return None
-    return kernels if kernels.use_fused(x) else None
-
-
 def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
-    if (fused := _fused_ops(x)) is not None and x.shape[-1] <= fused.MAX_NORM_WIDTH:
-        return fused.rms_norm(x, weight, eps)
+    if kernels.use_fused(x) and x.shape[-1] <= kernels.MAX_NORM_WIDTH:  # CUDA: one Triton kernel (kernels.py)
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()  # (..., C)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
@@ -240,8 +228,8 @@ def apply_rotary_emb(x, cos, sin):
 
     x (B, T, H, D); cos, sin (B, T, D/2) -> (B, T, H, D)
     """
-    if (fused := _fused_ops(x)) is not None:
-        return fused.rotary(x, cos, sin)
+    if kernels.use_fused(x):  # CUDA: one Triton kernel (kernels.py)
+        return kernels.rotary(x, cos, sin)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
@@ -252,8 +240,8 @@ def apply_rotary_emb(x, cos, sin):
 
 def swiglu(gate, up):
     """SwiGLU's gating (Shazeer 2020): silu(gate) * up, gate and up (..., F) -> (..., F)."""
-    if (fused := _fused_ops(gate)) is not None:
-        return fused.swiglu(gate, up)
+    if kernels.use_fused(gate):  # CUDA: one Triton kernel (kernels.py)
+        return kernels.swiglu(gate, up)
     return F.silu(gate) * up
 
 
@@ -303,7 +291,6 @@ def attention(q, k, v, layer_idx=None):
     CUDA, Tq == Tk: kernels.flash_attn_func (our Triton flash attention); everything else: torch SDPA.
     """
     if q.is_cuda and q.shape[1] == k.shape[1]:
-        import kernels  # only the CUDA path needs kernels.py (and Triton)
         return kernels.flash_attn_func(q, k, v, causal=True)
     return sdpa_attention(q, k, v, layer_idx)
 
@@ -343,7 +330,7 @@ def downsample_2x2(x):
     return x.reshape(n, (g // 2) ** 2, 4 * c)  # (F, N, 4Cv)
 
 
-def _sample(logits, temperature, top_p, generator=None):
+def sample_token(logits, temperature, top_p, generator=None):
     """logits (1, V) fp32 -> next token (1,): greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
         return logits.argmax(-1)  # (1,)
@@ -678,16 +665,16 @@ class LongVILA(nn.Module):
         """
         return self.llm(h, positions, attn=attn, cache=cache)
 
-    def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp=None, chunk_size=4096):
+    def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp_forward=None, chunk_size=4096):
         """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
 
         loss = mean cross-entropy over supervised shifted targets (0.0 when none is supervised). With
         return_logits=False and labels, the loss is computed `chunk_size` tokens at a time (cross_entropy_sum).
-        sp: an mmsp layout -> mmsp.sp_forward does the whole thing sequence-parallel.
+        sp_forward: mmsp.sp_forward with its layout bound (functools.partial): the whole forward then runs
+        sequence-parallel. It is called from here, inside __call__, so that FSDP's hooks gather the parameters.
         """
-        if sp is not None:
-            import mmsp
-            return mmsp.sp_forward(self, input_ids, images, labels, sp, return_logits=return_logits)
+        if sp_forward is not None:
+            return sp_forward(self, input_ids, images, labels, return_logits=return_logits)
         B, T = input_ids.shape
         h = self.embed(input_ids, images)  # (B, T, C)
         positions = torch.arange(T, device=h.device).expand(B, T)  # (B, T)
@@ -706,18 +693,13 @@ class LongVILA(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_token_id=None,
-                 sp=None, stream=None, generator=None):
+                 stream=None, generator=None):
         """input_ids (1, T) (+ images) -> new tokens (1, T_new), T_new <= max_new_tokens, eos included if produced.
 
         KV cache: one prefill of the prompt, then one token per step. temperature 0 = greedy; otherwise
         temperature + top-p sampling (`generator` for reproducibility). eos_token_id: int or list of ints.
-        stream(token_id) is called for each new token as it is produced. sp -> mmsp.sp_generate.
+        stream(token_id) is called for each new token as it is produced. (Sequence-parallel: mmsp.sp_generate.)
         """
-        if sp is not None:
-            import mmsp
-            return mmsp.sp_generate(self, input_ids, images, sp, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, stream=stream,
-                                    generator=generator)
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
         eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
@@ -729,7 +711,7 @@ class LongVILA(nn.Module):
         logits = self.llm.output(h[:, -1]).float()  # (1, V)
         out = []
         for step in range(max_new_tokens):
-            tok = _sample(logits, temperature, top_p, generator)  # (1,)
+            tok = sample_token(logits, temperature, top_p, generator)  # (1,)
             out.append(tok)
             if stream is not None:
                 stream(int(tok))
@@ -1012,7 +994,6 @@ def _weight_files(folder):
         return {k: os.path.join(folder, f) for k, f in weight_map.items()}
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
-        from safetensors import safe_open
         with safe_open(single, "pt") as f:
             return {k: single for k in f.keys()}
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
@@ -1022,7 +1003,6 @@ def _weight_files(folder):
 def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=None, device=None) -> dict:
     """Read every tensor of a VILA folder under our names, checking names and shapes against `expected`;
     each tensor is moved to dtype (floating point ones; None = as stored) and device as soon as it is read."""
-    from safetensors import safe_open
     where = {}  # our name -> (file, hf key)
     for part in _PARTS:
         folder = os.path.join(path, part)
@@ -1069,7 +1049,6 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=
 
 def _write_weights(folder, tensors: dict, max_shard_bytes):
     """safetensors file(s) in `folder`; sharded as model-0000k-of-0000n.safetensors + index when too big."""
-    from safetensors.torch import save_file
     shards, cur, size = [], {}, 0
     for k, t in tensors.items():
         nbytes = t.numel() * t.element_size()

@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import kernels
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, cross_entropy_sum, sample_token, shift_labels
+
 # -----------------------------------------------------------------------------
 # distributed set-up: one init, one rank grid, explicit groups
 
@@ -294,7 +297,6 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, group, ranks, ring_rank, causal, scale, zigzag, backend):
-        import kernels
         R, Tl = len(ranks), q.shape[1]
         nxt, prv = ranks[(ring_rank + 1) % R], ranks[(ring_rank - 1) % R]
         kv = torch.stack([k, v])                                   # (2, B, Tl, Hkv, D): one message per step
@@ -323,7 +325,6 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        import kernels
         q, k, v, out, lse = ctx.saved_tensors
         group, ranks, ring_rank, causal, scale, zigzag, backend = ctx.args
         R, Tl = len(ranks), q.shape[1]
@@ -377,7 +378,6 @@ def ring_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
     """q (B, T/ring, H', D), k/v (B, T/ring, Hkv', D) in the layout's token order -> (B, T/ring, H', D)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if layout.ring == 1:   # pure Ulysses: the whole sequence is here, one plain kernel call (no fp32 merge buffers)
-        import kernels
         return kernels.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, backend=layout.backend)
     return RingAttention.apply(q, k, v, layout.ring_group, layout.ring_ranks, layout.ring_rank, causal, scale,
                                layout.zigzag, layout.backend)
@@ -480,18 +480,17 @@ def encode_frames_sharded(model, images, layout: SPLayout):
     return feats[:n_real].reshape(-1, feats.shape[-1]), first, n_real  # (n_real*N, C) dummies dropped
 
 
-def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int, stats=None):
+def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int):
     """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
 
     rows: (n_real*N, C) this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids (same on every
     rank). Visual token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is
     owned by token_owner(t). One all-to-all with uneven splits moves exactly those rows; the rows a rank receives
     come ordered by source rank, i.e. by k, which is the order of its local -200 slots.
-    Returns (rows I own (n_mine, C)). `stats` (dict) gets the row and byte counts actually sent/received."""
-    import longvila
+    Returns (rows I own (n_mine, C))."""
     B, Tp = ids_padded.shape
     N, sp = tokens_per_frame, layout.sp
-    vis = (ids_padded.cpu() == longvila.IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
+    vis = (ids_padded.cpu() == IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
     owner = token_owner(Tp, layout)[vis[:, 1]]                       # (K,) sp_rank owning each visual token
     src = torch.arange(vis.shape[0]) // N // frame_split(num_frames, sp)   # (K,) sp_rank that encoded it
     mine = src == layout.sp_rank
@@ -499,10 +498,6 @@ def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, nu
     out_splits = torch.bincount(src[owner == layout.sp_rank], minlength=sp).tolist()  # rows I get from each
     order = torch.argsort(owner[mine], stable=True)                  # group my rows by destination, keep k order
     send = rows[order.to(rows.device)] if rows is not None else None  # (n_real*N, C)
-    if stats is not None:
-        esz = rows.element_size() * rows.shape[-1] if rows is not None else 0
-        stats.update(send_rows=in_splits, recv_rows=out_splits, recv_bytes=sum(out_splits) * esz,
-                     recv_bytes_remote=(sum(out_splits) - out_splits[layout.sp_rank]) * esz)
     if sp == 1:
         return send
     return _AllToAllV.apply(send, in_splits, out_splits, layout.sp_group)   # (n_mine, C)
@@ -513,40 +508,38 @@ def shard_batch(input_ids, labels, layout: SPLayout, pad_id=0):
 
     Returns dict: ids_padded (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length).
     Padding tokens sit after every real token (causally invisible) with ignored targets."""
-    import longvila
     B, T = input_ids.shape
     Tp = padded_length(T, layout.sp)
-    targets = longvila.shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
+    targets = shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
     ids_p = torch.cat([input_ids, input_ids.new_full((B, Tp - T), pad_id)], 1)    # (B, Tp)
     idx = layout_indices(Tp, layout).to(input_ids.device)                     # (T/sp,)
     out = dict(ids_padded=ids_p, ids=ids_p[:, idx], T=T, Tp=Tp, idx=idx,
                positions=idx.unsqueeze(0).expand(B, -1))                      # (B, T/sp) true positions
     if targets is not None:
-        tp = torch.cat([targets, targets.new_full((B, Tp - T), longvila.IGNORE_INDEX)], 1)  # (B, Tp)
+        tp = torch.cat([targets, targets.new_full((B, Tp - T), IGNORE_INDEX)], 1)  # (B, Tp)
         out["targets"] = tp[:, idx]                                           # (B, T/sp)
         out["global_targets"] = targets
     return out
 
 
-def sp_embed(model, input_ids, images, layout: SPLayout, shard, stats=None):
+def sp_embed(model, input_ids, images, layout: SPLayout, shard):
     """Both stages: (B, T/sp, C) input embeddings of this rank's tokens, text and visual."""
-    import longvila
     B, T = input_ids.shape
     n_frames = sum(im.shape[0] for im in (images or []) if im is not None)
     N = model.config.tokens_per_frame
-    counts = (input_ids == longvila.IMAGE_TOKEN_ID).sum(1).tolist()
+    counts = (input_ids == IMAGE_TOKEN_ID).sum(1).tolist()
     per_sample = [0 if im is None else im.shape[0] for im in (images or [None] * B)]
     for b in range(B):
         if counts[b] != per_sample[b] * N:
-            raise ValueError(f"sample {b}: input_ids hold {counts[b]} image tokens ({longvila.IMAGE_TOKEN_ID}) but "
+            raise ValueError(f"sample {b}: input_ids hold {counts[b]} image tokens ({IMAGE_TOKEN_ID}) but "
                              f"its images give {per_sample[b]} frames x {N} tokens per frame")
     ids = shard["ids"]                                                       # (B, T/sp)
     h = model.llm.tok_embeddings(ids.clamp(min=0))                           # (B, T/sp, C) -200 slots filled below
     if n_frames == 0:
         return h
     rows, _, _ = encode_frames_sharded(model, images, layout)               # (n_real*N, C)
-    mine = reshard_visual(rows, shard["ids_padded"], layout, N, n_frames, stats)   # (n_mine, C)
-    slots = (ids == longvila.IMAGE_TOKEN_ID).unsqueeze(-1)                   # (B, T/sp, 1)
+    mine = reshard_visual(rows, shard["ids_padded"], layout, N, n_frames)   # (n_mine, C)
+    slots = (ids == IMAGE_TOKEN_ID).unsqueeze(-1)                   # (B, T/sp, 1)
     return h.masked_scatter(slots, mine.to(h.dtype))                         # (B, T/sp, C)
 
 
@@ -557,8 +550,7 @@ def sp_embed(model, input_ids, images, layout: SPLayout, shard, stats=None):
 def global_count(targets, layout: SPLayout):
     """Supervised tokens over the whole dp*sp world. Every SP rank holds the full (shifted) targets of its sample,
     so the SP group's count needs no communication; one all-reduce over dp adds the other samples."""
-    import longvila
-    n = (targets != longvila.IGNORE_INDEX).sum().to(torch.float32)           # () this dp rank's sample(s)
+    n = (targets != IGNORE_INDEX).sum().to(torch.float32)           # () this dp rank's sample(s)
     if layout.dp > 1:
         dist.all_reduce(n, group=layout.dp_group)
     return n
@@ -567,24 +559,23 @@ def global_count(targets, layout: SPLayout):
 def sp_loss(hidden, targets, output_weight, n_global, chunk_size=4096):
     """Sum of cross-entropy over this rank's supervised tokens / n_global (fp32 scalar).
 
-    hidden (B, T/sp, C), targets (B, T/sp) (shifted on the full sequence); longvila.cross_entropy_sum makes the
+    hidden (B, T/sp, C), targets (B, T/sp) (shifted on the full sequence); cross_entropy_sum makes the
     logits chunk by chunk so (T, V) never exists. Summing this over all dp*sp ranks gives the global mean, and
     summing gradients over them gives the single-device gradient. A shard without supervised tokens gives
     exactly 0 (a sum over nothing), never NaN, and still runs backward: the ring/Ulysses backward is collective,
     the other ranks wait for its dk/dv."""
-    import longvila
-    loss_sum, _ = longvila.cross_entropy_sum(hidden, targets, weight=output_weight, chunk_size=chunk_size)
+    loss_sum, _ = cross_entropy_sum(hidden, targets, weight=output_weight, chunk_size=chunk_size)
     return loss_sum / n_global.clamp(min=1)
 
 
-def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits=False, stats=None):
+def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits=False):
     """The LongVILA forward under MM-SP. input_ids/labels (B, T) full (same on every rank of the SP group),
     images: list of (F, 3, S, S) | None per sample. Returns (local logits (B, T/sp, V) | None, local loss).
 
     The local loss is this rank's share: all-reduce(SUM) of it over dp*sp is the global mean loss, and the
     gradients must be SUMMED over dp*sp (not averaged) to equal single-device training."""
     shard = shard_batch(input_ids, labels, layout)
-    h = sp_embed(model, input_ids, images, layout, shard, stats)            # (B, T/sp, C)
+    h = sp_embed(model, input_ids, images, layout, shard)            # (B, T/sp, C)
     hidden = model.forward_embeds(h, shard["positions"], attn=attention_hook(layout))   # (B, T/sp, C)
     loss = None
     if labels is not None:
@@ -649,8 +640,6 @@ def sp_generate(model, input_ids, images, layout: SPLayout, max_new_tokens=32, t
        each rank attends the query to its own KV shard (no causal mask: every cached key is in the past) and the
        partial (out, lse) are merged across the group. The new token's k/v are kept by rank step % sp
        (round-robin, so the shards stay balanced over long answers)."""
-    import kernels
-    import longvila
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"sp_generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
     eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
@@ -688,7 +677,7 @@ def sp_generate(model, input_ids, images, layout: SPLayout, max_new_tokens=32, t
     for step in range(max_new_tokens):
         tok = torch.zeros(1, dtype=torch.long, device=h.device)            # (1,)
         if layout.sp_rank == last_owner:
-            tok = longvila._sample(logits, temperature, top_p, generator).view(1)
+            tok = sample_token(logits, temperature, top_p, generator).view(1)
         if layout.sp > 1:                                                   # one rank samples; all agree
             dist.broadcast(tok, src=layout.sp_ranks[last_owner], group=layout.sp_group)
         out.append(tok)

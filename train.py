@@ -56,6 +56,18 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import data  # noqa: E402
+import kernels  # noqa: E402
+import longvila  # noqa: E402
+import mmsp  # noqa: E402
+import evaluate  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # configuration: one dataclass of every flag, and the table of stage presets
 
@@ -392,8 +404,6 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
     FSDP2 runs on gloo as well (CPU), so CPU and GPU runs take the same code path. Gradients are SUMMED over
     ranks (divide factor 1), because every rank's loss is already divided by the global supervised-token count.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -410,7 +420,6 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
 def init_weights_(model):
     """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
     the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains (set in their __init__)."""
-    import longvila
 
     model.apply(longvila.LongVILA._init_weights)
     for m in model.modules():
@@ -422,7 +431,6 @@ def full_state_dict(model, world: int) -> dict | None:
     """Plain fp32 tensors of the whole model on rank 0 (None on the others); FSDP shards are gathered."""
     if world == 1:
         return {k: v.detach() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if dist.get_rank() == 0 else None
@@ -432,7 +440,6 @@ def save_model(model, path: str, world: int, tokenizer_json: str | None, save_dt
     """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
     full state dict is gathered on rank 0, put into a plain skeleton (built on meta, tensors assigned) and saved
     with LongVILA.save_pretrained, so the folder never depends on the wrapper or the world size that wrote it."""
-    import longvila
 
     sd = full_state_dict(model, world)
     if sd is None:
@@ -464,9 +471,6 @@ def save_checkpoint(out: str, step: int, model, optimizer, world: int, rank: int
                     tokenizer_json: str | None, keep: int, meta: dict):
     """checkpoints/step-NNNNNN/ = VILA-layout model + train_state/ (DCP: sharded fp32 weights and AdamW moments)
     + rng/ (one file per rank) + trainer.json; written under a .tmp name, fsynced, renamed, then `latest`."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = os.path.join(out, "checkpoints")
     name = f"step-{step:06d}"
@@ -498,9 +502,6 @@ def save_checkpoint(out: str, step: int, model, optimizer, world: int, rank: int
 
 def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device) -> dict:
     """Restore weights, AdamW state and this rank's RNG from a checkpoint folder; returns trainer.json."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
@@ -557,7 +558,6 @@ class SyntheticVideoDataset:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        import longvila
 
         g = torch.Generator().manual_seed(i)
         text = lambda k: torch.randint(0, self.V, (k,), generator=g)  # noqa: E731  (k,) random token ids
@@ -572,7 +572,6 @@ class SyntheticVideoDataset:
 
 def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | None = None):
     """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise."""
-    import data
 
     if cfg.data == "synthetic":
         return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
@@ -603,7 +602,6 @@ STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe"}
 
 def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
     """Stage 0's version of one conversation file (keep: see STAND_IN_DATA), written to `out`; returns its path."""
-    import data
 
     with open(path) as f:
         samples = json.load(f)
@@ -650,7 +648,6 @@ class ItemCache:
 def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int) -> list:
     """This rank's samples of one step (data.SPSampler gives every rank of an SP group the same ones), cut into
     micro-batches and collated."""
-    import data
 
     return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
 
@@ -782,7 +779,6 @@ def start_loader(loader: torch.utils.data.DataLoader):
 
 def supervised_targets(labels: torch.Tensor) -> int:
     """Positions whose NEXT token is supervised (the loss's count after shifting)."""
-    import longvila
 
     return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
 
@@ -816,7 +812,8 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
         images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
         with autocast():
             if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
-                _, loss = model(ids, images, labels, return_logits=False, sp=layout)  # this rank's share
+                _, loss = model(ids, images, labels, return_logits=False,  # this rank's share
+                                sp_forward=functools.partial(mmsp.sp_forward, layout=layout))
             else:
                 _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
         w = float(count / total)
@@ -841,7 +838,6 @@ def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
 
 def build_model(cfg: TrainConfig, world: int, device: torch.device):
     """The starting model: --init_from a VILA folder, or a seeded random init of the --model preset."""
-    import longvila
 
     if cfg.init_from and cfg.init_from != "none":
         return longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
@@ -883,8 +879,6 @@ def find_tokenizer_json(cfg: TrainConfig) -> str | None:
 
 def train_stage(cfg: TrainConfig, info, layout) -> str:
     """Train one stage; returns the folder of the saved model (VILA layout)."""
-    import data
-    import longvila
 
     rank, world, device = info.rank, info.world_size, info.device
     log = RunLog(cfg.out, rank, cfg.resume)
@@ -902,14 +896,10 @@ def train_stage(cfg: TrainConfig, info, layout) -> str:
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
     model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False,
                                  llm_layers=None if cfg.checkpoint_layers < 0 else cfg.checkpoint_layers)
-    if device.type == "cuda" or cfg.attn_backend != "auto":
-        import kernels
-    if device.type == "cuda":
-        kernels.FUSED_OPS = cfg.fused_ops
-    if cfg.attn_backend != "auto":
-        if cfg.attn_backend not in kernels.BACKENDS:
-            raise ValueError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {kernels.BACKENDS}")
-        kernels.DEFAULT_BACKEND = cfg.attn_backend if device.type == "cuda" else None  # CPU: always the twin
+    if cfg.attn_backend != "auto" and cfg.attn_backend not in kernels.BACKENDS:
+        raise ValueError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {kernels.BACKENDS}")
+    # CPU: the model's attention is torch SDPA whatever the backend; the fused ops need CUDA
+    kernels.configure(backend=cfg.attn_backend if device.type == "cuda" else "auto", fused_ops=cfg.fused_ops)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     # FLOPs per sample of T tokens, F frames = a*T + b*T^2 + v*F (model.flops_per_token is linear in T)
@@ -1224,7 +1214,6 @@ def resolve(stage: int, flags: dict) -> TrainConfig:
 def ensure_demo_data(path: str, rank: int, world: int):
     """Generate the demo data (python data.py demo) if the folder has no meta.json yet."""
     if rank == 0 and not os.path.exists(os.path.join(path, "meta.json")):
-        import data
 
         print(f"generating the demo data in {path} (data.make_demo = python data.py demo) ...", flush=True)
         data.make_demo(path)
@@ -1234,9 +1223,6 @@ def ensure_demo_data(path: str, rank: int, world: int):
 
 def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> float:
     """evaluate.py niah on the demo's held-out haystacks and needles; returns the mean accuracy."""
-    import data
-    import evaluate
-    import longvila
 
     model = longvila.LongVILA.from_pretrained(model_dir, dtype=torch.float32, device=info.device).eval()
     tokenizer = data.Tokenizer.for_checkpoint(model_dir)
@@ -1255,7 +1241,6 @@ def main(argv=None):
     if threads > 0:
         torch.set_num_threads(threads)
     stages = parse_stages(args.pop("stage", "all"), from_scratch=args.get("init_from", "none") == "none")
-    import mmsp
 
     info = mmsp.init_distributed()
     layouts = {}

@@ -431,9 +431,12 @@ def test_backend_choice_fully_visible_mask_and_dkdv_callback(backend, monkeypatc
     grads = kernels.attention_backward(dout, q, k, v, *full, causal=False, backend=backend,
                                        on_dkdv=lambda dk, dv: seen.append((dk.clone(), dv.clone())))
     assert len(seen) == 1 and torch.equal(seen[0][0], grads[1]) and torch.equal(seen[0][1], grads[2])
-    # DEFAULT_BACKEND is what backend=None means; bad names and cudnn on CPU tensors are clear errors
-    monkeypatch.setattr(kernels, "DEFAULT_BACKEND", backend)
-    assert torch.equal(kernels.attention_forward(q, k, v, causal=False)[0], full[0])
+    # the configured default is what backend=None means; bad names and cudnn on CPU tensors are clear errors
+    before = kernels.configure(backend=backend)
+    try:
+        assert torch.equal(kernels.attention_forward(q, k, v, causal=False)[0], full[0])
+    finally:
+        kernels.configure(**before)
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.attention_forward(q, k, v, backend="flash3")
     if not q.is_cuda:

@@ -7,6 +7,7 @@ the same seed, computes the single-process reference itself, cuts out its own sh
 gradients (the ring-flash-attention test recipe).
 """
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -288,9 +289,8 @@ def _bytes_worker(rank, world, sp, ring):
     saved = dist.all_to_all_single, dist.all_reduce, dist.all_gather, dist.broadcast
     dist.all_to_all_single, dist.all_reduce, dist.all_gather, dist.broadcast = counting_a2a, *[forbidden] * 3
     try:
-        stats = {}
         shard = mmsp.shard_batch(input_ids, labels, lay)
-        h = mmsp.sp_embed(model, input_ids, images, lay, shard, stats)       # (1, T/sp, C)
+        h = mmsp.sp_embed(model, input_ids, images, lay, shard)              # (1, T/sp, C)
     finally:
         dist.all_to_all_single, dist.all_reduce, dist.all_gather, dist.broadcast = saved
     mine = int((shard["ids"] == longvila.IMAGE_TOKEN_ID).sum())
@@ -299,20 +299,20 @@ def _bytes_worker(rank, world, sp, ring):
     full = model.embed(input_ids, images)                                    # (1, T, C)
     pad = model.llm.tok_embeddings.weight[0].expand(1, shard["Tp"] - input_ids.shape[1], -1)
     err = (h - torch.cat([full, pad], 1)[:, shard["idx"]]).abs().max().item()
-    return moved, mine, row_bytes, stats, err
+    return moved, mine, row_bytes, err
 
 
 @pytest.mark.parametrize("sp,ring", [(4, 2), (2, 2)])
 def test_stage2_reshard_moves_only_owned_rows(sp, ring):
     res = run_workers(_bytes_worker, sp, (sp, ring))
     total_vis = 5 * _tiny_model().config.tokens_per_frame
-    for rank, (moved, mine, row_bytes, stats, err) in enumerate(res):
+    for rank, (moved, mine, row_bytes, err) in enumerate(res):
         assert len(moved) == 1                                               # one all-to-all, nothing else
         recv, sent = moved[0]
         assert recv == mine * row_bytes, (rank, recv, mine)                  # exactly the rows it owns
-        assert stats["recv_bytes"] == recv and sum(stats["recv_rows"]) == mine
-        assert sent == sum(stats["send_rows"]) * row_bytes                   # only rows of its own frames
         assert err <= 1e-6, err
+    # what the group sends is what it receives: every rank sends only rows of the frames it encoded
+    assert sum(m[0][1] for m, *_ in res) == sum(m[0][0] for m, *_ in res)
     # every visual row crosses once: the group receives total_vis rows, not sp * total_vis (the reference's
     # all-reduce of the whole embedding sequence)
     assert sum(m[0][0] for m, *_ in res) == total_vis * res[0][2]
@@ -332,7 +332,7 @@ def _generate_worker(rank, world, sp, ring):
     ref = model.generate(input_ids, images, max_new_tokens=8)                # single process, KV cache
     lay = mmsp.make_layout(sp=sp, ring=ring, backend="torch")
     seen = []
-    got = model.generate(input_ids, images, max_new_tokens=8, sp=lay, stream=seen.append)
+    got = mmsp.sp_generate(model, input_ids, images, lay, max_new_tokens=8, stream=seen.append)
     return ref.tolist(), got.tolist(), seen
 
 
@@ -349,11 +349,11 @@ def test_single_process_layout_runs_the_same_model():
     input_ids, images, labels = _video_sample(model, n_frames=2)
     lay = mmsp.make_layout(backend="torch")
     _, ref = model(input_ids, images, labels)
-    _, got = model(input_ids, images, labels, sp=lay)
+    _, got = model(input_ids, images, labels, sp_forward=functools.partial(mmsp.sp_forward, layout=lay))
     assert abs(got.item() - ref.item()) <= 1e-6 * abs(ref.item())
     model.eval()
     assert torch.equal(model.generate(input_ids, images, max_new_tokens=3),
-                       model.generate(input_ids, images, max_new_tokens=3, sp=lay))
+                       mmsp.sp_generate(model, input_ids, images, lay, max_new_tokens=3))
 
 
 def test_sp_attention_world8_2d():
@@ -425,8 +425,8 @@ def _any_length_worker(rank, world, sp, ring, lengths):
     model.eval()
     input_ids, images, _ = _video_sample(model, n_frames=1, seed=3)
     ref = model.generate(input_ids, images, max_new_tokens=4)
-    got = model.generate(input_ids, images, max_new_tokens=4, sp=mmsp.make_layout(sp=sp, ring=ring,
-                                                                                 backend="torch"))
+    got = mmsp.sp_generate(model, input_ids, images, mmsp.make_layout(sp=sp, ring=ring, backend="torch"),
+                           max_new_tokens=4)
     return errs, losses, ref.tolist(), got.tolist()
 
 

@@ -428,7 +428,7 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
 
 
 def test_fused_ops_in_the_model_match_eager(monkeypatch):
-    # kernels.FUSED_OPS = "always" runs the model's RMSNorm / RoPE / SwiGLU through the Triton kernels on CPU too
+    # kernels.configure(fused_ops="always") runs the model's RMSNorm / RoPE / SwiGLU through the Triton kernels on CPU too
     # (interpreter): same loss and gradients as the eager twins, with and without (selective) checkpointing
     kernels = pytest.importorskip("kernels")
     if not kernels.HAS_TRITON or not (kernels._INTERPRET or torch.cuda.is_available()):
@@ -448,16 +448,19 @@ def test_fused_ops_in_the_model_match_eager(monkeypatch):
     for name in ("rms_norm", "rotary", "swiglu"):
         fn = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
-    monkeypatch.setattr(kernels, "FUSED_OPS", "always")
-    for mode in (False, "full", "save-attn"):
-        model.set_grad_checkpointing(mode)
-        calls.clear()
-        loss, grads = loss_and_grads()
-        assert set(calls) == {"rms_norm", "rotary", "swiglu"}, (mode, calls)
-        assert torch.allclose(loss, ref_loss, atol=1e-5), (mode, loss, ref_loss)
-        for g, r in zip(grads, ref_grads):
-            assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), mode
-    model.set_grad_checkpointing(False)
+    before = kernels.configure(fused_ops="always")
+    try:
+        for mode in (False, "full", "save-attn"):
+            model.set_grad_checkpointing(mode)
+            calls.clear()
+            loss, grads = loss_and_grads()
+            assert set(calls) == {"rms_norm", "rotary", "swiglu"}, (mode, calls)
+            assert torch.allclose(loss, ref_loss, atol=1e-5), (mode, loss, ref_loss)
+            for g, r in zip(grads, ref_grads):
+                assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), mode
+    finally:
+        kernels.configure(**before)
+        model.set_grad_checkpointing(False)
 
 
 def test_set_trainable_param_groups_flops():
