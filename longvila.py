@@ -46,6 +46,11 @@ IMAGE_TOKEN_ID = -200  # one visual token's placeholder in input_ids (the refere
 IGNORE_INDEX = -100  # label of positions that are not supervised
 
 
+class InputError(ValueError):
+    """Something a user gave (a flag, a file, a folder) is not what was expected; the message names it and says what
+    was expected. The command lines print it on one line and exit with code 2 (a stack trace is for bugs)."""
+
+
 # -----------------------------------------------------------------------------
 # configs (defaults = the released LongVILA-8B: SigLIP so400m/14-384 + mlp_downsample + Llama-3-8B)
 
@@ -144,6 +149,7 @@ class LongVILAConfig:
     chat_template: str = "llama3"  # "llama3" | "chatml"
     fps: float = 0.0  # default frame sampling for data/eval: 0 = uniform num_video_frames
     num_video_frames: int = 8
+    image_aspect_ratio: str = "resize"  # "resize" | "pad" (square padding with the processor's mean colour first)
 
     def __post_init__(self):
         if self.projector.vision_width != self.vision.width:
@@ -154,6 +160,9 @@ class LongVILAConfig:
                              f"llm.dim {self.llm.dim}")
         if self.chat_template not in ("llama3", "chatml"):
             raise ValueError(f"LongVILAConfig: chat_template must be 'llama3' or 'chatml', got {self.chat_template!r}")
+        if self.image_aspect_ratio not in ("resize", "pad"):
+            raise ValueError(f"LongVILAConfig: image_aspect_ratio must be 'resize' or 'pad', got "
+                             f"{self.image_aspect_ratio!r}")
 
     @property
     def tokens_per_frame(self) -> int:  # N
@@ -980,7 +989,8 @@ def read_config(path) -> LongVILAConfig:
         template = "chatml" if llm.model_type == "qwen2" else "llama3"
     return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim), llm=llm,
                           chat_template=template, fps=float(top.get("fps", 0.0) or 0.0),
-                          num_video_frames=int(top.get("num_video_frames", 8) or 8))
+                          num_video_frames=int(top.get("num_video_frames", 8) or 8),
+                          image_aspect_ratio=top.get("image_aspect_ratio") or "resize")
 
 
 def _weight_files(folder):
@@ -1108,7 +1118,7 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
         "mm_projector_cfg": dict(proj_cfg, _name_or_path="./mm_projector"), "mm_projector": "mlp_downsample",
         "hidden_size": cfg.llm.dim, "mm_hidden_size": cfg.vision.width,
         "mm_vision_select_layer": cfg.vision.select_layer, "mm_vision_select_feature": "cls_patch",
-        "image_aspect_ratio": "resize", "fps": cfg.fps, "num_video_frames": cfg.num_video_frames,
+        "image_aspect_ratio": cfg.image_aspect_ratio, "fps": cfg.fps, "num_video_frames": cfg.num_video_frames,
         "chat_template": cfg.chat_template, "tokens_per_frame": cfg.tokens_per_frame,
         "model_dtype": str(dtype), "longvila": cfg.to_dict()})
 
