@@ -1,191 +1,85 @@
-"""Flash attention with log-sum-exp for longvila: Triton kernels (forward, backward) and their PyTorch twin.
+"""Attention for longvila: the math in PyTorch, FlashAttention-2 in Triton, and the one interface everyone calls.
 
-    python -m pytest -q tests/test_kernels.py        # CPU: the Triton kernels run in Triton's interpreter
-    python bench.py kernels                          # GPU: TFLOP/s beside torch SDPA's flash and cuDNN backends
+    python -m pytest -q tests/test_kernels.py         # CPU: the Triton kernels run in Triton's interpreter
+    python bench.py kernels                           # GPU: TFLOP/s beside cuDNN, flash-attn-4 and SDPA
 
 What ring attention (mmsp.py) and the model (longvila.py) call:
 
-    out, lse = attention_forward(q, k, v, causal=True, q_offset=0, k_offset=0, out_fp32=False)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=True, q_offset=0, k_offset=0)
-    out = flash_attn_func(q, k, v, causal=True)      # autograd.Function over the two above
+    out, lse = attention_forward(q, k, v, causal=True)            # lse: log-sum-exp of each query's scores
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=True)
+    out = flash_attn_func(q, k, v, causal=True)                   # differentiable: the two above
+    configure(backend="auto", fused_ops=True)                     # once, at start (train.py --attn_backend)
 
-and, for the rest of a decoder block on CUDA (fused elementwise kernels, section at the end of this file):
+Shapes: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), out like q, lse (B, H, Tq) fp32 natural log. GQA: query head h
+reads KV head h // (H / Hkv), by index, never by copying. Causal: the queries are the LAST Tq positions, query i
+sees key j iff j <= i + Tk - Tq. A query that sees no key gets out 0 and lse -inf: the identity of the LSE merge.
 
-    y = rms_norm(x, weight, eps);  y = rotary(x, cos, sin);  y = swiglu(gate, up)
+Ring attention (LONGVILA.md, "Ring numerics") needs the lse, so partial results over different key blocks merge
+exactly, and a backward that takes the GLOBAL out and lse of the whole ring, not those of one key block.
 
-Shapes (the alphabet of longvila.py): q (B, Tq, H, D), k and v (B, Tk, Hkv, D), out like q, lse (B, H, Tq) in fp32,
-natural log. Grouped-query attention: query head h reads KV head h // (H / Hkv), by index, never by copying KV.
-
-The algorithm is FlashAttention-2 (Dao, arXiv 2307.08691): a program owns a block of queries and streams the key
-blocks through an online softmax, so the (Tq, Tk) score matrix never exists in memory. The backward pass recomputes
-the probabilities from the saved log-sum-exp:
-
-    P = exp(S - lse),  S = scale * Q K^T            dV = P^T dO
-    dP = dO V^T,  delta = rowsum(dO * O)           dS = P * (dP - delta)
-    dQ = scale * dS K                               dK = scale * dS^T Q
-
-Ring attention needs three things from these kernels (LONGVILA.md, "Ring numerics"):
-- explicit positions: the causal mask compares TRUE positions, query i sees key j iff q_offset + i >= k_offset + j,
-  so a block of queries can attend to a block of keys taken from anywhere in the sequence;
-- the log-sum-exp, so partial results over different key blocks merge exactly (out_fp32 keeps them in fp32);
-- a backward that takes the GLOBAL out and lse (those of the whole ring), not the ones of this key block.
-A query row that sees no key at all gets out 0 and lse -inf, which is the identity of the LSE merge.
-
-Inside the kernels scores live in the log2 domain (S * scale * log2(e)), so the softmax uses the fast exp2.
-Causal programs loop only over key blocks that are not fully masked, and apply the mask only on the diagonal
-(and ragged tail) blocks. On GPU the matrix products take 16-bit operands with fp32 accumulation. Triton's CPU
-interpreter computes bf16 arithmetic on raw bits (wrong numbers, silently), so under TRITON_INTERPRET=1 the kernels
-convert every load to fp32 first: the interpreter tests bf16 STORAGE with fp32 arithmetic.
-
-On Hopper, K/V (forward, dQ) and Q/dO (dK/dV) can be read through TMA descriptors over the (B*T, heads*D) view of
-the (B, T, heads, D) tensors; the autotuner picks TMA or plain pointer loads per kernel and shape. A TMA block that
-runs past one batch's last row reads the next batch's rows: those keys are masked, those queries are never stored.
-
-Speed (H100, bf16, B=1 H=32 D=128 causal, 16k tokens; `python bench.py kernels`, 2026-11-27): forward 0.86x cuDNN
-and 1.5x SDPA-flash; forward+backward 0.71x (32 KV heads) / 0.79x (8 KV heads) cuDNN and 1.22x / 1.34x SDPA-flash.
-Two changes of 2026-11-27 each bought ~5% of the forward, timed in one process on an H100: the program order
-(_program_order: the programs of one or a few heads run together, so their K/V stay in L2, where heads-fastest order
-had every running program on another head; also +4-11% on the 32-head backward at 16k-64k) and 4-warp 128x64 tiles,
-two programs to an SM. What limits it: Triton waits for every wgmma right after issuing it (the sm_90 PTX of all
-three kernels has `wgmma.wait_group 0` after each product, even when the next block's QK^T is written before this
-block's PV, where ptxas reports "wgmma serialized", C7515), so inside one program the softmax (exp2, row max/sum)
-never overlaps the tensor cores as in FA3/cuDNN's ping-pong schedule; only a second program on the same SM can fill
-those gaps. Nor does Triton warp-specialize these kernels. (Its Hopper pass behind tl.range(warp_specialize=True)
-does partition a one-loop attention forward at num_warps=4 with in-kernel tl.make_tensor_descriptor loads, producer
-+ 2 consumer warp groups, setmaxnreg 40/232; on our two-loop causal forward it fails with a compiler assertion, at
-num_warps=8 it does nothing, and with host TMA descriptors it rejects the split block shapes: seen compiling for
-sm_90 with Triton 3.6.0 and 3.7.1.) The backward does 7 matrix products per tile pair instead of 5 (the dQ kernel
-recomputes QK^T and dO V^T), and the dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators: 255 registers per thread
-and spills (232 B stored, 316 B loaded per thread in the sm_90 compile of the bf16 D=128 64x128 3-stage TMA config).
-FlashAttention-2's fused scheme, dQ added into fp32 by atomics (TMA reduce-add) from the dK/dV kernel, 5 products
-per tile pair, was built and timed on an H100 (2026-11-27): slower, 0.60-0.73x cuDNN forward+backward against
-0.70-0.79x for the two kernels here (its 5th product pushes the dK/dV kernel to 255 registers with more spills, and
-the reduce-adds contend in L2), and its reduce-add path failed the real-size accuracy test at 32 KV heads; it was
-removed again. So was a warp-specialized forward (one key loop, in-kernel TMA descriptors, the causal mask on every
-block, 4 warps: producer + 2 consumer groups in the sm_90 compile): on an H200 it ran 0.71-0.90x cuDNN against
-0.83-0.89x for the kernel here (no faster; slower at 64k) and failed the real-size accuracy test.
-
-Because of that gap there is a third backend, "cudnn": torch's own cuDNN fused attention op with its log-sum-exp
-(aten._scaled_dot_product_cudnn_attention, what torch's context_parallel calls), behind the same two functions, so
-ring attention and the model can run on it (`DEFAULT_BACKEND = "cudnn"`, or train.py --attn_backend cudnn). It
-has one causal mask (square, top-left), which is every call the zigzag ring and the model make; anything else
-(offset masks, fp32, D > 128) falls back to Triton. On 2 H200 the zigzag ring over it matches torch's context
-parallel over cuDNN at 128k tokens (472 vs 474 ms), and 8B stage-5 training at 64k tokens runs 1.22x faster.
+Sections:
+  1. the math: the PyTorch twin (blockwise online softmax; the backward recomputes P from the lse)
+  2. FlashAttention-2 in Triton (Dao, arXiv 2307.08691): the forward, then the backward (dK/dV, then dQ)
+  3. the interface: backends, attention_forward / attention_backward / flash_attn_func, configure
+  --- below: the fast path, same signatures: launch configurations and autotuning, program order in L2 waves,
+  TMA descriptors, the cuDNN and flash-attn-4 backends, fused RMSNorm / RoPE / SwiGLU for the decoder
 """
+import contextlib
 import functools
 import math
 import os
+import warnings
 
 import torch
 
-try:  # triton is optional: without it (or without a GPU) the PyTorch twin below does the work
+try:  # triton is optional: without it (or without a GPU) the PyTorch twin does the work
     import triton
     import triton.language as tl
 
     HAS_TRITON = True
-    try:  # host-side TMA descriptors (Hopper's bulk tensor copy engine); optional
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # pragma: no cover
-        TensorDescriptor = None
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
-    triton = None
-    tl = None
-    TensorDescriptor = None
+    triton = tl = None
     HAS_TRITON = False
 
 # Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)), and exp2 is the GPU's fast exponential
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
-BACKENDS = ("triton", "torch", "cudnn")
-# What backend=None and the model's fused ops mean; set once at start by configure() (train.py --attn_backend,
-# --fused_ops). backend None: "triton" on CUDA, "torch" elsewhere.
-_SETTINGS = {"backend": None, "fused_ops": True}
 
-
-def configure(backend=None, fused_ops=None):
-    """Set the default attention backend (None = auto, or one of BACKENDS) and whether the model runs RMSNorm,
-    RoPE and SwiGLU as fused Triton kernels (True: on CUDA; False: never; "always": on CPU too, in Triton's
-    interpreter). Arguments left out keep their value. Returns the previous settings (configure(**old) restores)."""
-    old = dict(_SETTINGS)
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"kernels.configure: backend must be auto or one of {BACKENDS}, got {backend!r}")
-    if fused_ops not in (None, True, False, "always"):
-        raise ValueError(f"kernels.configure: fused_ops must be True, False or 'always', got {fused_ops!r}")
-    if backend is not None:
-        _SETTINGS["backend"] = None if backend == "auto" else backend
-    if fused_ops is not None:
-        _SETTINGS["fused_ops"] = fused_ops
-    return old
 
 # -----------------------------------------------------------------------------
-# checks shared by every backend
+# 1. the math: the PyTorch twin, blockwise over keys in fp32 (the CPU path, and the reference the kernels follow)
+#
+#    S = scale * Q K^T      P = softmax(S) = exp(S - lse)      O = P V
+#    dV = P^T dO     dP = dO V^T     delta = rowsum(dO * O)     dS = P * (dP - delta)     dQ = scale dS K
+#    dK = scale dS^T Q
+#
+# The forward keeps a running max m, a running sum l of exp(S - m) and a running sum of exp(S - m) V over key
+# blocks, rescaling both when m grows (the online softmax): the (Tq, Tk) matrix never exists whole.
 
-def _check(q, k, v, softmax_scale):
-    """Validate shapes/dtypes and return (B, Tq, H, D, Tk, Hkv, scale)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"kernels: q, k, v must be 4-D (B, T, heads, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Tq, H, D = q.shape
-    Bk, Tk, Hkv, Dk = k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"kernels: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
-    if Bk != B or Dk != D:
-        raise ValueError(f"kernels: q {tuple(q.shape)} and k {tuple(k.shape)} disagree in batch or head dim")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"kernels: query heads H={H} must be a multiple of KV heads Hkv={Hkv} (GQA)")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"kernels: q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    if not scale > 0:
-        raise ValueError(f"kernels: softmax_scale must be > 0, got {softmax_scale}")
-    return B, Tq, H, D, Tk, Hkv, scale
-
-
-def _pick_backend(backend, x):
-    """None -> the configured default, else "triton" on CUDA tensors (when triton is importable), else "torch"."""
-    backend = _SETTINGS["backend"] if backend is None else backend
-    if backend is None:
-        return "triton" if (HAS_TRITON and x.is_cuda) else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"kernels: backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "cudnn" and not x.is_cuda:
-        raise RuntimeError("kernels: backend='cudnn' needs CUDA tensors")
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("kernels: backend='triton' asked for, but triton is not importable")
-        if not x.is_cuda and not _INTERPRET:
-            raise RuntimeError("kernels: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                               "`import kernels` (conftest.py does this on CPU machines)")
-    return backend
-
-# -----------------------------------------------------------------------------
-# the PyTorch twin: blockwise over keys, fp32, same signatures (CPU path and readable reference)
-
-def _torch_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, block=256):
+def _torch_forward(q, k, v, causal, scale, out_fp32, block=256):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv  # query heads per KV head
+    G, diff = H // Hkv, Tk - Tq                                    # query heads per KV head; causal offset
     qf = q.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Tq, H, D) -> (B, Hkv, G, Tq, D)
     kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)                # (B, Tk, Hkv, D) -> (B, Hkv, 1, Tk, D)
     vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)                # (B, Hkv, 1, Tk, D)
     m = qf.new_full((B, Hkv, G, Tq), float("-inf"))                # running max of the scores
     l = qf.new_zeros((B, Hkv, G, Tq))                              # running sum of exp(score - m)
     acc = qf.new_zeros((B, Hkv, G, Tq, D))                         # running sum of exp(score - m) * v
-    qpos = q_offset + torch.arange(Tq, device=q.device)            # (Tq,) true positions
+    rows = torch.arange(Tq, device=q.device)                       # (Tq,)
     for n0 in range(0, Tk, block):
         n1 = min(n0 + block, Tk)
-        if causal and k_offset + n0 > q_offset + Tq - 1:
-            break  # this key block and all later ones lie in every query's future
+        if causal and n0 > Tq - 1 + diff:
+            break                                                  # this key block lies in every query's future
         s = (qf @ kf[..., n0:n1, :].transpose(-1, -2)) * scale    # (B, Hkv, G, Tq, n)
         if causal:
-            kpos = k_offset + torch.arange(n0, n1, device=q.device)  # (n,)
-            s = s.masked_fill(qpos[:, None] < kpos[None, :], float("-inf"))
+            cols = torch.arange(n0, n1, device=q.device)           # (n,)
+            s = s.masked_fill(cols[None, :] > rows[:, None] + diff, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))                       # (B, Hkv, G, Tq)
-        m_sub = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # -inf rows: subtract 0
-        p = torch.exp(s - m_sub[..., None])                        # (B, Hkv, G, Tq, n)
-        alpha = torch.exp(m - m_sub)                               # rescales the old sums
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # a row with no key yet: p = 0
+        p = torch.exp(s - m_safe[..., None])                       # (B, Hkv, G, Tq, n)
+        alpha = torch.exp(m - m_safe)                              # rescales the sums so far
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + p @ vf[..., n0:n1, :]       # (B, Hkv, G, Tq, D)
         m = m_new
@@ -193,14 +87,13 @@ def _torch_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, block=2
     out = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
     lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l))  # (B, Hkv, G, Tq)
     out = out.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)          # (B, Hkv, G, Tq, D) -> (B, Tq, H, D)
-    lse = lse.reshape(B, H, Tq)                                    # h = hkv * G + g
-    return out.to(torch.float32 if out_fp32 else q.dtype), lse
+    return out.to(torch.float32 if out_fp32 else q.dtype), lse.reshape(B, H, Tq)  # h = hkv * G + g
 
 
-def _torch_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, block=256):
+def _torch_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32, block=256):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
+    G, diff = H // Hkv, Tk - Tq
     qf = q.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)     # (B, Hkv, G, Tq, D)
     dof = dout.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
     of = out.float().view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)    # (B, Hkv, G, Tq, D)
@@ -208,21 +101,20 @@ def _torch_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, 
     vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)                   # (B, Hkv, 1, Tk, D)
     delta = (dof * of).sum(-1)                                        # (B, Hkv, G, Tq) rowsum(dO * O)
     lse_ = lse.float().reshape(B, Hkv, G, Tq)                         # (B, H, Tq) -> (B, Hkv, G, Tq)
-    lse_ = torch.where(lse_ == float("-inf"), torch.full_like(lse_, float("inf")), lse_)  # empty row -> P = 0
-    qpos = q_offset + torch.arange(Tq, device=q.device)
+    lse_ = torch.where(lse_ == float("-inf"), torch.full_like(lse_, float("inf")), lse_)  # empty row: P = 0
+    rows = torch.arange(Tq, device=q.device)
     dq = torch.zeros_like(qf)                                         # (B, Hkv, G, Tq, D)
-    dk = qf.new_zeros((B, Hkv, Tk, D))
-    dv = qf.new_zeros((B, Hkv, Tk, D))
+    dk, dv = qf.new_zeros((B, Hkv, Tk, D)), qf.new_zeros((B, Hkv, Tk, D))
     for n0 in range(0, Tk, block):
         n1 = min(n0 + block, Tk)
-        if causal and k_offset + n0 > q_offset + Tq - 1:
+        if causal and n0 > Tq - 1 + diff:
             break
         kb, vb = kf[..., n0:n1, :], vf[..., n0:n1, :]                 # (B, Hkv, 1, n, D)
         s = (qf @ kb.transpose(-1, -2)) * scale                       # (B, Hkv, G, Tq, n)
         if causal:
-            kpos = k_offset + torch.arange(n0, n1, device=q.device)
-            s = s.masked_fill(qpos[:, None] < kpos[None, :], float("-inf"))
-        p = torch.exp(s - lse_[..., None])                            # (B, Hkv, G, Tq, n) global probabilities
+            cols = torch.arange(n0, n1, device=q.device)
+            s = s.masked_fill(cols[None, :] > rows[:, None] + diff, float("-inf"))
+        p = torch.exp(s - lse_[..., None])                            # (B, Hkv, G, Tq, n) from the GLOBAL lse
         dv[:, :, n0:n1] = torch.einsum("bkgtn,bkgtd->bknd", p, dof)   # P^T dO summed over the group's heads
         dp = dof @ vb.transpose(-1, -2)                               # (B, Hkv, G, Tq, n)
         ds = p * (dp - delta[..., None])                              # (B, Hkv, G, Tq, n)
@@ -232,56 +124,495 @@ def _torch_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, 
     dq = dq.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)               # (B, Hkv, G, Tq, D) -> (B, Tq, H, D)
     return dq.to(gdt), dk.permute(0, 2, 1, 3).to(gdt), dv.permute(0, 2, 1, 3).to(gdt)  # (B, Tk, Hkv, D)
 
+
 # -----------------------------------------------------------------------------
-# Triton kernels
+# 2. FlashAttention-2 in Triton
+#
+# The kernels see every (B, T, heads, D) tensor as a matrix of B*T rows and heads*D columns (the launcher makes
+# the tensors contiguous): row b*T + t, columns h*D .. h*D+D-1 hold token t of batch b, head h. Scores live in the
+# log2 domain (S * scale * log2 e), so the softmax uses the fast exp2. A program of the forward owns BLOCK_M
+# queries of one head and streams key blocks past them; key blocks that every one of its queries sees need no
+# mask (FlashAttention-2's split: most of the work), only the diagonal and ragged blocks are masked.
+# Helpers named _program_order, _load_tile and the launch configurations are the fast path's (below the line).
 
 if HAS_TRITON:
 
     @triton.jit
-    def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-        """Load a (rows, BLOCK_D) tile; masks only what may be out of bounds; fp32 under the interpreter."""
-        if ROW_MASK:
-            if EVEN_D:
+    def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd, Tq, Tk, H, GROUP, scale2, WAVE, MIN_WAVE, TQ_KEY, TK_KEY, TMA_OK,
+                    D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """One program: BLOCK_M queries of one (batch, head) against every key they see -> out, lse."""
+        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, WAVE, MIN_WAVE, BLOCK_M)
+        h = hk * GROUP + g                                       # GQA: query head h reads KV head hk
+        m0 = (n_blocks - 1 - j) * BLOCK_M                        # the longest rows (most causal work) first
+        offs_m = m0 + tl.arange(0, BLOCK_M)                      # (BM,) query rows
+        diff = Tk - Tq                                           # query i sees key j iff j <= i + diff
+        # the Q tile: loaded once, it stays in registers for the whole loop over keys
+        q = _load_tile(Q, Qd, b * Tq + m0, Tq - m0, h * D, H * D, BLOCK_M, D, True, USE_TMA, UPCAST)  # (BM, D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)    # running max of the scores (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)                  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)               # running sum of exp2(score - m_i) * v
+        # keys [0, full): seen by every row of the tile, no mask; [full, seen): the diagonal / ragged end, masked
+        full, seen = _key_range(m0, Tq, Tk, diff, CAUSAL, BLOCK_M, BLOCK_N)
+        kv_row, kv_col, kv_stride = b * Tk, hk * D, (H // GROUP) * D   # this head's keys in the K/V matrices
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, Kd, Vd, kv_row, kv_col, kv_stride, 0, full, offs_m, Tk,
+                                    diff, scale2, D, BLOCK_N, False, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, Kd, Vd, kv_row, kv_col, kv_stride, full, seen, offs_m, Tk,
+                                    diff, scale2, D, BLOCK_N, True, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+        # normalise; a row that saw no key keeps l = 0: out 0, lse -inf
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]                                                   # (BM, D)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
+        rows = (b * Tq + offs_m).to(tl.int64)
+        tl.store(O + rows[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :], out.to(O.dtype.element_ty),
+                 mask=(offs_m < Tq)[:, None])
+        tl.store(LSE + (b * H + h).to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+    @triton.jit
+    def _fwd_blocks(acc, l_i, m_i, q, K, V, Kd, Vd, row0, col, stride, lo, hi, offs_m, Tk, diff, scale2,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """The online softmax over key blocks [lo, hi): FlashAttention's inner loop."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            k = _load_tile(K, Kd, row0 + n0, Tk - n0, col, stride, BLOCK_N, D, MASKED, USE_TMA, UPCAST)  # (BN, D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                      # (BM, BN) raw scores
+            if MASKED:  # keys past Tk, and (causal) keys in a query's future
+                keep = (n0 + offs_n < Tk)[None, :]
+                if CAUSAL:
+                    keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None] + diff)
+                s = tl.where(keep, s * scale2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))                                 # (BM,)
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet: p stays 0
+                p = tl.math.exp2(s - m_sub[:, None])                                  # (BM, BN)
+            else:       # every key visible: the scale goes into the exponent's fused multiply-add
+                m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
+                m_sub = m_new
+                p = tl.math.exp2(s * scale2 - m_sub[:, None])                         # (BM, BN)
+            alpha = tl.math.exp2(m_i - m_sub)                                         # (BM,) rescales the past
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_tile(V, Vd, row0 + n0, Tk - n0, col, stride, BLOCK_N, D, MASKED, USE_TMA, UPCAST)  # (BN, D)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)  # (BM, D)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _key_range(m0, Tq, Tk, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(full, seen): keys [0, full) in whole blocks are seen by every row m0.. of the tile, keys [0, seen) by
+        at least one. Row i sees key j iff j <= i + diff."""
+        if CAUSAL:
+            full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
+            seen = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
+        else:
+            full = (Tk // BLOCK_N) * BLOCK_N
+            seen = Tk
+        return full, seen
+
+    # The backward recomputes P = exp2(S * scale2 - lse2) from the saved lse (lse2 = lse * log2 e) and runs in
+    # two kernels: one program per KEY block accumulates dK and dV over the query blocks that see it (summed over
+    # the GQA group's query heads: no atomics, no KV copies), then one program per QUERY block accumulates dQ.
+
+    @triton.jit
+    def _bwd_preprocess(O, DO, LSE, DELTA, LSE2, Tq, H, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta = rowsum(dO * O) and lse2 = lse * log2 e, with -inf -> +inf (a row that saw nothing: P = 0)."""
+        bh, offs_m = tl.program_id(0), tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h = bh // H, bh % H
+        ptrs = (b * Tq + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
+        o = tl.load(O + ptrs, mask=(offs_m < Tq)[:, None], other=0.0).to(tl.float32)       # (BM, D)
+        do = tl.load(DO + ptrs, mask=(offs_m < Tq)[:, None], other=0.0).to(tl.float32)     # (BM, D)
+        row = bh.to(tl.int64) * Tq + offs_m
+        lse = tl.load(LSE + row, mask=offs_m < Tq, other=float("-inf"))
+        tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Tq)
+        tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=offs_m < Tq)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd, Tq, Tk, H, GROUP, scale, scale2, WAVE, MIN_WAVE,
+                         TQ_KEY, TK_KEY, TMA_OK, D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """One program: dK, dV of BLOCK_N keys of one (batch, KV head), over the GROUP query heads that read them."""
+        Hkv = H // GROUP
+        b, hk, _, j, _ = _program_order(tl.program_id(0), Tk, Hkv, 1, WAVE, MIN_WAVE, BLOCK_N)
+        n0 = j * BLOCK_N                                           # the first keys (most causal work) first
+        offs_n = n0 + tl.arange(0, BLOCK_N)                        # (BN,) key rows
+        diff = Tk - Tq
+        k = _load_tile(K, K, b * Tk + n0, Tk - n0, hk * D, Hkv * D, BLOCK_N, D, True, False, UPCAST)  # (BN, D)
+        v = _load_tile(V, V, b * Tk + n0, Tk - n0, hk * D, Hkv * D, BLOCK_N, D, True, False, UPCAST)  # (BN, D)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        # query rows [lo, mid): the diagonal, masked; [mid, full): see every key here, no mask; [full, Tq): ragged
+        lo, mid, full = _query_range(n0, Tq, diff, CAUSAL, BLOCK_M, BLOCK_N)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            stat0 = (b * H + h).to(tl.int64) * Tq                  # this head's rows of lse2 and delta
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, LSE2, DELTA, b * Tq, h * D, H * D, stat0, lo, mid,
+                                  offs_n, Tq, diff, scale2, D, BLOCK_M, True, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, LSE2, DELTA, b * Tq, h * D, H * D, stat0, mid, full,
+                                  offs_n, Tq, diff, scale2, D, BLOCK_M, False, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, LSE2, DELTA, b * Tq, h * D, H * D, stat0, full, Tq,
+                                  offs_n, Tq, diff, scale2, D, BLOCK_M, True, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+        ptrs = (b * Tk + offs_n).to(tl.int64)[:, None] * (Hkv * D) + hk * D + tl.arange(0, D)[None, :]
+        tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=(offs_n < Tk)[:, None])  # dK = scale dS^T Q
+        tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=(offs_n < Tk)[:, None])
+
+    @triton.jit
+    def _dkdv_blocks(dk, dv, k, v, Q, DO, Qd, DOd, LSE2, DELTA, row0, col, stride, stat0, lo, hi, offs_n, Tq, diff,
+                     scale2, D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """dK, dV of one key block from query blocks [lo, hi) of one head, transposed (keys on rows). Query rows
+        past Tq have lse2 = +inf (P = 0); key rows past Tk only touch their own rows, which are never stored."""
+        offs_m = tl.arange(0, BLOCK_M)
+        for m0 in range(lo, hi, BLOCK_M):
+            q = _load_tile(Q, Qd, row0 + m0, Tq - m0, col, stride, BLOCK_M, D, MASKED, USE_TMA, UPCAST)   # (BM, D)
+            lse2 = _load_stat(LSE2, stat0, m0 + offs_m, Tq, float("inf"), MASKED)                       # (BM,)
+            pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2 - lse2[None, :])  # (BN, BM)
+            if MASKED and CAUSAL:
+                pT = tl.where(offs_n[:, None] <= (m0 + offs_m)[None, :] + diff, pT, 0.0)
+            do = _load_tile(DO, DOd, row0 + m0, Tq - m0, col, stride, BLOCK_M, D, MASKED, USE_TMA, UPCAST)  # (BM, D)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)                   # (BN, D) += P^T dO
+            delta = _load_stat(DELTA, stat0, m0 + offs_m, Tq, 0.0, MASKED)                    # (BM,)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                           # (BN, BM) = (dO V^T)^T
+            dsT = pT * (dpT - delta[None, :])                                                 # (BN, BM)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)                     # (BN, D) += dS^T Q
+        return dk, dv
+
+    @triton.jit
+    def _query_range(n0, Tq, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(lo, mid, full) in whole query blocks: rows [lo, mid) see some of the keys n0.. (masked), [mid, full)
+        see all of them (no mask), [full, Tq) is the ragged last block (masked)."""
+        full = (Tq // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            lo = (tl.minimum(tl.maximum(n0 - diff, 0), Tq) // BLOCK_M) * BLOCK_M       # first row seeing key n0
+            sees_all = tl.maximum(n0 + BLOCK_N - 1 - diff, 0)                          # first row seeing them all
+            mid = tl.maximum(lo, tl.minimum(((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, full))
+        else:
+            lo = full * 0
+            mid = lo
+        return lo, mid, tl.maximum(mid, full)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, Kd, Vd, Tq, Tk, H, GROUP, scale, scale2, WAVE, MIN_WAVE,
+                       TQ_KEY, TK_KEY, TMA_OK, D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """One program: dQ of BLOCK_M queries of one (batch, head), over every key they see."""
+        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, WAVE, MIN_WAVE, BLOCK_M)
+        h = hk * GROUP + g
+        m0 = (n_blocks - 1 - j) * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        diff = Tk - Tq
+        q = _load_tile(Q, Q, b * Tq + m0, Tq - m0, h * D, H * D, BLOCK_M, D, True, False, UPCAST)     # (BM, D)
+        do = _load_tile(DO, DO, b * Tq + m0, Tq - m0, h * D, H * D, BLOCK_M, D, True, False, UPCAST)  # (BM, D)
+        stat0 = (b * H + h).to(tl.int64) * Tq
+        lse2 = _load_stat(LSE2, stat0, offs_m, Tq, float("inf"), True)                              # (BM,)
+        delta = _load_stat(DELTA, stat0, offs_m, Tq, 0.0, True)                                     # (BM,)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        full, seen = _key_range(m0, Tq, Tk, diff, CAUSAL, BLOCK_M, BLOCK_N)
+        kv_row, kv_col, kv_stride = b * Tk, hk * D, (H // GROUP) * D
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, Kd, Vd, kv_row, kv_col, kv_stride, 0, full, offs_m, Tk, diff,
+                        scale2, D, BLOCK_N, False, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, Kd, Vd, kv_row, kv_col, kv_stride, full, seen, offs_m, Tk, diff,
+                        scale2, D, BLOCK_N, True, CAUSAL, USE_TMA, UPCAST, DOT_PREC)
+        ptrs = (b * Tq + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
+        tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Tq)[:, None])  # dQ = scale dS K
+
+    @triton.jit
+    def _dq_blocks(dq, q, do, lse2, delta, K, V, Kd, Vd, row0, col, stride, lo, hi, offs_m, Tk, diff, scale2,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """dQ of one query block from key blocks [lo, hi); keys past Tk must count for nothing here."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            k = _load_tile(K, Kd, row0 + n0, Tk - n0, col, stride, BLOCK_N, D, MASKED, USE_TMA, UPCAST)  # (BN, D)
+            v = _load_tile(V, Vd, row0 + n0, Tk - n0, col, stride, BLOCK_N, D, MASKED, USE_TMA, UPCAST)  # (BN, D)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2 - lse2[:, None])  # (BM, BN)
+            if MASKED:
+                keep = (n0 + offs_n < Tk)[None, :]
+                if CAUSAL:
+                    keep = keep & ((n0 + offs_n)[None, :] <= offs_m[:, None] + diff)
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                          # (BM, BN) = dO V^T
+            ds = p * (dp - delta[:, None])                                                  # (BM, BN)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)                    # (BM, D) += dS K
+        return dq
+
+
+def _triton_forward(q, k, v, causal, scale, out_fp32):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()       # the kernels read (B*T, heads*D) matrices
+    out = torch.empty((B, Tq, H, D), dtype=torch.float32 if out_fp32 else q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if B * Tq * H == 0:
+        return out, lse
+    if Tk == 0:                                                    # nothing to attend to: every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    tma = _tma_ok(q, k, v)
+    args = (q, k, v, out, lse) + _descriptors(tma, q, k, v) + (Tq, Tk, H, H // Hkv, scale * LOG2E)
+    args += _wave_args(B * Hkv, Tk, 1, k) + (_bucket(Tq), _bucket(Tk), int(tma))   # each program streams K and V
+    with _on_device(q):
+        _launch("fwd", lambda bm, bn: (B * H * triton.cdiv(Tq, bm),), args, _consts(q, causal), Tq, Tk, tma)
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32, on_dkdv=None):
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout.to(q.dtype)))
+    gdt = torch.float32 if grad_fp32 else q.dtype
+    dq = torch.empty((B, Tq, H, D), dtype=gdt, device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
+    if B * Tq * H == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    tma, consts = _tma_ok(q, k, v, dout), _consts(q, causal)
+    tail = (Tq, Tk, H, H // Hkv, scale, scale * LOG2E)
+    keys = (_bucket(Tq), _bucket(Tk), int(tma))
+    with _on_device(q):
+        _bwd_preprocess[(B * H, triton.cdiv(Tq, 64))](out, dout, lse.float().contiguous(), delta, lse2, Tq, H,
+                                                       D=D, BLOCK_M=64)
+        _launch("dkdv", lambda bm, bn: (B * Hkv * triton.cdiv(Tk, bn),),
+                (q, k, v, dout, lse2, delta, dk, dv) + _descriptors(tma, q, dout) + tail
+                + _wave_args(B * Hkv, Tq, H // Hkv, q) + keys, consts, Tq, Tk, tma)  # Q, dO of the group's heads
+        if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
+            on_dkdv(dk, dv)
+        _launch("dq", lambda bm, bn: (B * H * triton.cdiv(Tq, bm),),
+                (q, k, v, dout, lse2, delta, dq) + _descriptors(tma, k, v) + tail
+                + _wave_args(B * Hkv, Tk, 1, k) + keys, consts, Tq, Tk, tma)         # K, V of one KV head
+    return dq, dk, dv
+
+
+# -----------------------------------------------------------------------------
+# 3. the interface: one forward, one backward, one differentiable function, whatever backend runs them
+#
+#   "torch"   the twin above (CPU; any shape)
+#   "triton"  the kernels above (CUDA; CPU under TRITON_INTERPRET=1); head dims 16, 32, 64, 128
+#   "cudnn"   torch's cuDNN fused attention (CUDA, 16-bit); its only causal mask is the square one
+#   "flash"   FlashAttention's CuTe-DSL kernels (flash-attn-4; Hopper, Blackwell; 16-bit)
+# A call a backend cannot run exactly falls back (flash -> cudnn -> triton -> torch), with a warning naming why.
+
+BACKENDS = ("torch", "triton", "cudnn", "flash")
+_SETTINGS = {"backend": "auto", "fused_ops": True}   # set by configure()
+
+
+def configure(backend=None, fused_ops=None) -> dict:
+    """Choose the attention backend of calls that pass none ("auto": the fastest installed on CUDA tensors,
+    "torch" elsewhere) and whether the model runs RMSNorm, RoPE and SwiGLU as fused Triton kernels (True: on
+    CUDA; False: never; "always": on CPU too, in Triton's interpreter). Returns the previous settings."""
+    old = dict(_SETTINGS)
+    if backend is not None and backend not in BACKENDS + ("auto",):
+        raise ValueError(f"kernels.configure: backend must be auto or one of {BACKENDS}, got {backend!r}")
+    if fused_ops not in (None, True, False, "always"):
+        raise ValueError(f"kernels.configure: fused_ops must be True, False or 'always', got {fused_ops!r}")
+    _SETTINGS.update({k: v for k, v in (("backend", backend), ("fused_ops", fused_ops)) if v is not None})
+    return old
+
+
+def _check(q, k, v, softmax_scale):
+    """Validate shapes and dtypes; returns the softmax scale."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"kernels: q, k, v must be 4-D (B, T, heads, D), k and v alike; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"kernels: q {tuple(q.shape)} and k {tuple(k.shape)} disagree in batch or head dim")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"kernels: query heads H={q.shape[2]} must be a multiple of KV heads Hkv={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"kernels: q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"kernels: softmax_scale must be > 0, got {softmax_scale}")
+    return scale
+
+
+def _route(backend, q, k, causal):
+    """The backend that runs this call: the one asked for (None: configure's choice), or the next one down when it
+    cannot run the call exactly; a causal call whose first query already sees every key loses its mask."""
+    causal = bool(causal) and q.shape[1] > 1                 # a single query (the last position) sees every key
+    asked = _SETTINGS["backend"] if backend is None else backend
+    if asked not in BACKENDS + ("auto",):
+        raise ValueError(f"kernels: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if asked in ("cudnn", "flash") and not q.is_cuda:
+        raise RuntimeError(f"kernels: backend={asked!r} needs CUDA tensors")
+    first = _fastest_backend(q) if asked == "auto" else asked
+    for name in BACKENDS[BACKENDS.index(first)::-1]:                        # flash -> cudnn -> triton -> torch
+        why = _cannot_run(name, q, k, causal)
+        if why is None:
+            return name, causal
+        if name == asked:                                                    # only a backend someone chose
+            _warn_once(f"kernels: backend {asked!r} cannot run this call ({why}); falling back")
+    return "torch", causal
+
+
+def attention_forward(q, k, v, causal=True, softmax_scale=None, out_fp32=False, backend=None):
+    """Attention of q (B,Tq,H,D) over k, v (B,Tk,Hkv,D) -> (out (B,Tq,H,D), lse (B,H,Tq) fp32, natural log).
+
+    out_fp32: out in fp32 (ring merging). One dispatcher op (longvila::attention), so selective activation
+    checkpointing can keep its outputs instead of recomputing them (longvila.py's "save-attn")."""
+    scale = _check(q, k, v, softmax_scale)
+    backend, causal = _route(backend, q, k, causal)
+    return torch.ops.longvila.attention(q, k, v, causal, scale, bool(out_fp32), backend)
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, grad_fp32=False, backend=None,
+                       on_dkdv=None):
+    """Gradients (dq (B,Tq,H,D), dk (B,Tk,Hkv,D), dv) of attention_forward, from the GLOBAL out and lse.
+
+    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: fp32 gradients. on_dkdv(dk, dv) is
+    called as soon as dk/dv are final; on triton that is before the dQ kernel is queued, so a ring can put dk/dv
+    on the wire while dQ computes (other backends: at the end)."""
+    scale = _check(q, k, v, softmax_scale)
+    B, Tq, H, _ = q.shape
+    if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
+        raise ValueError(f"kernels: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "
+                         f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Tq)}")
+    backend, causal = _route(backend, q, k, causal)
+    if backend == "triton":
+        return _triton_backward(dout, q, k, v, out, lse, causal, scale, bool(grad_fp32), on_dkdv)
+    dq, dk, dv = _BACKWARD[backend](dout, q, k, v, out, lse, causal, scale, bool(grad_fp32))
+    if on_dkdv is not None:
+        on_dkdv(dk, dv)
+    return dq, dk, dv
+
+
+class _FlashAttn(torch.autograd.Function):
+    """out = attention(q, k, v); saves q, k, v, out, lse; the backward recomputes P from the lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, backend):
+        out, lse = attention_forward(q, k, v, causal, softmax_scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, softmax_scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        causal, softmax_scale, backend = ctx.args
+        return attention_backward(dout, *ctx.saved_tensors, causal, softmax_scale, backend=backend) + (None,) * 3
+
+
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
+    """Differentiable attention: q (B,Tq,H,D), k/v (B,Tk,Hkv,D) -> (B,Tq,H,D). The model's attention on CUDA."""
+    return _FlashAttn.apply(q, k, v, causal, softmax_scale, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- below: the fast path. Same signatures as above; a reader of the algorithm can stop here.
+# ---------------------------------------------------------------------------------------------------------------
+
+# --- the dispatcher op, backend choice and fallbacks -------------------------------------------------------------
+
+@torch.library.custom_op("longvila::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, out_fp32: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FORWARD[backend](q, k, v, causal, scale, out_fp32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, out_fp32, backend):
+    B, Tq, H, _ = q.shape
+    return (q.new_empty(q.shape, dtype=torch.float32 if out_fp32 else q.dtype),
+            q.new_empty((B, H, Tq), dtype=torch.float32))
+
+
+def saved_attention_ops() -> set:
+    """The dispatcher ops whose outputs selective checkpointing keeps ("save-attn"): ours and torch's SDPA ops."""
+    names = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    return {torch.ops.longvila.attention.default} | {getattr(torch.ops.aten, n).default for n in names
+                                                     if hasattr(torch.ops.aten, n)}
+
+
+def _fastest_backend(x) -> str:
+    """auto: flash-attn-4 where it is installed and runs (Hopper, Blackwell), cuDNN on Hopper and newer, Triton on
+    other GPUs, the twin on CPU (`python bench.py kernels` measures the order)."""
+    if not x.is_cuda:
+        return "torch"
+    major = _capability(x.device.index)[0]
+    if _flash_attn_4() is not None and major in (9, 10):
+        return "flash"
+    if major >= 9:
+        return "cudnn"
+    return "triton" if HAS_TRITON else "torch"
+
+
+def _cannot_run(backend, q, k, causal):
+    """None when `backend` computes this call exactly, else the reason it does not."""
+    D, half = q.shape[3], q.dtype in (torch.float16, torch.bfloat16)
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed"
+        if not q.is_cuda and not _INTERPRET:
+            return "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`"
+        return None if D in (16, 32, 64, 128) else f"head dim {D} (16, 32, 64 or 128)"
+    if not half:
+        return f"{q.dtype} (fp16 or bf16 only)"
+    if causal and q.shape[1] != k.shape[1] and backend == "cudnn":
+        return "a causal mask on unequal lengths (cuDNN's is the square one)"
+    if backend == "cudnn":
+        return None if D % 8 == 0 and D <= 128 else f"head dim {D}"
+    return _flash_cannot_run(q, k, causal)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+    warnings.warn(message, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _on_device(x):
+    """Launch on the tensor's own GPU (a ring rank's), not whatever device is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# --- Triton: tile loads (pointers or TMA), program order, launch configurations ----------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_tile(X, Xd, row0, n_rows, col0, ROW_STRIDE, BLOCK: tl.constexpr, D: tl.constexpr,
+                   MASK: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+        """(BLOCK, D) tile of rows row0.. and columns col0.. of the (B*T, heads*D) view of a (B, T, heads, D)
+        tensor. Pointer loads zero the rows past n_rows when MASK; a TMA block (descriptor Xd) past a batch's
+        last row reads the next batch's rows, or zeros at the end: callers mask what they use. Under the CPU
+        interpreter everything is read as fp32 (the interpreter does bf16 arithmetic on raw bits: wrong)."""
+        if USE_TMA:
+            x = Xd.load([row0, col0])
+        else:
+            rows = tl.arange(0, BLOCK)
+            ptrs = X + (row0 + rows).to(tl.int64)[:, None] * ROW_STRIDE + col0 + tl.arange(0, D)[None, :]
+            if MASK:
                 x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
             else:
-                x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-        else:
-            if EVEN_D:
                 x = tl.load(ptrs)
-            else:
-                x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
         return x
 
     @triton.jit
-    def _keys_seen(m0, Tq, Tk, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-        """End of the keys some query row m0..m0+BLOCK_M-1 sees (row i sees key j iff j <= i + diff)."""
-        if CAUSAL:
-            return tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
-        return Tk
-
-    @triton.jit
-    def _keys_unmasked(m0, Tk, diff, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-        """End of the whole key blocks every query row of the block sees: those need no mask."""
-        if CAUSAL:
-            return (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
-        return (Tk // BLOCK_N) * BLOCK_N
+    def _load_stat(X, row0, rows, n, other, MASK: tl.constexpr):
+        """A row statistic (lse2, delta) of rows `rows` of one (batch, head); `other` past n when MASK."""
+        if MASK:
+            return tl.load(X + row0 + rows, mask=rows < n, other=other)
+        return tl.load(X + row0 + rows)
 
     @triton.jit
     def _program_order(pid, T, Hkv, GROUP, HEADS_PER_WAVE, MIN_WAVE, BLOCK: tl.constexpr):
         """Program pid of a 1-D grid -> (batch b, KV head hk, member g of its query-head group, block j, n_blocks).
 
-        Programs with nearby ids run at the same time. The B*Hkv (batch, KV head) pairs go in waves of `hpw` pairs;
-        inside a wave the block index j is slowest and the heads fastest, so every head of the wave works on block j
-        at once: the GROUP query heads of a KV head read the same K/V rows together, and only the wave's K/V (Q/dO
-        in the dK/dV kernel, GROUP = 1 there) need to stay in L2. hpw is HEADS_PER_WAVE (what fits L2, from the
-        host), raised until a wave has MIN_WAVE programs (2 per SM), or the longest-first order within a wave (the
-        caller maps j = 0, 1, ... to its blocks longest-first under a causal mask) has too few programs to balance.
-        Timed on an H100 (autotuned, 32 query heads, D=128, causal): one wave of all heads made the 64k forward 9%
-        and its backward 11% slower than these waves (each head's K/V are 32 MB, L2 50 MB); one KV head a wave,
-        timed before MIN_WAVE existed, made the 4k forward 9-11% slower (too few programs a wave to balance)."""
+        Programs with nearby ids run at the same time. The B*Hkv (batch, KV head) pairs go in waves; inside a wave
+        the block index j is slowest and the heads fastest, so all heads of a wave work on block j at once: the
+        GROUP query heads of a KV head read the same K/V together, and only the wave's K/V (Q/dO for dK/dV) need
+        to stay in L2. A wave has HEADS_PER_WAVE pairs (what fits L2, from the host), raised until it has
+        MIN_WAVE programs (two per SM, for load balance)."""
         n_blocks = tl.cdiv(T, BLOCK)
         n_heads = tl.num_programs(0) // (GROUP * n_blocks)                     # B * Hkv
         hpw = tl.minimum(tl.maximum(HEADS_PER_WAVE, tl.cdiv(MIN_WAVE, GROUP * n_blocks)), n_heads)
@@ -293,379 +624,75 @@ if HAS_TRITON:
         bk = wave * hpw + w // GROUP                                           # b * Hkv + hk
         return bk // Hkv, bk % Hkv, w % GROUP, j, n_blocks
 
-    @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk, diff,
-                   scale2, skt, svt,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-        """Online softmax over key blocks [lo, hi); k_ptrs/v_ptrs point at key row lo (pointer path), or TMA
-        descriptors Kd/Vd over the (B*Tk, Hkv*D) view with this head's rows at k_row0 + j, columns at k_col."""
-        for n0 in range(lo, hi, BLOCK_N):
-            if USE_TMA:  # bulk copy; rows past Tk are masked below (MASKED), or do not exist (unmasked loop)
-                k = Kd.load([k_row0 + n0, k_col])                                               # (BN, BD)
-                if UPCAST:
-                    k = k.to(tl.float32)
-            else:
-                k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
-            if MASKED:  # diagonal / ragged block: key bound and causal mask on true positions
-                keep = (n0 + offs_n < Tk)[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_m[:, None] + diff >= (n0 + offs_n)[None, :])
-                s = tl.where(keep, s * scale2, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
-                p = tl.math.exp2(s - m_sub[:, None])
-            else:       # every key of the block is visible to every query of the block
-                m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
-                m_sub = m_new
-                p = tl.math.exp2(s * scale2 - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)                                                   # (BM,)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if USE_TMA:
-                v = Vd.load([k_row0 + n0, k_col])                                               # (BN, BD)
-                if UPCAST:
-                    v = v.to(tl.float32)
-            else:
-                v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)                       # (BM, BD)
-            m_i = m_new
-            k_ptrs += BLOCK_N * skt
-            v_ptrs += BLOCK_N * svt
-        return acc, l_i, m_i
-
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
-                                  "MIN_WAVE"])
-    def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd,
-                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                    Tq, Tk, H, GROUP, diff, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-        """One program: BLOCK_M queries of one (batch, head). Grid (B*H*cdiv(Tq, BLOCK_M),), see _program_order."""
-        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, HEADS_PER_WAVE, MIN_WAVE,
-                                               BLOCK_M)
-        pid_m = n_blocks - 1 - j                            # last query blocks (most causal work) start first
-        h = hk * GROUP + g                                  # GQA: query head h reads KV head hk = h // GROUP
-        pid_bh = b * H + h
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-        if USE_TMA:
-            q = Qd.load([b * Tq + m0, h * HEAD_DIM])                                            # (BM, BD)
-            if UPCAST:
-                q = q.to(tl.float32)
-        else:
-            q = _load_tile(q_ptrs, offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)         # (BM, BD)
-        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]                               # key row 0
-        v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
-        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full,
-                                   offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, False,
-                                   CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
-        k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
-        v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, n_full, hi,
-                                   offs_m, offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, True,
-                                   CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
-        # epilogue: a row that saw no key keeps l = 0 -> out 0, lse -inf
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]                                                             # (BM, BD)
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
-        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
-        tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
-
-    @triton.jit(do_not_specialize=["Tq"])
-    def _bwd_preprocess(O, DO, LSE, DELTA, LSE2, sob, sot, soh, sdb, sdt, sdh, Tq, H,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """delta = rowsum(dO * O) (fp32) and lse2 = lse * log2(e) with -inf -> +inf (so P = exp2(s - lse2) = 0)."""
-        pid_bh = tl.program_id(0)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)                                       # (BM, BD)
-        do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)                                      # (BM, BD)
-        delta = tl.sum(o * do, 1)                                                               # (BM,)
-        row = pid_bh.to(tl.int64) * Tq + offs_m
-        lse = tl.load(LSE + row, mask=offs_m < Tq, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        tl.store(DELTA + row, delta, mask=offs_m < Tq)
-        tl.store(LSE2 + row, lse2, mask=offs_m < Tq)
-
-    @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, q_row0, q_col, lse2_ptr, delta_ptr, lo, hi, offs_m,
-                    offs_n, offs_d, Tq, diff, scale2, sqt, sdt,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-        """Accumulate dK, dV of one key block over query blocks [lo, hi) of one head (transposed: keys on rows).
-
-        Key rows past Tk are never masked here: they only touch their own rows of dK/dV, which are not stored.
-        Query rows past Tq have lse2 = +inf (padding) -> P = 0."""
-        for m0 in range(lo, hi, BLOCK_M):
-            rows = m0 + offs_m
-            if USE_TMA:
-                q = Qd.load([q_row0 + m0, q_col])                                                 # (BM, BD)
-                if UPCAST:
-                    q = q.to(tl.float32)
-            else:
-                q = _load_tile(q_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)        # (BM, BD)
-            if MASKED:
-                lse2 = tl.load(lse2_ptr + rows, mask=rows < Tq, other=float("inf"))
-            else:
-                lse2 = tl.load(lse2_ptr + rows)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                                 # (BN, BM)
-            pT = tl.math.exp2(sT * scale2 - lse2[None, :])                                        # (BN, BM)
-            if MASKED:
-                if CAUSAL:
-                    pT = tl.where(rows[None, :] + diff >= offs_n[:, None], pT, 0.0)
-            if USE_TMA:
-                do = DOd.load([q_row0 + m0, q_col])                                               # (BM, BD)
-                if UPCAST:
-                    do = do.to(tl.float32)
-            else:
-                do = _load_tile(do_ptrs, rows, Tq, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)      # (BM, BD)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)                        # (BN, BD)
-            if MASKED:
-                delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
-            else:
-                delta = tl.load(delta_ptr + rows)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                               # (BN, BM)
-            dsT = pT * (dpT - delta[None, :])                                                     # (BN, BM)
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)                         # (BN, BD)
-            q_ptrs += BLOCK_M * sqt
-            do_ptrs += BLOCK_M * sdt
-        return dk, dv
-
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
-                                  "MIN_WAVE"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, Qd, DOd,
-                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                         sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                         Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program: BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read it.
-        Grid (B*Hkv*cdiv(Tk, BLOCK_N),), see _program_order; no atomics, no KV copies."""
-        Hkv = H // GROUP
-        b, hk, _, j, _ = _program_order(tl.program_id(0), Tk, Hkv, 1, HEADS_PER_WAVE, MIN_WAVE, BLOCK_N)
-        n0 = j * BLOCK_N                                    # first key blocks (most causal work) start first
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        k = _load_tile(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skt + offs_d[None, :],
-                       offs_n, Tk, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                        # (BN, BD)
-        v = _load_tile(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svt + offs_d[None, :],
-                       offs_n, Tk, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                        # (BN, BD)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        # query blocks: [lo, mid) diagonal (masked), [mid, q_full) unmasked, [tail, Tq) ragged tail (masked)
-        q_full = (Tq // BLOCK_M) * BLOCK_M
-        if CAUSAL:
-            lo = (tl.minimum(tl.maximum(n0 - diff, 0), Tq) // BLOCK_M) * BLOCK_M  # first row seeing a key
-            sees_all = tl.maximum(n0 + BLOCK_N - 1 - diff, 0)                      # first row seeing all keys
-            m_full = ((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-            mid = tl.maximum(lo, tl.minimum(m_full, q_full))
-        else:
-            lo = q_full * 0  # a runtime zero (a tensor, so .to() works below)
-            mid = lo
-        tail = tl.maximum(mid, q_full)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-            do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-            lse2_ptr = LSE2 + (b * H + h).to(tl.int64) * Tq
-            delta_ptr = DELTA + (b * H + h).to(tl.int64) * Tq
-            q_ptrs = q_base + lo.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
-            do_ptrs = do_base + lo.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
-                                 lo, mid, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
-                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
-            q_ptrs = q_base + mid.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
-            do_ptrs = do_base + mid.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
-                                 mid, q_full, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
-                                 False, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
-            q_ptrs = q_base + tail.to(tl.int64) * sqt + offs_m[:, None] * sqt + offs_d[None, :]
-            do_ptrs = do_base + tail.to(tl.int64) * sdt + offs_m[:, None] * sdt + offs_d[None, :]
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, Qd, DOd, b * Tq, h * HEAD_DIM, lse2_ptr, delta_ptr,
-                                 tail, Tq, offs_m, offs_n, offs_d, Tq, diff, scale2, sqt, sdt, HEAD_DIM, BLOCK_M,
-                                 True, CAUSAL, EVEN_D, UPCAST, DOT_PREC, USE_TMA)
-        dk = dk * scale  # dK = scale * dS^T Q
-        mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, k_row0, k_col, lo, hi, offs_m, offs_n, offs_d, Tk,
-                  diff, scale2, skt, svt,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-        """Accumulate dQ of one query block over key blocks [lo, hi)."""
-        for n0 in range(lo, hi, BLOCK_N):
-            if USE_TMA:
-                k = Kd.load([k_row0 + n0, k_col])                                               # (BN, BD)
-                v = Vd.load([k_row0 + n0, k_col])                                               # (BN, BD)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-            else:
-                k = _load_tile(k_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
-                v = _load_tile(v_ptrs, n0 + offs_n, Tk, offs_d, HEAD_DIM, MASKED, EVEN_D, UPCAST)  # (BN, BD)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                               # (BM, BN)
-            p = tl.math.exp2(s * scale2 - lse2[:, None])                                       # (BM, BN)
-            if MASKED:  # keys past Tk must not count here (unlike in dK/dV)
-                keep = (n0 + offs_n < Tk)[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_m[:, None] + diff >= (n0 + offs_n)[None, :])
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                             # (BM, BN)
-            ds = p * (dp - delta[:, None])                                                     # (BM, BN)
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)                       # (BM, BD)
-            k_ptrs += BLOCK_N * skt
-            v_ptrs += BLOCK_N * svt
-        return dq
-
-    @triton.jit(do_not_specialize=["Tq", "Tk", "diff", "TQ_KEY", "TK_KEY", "TMA_OK", "HEADS_PER_WAVE",
-                                  "MIN_WAVE"])
-    def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, Kd, Vd,
-                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
-                       Tq, Tk, H, GROUP, diff, scale, scale2, TQ_KEY, TK_KEY, TMA_OK, HEADS_PER_WAVE, MIN_WAVE,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-        """One program: dQ of BLOCK_M queries of one (batch, head). Grid (B*H*cdiv(Tq, BLOCK_M),)."""
-        b, hk, g, j, n_blocks = _program_order(tl.program_id(0), Tq, H // GROUP, GROUP, HEADS_PER_WAVE, MIN_WAVE,
-                                               BLOCK_M)
-        pid_m = n_blocks - 1 - j
-        h = hk * GROUP + g
-        pid_bh = b * H + h
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                       offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                     # (BM, BD)
-        do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt + offs_d[None, :],
-                        offs_m, Tq, offs_d, HEAD_DIM, True, EVEN_D, UPCAST)                    # (BM, BD)
-        row = pid_bh.to(tl.int64) * Tq + offs_m
-        lse2 = tl.load(LSE2 + row, mask=offs_m < Tq, other=float("inf"))                       # (BM,)
-        delta = tl.load(DELTA + row, mask=offs_m < Tq, other=0.0)                              # (BM,)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        hi = _keys_seen(m0, Tq, Tk, diff, CAUSAL, BLOCK_M)          # keys j < hi: seen by some row of the block
-        n_full = _keys_unmasked(m0, Tk, diff, CAUSAL, BLOCK_N)      # keys j < n_full: seen by all of them
-        k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :]
-        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, 0, n_full, offs_m,
-                       offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, UPCAST,
-                       DOT_PREC, USE_TMA)
-        k_ptrs = k_base + n_full.to(tl.int64) * skt + offs_n[:, None] * skt + offs_d[None, :]
-        v_ptrs = v_base + n_full.to(tl.int64) * svt + offs_n[:, None] * svt + offs_d[None, :]
-        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Kd, Vd, b * Tk, hk * HEAD_DIM, n_full, hi, offs_m,
-                       offs_n, offs_d, Tk, diff, scale2, skt, svt, HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, UPCAST,
-                       DOT_PREC, USE_TMA)
-        dq = dq * scale  # dQ = scale * dS K
-        tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=(offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-    # -- launch configurations ---------------------------------------------------------------------------------
-    # Large problems autotune over a few Hopper-friendly configs: 8 warps, or 4 warps with tiles small enough that
-    # two programs share an SM (Triton waits for every wgmma right after issuing it, so one program never overlaps
-    # its softmax with its matrix products; two programs on one SM can, and the 4-warp 128x64 forward won most
-    # rows of the H100 sweeps); small ones (decode steps, tests) and the interpreter use one fixed config, so a
-    # generate() loop never re-tunes for every new length. With TMA the descriptors' block shapes follow the config
-    # (pre_hook).
-    def _tma_hook(rows_of):
+    # Launch configurations. Large 16-bit problems autotune over a few Hopper configs (BLOCK_M, BLOCK_N, warps,
+    # stages, TMA): 8 warps, or 4 warps with tiles small enough that two programs share an SM (Triton waits for
+    # each wgmma right after issuing it, so only a second program can overlap one's softmax with matrix products).
+    # Small problems (decode steps, tests), fp32 and the interpreter use one fixed config, so a generate() loop
+    # never re-tunes for each new length.
+    def _tma_hook(blocks):
+        """Autotune pre-hook: a TMA descriptor's block shape follows the config's tile."""
         def hook(nargs):
-            for name, block in rows_of.items():
-                desc = nargs[name]
-                if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
-                    desc.block_shape = [nargs[block], nargs["BLOCK_D"]]
+            for name, block in blocks.items():
+                if not isinstance(nargs[name], torch.Tensor):  # a descriptor, not the pointer stand-in
+                    nargs[name].block_shape = [nargs[block], nargs["D"]]
         return hook
 
     _HOOKS = {"fwd": _tma_hook({"Qd": "BLOCK_M", "Kd": "BLOCK_N", "Vd": "BLOCK_N"}),
               "dkdv": _tma_hook({"Qd": "BLOCK_M", "DOd": "BLOCK_M"}),
               "dq": _tma_hook({"Kd": "BLOCK_N", "Vd": "BLOCK_N"})}
+    _TUNED_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages, TMA); docs/performance.md has the sweeps they won
+        "fwd": [(128, 64, 4, 2, True), (128, 128, 8, 3, True), (256, 64, 8, 3, True), (128, 64, 8, 3, False)],
+        "dkdv": [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 64, 4, 2, True), (32, 128, 8, 3, False)],
+        "dq": [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 32, 4, 2, True)],
+    }
 
-    def _cfgs(name, choices):
-        # (BLOCK_M, BLOCK_N, warps, stages, TMA): the winners and runners-up of fixed-config sweeps on an H100 and an
-        # H200 (2026-11-27: 4k and 16k, 32 and 8 KV heads; 11 / 10 / 8 candidates); fewer configs = less compile
-        # time at a shape's first call and fewer near-ties for the autotuner to pick wrongly from its noisy timings
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
-                              pre_hook=_HOOKS[name]) for bm, bn, w, s, tma in choices]
+    def _autotuned(name, kernel):
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+                                 pre_hook=_HOOKS[name]) for bm, bn, w, s, tma in _TUNED_CONFIGS[name]]
+        prune = lambda configs, nargs, **kw: [c for c in configs if nargs["TMA_OK"] or not c.kwargs["USE_TMA"]]
+        return triton.autotune(configs, key=["TQ_KEY", "TK_KEY", "D", "CAUSAL", "GROUP", "TMA_OK"],
+                               prune_configs_by={"early_config_prune": prune})(kernel)
 
-    def _prune(configs, named_args, **kwargs):
-        """Without descriptors (TMA_OK == 0) only the pointer-load configs can run."""
-        return [c for c in configs if named_args["TMA_OK"] or not c.kwargs["USE_TMA"]]
+    _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+    _TUNED = {name: _autotuned(name, kernel) for name, kernel in _KERNELS.items()}
 
-    _TUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "GROUP", "TMA_OK"]
-    _PRUNE = {"early_config_prune": _prune}
-    _fwd_tuned = triton.autotune(_cfgs("fwd", [(128, 64, 4, 2, True), (128, 128, 8, 3, True), (256, 64, 8, 3, True),
-                                               (128, 64, 8, 3, False)]),
-                                 key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs("dkdv", [(64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 64, 4, 2, True),
-                                                 (32, 128, 8, 3, False)]),
-                                  key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_cfgs("dq", [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 32, 4, 2, True)]),
-                                key=_TUNE_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
+_FIXED = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}  # (BLOCK_M, BLOCK_N, warps, stages)
+_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}  # fp32, D = 128: smem
+_FIXED_INTERPRET = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}  # odd pairs on purpose
+_TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: the fixed config
+L2_BUDGET = 24 << 20  # bytes of streamed K/V (Q/dO) one wave of heads may keep in L2 (Hopper has 50 MB)
 
-_FIXED = {  # name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for small problems
-    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
-}
-_FIXED_INTERPRET = {  # odd pairings on purpose: BLOCK_M != BLOCK_N exercises the bound arithmetic
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
-}
-# fp32 inputs with a padded head dim of 128 (D = 72..128): the 64x64 two-stage tiles above need 262,656 bytes of
-# shared memory in fp32 (H200 limit 232,448; seen in a compiled GPU run of tests/test_kernels.py, cases D=72 and
-# D=80). Tiles of a quarter the size, one stage. The fp32 path is the accuracy path, not the fast one.
-_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
-_TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: fixed config
+
+def _fixed_config(name, dot_prec, D):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` when it is not autotuned."""
+    if _INTERPRET:
+        return _FIXED_INTERPRET[name]
+    return (_FIXED_FP32_WIDE if dot_prec == "tf32x3" and D > 64 else _FIXED)[name]
+
+
+def _launch(name, grid, args, consts, Tq, Tk, tma):
+    """The autotuned kernel on large 16-bit problems, else the fixed config (fp32 too: the tuned tiles are sized
+    for 16-bit data and would overflow shared memory in fp32)."""
+    if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK and consts["DOT_PREC"] != "tf32x3":
+        _TUNED[name][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    kernel = _KERNELS[name]
+    bm, bn, w, s = _fixed_config(name, consts["DOT_PREC"], consts["D"])
+    _HOOKS[name](dict(zip(kernel.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn))  # TMA block shapes
+    kernel[grid(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def _consts(q, causal):
+    """The compile-time constants of the attention kernels. fp32 products: "ieee" in the interpreter (numpy),
+    "tf32x3" on GPU (three tf32 tensor-core products, ~fp32 accuracy; a plain-FMA fp32 dot of these tiles takes
+    ptxas minutes to compile)."""
+    return dict(D=q.shape[3], CAUSAL=bool(causal), UPCAST=_INTERPRET,
+                DOT_PREC=("ieee" if _INTERPRET else "tf32x3") if q.dtype == torch.float32 else "tf32")
 
 
 def _bucket(n):
     """Autotuning key: the next power of two, capped at 16k (longer sequences reuse the 16k choice)."""
     return min(1 << max(0, int(n) - 1).bit_length(), 16384)
-
-
-def _fixed_config(name, dot_prec, block_d):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` when it is not autotuned."""
-    if _INTERPRET:
-        return _FIXED_INTERPRET[name]
-    return (_FIXED_FP32_WIDE if dot_prec == "tf32x3" and block_d > 64 else _FIXED)[name]
-
-
-def _launch(name, tuned, raw, grid_fn, args, consts, Tq, Tk, tma):
-    """Run `tuned` (autotuned, TMA or not) on large 16-bit problems, else `raw` with the fixed config (fp32 inputs
-    too: the tuned tiles are sized for 16-bit data and would overflow shared memory in fp32)."""
-    if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK and consts["DOT_PREC"] != "tf32x3":
-        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
-        return
-    bm, bn, w, s = _fixed_config(name, consts["DOT_PREC"], consts["BLOCK_D"])
-    nargs = dict(zip(raw.arg_names, args), **consts, BLOCK_M=bm, BLOCK_N=bn)
-    _HOOKS[name](nargs)  # TMA descriptors: block shapes of this config
-    raw[grid_fn(bm, bn)](*args, **consts, USE_TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-
-
-L2_BUDGET = 24 << 20  # bytes of streamed K/V (Q/dO) one wave of heads may keep in L2 (H100/H200 have 50 MB)
 
 
 def _heads_per_wave(n_heads, bytes_per_head):
@@ -676,175 +703,60 @@ def _heads_per_wave(n_heads, bytes_per_head):
 
 def _wave_args(n_heads, rows, heads, x):
     """(HEADS_PER_WAVE, MIN_WAVE) of a launch whose programs each stream 2 tensors (K and V, or Q and dO) of
-    `rows` rows and `heads` heads of x's width (D) and element size."""
-    return _heads_per_wave(n_heads, 2 * rows * heads * x.shape[-1] * x.element_size()), _min_wave(x)
+    `rows` rows and `heads` heads of x's width and element size; MIN_WAVE: two programs per SM."""
+    per_head = 2 * rows * heads * x.shape[-1] * x.element_size()
+    return _heads_per_wave(n_heads, per_head), _min_wave(x)
 
 
 def _min_wave(x):
     """Programs a wave of _program_order needs for load balance: two per SM (the 4-warp configs fit two)."""
-    return 2 * _sm_count(x.device.index) if x.is_cuda else 1
+    return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+
+
+def _tma_ok(*xs):
+    """Can these contiguous (B, T, heads, D) tensors be read through 2-D TMA descriptors over their (B*T, heads*D)
+    view? Hopper or newer, 16-bit, D of 64 or 128, 16-byte aligned base."""
+    if _TensorDescriptor() is None or not all(x.is_cuda for x in xs) or _capability(xs[0].device.index)[0] < 9:
+        return False
+    return all(x.dtype in (torch.float16, torch.bfloat16) and x.shape[3] in (64, 128) and x.data_ptr() % 16 == 0
+               for x in xs)
+
+
+def _descriptors(tma, *xs):
+    """TMA descriptors of xs (block shapes set per config by _HOOKS), or the tensors themselves as stand-ins."""
+    if not tma:
+        return xs
+    TD = _TensorDescriptor()
+    return tuple(TD(x, shape=[x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]], strides=[x.shape[2] * x.shape[3], 1],
+                    block_shape=[16, x.shape[3]]) for x in xs)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _dev(x):
-    """Launch on the tensor's own GPU (ring ranks), not whatever device is current."""
-    return torch.cuda.device(x.device) if x.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
+def _TensorDescriptor():
+    """Triton's host-side TMA descriptor class, or None where this Triton has none."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor
+    except ImportError:
         return None
 
-    def __exit__(self, *exc):
-        return False
 
-
-def _lastdim_contig(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index):
-    return torch.cuda.get_device_capability(index)
-
-
-def _tma_ok(D, *xs):
-    """Can these (B, T, heads, D) tensors be read through 2-D TMA descriptors over their (B*T, heads*D) view?
-
-    Needs Hopper or newer, 16-bit data, D a power of two (a padded block would read the next head's columns),
-    heads packed (stride D), batches contiguous in T, and 16-byte alignment of base and row stride."""
-    if TensorDescriptor is None or not all(x.is_cuda for x in xs):
-        return False
-    if _capability(xs[0].device.index)[0] < 9 or D not in (64, 128):
-        return False
-    return all(x.dtype in (torch.float16, torch.bfloat16) and x.stride(3) == 1 and x.stride(2) == D
-               and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
-               and x.data_ptr() % 16 == 0 and (x.stride(1) * x.element_size()) % 16 == 0 for x in xs)
-
-
-def _desc(x):
-    """2-D TMA descriptor over the (B*T, heads*D) view of x (B, T, heads, D); block shape set per config."""
-    B, T, Hx, D = x.shape
-    return TensorDescriptor(x, shape=[B * T, Hx * D], strides=[x.stride(1), 1], block_shape=[16, D])
-
-
-def _triton_consts(q, D, causal):
-    block_d = max(16, triton.next_power_of_2(D))
-    if D > 128:
-        raise ValueError(f"kernels: the triton backend supports head dims up to 128, got {D}; use backend='torch'")
-    return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), UPCAST=_INTERPRET,
-                DOT_PREC=_fp32_dot_precision() if q.dtype == torch.float32 else "tf32")
-
-
-def _fp32_dot_precision():
-    """fp32 inputs: "ieee" in the interpreter (numpy), "tf32x3" on GPU (three tf32 tensor-core products, ~fp32
-    accuracy). A plain-FMA "ieee" dot of 64x64x128 tiles unrolls into a kernel that ptxas needs minutes to compile
-    (seen on H100 with triton 3.6: a first fp32 test did not finish compiling within 130 s)."""
-    return "ieee" if _INTERPRET else "tf32x3"
-
-
-def _triton_forward(q, k, v, causal, scale, q_offset, k_offset, out_fp32, tma=None):
-    """tma: None -> pass TMA descriptors where _tma_ok (autotuning then picks TMA or pointer loads per kernel);
-    True/False force (tests run both paths in the interpreter)."""
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
-    out = torch.empty((B, Tq, H, D), dtype=torch.float32 if out_fp32 else q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    if B * Tq * H == 0:
-        return out, lse
-    if Tk == 0:  # nothing to attend to: every row is empty
-        return out.zero_(), lse.fill_(float("-inf"))
-    tma = _tma_ok(D, q, k, v) if tma is None else tma
-    consts = _triton_consts(q, D, causal)
-    descs = (_desc(q), _desc(k), _desc(v)) if tma else (q, k, v)
-    args = (q, k, v, out, lse) + descs + (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Tq, Tk, H, H // Hkv, q_offset - k_offset, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
-    args += _wave_args(B * Hkv, Tk, 1, k)                          # each program streams K and V of its KV head
-    with _dev(q):
-        _launch("fwd", _fwd_tuned, _fwd_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),), args, consts, Tq, Tk,
-                tma)
-    return out, lse
-
-
-def _triton_backward(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, grad_fp32, tma=None, on_dkdv=None):
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    q, k, v, out, dout = (_lastdim_contig(x) for x in (q, k, v, out, dout))
-    lse = lse.float().contiguous()
-    gdt = torch.float32 if grad_fp32 else q.dtype
-    dq = torch.empty((B, Tq, H, D), dtype=gdt, device=q.device)
-    dk = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=gdt, device=q.device)
-    if B * Tq * H == 0 or Tk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-    tma = _tma_ok(D, q, k, v, dout) if tma is None else tma
-    consts = _triton_consts(q, D, causal)
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    with _dev(q):
-        pre_m = 64
-        _bwd_preprocess[(B * H, triton.cdiv(Tq, pre_m))](
-            out, dout, lse, delta, lse2, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), Tq, H, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_m)
-        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-        tail = (Tq, Tk, H, H // Hkv, q_offset - k_offset, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), int(tma))
-        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, lambda bm, bn: (B * Hkv * triton.cdiv(Tk, bn),),
-                (q, k, v, dout, lse2, delta, dk, dv) + ((_desc(q), _desc(dout)) if tma else (q, dout)) + common
-                + (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2)) + tail
-                + _wave_args(B * Hkv, Tq, H // Hkv, q),            # Q and dO of the KV head's query heads
-                consts, Tq, Tk, tma)
-        if on_dkdv is not None:  # dk/dv are final (in stream order) before the dQ kernel is even queued
-            on_dkdv(dk, dv)
-        _launch("dq", _dq_tuned, _bwd_dq_kernel, lambda bm, bn: (B * H * triton.cdiv(Tq, bm),),
-                (q, k, v, dout, lse2, delta, dq) + ((_desc(k), _desc(v)) if tma else (k, v)) + common
-                + (dq.stride(0), dq.stride(1), dq.stride(2)) + tail
-                + _wave_args(B * Hkv, Tk, 1, k),                   # K and V of one KV head
-                consts, Tq, Tk, tma)
-    return dq, dk, dv
-
-# -----------------------------------------------------------------------------
-# cuDNN: torch's own fused attention op as a third backend (CUDA, 16-bit)
-#
-# Triton 3.6 does not warp-specialise these kernels on Hopper (top of this file), and cuDNN's attention is ~1.1-1.4x
-# faster there. torch exposes it with the log-sum-exp as aten._scaled_dot_product_cudnn_attention (what torch's own
-# context_parallel ring calls), so the same ring/merge code can run on it. It knows one causal mask: top-left on
-# equal lengths. Calls it cannot do exactly fall back to Triton.
-
-def _cudnn_ok(q, k, causal, q_offset, k_offset):
-    """Does this call fit cuDNN: 16-bit CUDA tensors, D % 8 == 0 and D <= 128, and a mask that is either none or
-    the square causal one (Tq == Tk, q_offset == k_offset). Every zigzag ring step and the model's own call fit."""
-    Tq, Tk, D = q.shape[1], k.shape[1], q.shape[3]
-    mask_ok = (not causal) or (Tq == Tk and q_offset == k_offset)
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128 and mask_ok
-            and q.shape[0] * Tq * Tk > 0)
-
+# --- cuDNN: torch's own fused attention op with its log-sum-exp (what torch's context_parallel calls) ----------
 
 def _expand_kv(x, G):
-    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G. Done here, on this GPU, after any
-    communication, so rings move only the real KV heads. (torch 2.11's cuDNN op also takes fewer KV heads itself,
-    bit-identical: passing them so was timed on 2 H200 in 8B training and changed nothing measurable, 43.0 vs 43.2%
-    MFU at 64k, so the simpler copy stays.)"""
+    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G; done after any communication, so
+    rings move only the real KV heads."""
     return x if G == 1 else x.repeat_interleave(G, dim=2)
 
 
 def _cudnn_forward(q, k, v, causal, scale, out_fp32):
     B, Tq, H, D = q.shape
     G = H // k.shape[2]
-    t = lambda x: x.transpose(1, 2)                                      # (B, T, heads, D) -> (B, heads, T, D) view
+    t = lambda x: x.transpose(1, 2)                                      # (B, T, heads, D) -> (B, heads, T, D)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), None, True, 0.0, bool(causal), False, scale=scale)
     out = res[0].transpose(1, 2)                                         # (B, Tq, H, D)
-    lse = res[1].reshape(B, H, Tq).float()                               # (B, H, Tq, 1) -> (B, H, Tq), natural log
+    lse = res[1].reshape(B, H, Tq).float()                               # (B, H, Tq, 1) -> (B, H, Tq)
     return (out.float() if out_fp32 else out), lse
 
 
@@ -854,120 +766,25 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     t = lambda x: x.transpose(1, 2)
-    # out and dout in one layout (cuDNN reads both with one stride set), both in the inputs' dtype
-    out = out.to(q.dtype).contiguous()                                   # (B, Tq, H, D)
-    dout = dout.to(q.dtype).contiguous()                                 # (B, Tq, H, D)
-    lse4 = lse.float().contiguous().unsqueeze(-1)                        # (B, H, Tq, 1) as the op returns it
+    out, dout = out.to(q.dtype).contiguous(), dout.to(q.dtype).contiguous()  # (B, Tq, H, D): one stride set
     philox = torch.zeros(1, dtype=torch.int64, device=q.device)          # dropout seed/offset: unused at p = 0
-    # attn_bias and the varlen cu_seq tensors: undefined (None), which the op reads as dense 4-D, no bias
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        t(dout), t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), t(out), lse4, philox, philox, None, None, None,
-        Tq, Tk, 0.0, bool(causal), scale=scale)                          # (B, H, T, D) each
+        t(dout), t(q), t(_expand_kv(k, G)), t(_expand_kv(v, G)), t(out), lse.float().contiguous().unsqueeze(-1),
+        philox, philox, None, None, None, Tq, Tk, 0.0, bool(causal), scale=scale)   # (B, H, T, D) each
     dq, dk, dv = t(dq), t(dk), t(dv)                                     # (B, T, H, D)
     if G > 1:   # the expanded heads' gradients summed back onto their KV head
         dk = dk.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
-        dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)    # (B, Tk, Hkv, D)
+        dv = dv.reshape(B, Tk, Hkv, G, D).sum(3, dtype=torch.float32)
     gdt = torch.float32 if grad_fp32 else q.dtype
     return dq.to(gdt), dk.to(gdt), dv.to(gdt)
 
-# -----------------------------------------------------------------------------
-# the dispatcher (the interface of SPEC.md)
 
-def _fully_visible(causal, Tk, q_offset, k_offset):
-    """A causal call whose first query already sees the last key has no mask at all: drop it (cuDNN can then
-    take it, and the Triton kernels skip the per-block mask test)."""
-    return causal and q_offset >= k_offset + Tk - 1
-
-
-def _route(backend, q, k, causal, q_offset, k_offset):
-    """(the backend that really runs, the mask it runs with): a fully visible causal call loses its mask, and
-    "cudnn" falls back to "triton" for calls it cannot do exactly."""
-    causal = bool(causal) and not _fully_visible(causal, k.shape[1], q_offset, k_offset)
-    backend = _pick_backend(backend, q)
-    if backend == "cudnn" and not _cudnn_ok(q, k, causal, q_offset, k_offset):
-        backend = "triton" if HAS_TRITON else "torch"
-    return backend, causal
-
-
-def attention_forward(q, k, v, causal=True, softmax_scale=None, q_offset=0, k_offset=0, out_fp32=False,
-                      backend=None):
-    """Attention of q (B,Tq,H,D) over k, v (B,Tk,Hkv,D) -> (out (B,Tq,H,D), lse (B,H,Tq) fp32, natural log).
-
-    causal: query i sees key j iff q_offset + i >= k_offset + j (true positions). A row that sees no key gets
-    out 0 and lse -inf. out_fp32: return out in fp32 (ring merging; cuDNN computes it in 16 bits and upcasts).
-    backend: None (DEFAULT_BACKEND, else triton on CUDA, torch elsewhere), "triton", "torch" or "cudnn" (calls
-    whose mask cuDNN cannot express run on triton)."""
-    scale = _check(q, k, v, softmax_scale)[-1]
-    backend, causal = _route(backend, q, k, causal, q_offset, k_offset)
-    if backend == "cudnn":
-        return _cudnn_forward(q, k, v, causal, scale, bool(out_fp32))
-    fn = _triton_forward if backend == "triton" else _torch_forward
-    return fn(q, k, v, causal, scale, int(q_offset), int(k_offset), bool(out_fp32))
-
-
-def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, q_offset=0, k_offset=0,
-                       grad_fp32=False, backend=None, on_dkdv=None):
-    """Gradients (dq (B,Tq,H,D), dk (B,Tk,Hkv,D), dv) of attention_forward, from the GLOBAL out and lse.
-
-    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: return fp32 gradients.
-    on_dkdv(dk, dv): called as soon as dk/dv are final in stream order; on the triton backend that is BEFORE the
-    dQ kernel is queued, so a ring can put dk/dv on the wire while dQ computes (other backends: at the end)."""
-    B, Tq, H, D, Tk, _, scale = _check(q, k, v, softmax_scale)
-    if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
-        raise ValueError(f"kernels: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "
-                         f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Tq)}")
-    backend, causal = _route(backend, q, k, causal, q_offset, k_offset)
-    if backend == "triton":
-        return _triton_backward(dout, q, k, v, out, lse, causal, scale, int(q_offset), int(k_offset),
-                                bool(grad_fp32), on_dkdv=on_dkdv)
-    if backend == "cudnn":
-        dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, causal, scale, bool(grad_fp32))
-    else:
-        dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, causal, scale, int(q_offset), int(k_offset),
-                                     bool(grad_fp32))
-    if on_dkdv is not None:
-        on_dkdv(dk, dv)
-    return dq, dk, dv
-
-
-class _FlashAttn(torch.autograd.Function):
-    """out = attention(q, k, v); saves q, k, v, out, lse; backward recomputes P from lse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, backend):
-        out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, backend=backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
-                                        softmax_scale=ctx.softmax_scale, backend=ctx.backend)
-        return dq, dk, dv, None, None, None
-
-
-def flash_attn_func(q, k, v, causal=True, softmax_scale=None, backend=None):
-    """Differentiable attention: q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D). The model's default on CUDA."""
-    return _FlashAttn.apply(q, k, v, causal, softmax_scale, backend)
-
-# -----------------------------------------------------------------------------
-# fused elementwise ops of the decoder block: RMSNorm, SwiGLU, RoPE (Triton, CUDA training)
-#
-# In eager PyTorch each of these is a chain of small kernels over (T, C)-sized tensors: the HF-exact RMSNorm is
-# 7 of them (upcast, square, mean, rsqrt, multiply, downcast, gain) with fp32 temporaries, RoPE slices, multiplies
-# and concatenates, SwiGLU writes silu(gate) before multiplying: each pass reads and writes the whole tensor (the
-# RMSNorm forward moves ~9x the bytes of its input and output). Each op below is one kernel forward and one
-# backward, reading its inputs once and writing its outputs once, in fp32 arithmetic with 16-bit storage
-# (`python bench.py ops`: RMSNorm 13x, RoPE 10x, SwiGLU 1.8x faster forward+backward on an H200 at 32k tokens).
-# Their PyTorch twins are the model's own eager functions (longvila.rms_norm, longvila.apply_rotary_emb,
-# longvila.swiglu), which longvila.py calls on CPU; it calls these on CUDA tensors while FUSED_OPS is True
-# (train.py --no-fused_ops switches them off for comparison). Differences to the twins: the twins round every
-# intermediate to 16 bits, these round once at the end.
-
-# True: the model uses the fused ops on CUDA tensors; False: never; "always": on CPU tensors too, in Triton's
-# interpreter (tests: the model through the fused ops, checkpointing included).
+# --- fused elementwise ops of the decoder block: RMSNorm, SwiGLU, RoPE (Triton, CUDA) ------------------------------
+# In eager PyTorch each is a chain of small kernels over (T, C)-sized tensors (the HF-exact RMSNorm is 7: upcast,
+# square, mean, rsqrt, multiply, downcast, gain), each pass reading and writing the whole tensor. Each op below is
+# one kernel forward and one backward, fp32 arithmetic with 16-bit storage. Their twins are the model's own eager
+# functions (longvila.rms_norm, apply_rotary_emb, swiglu), which round every intermediate to 16 bits where these
+# round once at the end. The model calls them on CUDA tensors while configure(fused_ops=True).
 MAX_NORM_WIDTH = 16384  # rms_norm keeps a whole row in registers: wider rows take the eager twin
 
 if HAS_TRITON:
@@ -1070,7 +887,7 @@ class _RMSNormFn(torch.autograd.Function):
         ctx.x_shape = x.shape
         if M == 0 or C == 0:
             return y.view(x.shape[:-1] + (C,))  # (..., C)
-        with _dev(x):
+        with _on_device(x):
             _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
                                        num_warps=min(16, max(1, block_c // 256)))
         return y.view(x.shape[:-1] + (C,))  # (M, C) -> (..., C)
@@ -1088,7 +905,7 @@ class _RMSNormFn(torch.autograd.Function):
         n_prog = triton.cdiv(M, rows_per)
         dw_part = torch.empty((n_prog, C), dtype=torch.float32, device=x2.device)  # (programs, C)
         block_c = triton.next_power_of_2(C)
-        with _dev(x2):
+        with _on_device(x2):
             _rms_norm_bwd_kernel[(n_prog,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
                                             dx.stride(0), M, C, rows_per, BLOCK_C=block_c,
                                             num_warps=min(16, max(1, block_c // 256)))
@@ -1108,7 +925,7 @@ class _SwiGLUFn(torch.autograd.Function):
         ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
         if n == 0:
             return y
-        with _dev(gate):
+        with _on_device(gate):
             _swiglu_fwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](gate, up, y, n, BLOCK=_SwiGLUFn.BLOCK)
         return y
 
@@ -1120,7 +937,7 @@ class _SwiGLUFn(torch.autograd.Function):
         n = gate.numel()
         if n == 0:
             return dg, du
-        with _dev(gate):
+        with _on_device(gate):
             _swiglu_bwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_SwiGLUFn.BLOCK)
         return dg, du
 
@@ -1135,7 +952,7 @@ def _rotary(x, cos, sin, sign):
     y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)  # (B, T, HX, D)
     if y.numel() == 0:
         return y
-    with _dev(x):
+    with _on_device(x):
         _rotary_kernel[(B * T,)](x, cos, sin, y, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
                                  cos.stride(1), HX, float(sign), HALF=D // 2, BLOCK_H=triton.next_power_of_2(HX),
                                  BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
@@ -1156,13 +973,13 @@ class _RotaryFn(torch.autograd.Function):
 
 def rms_norm(x, weight, eps):
     """Fused twin of longvila.rms_norm: x (..., C), weight (C,) -> (..., C), differentiable in x and weight."""
-    _pick_backend("triton", x)  # triton importable; CPU tensors only in the interpreter (clear errors otherwise)
+    _check_fusable(x)
     return _RMSNormFn.apply(x, weight, float(eps))
 
 
 def swiglu(gate, up):
     """Fused silu(gate) * up (SwiGLU, Shazeer 2020): gate, up (..., F) -> (..., F), differentiable in both."""
-    _pick_backend("triton", gate)
+    _check_fusable(gate)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"kernels.swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype}"
                          " must match")
@@ -1171,7 +988,7 @@ def swiglu(gate, up):
 
 def rotary(x, cos, sin):
     """Fused twin of longvila.apply_rotary_emb: x (B, T, HX, D), cos/sin (B, T, D/2) -> (B, T, HX, D)."""
-    _pick_backend("triton", x)
+    _check_fusable(x)
     B, T, _, D = x.shape
     try:  # a batch of 1 serves every row, as in the eager twin (a stride-0 view, no copy)
         cos_b, sin_b = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)  # (B, T, D/2)
@@ -1183,11 +1000,62 @@ def rotary(x, cos, sin):
     return _RotaryFn.apply(x, cos_b, sin_b)
 
 
+def _check_fusable(x):
+    """The fused ops need triton, and CUDA tensors or Triton's interpreter."""
+    if not HAS_TRITON or not (x.is_cuda or _INTERPRET):
+        raise RuntimeError("kernels: the fused ops need triton and CUDA tensors (on CPU: TRITON_INTERPRET=1 set "
+                           "before `import kernels`)")
+
+
 def use_fused(x):
-    """Should the model call the fused ops on x? triton importable, fp16/bf16/fp32, and a CUDA tensor with FUSED_OPS
-    True, or any tensor the kernels can run on with FUSED_OPS = "always" (CPU: the interpreter)."""
+    """Should the model call the fused ops on x? triton importable, fp16/bf16/fp32, and a CUDA tensor with fused_ops
+    True, or any tensor the kernels can run on with fused_ops "always" (CPU: the interpreter)."""
     if not HAS_TRITON or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if _SETTINGS["fused_ops"] == "always":
         return x.is_cuda or _INTERPRET
     return _SETTINGS["fused_ops"] is True and x.is_cuda
+
+
+# --- flash-attn-4: FlashAttention's CuTe-DSL kernels (pip install flash-attn-4; Hopper and Blackwell) -----------
+# Its public flash_attn_func differentiates through its own out and lse; a ring needs the backward from the
+# GLOBAL out and lse, which the interface's _flash_attn_bwd takes (it recomputes delta = rowsum(dO * O) from the
+# out it is given). Its causal mask is bottom-right aligned, as ours. Gradients come back in the inputs' dtype.
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_4():
+    """flash-attn-4's interface module, or None where it is not installed (imported on first use: seconds)."""
+    try:
+        from flash_attn.cute import interface
+        return interface
+    except ImportError:
+        return None
+
+
+def _flash_cannot_run(q, k, causal):
+    if _flash_attn_4() is None:
+        return "flash-attn-4 is not installed (pip install flash-attn-4)"
+    if _capability(q.device.index)[0] not in (9, 10, 11, 12):
+        return f"compute capability {_capability(q.device.index)} (flash-attn-4 needs Hopper or newer)"
+    if q.shape[3] % 8 or q.shape[3] > 128:
+        return f"head dim {q.shape[3]} (a multiple of 8 up to 128)"
+    if causal and q.shape[1] > k.shape[1]:
+        return "a causal mask with more queries than keys (untested in flash-attn-4's backward)"
+    return None
+
+
+def _flash_forward(q, k, v, causal, scale, out_fp32):
+    out, lse, *_ = _flash_attn_4()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, num_splits=1,
+                                                   return_lse=True)  # (B, Tq, H, D), (B, H, Tq) fp32 natural log
+    return (out.float() if out_fp32 else out), lse
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
+    dq, dk, dv = _flash_attn_4()._flash_attn_bwd(q, k, v, out.to(q.dtype), dout.to(q.dtype), lse.float().contiguous(),
+                                                 softmax_scale=scale, causal=causal)   # dk, dv (B, Tk, Hkv, D)
+    gdt = torch.float32 if grad_fp32 else q.dtype
+    return dq.to(gdt), dk.to(gdt), dv.to(gdt)
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "cudnn": _cudnn_forward, "flash": _flash_forward}
+_BACKWARD = {"torch": _torch_backward, "cudnn": _cudnn_backward, "flash": _flash_backward}

@@ -364,18 +364,11 @@ def sample_token(logits, temperature, top_p, generator=None):
 # recomputation is wq, wk, wv, wo, w1 and w3, 73% of the forward linear FLOPs of a Llama-3-8B block (a test
 # counts the products a backward dispatches: tests/test_model.py).
 
-@functools.lru_cache(maxsize=None)
-def _attention_ops():
-    """The fused attention ops of this torch build (asked once: the policy below runs for every op of a block)."""
-    ops = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"]
-    return {getattr(torch.ops.aten, name).default for name in ops if hasattr(torch.ops.aten, name)}
-
-
 def _save_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+_SAVED_OPS = kernels.saved_attention_ops()  # every attention backend's forward, and torch's SDPA ops
 CHECKPOINT_MODES = ("full", "save-attn")
 
 
