@@ -480,7 +480,7 @@ def _ops_run(args):
     cfg = lv.PRESETS[args.model].llm
     T, C, F, H, D = args.tokens, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    cos, sin = lv.rope_cos_sin(torch.arange(T, device="cuda")[None], D, cfg.rope_theta, dtype=torch.bfloat16)
+    cos, sin = lv.rope_cos_sin(torch.arange(T, device="cuda")[None], lv.rope_inv_freq(cfg), dtype=torch.bfloat16)
     cases = {"rms_norm": (lambda x, w: lv.rms_norm(x, w, cfg.norm_eps), [(1, T, C), (C,)]),  # (B, T, C), (C,)
              "rope (q)": (lambda q: lv.apply_rotary_emb(q, cos, sin), [(1, T, H, D)]),       # (B, T, H, D)
              "swiglu": (lv.swiglu, [(1, T, F), (1, T, F)])}                                  # (B, T, F) x 2

@@ -1,26 +1,24 @@
-"""LongVILA in one file: SigLIP vision tower, mlp_downsample projector, Llama/Qwen2 decoder, checkpoint I/O, generation.
+"""LongVILA, the model: SigLIP vision tower, mlp_downsample projector, Llama / Qwen2 decoder, generation.
 
-    python longvila.py --preset tiny                   # build, forward a random 2-frame video, generate 8 tokens
-    python longvila.py --preset bench-1b --device cuda --dtype bfloat16 --compare-sdpa --bench-steps 10
+    python longvila.py --preset tiny        # build a preset, forward a random 2-frame video, generate 8 tokens
 
-Papers / references this file follows:
-- LongVILA: Scaling Long-Context Visual Language Models for Long Videos (Xue et al., arXiv 2408.10188).
-- VILA (Lin et al., arXiv 2312.07533) and its public code NVlabs/VILA: the checkpoint layout (config.json, llm/,
-  vision_tower/, mm_projector/), the `mlp_downsample` projector and its 2x2 token-merge order.
-- SigLIP (Zhai et al., arXiv 2303.15343), Llama 3 (arXiv 2407.21783), Qwen2 (arXiv 2407.10671), RoPE (Su et al.,
-  arXiv 2104.09864) with linear position interpolation (Chen et al., arXiv 2306.15595).
+Follows LongVILA (Xue et al., arXiv 2408.10188) and the public VILA code (NVlabs/VILA): SigLIP (arXiv
+2303.15343) features of the second-to-last layer, the mlp_downsample projector (2x2 merge + MLP), Llama 3 (arXiv
+2407.21783) or Qwen2 (arXiv 2407.10671) with RoPE (arXiv 2104.09864) and its linear / Llama-3.1 scaling.
 
-A video is F frames. Each frame -> SigLIP (features of the second-to-last layer, all P patches) -> projector (2x2
-merge + MLP) -> N LLM tokens. In `input_ids` each visual token is one IMAGE_TOKEN_ID (-200) placeholder; `embed`
-replaces those slots, in order, by the projected features, and the decoder runs on the spliced sequence.
+A video is F frames. Each frame -> SigLIP (P patches) -> projector (2x2 merge + MLP) -> N LLM tokens. In input_ids
+each visual token is one IMAGE_TOKEN_ID (-200) placeholder; `embed` fills those slots, in order, with the projected
+frames, and the decoder runs on the spliced sequence with an attention function passed in (default: causal
+attention on one device; mmsp.py passes its sequence-parallel one).
 
-Shape alphabet (used in comments across the whole project):
+Shape alphabet (used in comments across the project):
     B batch, T sequence length (tokens), C LLM width, H query heads, Hkv KV heads, D head dim, V vocab,
     F frames, P patches per frame, Cv vision width, N visual tokens per frame (after the projector),
     sp / ring / ulysses / dp: parallel degrees (sp = ring * ulysses, world = dp * sp).
 
-Sections: configs + PRESETS | pure functions | vision tower | projector | decoder | KV cache | LongVILA |
-checkpoint I/O (Hugging Face names <-> ours, one dict) | command line.
+Sections: configs and PRESETS | pure functions | vision tower | projector | decoder | KV cache | LongVILA
+(splice, forward, generate) | --- below: checkpoint I/O (the Hugging Face name map, reading and writing the
+released VILA layout) | command line.
 """
 import argparse
 import copy
@@ -30,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -98,6 +97,14 @@ class ProjectorConfig:
     vision_width: int = 1152  # Cv
     llm_width: int = 4096  # C
     eps: float = 1e-5  # nn.LayerNorm default, as the reference
+    # Order of a frame's merged tokens: "column-major" as VILA's LongVILA branch (the Llama-3 LongVILA checkpoints),
+    # "row-major" as VILA main since its NVILA release (commit 36f6adc: a final permute in flat_square).
+    token_order: str = "column-major"
+
+    def __post_init__(self):
+        if self.token_order not in ("column-major", "row-major"):
+            raise ValueError(f"ProjectorConfig: token_order must be 'column-major' or 'row-major', got "
+                             f"{self.token_order!r}")
 
     def tokens_per_frame(self, grid: int) -> int:
         """N = ceil(grid / 2)^2: odd grids are zero-padded by one row and column before the 2x2 merge."""
@@ -114,7 +121,7 @@ class LLMConfig:
     ffn_dim: int = 14336
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: float = 1.0  # linear position interpolation factor (positions / factor); 1.0 = off
+    rope_scaling: dict | None = None  # as Hugging Face: None, {"rope_type": "linear", "factor": s}, or "llama3"
     qkv_bias: bool = False  # Qwen2: bias on q/k/v projections (not on o)
     tie_embeddings: bool = False
     max_seq_len: int = 8192  # written as max_position_embeddings; informational (RoPE has no table to outgrow)
@@ -133,8 +140,12 @@ class LLMConfig:
         if self.qkv_bias and self.model_type == "llama":
             raise ValueError("LLMConfig: qkv_bias=True needs model_type='qwen2' (a Hugging Face Llama with "
                              "attention_bias puts a bias on o_proj too, which this model does not have)")
-        if self.rope_scaling <= 0:
-            raise ValueError(f"LLMConfig: rope_scaling {self.rope_scaling} must be > 0 (1.0 = no scaling)")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        need = {"default": [], "linear": ["factor"],
+                "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+        if kind not in need or any(k not in self.rope_scaling for k in need[kind]):
+            raise ValueError(f"LLMConfig: rope_scaling {self.rope_scaling!r}: expected None or rope_type linear "
+                             f"(factor) or llama3 ({', '.join(need['llama3'])})")
 
     @property
     def head_dim(self) -> int:  # D
@@ -177,8 +188,9 @@ class LongVILAConfig:
                    llm=LLMConfig(**d["llm"]), **{k: v for k, v in d.items() if k not in ("vision", "projector", "llm")})
 
 
-def _make(vision: VisionConfig, llm: LLMConfig, **kw) -> LongVILAConfig:
-    return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim), llm=llm, **kw)
+def _make(vision: VisionConfig, llm: LLMConfig, token_order="column-major", **kw) -> LongVILAConfig:
+    return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim, token_order=token_order),
+                          llm=llm, **kw)
 
 
 _SIGLIP_384 = VisionConfig()  # so400m/14 at 384 px: 27x27 = 729 patches -> 196 tokens per frame
@@ -196,12 +208,13 @@ PRESETS: dict[str, LongVILAConfig] = {
     # paper v2: Qwen2-7B (q/k/v bias, 28 heads / 4 KV heads, RMSNorm eps 1e-6, ChatML)
     "longvila-7b": _make(_SIGLIP_384, LLMConfig(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                                                 ffn_dim=18944, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
-                                                max_seq_len=32768, model_type="qwen2"), chat_template="chatml"),
+                                                max_seq_len=32768, model_type="qwen2"),
+                         token_order="row-major", chat_template="chatml"),  # released with VILA main
     # Qwen2-1.5B (tied embeddings)
     "longvila-1.5b": _make(_SIGLIP_384, LLMConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
                                                   n_kv_heads=2, ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6,
                                                   qkv_bias=True, tie_embeddings=True, max_seq_len=32768,
-                                                  model_type="qwen2"), chat_template="chatml"),
+                                                  model_type="qwen2"), token_order="row-major", chat_template="chatml"),
 }
 
 
@@ -218,17 +231,32 @@ def rms_norm(x, weight, eps):
     return weight * xf.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, scaling=1.0, dtype=torch.float32):
-    """RoPE angles for TRUE token positions (B, T) -> cos, sin (B, T, D/2).
+def rope_inv_freq(cfg: LLMConfig, device=None):
+    """RoPE frequencies (D/2,) fp32: inv_freq_i = theta^(-2i/D), then the config's scaling.
 
-    inv_freq_i = theta^(-2i/D); linear scaling (position interpolation) divides inv_freq by the factor, i.e. a
-    token at position p is rotated as if it sat at p / factor. Angles are computed in fp32 (HF does the same):
-    at 1M positions bf16 angles would be off by whole radians.
+    linear (position interpolation, Chen et al. 2306.15595): every frequency / factor, i.e. a token at position p
+    is rotated as if it sat at p / factor. llama3 (Llama 3.1): wavelengths longer than original_max / low_freq_factor
+    are divided by factor, shorter than original_max / high_freq_factor are kept, and the band between is blended.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                                / head_dim))  # (D/2,)
-    inv_freq = inv_freq / scaling
-    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type") == "linear":
+        return inv_freq / rs["factor"]
+    if rs.get("rope_type") == "llama3":
+        factor, lo, hi, n = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], \
+            rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq                                       # (D/2,)
+        smooth = ((n / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)              # 0: long waves .. 1: short waves
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq          # the blend of the middle band
+        return torch.where(wavelen > n / lo, inv_freq / factor, torch.where(wavelen < n / hi, inv_freq, scaled))
+    return inv_freq
+
+
+def rope_cos_sin(positions, inv_freq, dtype=torch.float32):
+    """RoPE angles for TRUE token positions (B, T) -> cos, sin (B, T, D/2). The angles are computed in fp32 (as HF):
+    at 1M positions bf16 angles would be off by whole radians."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (B, T, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -316,14 +344,13 @@ def sdpa_attention(q, k, v, layer_idx=None):
     return out.transpose(1, 2)  # (B, Tq, H, D)
 
 
-def downsample_2x2(x):
+def downsample_2x2(x, token_order="column-major"):
     """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order.
 
-    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv).
-    Odd g: one zero row and one zero column are appended. Then pairs of neighbouring columns are concatenated,
-    rows/columns are swapped, and pairs of neighbouring rows are concatenated. Result: output token (j, i) (j over
-    column pairs is the OUTER index) = [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]] along channels.
-    Released projector weights expect exactly this order.
+    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv). Odd g: one zero row and one zero
+    column are appended. Each output token concatenates a 2x2 neighbourhood along channels:
+    [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]]. The tokens come column-major (j over column pairs
+    outer: VILA's LongVILA branch) or row-major (i outer: VILA main since its NVILA release, one more permute).
     """
     n, p, c = x.shape
     g = math.isqrt(p)
@@ -336,6 +363,8 @@ def downsample_2x2(x):
     x = x.reshape(n, g, g // 2, 2 * c)  # (F, rows, cols/2, 2Cv): columns 2j, 2j+1 side by side
     x = x.permute(0, 2, 1, 3)  # (F, cols/2, rows, 2Cv)
     x = x.reshape(n, g // 2, g // 2, 4 * c)  # (F, cols/2, rows/2, 4Cv): rows 2i, 2i+1 side by side
+    if token_order == "row-major":
+        x = x.permute(0, 2, 1, 3)  # (F, rows/2, cols/2, 4Cv)
     return x.reshape(n, (g // 2) ** 2, 4 * c)  # (F, N, 4Cv)
 
 
@@ -354,15 +383,10 @@ def sample_token(logits, temperature, top_p, generator=None):
 
 # -----------------------------------------------------------------------------
 # activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" recomputes it too but keeps
-# the outputs of the fused attention kernels (torch's SDPA ops, kernels.py's cudnn backend), whose forward is the
-# most expensive part at long context (at 64k tokens attention is ~half of an 8B block's FLOPs). Memory per block
-# and token: the attention output (H*D 16-bit values) + its log-sum-exp. Our Triton kernels are not dispatcher
-# ops, so with backend triton "save-attn" saves nothing more than "full". It applies to the decoder only (see
-# set_grad_checkpointing: the vision tower's short per-frame attention is cheaper to redo than to keep).
-# What "recompute" costs: non-reentrant checkpointing stops re-running a block as soon as every tensor its backward
-# saved exists again, so the block's last product (the MLP's w2, whose output nothing saves) is never redone: the
-# recomputation is wq, wk, wv, wo, w1 and w3, 73% of the forward linear FLOPs of a Llama-3-8B block (a test
-# counts the products a backward dispatches: tests/test_model.py).
+# the attention forward's outputs (every kernels.py backend is one dispatcher op, as are torch's SDPA ops): at long
+# context attention is the costliest part of a block, and its output costs H*D 16-bit values + one fp32 lse per
+# token. Non-reentrant checkpointing stops re-running a block once every tensor its backward saved exists again, so
+# a block's last product (the MLP's w2) is never redone (tests/test_model.py counts the products).
 
 def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -454,12 +478,13 @@ class VisionTower(nn.Module):
 class Projector(nn.Module):
     def __init__(self, cfg: ProjectorConfig):
         super().__init__()
+        self.token_order = cfg.token_order
         self.norm = nn.LayerNorm(4 * cfg.vision_width, eps=cfg.eps)
         self.fc1 = nn.Linear(4 * cfg.vision_width, cfg.llm_width)
         self.fc2 = nn.Linear(cfg.llm_width, cfg.llm_width)
 
     def forward(self, x):  # (F, P, Cv)
-        x = self.norm(downsample_2x2(x))  # (F, N, 4Cv)
+        x = self.norm(downsample_2x2(x, self.token_order))  # (F, N, 4Cv)
         return self.fc2(F.gelu(self.fc1(x)))  # (F, N, C); nn.GELU() of the reference = exact erf GELU
 
 
@@ -541,8 +566,7 @@ class Transformer(nn.Module):
     def forward(self, h, positions, attn=None, cache=None):
         """h (B, T, C) input embeddings, positions (B, T) true positions -> final-normed hidden (B, T, C)."""
         attn = attention if attn is None else attn
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
-                                dtype=h.dtype)  # (B, T, D/2) each
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, h.device), dtype=h.dtype)  # (B, T, D/2) each
         n_ckpt = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
         for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None and i < n_ckpt:
@@ -740,7 +764,7 @@ class LongVILA(nn.Module):
 
         on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs).
         llm_layers: None = every decoder block; n = only the first n, the rest keep their activations (memory
-        that would otherwise sit unused buys back their recomputation; README, "Stage 5 training", measures it)."""
+        that would otherwise sit unused buys back their recomputation)."""
         mode = "full" if on is True else (on or False)
         if mode and mode not in CHECKPOINT_MODES:
             raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES}, True or False; got {on!r}")
@@ -748,8 +772,7 @@ class LongVILA(nn.Module):
         if llm_layers is not None and not 0 <= llm_layers <= n:
             raise ValueError(f"checkpointed decoder blocks must be between 0 and {n}, got {llm_layers}")
         # the vision tower always recomputes whole blocks: its attention spans one frame (729 patches), cheap to
-        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block (14 GB for 325 frames x 26
-        # used blocks: what made 8B at 128k tokens run out of memory on an H200)
+        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block
         self.vision.grad_checkpointing = mode and "full"
         self.llm.grad_checkpointing = mode
         self.llm.checkpoint_layers = llm_layers
@@ -818,7 +841,9 @@ class LongVILA(nn.Module):
         save_checkpoint(self, path, tokenizer_json=tokenizer_json, max_shard_bytes=max_shard_bytes)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
+# --- below: checkpoint I/O (the released VILA layout) and the command line. The model is complete above.
+# ---------------------------------------------------------------------------------------------------------------
 # checkpoint I/O: Hugging Face (VILA layout) names <-> ours
 
 # The ONE name map. Keys: "<folder>/<HF module path>", values: our module path; "{i}" is a layer index and the
@@ -895,34 +920,43 @@ def ours_to_hf(name):
 
 def _read_json(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint is missing {path}")
-    with open(path) as f:
-        return json.load(f)
+        raise InputError(f"checkpoint is missing {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def _refuse(file, field, value, why):
+    raise InputError(f"{file}: {field} = {value!r} is not supported ({why})")
 
 
 def _llm_from_hf(c, file):
     mt = c.get("model_type")
     if mt not in ("llama", "qwen2"):
-        raise ValueError(f"{file}: model_type {mt!r} is not supported (expected 'llama' or 'qwen2')")
+        _refuse(file, "model_type", mt, "expected llama or qwen2")
     if mt == "llama" and (c.get("attention_bias") or c.get("mlp_bias")):
-        raise ValueError(f"{file}: Llama with attention_bias/mlp_bias is not supported")
+        _refuse(file, "attention_bias/mlp_bias", True, "this Llama has no biases")
     if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (expected 'silu')")
+        _refuse(file, "hidden_act", c["hidden_act"], "expected silu")
     if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
-        raise ValueError(f"{file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+        _refuse(file, "head_dim", c["head_dim"], "must equal hidden_size / num_attention_heads")
     if c.get("use_sliding_window"):
-        raise ValueError(f"{file}: use_sliding_window=true is not supported (full attention only)")
-    rp = c.get("rope_parameters") or {}
+        _refuse(file, "use_sliding_window", True, "full attention only")
+    rp = c.get("rope_parameters") or {}  # transformers 5 folds theta and scaling into one dict
     theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
-    rs = c.get("rope_scaling") or rp
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise ValueError(f"{file}: rope scaling type {kind!r} is not supported (only linear)")
+    rs = dict(c.get("rope_scaling") or rp)
+    kind = rs.pop("rope_type", rs.pop("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        _refuse(file, "rope_scaling type", kind, "default, linear or llama3")
+    keep = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                             "original_max_position_embeddings"]}.get(kind, [])
     return LLMConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                      n_heads=c["num_attention_heads"],
                      n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                      ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                     rope_scaling=float(rs.get("factor", 1.0)) if kind == "linear" else 1.0,
+                     rope_scaling=dict(rope_type=kind, **{k: rs[k] for k in keep}) if keep else None,
                      qkv_bias=(mt == "qwen2"), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                      max_seq_len=c.get("max_position_embeddings", 8192), model_type=mt)
 
@@ -932,8 +966,7 @@ def _llm_to_hf(cfg: LLMConfig, dtype) -> dict:
          "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
          "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
          "num_key_value_heads": cfg.n_kv_heads, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-         "rope_scaling": None if cfg.rope_scaling == 1.0 else {"rope_type": "linear", "factor": cfg.rope_scaling},
+         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(dtype).replace("torch.", "")}
     if cfg.model_type == "llama":
         c.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
@@ -943,10 +976,12 @@ def _llm_to_hf(cfg: LLMConfig, dtype) -> dict:
 
 
 def _vision_from_hf(c, file, select_layer):
+    if c.get("model_type", "siglip_vision_model") not in ("siglip_vision_model", "siglip"):
+        _refuse(file, "model_type", c["model_type"], "the vision tower must be SigLIP")
     if c.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (expected gelu_pytorch_tanh)")
+        _refuse(file, "hidden_act", c["hidden_act"], "expected gelu_pytorch_tanh")
     if c.get("num_channels", 3) != 3:
-        raise ValueError(f"{file}: num_channels {c['num_channels']} is not supported (expected 3)")
+        _refuse(file, "num_channels", c["num_channels"], "expected 3")
     return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
                         layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
                         eps=c.get("layer_norm_eps", 1e-6), select_layer=select_layer)
@@ -960,63 +995,139 @@ def _vision_to_hf(cfg: VisionConfig, dtype) -> dict:
             "vision_use_head": False, "torch_dtype": str(dtype).replace("torch.", "")}
 
 
+# Fields of a VILA config.json that change the computation. A value this code does not implement stops the load
+# with the field and the file named; unlisted fields (learning rates, tuning flags, paths) do not affect inference.
+_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}
+
+
+def _check_top_config(top, file):
+    """Refuse what the reference can do and this model cannot; returns (chat template or None, token order)."""
+    for field, ok in (("s2", False), ("dynamic_s2", False), ("mm_use_im_start_end", False),
+                      ("mm_use_im_patch_token", False)):
+        if top.get(field, ok) not in (ok, None):
+            _refuse(file, field, top[field], "multi-scale S2 features and image start/end tokens are not implemented")
+    if top.get("image_aspect_ratio", "resize") not in ("resize", "pad", None):
+        _refuse(file, "image_aspect_ratio", top["image_aspect_ratio"], "resize or pad")
+    if top.get("mm_vision_select_feature", "cls_patch") not in ("cls_patch", "patch"):
+        _refuse(file, "mm_vision_select_feature", top["mm_vision_select_feature"], "SigLIP has no CLS: all patches")
+    if top.get("vision_resolution", -1) not in (-1, None):
+        _refuse(file, "vision_resolution", top["vision_resolution"], "the tower's own resolution only")
+    if top.get("mm_patch_merge_type", "flat") not in ("flat", None):
+        _refuse(file, "mm_patch_merge_type", top["mm_patch_merge_type"], "flat only")
+    for field, basic in (("image_encoder", "BasicImageEncoder"), ("video_encoder", "BasicVideoEncoder")):
+        target = (top.get(field) or {}).get("_target_", basic) if isinstance(top.get(field), dict) else top.get(field)
+        if target is not None and not str(target).endswith(basic):
+            _refuse(file, field, target, f"only VILA's {basic} (frame by frame) is implemented")
+    template = top.get("chat_template")
+    if template not in _TEMPLATES:
+        _refuse(file, "chat_template", template, "llama3 (llama_3) or chatml (qwen2)")
+    order = (top.get("longvila") or {}).get("projector", {}).get("token_order")
+    return _TEMPLATES[template], order
+
+
 def read_config(path) -> LongVILAConfig:
-    """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest."""
+    """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest.
+
+    The projector's token order: our own config.json records it; for a released folder, mlp_downsample_2x2_fix
+    (VILA main) is row-major, and plain mlp_downsample is column-major with a Llama LLM (the LongVILA branch's
+    Llama-3 checkpoints) and row-major with Qwen2 (released with VILA main, whose mlp_downsample is row-major)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    top = _read_json(os.path.join(path, "config.json"))
+        raise InputError(f"checkpoint folder {path} does not exist")
     for part in _PARTS:
         if not os.path.isdir(os.path.join(path, part)):
-            raise FileNotFoundError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, "
-                                    f"llm/, vision_tower/, mm_projector/)")
+            raise InputError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, llm/, "
+                             f"vision_tower/, mm_projector/)")
+    top_file = os.path.join(path, "config.json")
+    top = _read_json(top_file)
+    template, order = _check_top_config(top, top_file)
     llm_file = os.path.join(path, "llm", "config.json")
     llm = _llm_from_hf(_read_json(llm_file), llm_file)
     vis_file = os.path.join(path, "vision_tower", "config.json")
     vision = _vision_from_hf(_read_json(vis_file), vis_file, top.get("mm_vision_select_layer", -2))
     proj_file = os.path.join(path, "mm_projector", "config.json")
     kind = _read_json(proj_file).get("mm_projector_type")
-    if kind != "mlp_downsample":
-        raise ValueError(f"{proj_file}: mm_projector_type {kind!r} is not supported (expected 'mlp_downsample')")
-    template = top.get("chat_template") or ("chatml" if llm.model_type == "qwen2" else "llama3")
-    if template not in ("llama3", "chatml"):
-        template = "chatml" if llm.model_type == "qwen2" else "llama3"
-    return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim), llm=llm,
-                          chat_template=template, fps=float(top.get("fps", 0.0) or 0.0),
-                          num_video_frames=int(top.get("num_video_frames", 8) or 8),
-                          image_aspect_ratio=top.get("image_aspect_ratio") or "resize")
+    if kind not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
+        _refuse(proj_file, "mm_projector_type", kind, "mlp_downsample or mlp_downsample_2x2_fix")
+    if order is None:
+        order = "column-major" if kind == "mlp_downsample" and llm.model_type == "llama" else "row-major"
+    try:
+        return LongVILAConfig(vision=vision, projector=ProjectorConfig(vision.width, llm.dim, token_order=order),
+                              llm=llm, chat_template=template or ("chatml" if llm.model_type == "qwen2" else "llama3"),
+                              fps=float(top.get("fps") or 0.0), num_video_frames=int(top.get("num_video_frames") or 8),
+                              image_aspect_ratio=top.get("image_aspect_ratio") or "resize")
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from e
 
 
 def _weight_files(folder):
-    """{hf_key: file} of a HF weights folder: model.safetensors or sharded files + model.safetensors.index.json."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        weight_map = _read_json(index)["weight_map"]
-        for f in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(folder, f)):
-                raise FileNotFoundError(f"{index} lists shard {f}, which is missing from {folder}")
-        return {k: os.path.join(folder, f) for k, f in weight_map.items()}
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
-                            f"(only safetensors weights are read)")
+    """{hf_key: file} of a HF weights folder: model.safetensors, or shards + model.safetensors.index.json; else
+    pytorch_model.bin (+ index), read with torch.load(weights_only=True): no code runs."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):
+            weight_map = _read_json(index)["weight_map"]
+            for f in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(folder, f)):
+                    raise InputError(f"{index} lists shard {f}, which is missing from {folder}")
+            return {k: os.path.join(folder, f) for k, f in weight_map.items()}
+        single = os.path.join(folder, name)
+        if os.path.isfile(single):
+            return {k: single for k in _open_weights(single).keys()}
+    raise InputError(f"{folder} has no weights (model.safetensors, sharded safetensors with an index, or "
+                     f"pytorch_model.bin)")
+
+
+@functools.lru_cache(maxsize=8)
+def _open_weights(file):
+    """A {key: tensor-like} view of one weights file: a lazy safetensors handle, or a .bin loaded safely."""
+    try:
+        if file.endswith(".bin"):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return _LazySafetensors(file)
+    except Exception as e:  # noqa: BLE001 - any reader error of a user's file: name the file, say what it is
+        raise InputError(f"{file}: cannot read the weights ({type(e).__name__}: {e}); a truncated or corrupt "
+                         f"download?") from e
+
+
+class _LazySafetensors:
+    """keys(), shape(key) and get(key) of a .safetensors file, reading one tensor at a time."""
+
+    def __init__(self, file):
+        self.file = file
+        with safe_open(file, "pt") as f:
+            self._keys = list(f.keys())
+            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self._keys}
+
+    def keys(self):
+        return self._keys
+
+    def __getitem__(self, key):
+        try:
+            with safe_open(self.file, "pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{self.file}: cannot read tensor {key!r} ({type(e).__name__}: {e}); a truncated or "
+                             f"corrupt download?") from e
+
+
+def _shape(weights, key):
+    return weights._shapes[key] if isinstance(weights, _LazySafetensors) else tuple(weights[key].shape)
 
 
 def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=None, device=None) -> dict:
-    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected`;
-    each tensor is moved to dtype (floating point ones; None = as stored) and device as soon as it is read."""
+    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected` (all
+    shapes first, from the files' headers: a bad 8B folder fails in a second); each tensor is moved to dtype
+    (floating point ones; None = as stored) and device as soon as it is read."""
     where = {}  # our name -> (file, hf key)
     for part in _PARTS:
-        folder = os.path.join(path, part)
-        for key, file in _weight_files(folder).items():
+        for key, file in _weight_files(os.path.join(path, part)).items():
             ours = hf_to_ours(part, key)
             if ours is None:
                 if any(rx.search(key) for rx in _IGNORED_HF):
                     continue
-                raise ValueError(f"{file}: tensor '{key}' has no place in this model (unknown name)")
+                raise InputError(f"{file}: tensor '{key}' has no place in this model (unknown name)")
             if ours not in expected:
-                raise ValueError(f"{file}: tensor '{key}' ({ours}) does not exist in a model with this config "
+                raise InputError(f"{file}: tensor '{key}' ({ours}) does not exist in a model with this config "
                                  f"(e.g. a layer index beyond the config's layer count)")
             where[ours] = (file, key)
     if config.llm.tie_embeddings:
@@ -1024,27 +1135,18 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=
     missing = [k for k in expected if k not in where and not (k == "llm.output.weight" and config.llm.tie_embeddings)]
     if missing:
         part, key = ours_to_hf(missing[0])
-        index = os.path.join(path, part, "model.safetensors.index.json")
-        file = index if os.path.isfile(index) else os.path.join(path, part, "model.safetensors")
-        raise ValueError(f"{file}: checkpoint is missing {len(missing)} tensor(s), e.g. '{key}' "
-                         f"(our {missing[0]}, shape {tuple(expected[missing[0]])})")
-    by_file = {}
+        files = sorted({f for f, _ in where.values() if os.path.dirname(f) == os.path.join(path, part)})
+        raise InputError(f"{', '.join(files) or os.path.join(path, part)}: checkpoint is missing {len(missing)} "
+                         f"tensor(s), e.g. '{key}' (our {missing[0]}, shape {tuple(expected[missing[0]])})")
     for ours, (file, key) in where.items():
-        by_file.setdefault(file, []).append((ours, key))
-    for file, items in by_file.items():  # all shapes first (headers only): a bad 8B folder fails in a second
-        with safe_open(file, "pt") as f:
-            for ours, key in items:
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[ours]):
-                    raise ValueError(f"{file}: tensor '{key}' has shape {shape} but the config expects "
-                                     f"{tuple(expected[ours])} (for {ours})")
+        if _shape(_open_weights(file), key) != tuple(expected[ours]):
+            raise InputError(f"{file}: tensor '{key}' has shape {_shape(_open_weights(file), key)} but the config "
+                             f"expects {tuple(expected[ours])} (for {ours})")
     tensors = {}
-    for file, items in by_file.items():
-        with safe_open(file, "pt") as f:
-            for ours, key in items:
-                t = f.get_tensor(key)
-                tensors[ours] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
-                                     else t.dtype)
+    for ours, (file, key) in where.items():
+        t = _open_weights(file)[key]
+        tensors[ours] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    _open_weights.cache_clear()
     if config.llm.tie_embeddings:
         tensors["llm.output.weight"] = tensors["llm.tok_embeddings.weight"]
     return tensors
@@ -1093,8 +1195,8 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
         os.makedirs(os.path.join(path, part), exist_ok=True)
         _write_weights(os.path.join(path, part), parts[part], max_shard_bytes)
     llm_cfg, vis_cfg = _llm_to_hf(cfg.llm, dtype), _vision_to_hf(cfg.vision, dtype)
-    proj_cfg = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector",
-                "mm_projector_type": "mlp_downsample"}
+    kind = "mlp_downsample" if cfg.projector.token_order == "column-major" else "mlp_downsample_2x2_fix"
+    proj_cfg = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector", "mm_projector_type": kind}
     _write_json(os.path.join(path, "llm", "config.json"), llm_cfg)
     _write_json(os.path.join(path, "vision_tower", "config.json"), vis_cfg)
     _write_json(os.path.join(path, "mm_projector", "config.json"), proj_cfg)
@@ -1108,7 +1210,7 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
     _write_json(os.path.join(path, "config.json"), {
         "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
         "llm_cfg": dict(llm_cfg, _name_or_path="./llm"), "vision_tower_cfg": dict(vis_cfg, _name_or_path="./vision_tower"),
-        "mm_projector_cfg": dict(proj_cfg, _name_or_path="./mm_projector"), "mm_projector": "mlp_downsample",
+        "mm_projector_cfg": dict(proj_cfg, _name_or_path="./mm_projector"), "mm_projector": kind,
         "hidden_size": cfg.llm.dim, "mm_hidden_size": cfg.vision.width,
         "mm_vision_select_layer": cfg.vision.select_layer, "mm_vision_select_feature": "cls_patch",
         "image_aspect_ratio": cfg.image_aspect_ratio, "fps": cfg.fps, "num_video_frames": cfg.num_video_frames,
@@ -1125,39 +1227,31 @@ def _count(module_or_params):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description="Build a LongVILA preset, run a forward+backward on a random video and "
+                                 "generate a few tokens.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     ap.add_argument("--frames", type=int, default=2, help="frames of the random video")
-    ap.add_argument("--new-tokens", type=int, default=8, help="tokens to generate")
+    ap.add_argument("--new_tokens", type=int, default=8, help="tokens to generate")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
-    g = ap.add_argument_group("GPU checks")
-    g.add_argument("--compare-sdpa", action="store_true",
-                   help="also run the forward with torch SDPA attention and print the largest logit difference")
-    g.add_argument("--bench-steps", type=int, default=0, help="time this many text training steps (after 2 warm-up)")
-    g.add_argument("--seq-len", type=int, default=4096, help="tokens per benchmark step (batch 1)")
-    g.add_argument("--grad-ckpt", action="store_true", help="recompute blocks in backward (long benchmark steps)")
-    g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16: 989)")
+    ap.add_argument("--compare_sdpa", action="store_true",
+                    help="also run the decoder with torch SDPA attention and print the largest logit difference")
+    argv = [a.split("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=")[0]):]
+            if a.startswith("--") else a for a in (argv if argv is not None else sys.argv[1:])]
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
-    dtype = getattr(torch, args.dtype)
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight in the target dtype: an 8B model never exists in fp32
+    torch.set_default_dtype(getattr(torch, args.dtype))  # built straight in the target dtype: 8B never in fp32
     with torch.device(args.device):
         model = LongVILA(cfg)
     torch.set_default_dtype(default_dtype)
-    model.set_grad_checkpointing(args.grad_ckpt)
     print(f"preset {args.preset}: vision {_count(model.vision) / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
           f"{cfg.vision.layers} layers), projector {_count(model.projector) / 1e6:.2f}M, "
           f"llm {_count(model.llm) / 1e6:.2f}M, total {_count(model) / 1e6:.2f}M parameters")
     N, S = cfg.tokens_per_frame, cfg.vision.image_size
-    newline = 13  # any text id stands for "\n" in this random demo
-    ids = [1, 5, 6]
-    for _ in range(args.frames):
-        ids += [IMAGE_TOKEN_ID] * N + [newline]
-    ids += [7, 8, 9]
+    ids = [1, 5, 6] + ([IMAGE_TOKEN_ID] * N + [13]) * args.frames + [7, 8, 9]  # 13 stands for "\n" here
     input_ids = torch.tensor([ids], device=args.device)  # (1, T)
     video = torch.randn(args.frames, 3, S, S, device=args.device)  # (F, 3, S, S)
     labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, IGNORE_INDEX)  # (1, T)
@@ -1171,28 +1265,13 @@ def main(argv=None):
         with torch.no_grad():
             h = model.embed(input_ids, [video])  # (1, T, C)
             pos = torch.arange(h.shape[1], device=h.device)[None]  # (1, T)
-            a = model.llm.output(model.forward_embeds(h, pos)).float()  # default attention (flash kernel on CUDA)
+            a = model.llm.output(model.forward_embeds(h, pos)).float()  # default attention (kernels.py on CUDA)
             b = model.llm.output(model.forward_embeds(h, pos, attn=sdpa_attention)).float()  # torch SDPA
         print(f"max |logits(default attention) - logits(SDPA)| = {(a - b).abs().max().item():.3e} "
               f"(logit scale {b.abs().max().item():.2f}, {args.dtype})")
     t0 = time.time()
     new = model.generate(input_ids, [video], max_new_tokens=args.new_tokens)
     print(f"generated {new.shape[1]} tokens in {time.time() - t0:.3f}s: {new[0].tolist()}")
-    if args.bench_steps:
-        x = torch.randint(0, cfg.llm.vocab_size, (1, args.seq_len), device=args.device)  # (1, T)
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        for i in range(args.bench_steps + 2):
-            if i == 2:
-                sync()
-                t0 = time.time()
-            model(x, None, x, return_logits=False)[1].backward()
-            model.zero_grad(set_to_none=True)
-        sync()
-        dt = (time.time() - t0) / args.bench_steps
-        flops = model.flops_per_token(args.seq_len, causal=True) * args.seq_len
-        print(f"train step, {args.seq_len} text tokens: {dt * 1e3:.1f} ms, {args.seq_len / dt:,.0f} tok/s, "
-              f"{flops / dt / 1e12:.1f} TFLOP/s (causal attention counted), MFU {flops / dt / 1e12 / args.peak_tflops:.1%}"
-              + (f", peak mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if x.is_cuda else ""))
 
 
 if __name__ == "__main__":

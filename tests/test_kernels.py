@@ -302,7 +302,8 @@ def _fused_cases(dtype):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
     pos = torch.arange(5).expand(2, 5) + 7  # (B, T) true positions
-    cos, sin = lv.rope_cos_sin(pos, 8, 10000.0, dtype=dtype)  # (B, T, D/2) as the model makes them
+    inv_freq = lv.rope_inv_freq(lv.LLMConfig(dim=24, n_heads=3, n_kv_heads=3, rope_theta=10000.0))  # D = 8
+    cos, sin = lv.rope_cos_sin(pos, inv_freq, dtype=dtype)  # (B, T, D/2) as the model makes them
     cos, sin = cos.to(DEVICE), sin.to(DEVICE)
     return [("rms_norm", lambda x, w: kernels.rms_norm(x, w, 1e-5), lambda x, w: lv.rms_norm(x, w, 1e-5),
              (r(2, 7, 40) * 3, 1 + 0.1 * r(40))),
@@ -344,7 +345,8 @@ def test_fused_ops_errors_and_strides():
     # a non-contiguous input (a slice of heads, as q/k are views of one projection) gives the contiguous result
     import longvila as lv
     big = torch.randn(2, 4, 5, 8, device=DEVICE)
-    cos, sin = lv.rope_cos_sin(torch.arange(4).expand(2, 4), 8, 500000.0)
+    inv_freq = lv.rope_inv_freq(lv.LLMConfig(dim=40, n_heads=5, n_kv_heads=5, rope_theta=500000.0))  # D = 8
+    cos, sin = lv.rope_cos_sin(torch.arange(4).expand(2, 4), inv_freq)
     cos, sin = cos.to(DEVICE), sin.to(DEVICE)
     torch.testing.assert_close(kernels.rotary(big[:, :, 1:4], cos, sin), lv.apply_rotary_emb(big[:, :, 1:4], cos, sin))
     w = torch.randn(8, device=DEVICE)

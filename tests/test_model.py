@@ -68,8 +68,9 @@ def hf_siglip(seed=0, **kw):
     return randomize_(SiglipVisionModel(SiglipVisionConfig(**base)).eval(), seed + 1)
 
 
-def reference_flat_square(x):
-    """Transcription of NVlabs/VILA DownSampleBlock (forward + flat_square), the reference's own reshapes."""
+def reference_flat_square(x, nvila=False):
+    """Transcription of NVlabs/VILA DownSampleBlock (forward + flat_square), the reference's own reshapes: the
+    LongVILA branch's, or (nvila) main's since commit 36f6adc, which permutes the result once more."""
     h = w = int(x.shape[1] ** 0.5)
     x = x.reshape(x.shape[0], h, w, -1)
     n, w, h, c = x.size()
@@ -82,6 +83,8 @@ def reference_flat_square(x):
     x = x.view(n, w, int(h / 2), int(c * 2))
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.view(n, int(h / 2), int(w / 2), int(c * 4))
+    if nvila:
+        x = x.permute(0, 2, 1, 3).contiguous()
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -106,7 +109,20 @@ def llm_logits(llm, ids):
     return llm.output(h)
 
 
-def write_vila_dir(path, hf_lm, siglip, proj, select_layer=-2, shard=None):
+# The top-level config.json of a released Llama-3 LongVILA checkpoint (LongVILA-8B-1024Frames), as VILA's LongVILA
+# branch writes it (LlavaConfig + prepare_config_for_training); sizes and paths differ, the fields are the same.
+RELEASED_TOP = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "resume_path": None,
+                "hidden_size": 64, "mm_hidden_size": 32, "image_aspect_ratio": "resize", "num_video_frames": 1024,
+                "fps": 0.0, "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch",
+                "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_projector_lr": None,
+                "vision_resolution": -1, "interpolate_mode": "linear", "s2": False, "s2_scales": "336,672,1008",
+                "s2_max_split_size": 336, "model_dtype": "torch.bfloat16", "tune_language_model": True,
+                "tune_vision_tower": True, "tune_mm_projector": True, "drop_path_rate": 0.0,
+                "llm_cfg": {}, "vision_tower_cfg": {}, "mm_projector_cfg": {}, "_name_or_path": "/ckpt/longvila",
+                "transformers_version": "4.37.2"}
+
+
+def write_vila_dir(path, hf_lm, siglip, proj, select_layer=-2, shard=None, top=None, projector_type="mlp_downsample"):
     """A VILA-layout checkpoint written the way the released ones are: HF save_pretrained for llm/ and vision_tower/."""
     hf_lm.save_pretrained(os.path.join(path, "llm"), **({"max_shard_size": shard} if shard else {}))
     siglip.save_pretrained(os.path.join(path, "vision_tower"))
@@ -114,10 +130,10 @@ def write_vila_dir(path, hf_lm, siglip, proj, select_layer=-2, shard=None):
     save_file({"layers." + k: v.contiguous() for k, v in proj.state_dict().items()},  # MultimodalProjector.layers
               os.path.join(path, "mm_projector", "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "mm_projector", "config.json"), "w") as f:
-        json.dump({"mm_projector_type": "mlp_downsample", "model_type": "v2l_projector"}, f)
+        json.dump({"architectures": ["MultimodalProjector"], "mm_projector_type": projector_type,
+                   "model_type": "v2l_projector", "torch_dtype": "bfloat16"}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model_type": "llava_llama", "architectures": ["LlavaLlamaModel"], "mm_projector": "mlp_downsample",
-                   "mm_vision_select_layer": select_layer, "image_aspect_ratio": "resize", "num_video_frames": 8}, f)
+        json.dump(dict(RELEASED_TOP, mm_vision_select_layer=select_layer, **(top or {})), f)
 
 
 def tiny_model(seed=0):
@@ -138,17 +154,20 @@ def video_prompt(n_frames, n_tok, prefix=(1, 5, 6), suffix=(7, 8, 9), newline=13
 @pytest.mark.parametrize("kind,kw", [
     ("llama", dict(rope_theta=5000.0, rms_norm_eps=1e-5)),
     ("llama", dict(rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # Llama 3.1's scaling; original length 64 puts the 8 frequencies of head dim 16 in all three bands
+    ("llama", dict(rope_theta=5000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     ("qwen2", dict(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
     ("qwen2", dict(rope_theta=1e6, num_key_value_heads=1)),
 ])
 def test_llm_logits_match_hf(kind, kw):
-    hf = hf_llm(kind, **kw)
+    hf = hf_llm(kind, **json.loads(json.dumps(kw)))  # a copy: transformers adds rope_theta to the dict it is given
     cfg = lv._llm_from_hf(json.loads(hf.config.to_json_string()), "<hf config>")
     assert cfg.qkv_bias == (kind == "qwen2") and cfg.tie_embeddings == kw.get("tie_word_embeddings", False)
     if "rope_scaling" in kw:
-        assert cfg.rope_scaling == 4.0
+        assert cfg.rope_scaling == kw["rope_scaling"]
     llm = load_llm_from_hf(hf, cfg)
-    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (2, 200), generator=torch.Generator().manual_seed(1))  # past the original 64
     with torch.no_grad():
         ref = hf(ids).logits
         out = llm_logits(llm, ids)
@@ -158,8 +177,10 @@ def test_llm_logits_match_hf(kind, kw):
 def test_rope_scaling_is_position_interpolation():
     # linear factor s: position p is rotated exactly like position p / s without scaling
     pos = torch.arange(0, 64, 4)[None]  # (1, 16)
-    c1, s1 = lv.rope_cos_sin(pos, 16, 1e4, scaling=4.0)
-    c2, s2 = lv.rope_cos_sin(pos // 4, 16, 1e4)
+    cfg = lv.LLMConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=1e4)
+    c1, s1 = lv.rope_cos_sin(pos, lv.rope_inv_freq(lv.LLMConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=1e4,
+                                                                rope_scaling={"rope_type": "linear", "factor": 4.0})))
+    c2, s2 = lv.rope_cos_sin(pos // 4, lv.rope_inv_freq(cfg))
     assert torch.allclose(c1, c2, atol=1e-6) and torch.allclose(s1, s2, atol=1e-6)
 
 
@@ -187,6 +208,10 @@ def test_projector_merge_order_matches_reference(grid):
     ref = reference_flat_square(x)
     assert out.shape == ref.shape == (2, math.ceil(grid / 2) ** 2, 24)
     assert torch.equal(out, ref)
+    rows = lv.downsample_2x2(x, "row-major")
+    assert torch.equal(rows, reference_flat_square(x, nvila=True))
+    if grid > 2:
+        assert not torch.equal(rows, out)
     # the order spelled out: token (j, i), column pair j outer, = [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)]
     g2 = grid + grid % 2
     xg = torch.zeros(2, g2, g2, 6)
@@ -196,29 +221,75 @@ def test_projector_merge_order_matches_reference(grid):
             want = torch.cat([xg[:, 2 * i, 2 * j], xg[:, 2 * i, 2 * j + 1], xg[:, 2 * i + 1, 2 * j],
                               xg[:, 2 * i + 1, 2 * j + 1]], -1)
             assert torch.equal(out[:, j * (g2 // 2) + i], want)
+            assert torch.equal(rows[:, i * (g2 // 2) + j], want)
     assert lv.ProjectorConfig().tokens_per_frame(grid) == math.ceil(grid / 2) ** 2
 
 
-def test_multimodal_forward_from_hf_written_vila_dir(tmp_path):
-    hf = hf_llm("llama", rope_theta=5000.0)
-    sig = hf_siglip(image_size=24)  # odd grid 3 -> padded -> 4 tokens per frame
+@pytest.mark.parametrize("kind,projector_type,order", [
+    ("llama", "mlp_downsample", "column-major"),       # the Llama-3 LongVILA checkpoints (VILA's LongVILA branch)
+    ("qwen2", "mlp_downsample", "row-major"),          # Qwen2 LongVILA, released with VILA main
+    ("llama", "mlp_downsample_2x2_fix", "row-major"),  # VILA main's explicit name for the row-major merge
+])
+def test_multimodal_forward_from_hf_written_vila_dir(tmp_path, kind, projector_type, order):
+    """A released LongVILA folder (config.json with the reference's fields, sharded llm/, vision_tower/,
+    mm_projector/) loads, and its logits equal the reference's computation with the reference's token order."""
+    hf = hf_llm(kind, rope_theta=5000.0)
+    sig = hf_siglip(image_size=40)  # odd grid 5 -> padded to 6 -> 9 tokens per frame
     proj = reference_projector(32, 64)
-    write_vila_dir(tmp_path, hf, sig, proj, shard="20KB")  # sharded llm/ with an index
+    write_vila_dir(tmp_path, hf, sig, proj, shard="20KB", projector_type=projector_type)  # sharded llm/ + index
     assert os.path.isfile(tmp_path / "llm" / "model.safetensors.index.json")
     model = LongVILA.from_pretrained(str(tmp_path), dtype=torch.float32)
-    assert model.config.tokens_per_frame == 4 and model.config.llm.model_type == "llama"
+    assert model.config.tokens_per_frame == 9 and model.config.llm.model_type == kind
+    assert model.config.projector.token_order == order and model.config.num_video_frames == 1024
 
-    ids = video_prompt(3, 4)  # (1, T)
-    frames = torch.randn(3, 3, 24, 24)
+    ids = video_prompt(3, 9)  # (1, T)
+    frames = torch.randn(3, 3, 40, 40)
     ids2 = torch.randint(0, 96, (1, ids.shape[1]))  # a second, text-only row
     with torch.no_grad():
         out, _ = model(torch.cat([ids, ids2]), [frames, None])
         feats = sig(pixel_values=frames, output_hidden_states=True).hidden_states[-2]  # (F, P, Cv)
-        vis = proj(reference_flat_square(feats)).reshape(-1, 64)  # (F*N, C)
+        vis = proj(reference_flat_square(feats, nvila=order == "row-major")).reshape(-1, 64)  # (F*N, C)
         emb = hf.model.embed_tokens(torch.cat([ids, ids2]).clamp(min=0))  # (2, T, C)
         emb[0, ids[0] == IMAGE_TOKEN_ID] = vis
         ref = hf(inputs_embeds=emb).logits
     assert (out - ref).abs().max().item() <= TOL
+
+
+UNSUPPORTED = [  # (file, field, value): what the reference can do and this model cannot must stop the load
+    ("config.json", "s2", True), ("config.json", "dynamic_s2", True), ("config.json", "image_aspect_ratio", "dynamic"),
+    ("config.json", "video_encoder", {"_target_": "llava.model.encoders.TSPVideoEncoder"}),
+    ("config.json", "mm_use_im_start_end", True), ("config.json", "chat_template", "vicuna_v1"),
+    ("mm_projector/config.json", "mm_projector_type", "mlp_downsample_3x3_fix"),
+    ("llm/config.json", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+]
+
+
+@pytest.mark.parametrize("file,field,value", UNSUPPORTED)
+def test_unsupported_config_fields_stop_the_load(tmp_path, file, field, value):
+    write_vila_dir(tmp_path, hf_llm("llama"), hf_siglip(), reference_projector(32, 64))
+    path = tmp_path / file
+    c = json.loads(path.read_text())
+    c[field] = value
+    path.write_text(json.dumps(c))
+    with pytest.raises(lv.InputError, match=f"{file}: .*{field.split('_')[0]}"):
+        LongVILA.from_pretrained(str(tmp_path))
+
+
+def test_bin_weights_load_and_a_truncated_file_is_named(tmp_path):
+    hf, sig, proj = hf_llm("llama"), hf_siglip(), reference_projector(32, 64)
+    write_vila_dir(tmp_path / "bin", hf, sig, proj)
+    st = tmp_path / "bin" / "llm" / "model.safetensors"   # older checkpoints: llm/pytorch_model.bin (a pickle)
+    torch.save(load_file(str(st)), str(tmp_path / "bin" / "llm" / "pytorch_model.bin"))
+    st.unlink()
+    write_vila_dir(tmp_path / "st", hf, sig, proj)
+    a, b = LongVILA.from_pretrained(str(tmp_path / "bin")), LongVILA.from_pretrained(str(tmp_path / "st"))
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(a(ids)[0], b(ids)[0])
+    f = tmp_path / "st" / "vision_tower" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(lv.InputError, match=r"vision_tower/model\.safetensors: cannot read"):
+        LongVILA.from_pretrained(str(tmp_path / "st"))
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +330,8 @@ def test_qwen2_tied_checkpoint_round_trip_and_hf_read(tmp_path):
     cfg = lv.PRESETS["tiny"]
     cfg = lv.LongVILAConfig(vision=cfg.vision, projector=cfg.projector, chat_template="chatml",
                             llm=lv.LLMConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                                             ffn_dim=256, norm_eps=1e-6, rope_theta=1e6, rope_scaling=2.0,
+                                             ffn_dim=256, norm_eps=1e-6, rope_theta=1e6,
+                                             rope_scaling={"rope_type": "linear", "factor": 2.0},
                                              qkv_bias=True, tie_embeddings=True, model_type="qwen2"))
     torch.manual_seed(0)
     model = randomize_(LongVILA(cfg).eval(), 3)
@@ -526,7 +598,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     import shutil
     shutil.copytree(tmp_path / "ok", tmp_path / "nopart")
     shutil.rmtree(tmp_path / "nopart" / "mm_projector")
-    with pytest.raises(FileNotFoundError, match="mm_projector"):
+    with pytest.raises(lv.InputError, match="mm_projector"):
         LongVILA.from_pretrained(str(tmp_path / "nopart"))
     # a missing tensor: names the HF key and the folder
     shutil.copytree(tmp_path / "ok", tmp_path / "notensor")
@@ -549,6 +621,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_docstring_command_runs(capsys):
-    lv.main(["--preset", "tiny", "--new-tokens", "3", "--compare-sdpa"])
+    lv.main(["--preset", "tiny", "--new_tokens", "3", "--compare_sdpa"])
     out = capsys.readouterr().out
-    assert "preset tiny" in out and "generated 3 tokens" in out and "logits(SDPA)| = 0.000e+00" in out
+    assert "preset tiny" in out and "generated 3 tokens" in out
+    diff = float(out.split("logits(SDPA)| = ")[1].split()[0])  # 0 on CPU (SDPA both); the flash kernel on a GPU
+    assert diff < 1e-4, diff
