@@ -88,7 +88,7 @@ class VisionConfig:
 
     @property
     def n_used_layers(self) -> int:
-        """Layers that run: hidden_states has layers + 1 entries (entry 0 = embeddings), so entry s is after s layers."""
+        """Layers that run: HF's hidden_states has layers + 1 entries (0 = embeddings): entry s is after s layers."""
         return self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
 
 
@@ -728,7 +728,7 @@ class LongVILA(nn.Module):
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
-        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         cfg = self.config.llm
         T = input_ids.shape[1]
         h = self.embed(input_ids, images)  # (1, T, C)
@@ -1002,10 +1002,9 @@ _TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "ch
 
 def _check_top_config(top, file):
     """Refuse what the reference can do and this model cannot; returns (chat template or None, token order)."""
-    for field, ok in (("s2", False), ("dynamic_s2", False), ("mm_use_im_start_end", False),
-                      ("mm_use_im_patch_token", False)):
-        if top.get(field, ok) not in (ok, None):
-            _refuse(file, field, top[field], "multi-scale S2 features and image start/end tokens are not implemented")
+    for name in ("s2", "dynamic_s2", "mm_use_im_start_end", "mm_use_im_patch_token"):
+        if top.get(name) not in (False, None):
+            _refuse(file, name, top[name], "multi-scale S2 features and image start/end tokens are not implemented")
     if top.get("image_aspect_ratio", "resize") not in ("resize", "pad", None):
         _refuse(file, "image_aspect_ratio", top["image_aspect_ratio"], "resize or pad")
     if top.get("mm_vision_select_feature", "cls_patch") not in ("cls_patch", "patch"):
@@ -1014,10 +1013,10 @@ def _check_top_config(top, file):
         _refuse(file, "vision_resolution", top["vision_resolution"], "the tower's own resolution only")
     if top.get("mm_patch_merge_type", "flat") not in ("flat", None):
         _refuse(file, "mm_patch_merge_type", top["mm_patch_merge_type"], "flat only")
-    for field, basic in (("image_encoder", "BasicImageEncoder"), ("video_encoder", "BasicVideoEncoder")):
-        target = (top.get(field) or {}).get("_target_", basic) if isinstance(top.get(field), dict) else top.get(field)
+    for name, basic in (("image_encoder", "BasicImageEncoder"), ("video_encoder", "BasicVideoEncoder")):
+        target = top[name].get("_target_", basic) if isinstance(top.get(name), dict) else top.get(name)
         if target is not None and not str(target).endswith(basic):
-            _refuse(file, field, target, f"only VILA's {basic} (frame by frame) is implemented")
+            _refuse(file, name, target, f"only VILA's {basic} (frame by frame) is implemented")
     template = top.get("chat_template")
     if template not in _TEMPLATES:
         _refuse(file, "chat_template", template, "llama3 (llama_3) or chatml (qwen2)")
@@ -1209,7 +1208,8 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
         shutil.copyfile(tokenizer_json, os.path.join(path, "llm", "tokenizer.json"))
     _write_json(os.path.join(path, "config.json"), {
         "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
-        "llm_cfg": dict(llm_cfg, _name_or_path="./llm"), "vision_tower_cfg": dict(vis_cfg, _name_or_path="./vision_tower"),
+        "llm_cfg": dict(llm_cfg, _name_or_path="./llm"),
+        "vision_tower_cfg": dict(vis_cfg, _name_or_path="./vision_tower"),
         "mm_projector_cfg": dict(proj_cfg, _name_or_path="./mm_projector"), "mm_projector": kind,
         "hidden_size": cfg.llm.dim, "mm_hidden_size": cfg.vision.width,
         "mm_vision_select_layer": cfg.vision.select_layer, "mm_vision_select_feature": "cls_patch",

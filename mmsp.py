@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import kernels
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, cross_entropy_sum, sample_token, shift_labels
 
+
 # -----------------------------------------------------------------------------
 # distributed set-up: one init, one rank grid, explicit groups
 
@@ -94,11 +95,9 @@ class SPLayout:
 
 def _priority_options():
     """NCCL options for the ring groups: their kernels on a HIGH-PRIORITY stream. A ring step posts the next KV
-    block (and in the backward the partial dk/dv) and then launches an attention kernel that fills every SM; on a
-    normal-priority stream the NCCL kernel gets no SM until that kernel drains, so the "overlapped" transfer ran
-    after it (seen in a profile on 2 H200: 0.6 ms per forward step and the whole last dk/dv hop, ~1.9 ms at 32k
-    tokens, exposed). High priority lets it take SMs as soon as any attention block finishes: zigzag ring at 32k
-    tokens, GQA, went from 40.3 to 38.3 ms (scaling efficiency 0.905 -> 0.946) on the same 2 H200."""
+    block (in the backward also the partial dk/dv) and then launches an attention kernel that fills every SM; at
+    normal priority the transfer gets no SM until that kernel drains, so the "overlapped" send would run after it.
+    High priority lets it start as soon as any attention block finishes (docs/performance.md measures it)."""
     if dist.get_backend() != "nccl":
         return None
     opts = dist.ProcessGroupNCCL.Options()
@@ -147,49 +146,6 @@ def make_layout(sp=1, ring=1, backend=None, zigzag=True) -> SPLayout:
             if (rr, uu) == (r, u):
                 layout.dp_group = g
     return layout
-
-
-# -----------------------------------------------------------------------------
-# which tokens a rank owns (zigzag over ring, contiguous over Ulysses inside)
-
-
-def padded_length(T: int, sp: int) -> int:
-    """Sequence length padded to a multiple of 2*sp (two zigzag chunks per ring rank, split over Ulysses)."""
-    return -(-T // (2 * sp)) * (2 * sp)
-
-
-def shard_indices(Tp: int, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int, zigzag=True):
-    """Token indices (T/sp,) owned by one rank of a padded length-Tp sequence, in increasing order.
-
-    zigzag: ring rank r holds chunks r and 2R-1-r of 2R equal chunks, so every rank has the same causal work;
-    plain: rank r holds chunk r of R. Inside that (T/ring,) piece, Ulysses ranks take contiguous parts, so after
-    the Ulysses all-to-all each rank again holds the ring piece in order (no reordering)."""
-    sp = ring * ulysses
-    if Tp % (2 * sp):
-        raise ValueError(f"padded length {Tp} is not a multiple of 2*sp={2 * sp}; pad with padded_length()")
-    if zigzag:
-        c = Tp // (2 * ring)
-        piece = torch.cat([torch.arange(ring_rank * c, (ring_rank + 1) * c),
-                           torch.arange((2 * ring - 1 - ring_rank) * c, (2 * ring - ring_rank) * c)])  # (T/ring,)
-    else:
-        c = Tp // ring
-        piece = torch.arange(ring_rank * c, (ring_rank + 1) * c)                                     # (T/ring,)
-    L = Tp // sp
-    return piece[ulysses_rank * L:(ulysses_rank + 1) * L]                                            # (T/sp,)
-
-
-def layout_indices(Tp: int, layout: SPLayout):
-    """This rank's token indices (T/sp,)."""
-    return shard_indices(Tp, layout.ring, layout.ulysses, layout.ring_rank, layout.ulysses_rank, layout.zigzag)
-
-
-def token_owner(Tp: int, layout: SPLayout):
-    """(Tp,) sp_rank owning each token index: the same on every rank, computed without communication."""
-    owner = torch.empty(Tp, dtype=torch.long)
-    for r in range(layout.ring):
-        for u in range(layout.ulysses):
-            owner[shard_indices(Tp, layout.ring, layout.ulysses, r, u, layout.zigzag)] = u + r * layout.ulysses
-    return owner
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +199,150 @@ def _ring_exchange(buf, send_to, recv_from, group, tag=0):
 def _wait(reqs):
     for r in reqs:
         r.wait()
+
+
+# -----------------------------------------------------------------------------
+# which tokens a rank owns (zigzag over ring, contiguous over Ulysses inside)
+
+
+def padded_length(T: int, sp: int) -> int:
+    """Sequence length padded to a multiple of 2*sp (two zigzag chunks per ring rank, split over Ulysses)."""
+    return -(-T // (2 * sp)) * (2 * sp)
+
+
+def shard_indices(Tp: int, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int, zigzag=True):
+    """Token indices (T/sp,) owned by one rank of a padded length-Tp sequence, in increasing order.
+
+    zigzag: ring rank r holds chunks r and 2R-1-r of 2R equal chunks, so every rank has the same causal work;
+    plain: rank r holds chunk r of R. Inside that (T/ring,) piece, Ulysses ranks take contiguous parts, so after
+    the Ulysses all-to-all each rank again holds the ring piece in order (no reordering)."""
+    sp = ring * ulysses
+    if Tp % (2 * sp):
+        raise ValueError(f"padded length {Tp} is not a multiple of 2*sp={2 * sp}; pad with padded_length()")
+    if zigzag:
+        c = Tp // (2 * ring)
+        piece = torch.cat([torch.arange(ring_rank * c, (ring_rank + 1) * c),
+                           torch.arange((2 * ring - 1 - ring_rank) * c, (2 * ring - ring_rank) * c)])  # (T/ring,)
+    else:
+        c = Tp // ring
+        piece = torch.arange(ring_rank * c, (ring_rank + 1) * c)                                     # (T/ring,)
+    L = Tp // sp
+    return piece[ulysses_rank * L:(ulysses_rank + 1) * L]                                            # (T/sp,)
+
+
+def layout_indices(Tp: int, layout: SPLayout):
+    """This rank's token indices (T/sp,)."""
+    return shard_indices(Tp, layout.ring, layout.ulysses, layout.ring_rank, layout.ulysses_rank, layout.zigzag)
+
+
+def token_owner(Tp: int, layout: SPLayout):
+    """(Tp,) sp_rank owning each token index: the same on every rank, computed without communication."""
+    owner = torch.empty(Tp, dtype=torch.long)
+    for r in range(layout.ring):
+        for u in range(layout.ulysses):
+            owner[shard_indices(Tp, layout.ring, layout.ulysses, r, u, layout.zigzag)] = u + r * layout.ulysses
+    return owner
+
+
+# -----------------------------------------------------------------------------
+# two-stage sharding: frames over SP ranks for the vision tower, zigzag tokens for the LLM
+
+
+def frame_split(num_frames: int, sp: int):
+    """Frames per rank (ceil(F/sp)); rank s encodes frames [s*Fs, (s+1)*Fs) (the tail is padded with dummies)."""
+    return -(-num_frames // sp)
+
+
+def encode_frames_sharded(model, images, layout: SPLayout):
+    """Stage 1: this rank encodes only its share of all frames of the batch -> (rows, C) visual rows, in order.
+
+    images: list (one per sample) of (F, 3, S, S) or None. The frames of the batch, in order, are split evenly:
+    rank s gets Fs = ceil(F_total/sp) of them, padded with dummy (zero) frames so every rank runs the same
+    shapes and every rank's vision parameters join the graph (the dummies' rows are dropped right here).
+    Returns (rows (n_real*N, C), first global frame index, n_real)."""
+    frames = [im for im in (images or []) if im is not None]
+    if not frames:
+        return None, 0, 0
+    device = model.llm.tok_embeddings.weight.device
+    Fs = frame_split(sum(f.shape[0] for f in frames), layout.sp)
+    first = layout.sp_rank * Fs
+    # cut [first, first + Fs) out of the per-sample tensors before moving anything: at 1000+ frames the whole
+    # video would not be worth copying to every GPU
+    pieces, start = [], 0
+    for f in frames:                                                 # f (F_b, 3, S, S)
+        lo, hi = max(first - start, 0), min(first + Fs - start, f.shape[0])
+        if lo < hi:
+            pieces.append(f[lo:hi].to(device))
+        start += f.shape[0]
+    mine = torch.cat(pieces) if pieces else frames[0][:0].to(device)  # (<=Fs, 3, S, S)
+    n_real = mine.shape[0]
+    if n_real < Fs:
+        mine = torch.cat([mine, mine.new_zeros((Fs - n_real,) + tuple(mine.shape[1:]))])   # (Fs, 3, S, S)
+    feats = model.encode_images(mine)                                # (Fs, N, C)
+    return feats[:n_real].reshape(-1, feats.shape[-1]), first, n_real  # (n_real*N, C) dummies dropped
+
+
+def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int):
+    """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
+
+    rows: (n_real*N, C) this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids (same on every
+    rank). Visual token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is
+    owned by token_owner(t). One all-to-all with uneven splits moves exactly those rows; the rows a rank receives
+    come ordered by source rank, i.e. by k, which is the order of its local -200 slots.
+    Returns (rows I own (n_mine, C))."""
+    B, Tp = ids_padded.shape
+    N, sp = tokens_per_frame, layout.sp
+    vis = (ids_padded.cpu() == IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
+    owner = token_owner(Tp, layout)[vis[:, 1]]                       # (K,) sp_rank owning each visual token
+    src = torch.arange(vis.shape[0]) // N // frame_split(num_frames, sp)   # (K,) sp_rank that encoded it
+    mine = src == layout.sp_rank
+    in_splits = torch.bincount(owner[mine], minlength=sp).tolist()   # rows I send to each rank
+    out_splits = torch.bincount(src[owner == layout.sp_rank], minlength=sp).tolist()  # rows I get from each
+    order = torch.argsort(owner[mine], stable=True)                  # group my rows by destination, keep k order
+    send = rows[order.to(rows.device)] if rows is not None else None  # (n_real*N, C)
+    if sp == 1:
+        return send
+    return _AllToAllV.apply(send, in_splits, out_splits, layout.sp_group)   # (n_mine, C)
+
+
+def shard_batch(input_ids, labels, layout: SPLayout, pad_id=0):
+    """Shift labels on the FULL sequence, pad to a multiple of 2*sp, cut this rank's tokens.
+
+    Returns dict: ids_padded (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length).
+    Padding tokens sit after every real token (causally invisible) with ignored targets."""
+    B, T = input_ids.shape
+    Tp = padded_length(T, layout.sp)
+    targets = shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
+    ids_p = torch.cat([input_ids, input_ids.new_full((B, Tp - T), pad_id)], 1)    # (B, Tp)
+    idx = layout_indices(Tp, layout).to(input_ids.device)                     # (T/sp,)
+    out = dict(ids_padded=ids_p, ids=ids_p[:, idx], T=T, Tp=Tp, idx=idx,
+               positions=idx.unsqueeze(0).expand(B, -1))                      # (B, T/sp) true positions
+    if targets is not None:
+        tp = torch.cat([targets, targets.new_full((B, Tp - T), IGNORE_INDEX)], 1)  # (B, Tp)
+        out["targets"] = tp[:, idx]                                           # (B, T/sp)
+        out["global_targets"] = targets
+    return out
+
+
+def sp_embed(model, input_ids, images, layout: SPLayout, shard):
+    """Both stages: (B, T/sp, C) input embeddings of this rank's tokens, text and visual."""
+    B, T = input_ids.shape
+    n_frames = sum(im.shape[0] for im in (images or []) if im is not None)
+    N = model.config.tokens_per_frame
+    counts = (input_ids == IMAGE_TOKEN_ID).sum(1).tolist()
+    per_sample = [0 if im is None else im.shape[0] for im in (images or [None] * B)]
+    for b in range(B):
+        if counts[b] != per_sample[b] * N:
+            raise ValueError(f"sample {b}: input_ids hold {counts[b]} image tokens ({IMAGE_TOKEN_ID}) but "
+                             f"its images give {per_sample[b]} frames x {N} tokens per frame")
+    ids = shard["ids"]                                                       # (B, T/sp)
+    h = model.llm.tok_embeddings(ids.clamp(min=0))                           # (B, T/sp, C) -200 slots filled below
+    if n_frames == 0:
+        return h
+    rows, _, _ = encode_frames_sharded(model, images, layout)               # (n_real*N, C)
+    mine = reshard_visual(rows, shard["ids_padded"], layout, N, n_frames)   # (n_mine, C)
+    slots = (ids == IMAGE_TOKEN_ID).unsqueeze(-1)                   # (B, T/sp, 1)
+    return h.masked_scatter(slots, mine.to(h.dtype))                         # (B, T/sp, C)
 
 
 # -----------------------------------------------------------------------------
@@ -443,107 +543,6 @@ def attention_hook(layout: SPLayout):
 
 
 # -----------------------------------------------------------------------------
-# two-stage sharding: frames over SP ranks for the vision tower, zigzag tokens for the LLM
-
-
-def frame_split(num_frames: int, sp: int):
-    """Frames per rank (ceil(F/sp)); rank s encodes frames [s*Fs, (s+1)*Fs) (the tail is padded with dummies)."""
-    return -(-num_frames // sp)
-
-
-def encode_frames_sharded(model, images, layout: SPLayout):
-    """Stage 1: this rank encodes only its share of all frames of the batch -> (rows, C) visual rows, in order.
-
-    images: list (one per sample) of (F, 3, S, S) or None. The frames of the batch, in order, are split evenly:
-    rank s gets Fs = ceil(F_total/sp) of them, padded with dummy (zero) frames so every rank runs the same
-    shapes and every rank's vision parameters join the graph (the dummies' rows are dropped right here).
-    Returns (rows (n_real*N, C), first global frame index, n_real)."""
-    frames = [im for im in (images or []) if im is not None]
-    if not frames:
-        return None, 0, 0
-    device = model.llm.tok_embeddings.weight.device
-    Fs = frame_split(sum(f.shape[0] for f in frames), layout.sp)
-    first = layout.sp_rank * Fs
-    # cut [first, first + Fs) out of the per-sample tensors before moving anything: at 1000+ frames the whole
-    # video would not be worth copying to every GPU
-    pieces, start = [], 0
-    for f in frames:                                                 # f (F_b, 3, S, S)
-        lo, hi = max(first - start, 0), min(first + Fs - start, f.shape[0])
-        if lo < hi:
-            pieces.append(f[lo:hi].to(device))
-        start += f.shape[0]
-    mine = torch.cat(pieces) if pieces else frames[0][:0].to(device)  # (<=Fs, 3, S, S)
-    n_real = mine.shape[0]
-    if n_real < Fs:
-        mine = torch.cat([mine, mine.new_zeros((Fs - n_real,) + tuple(mine.shape[1:]))])   # (Fs, 3, S, S)
-    feats = model.encode_images(mine)                                # (Fs, N, C)
-    return feats[:n_real].reshape(-1, feats.shape[-1]), first, n_real  # (n_real*N, C) dummies dropped
-
-
-def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int):
-    """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
-
-    rows: (n_real*N, C) this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids (same on every
-    rank). Visual token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is
-    owned by token_owner(t). One all-to-all with uneven splits moves exactly those rows; the rows a rank receives
-    come ordered by source rank, i.e. by k, which is the order of its local -200 slots.
-    Returns (rows I own (n_mine, C))."""
-    B, Tp = ids_padded.shape
-    N, sp = tokens_per_frame, layout.sp
-    vis = (ids_padded.cpu() == IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
-    owner = token_owner(Tp, layout)[vis[:, 1]]                       # (K,) sp_rank owning each visual token
-    src = torch.arange(vis.shape[0]) // N // frame_split(num_frames, sp)   # (K,) sp_rank that encoded it
-    mine = src == layout.sp_rank
-    in_splits = torch.bincount(owner[mine], minlength=sp).tolist()   # rows I send to each rank
-    out_splits = torch.bincount(src[owner == layout.sp_rank], minlength=sp).tolist()  # rows I get from each
-    order = torch.argsort(owner[mine], stable=True)                  # group my rows by destination, keep k order
-    send = rows[order.to(rows.device)] if rows is not None else None  # (n_real*N, C)
-    if sp == 1:
-        return send
-    return _AllToAllV.apply(send, in_splits, out_splits, layout.sp_group)   # (n_mine, C)
-
-
-def shard_batch(input_ids, labels, layout: SPLayout, pad_id=0):
-    """Shift labels on the FULL sequence, pad to a multiple of 2*sp, cut this rank's tokens.
-
-    Returns dict: ids_padded (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length).
-    Padding tokens sit after every real token (causally invisible) with ignored targets."""
-    B, T = input_ids.shape
-    Tp = padded_length(T, layout.sp)
-    targets = shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
-    ids_p = torch.cat([input_ids, input_ids.new_full((B, Tp - T), pad_id)], 1)    # (B, Tp)
-    idx = layout_indices(Tp, layout).to(input_ids.device)                     # (T/sp,)
-    out = dict(ids_padded=ids_p, ids=ids_p[:, idx], T=T, Tp=Tp, idx=idx,
-               positions=idx.unsqueeze(0).expand(B, -1))                      # (B, T/sp) true positions
-    if targets is not None:
-        tp = torch.cat([targets, targets.new_full((B, Tp - T), IGNORE_INDEX)], 1)  # (B, Tp)
-        out["targets"] = tp[:, idx]                                           # (B, T/sp)
-        out["global_targets"] = targets
-    return out
-
-
-def sp_embed(model, input_ids, images, layout: SPLayout, shard):
-    """Both stages: (B, T/sp, C) input embeddings of this rank's tokens, text and visual."""
-    B, T = input_ids.shape
-    n_frames = sum(im.shape[0] for im in (images or []) if im is not None)
-    N = model.config.tokens_per_frame
-    counts = (input_ids == IMAGE_TOKEN_ID).sum(1).tolist()
-    per_sample = [0 if im is None else im.shape[0] for im in (images or [None] * B)]
-    for b in range(B):
-        if counts[b] != per_sample[b] * N:
-            raise ValueError(f"sample {b}: input_ids hold {counts[b]} image tokens ({IMAGE_TOKEN_ID}) but "
-                             f"its images give {per_sample[b]} frames x {N} tokens per frame")
-    ids = shard["ids"]                                                       # (B, T/sp)
-    h = model.llm.tok_embeddings(ids.clamp(min=0))                           # (B, T/sp, C) -200 slots filled below
-    if n_frames == 0:
-        return h
-    rows, _, _ = encode_frames_sharded(model, images, layout)               # (n_real*N, C)
-    mine = reshard_visual(rows, shard["ids_padded"], layout, N, n_frames)   # (n_mine, C)
-    slots = (ids == IMAGE_TOKEN_ID).unsqueeze(-1)                   # (B, T/sp, 1)
-    return h.masked_scatter(slots, mine.to(h.dtype))                         # (B, T/sp, C)
-
-
-# -----------------------------------------------------------------------------
 # SP loss and forward
 
 
@@ -642,7 +641,7 @@ def sp_generate(model, input_ids, images, layout: SPLayout, max_new_tokens=32, t
        (round-robin, so the shards stay balanced over long answers)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"sp_generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
-    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     T = input_ids.shape[1]
     shard = shard_batch(input_ids, None, layout)
     real = shard["idx"] < T                                                 # (T/sp,) padding is not kept
