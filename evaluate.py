@@ -1,37 +1,28 @@
-"""Evaluate a LongVILA checkpoint: video needle in a haystack, multiple-choice video QA, captioning / ask, text
-passkey retrieval and perplexity - on one process or under torchrun with multi-modal sequence parallelism.
+"""evaluate.py: what the LongVILA paper measures (arXiv 2408.10188, section 5), from a checkpoint to scores.
 
-    M=runs/demo/stage5/model D=data/demo/eval          # the CPU demo's model and held-out data (train.py)
-    python evaluate.py niah    --model $M --haystacks $D/niah/haystack --needles $D/niah/needles --out out/niah
-    python evaluate.py mcq     --model $M --questions $D/mcq/mcq.json --num_frames 8 --out out/mcq
-    python evaluate.py caption --model $M --video $D/caption/videos --num_frames 32   # a file or folder; streams
-    python evaluate.py ask     --model $M --video $D/caption/videos/cap_000.mp4 --question "Describe the video."
-    python evaluate.py passkey --model $M --lengths 256,512,1024 --style demo --out out/passkey
-    python evaluate.py ppl     --model $M --text $D/stage4_val.txt --seq_len 1024
-    # contexts one device cannot hold: the same commands under torchrun with a sequence-parallel layout
-    torchrun --nproc_per_node 8 evaluate.py niah --model CKPT --sp 8 --ring 2 --frame_counts 256,512,1024 ...
-    # timing without weights: a random model of a preset, random frames (the 2-GPU, 1024-frame run)
-    torchrun --nproc_per_node 2 evaluate.py ask --random_init longvila-8b --random_frames 1024 --sp 2 --timing
+    python evaluate.py niah --model runs/demo/stage5/model --haystacks data/demo/eval/niah/haystack \\
+        --needles data/demo/eval/niah/needles --out out/niah          # the CPU demo's model and held-out data
 
-What each task measures (LongVILA, arXiv 2408.10188, section 5 of shared/LONGVILA.md):
-- niah: one needle image (with a question and a short answer) is inserted as one frame into a haystack of N video
-  frames at depth d, for a grid of depths x frame counts. Score = exact match of the TEACHER-FORCED answer: one
-  forward over prompt + answer, argmax at the answer positions, decoded, compared to the answer after lower-casing
-  and removing spaces (the reference scores this way, so the model is never asked to stop generating). The vision
-  features of each haystack and of each needle are computed once; every cell of the grid only splices embeddings.
-  Writes results.json (resumable) and heatmap.png, prints the mean.
-- mcq: VideoMME-style multiple choice with the reference prompt, first standalone A-D letter of the reply,
-  accuracy overall and by duration, one JSON row per question (resumable).
-- caption / ask: free greedy generation, streamed to the terminal token by token.
-- passkey: the classic text passkey test (a 5-digit key hidden in filler text) over context lengths x depths,
-  teacher-forced exact match, heatmap; it checks stage 4's RoPE extension.
-- ppl: perplexity of a text file in windows of --seq_len tokens.
+Each task is a short function from (model, tokenizer, inputs) to scores:
+  niah     video needle in a haystack: a needle image is inserted as one frame at depth d among N haystack frames;
+           the prompt is the reference's (chat preamble, the N + 1 frames with no separator, the question, the
+           assistant header); a cell scores whether the teacher-forced argmax at the answer positions spells the
+           answer (lower-cased, spaces removed). A grid of depths x frame counts, drawn as a heatmap.
+  mcq      VideoMME multiple choice: the reference prompt, a greedy reply, the reference's letter extraction.
+  caption / ask   a greedy reply about a video, streamed token by token (--timing: vision / prefill / decode).
+  passkey  a 5-digit key hidden in filler text at depth d (stage 4's context extension), teacher-forced.
+  ppl      perplexity of a text file in windows of --seq_len tokens.
+mcq, caption and ask sample frames as the checkpoint's config.json says (num_video_frames, fps,
+image_aspect_ratio) unless --num_frames / --fps are given. Under torchrun with --sp / --ring one SP group acts as
+one device (MM-SP): every rank runs the same loop; rank 0 prints and writes. `evaluate.py TASK --help` lists flags.
 
-Under torchrun every rank runs the same loop on the same sample (MM-SP: an SP group acts as one device); rank 0
-alone prints and writes files.
+Sections: the command line (torch-free, so --help answers at once) | scoring rules | the model calls the tasks
+share | niah | mcq | caption / ask | passkey | ppl | --- below: the machinery: the results store (--out resumes
+only the same model, settings and code), the heatmap, timing, loading, main.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -39,91 +30,190 @@ import re
 import sys
 import time
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+# -----------------------------------------------------------------------------
+# the command line (stdlib only: --help and flag mistakes answer before torch loads)
 
-from data import FILLER, Progress, Tokenizer, VideoFile, build_conversation, load_image, mcq_prompt, preprocess, read_video
-from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, LongVILA
-from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,
+CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in detail."
+DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the reference's needle depths (--depth_interval 0.2)
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+# (task statement, filler sentences, needle, question). "classic": the landmark-attention / LongLoRA prompt;
+# "demo": the stage-4 demo documents (filler None = data.FILLER), so the tiny model is tested on what it read.
+PASSKEY_STYLES = {
+    "classic": ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
+                "quiz you about the important information there.",
+                ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."],
+                PASSKEY_NEEDLE, PASSKEY_QUESTION),
+    "demo": ("There is a pass key hidden inside a lot of text.", None, PASSKEY_NEEDLE, PASSKEY_QUESTION),
+}
+
+
+def normalise_flags(argv: list[str]) -> list[str]:
+    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def checked(kind, ok, expected: str):
+    """An argparse type: kind(text) satisfying ok(value); anything else is argparse's one-line error (exit 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+def comma_list(item, expected: str):
+    """An argparse type: a non-empty comma-separated list of `item`s ("0,0.5,1")."""
+    def parse(text):
+        values = [item(x) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return values
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda x: x > 0, "a positive integer")
+NON_NEGATIVE = checked(float, lambda x: x >= 0, "a number >= 0")
+POSITIVE = checked(float, lambda x: x > 0, "a number > 0")
+DEPTHS = comma_list(checked(float, lambda x: 0 <= x <= 1, "depths in [0, 1]"), "depths in [0, 1], e.g. 0,0.5,1")
+COUNTS = comma_list(POSITIVE_INT, "positive integers, e.g. 8,16,32")
+
+
+def switch(group, name: str, default: bool, text: str):
+    """A boolean flag pair --name / --no_name."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default,
+                       help=f"{text} (default: {'on' if default else 'off'}; --no_{name}: off)")
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def common_flags(s):
+    g = s.add_argument_group("model and parallelism")
+    g.add_argument("--model", default=None, help="checkpoint folder (VILA layout: config.json, llm/, vision_tower/, "
+                                                 "mm_projector/)")
+    g.add_argument("--random_init", default=None, metavar="PRESET",
+                   help="instead of --model: random weights of a longvila.PRESETS entry (timing)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--sp", type=POSITIVE_INT, default=None, help="sequence-parallel degree (default: all processes)")
+    g.add_argument("--ring", type=POSITIVE_INT, default=1, help="ring degree inside sp (ulysses = sp / ring)")
+    g.add_argument("--vision_batch", type=POSITIVE_INT, default=32, help="frames per vision-encoder call")
+    g.add_argument("--seed", type=int, default=0)
+    g = s.add_argument_group("output")
+    g.add_argument("--out", default=None, help="folder for results; a rerun resumes them when model, settings and "
+                                               "code are the same, and stops otherwise")
+    switch(g, "overwrite", False, "start over in --out (replaces only results evaluate.py wrote there)")
+    switch(g, "progress", True, "a progress bar on stderr")
+    return s
+
+
+def video_flags(s, max_new_tokens: int):
+    s.add_argument("--num_frames", type=POSITIVE_INT, default=None,
+                   help="frames per video (default: the checkpoint's num_video_frames)")
+    s.add_argument("--fps", type=NON_NEGATIVE, default=None,
+                   help="sample at this rate, at most --num_frames (default: the checkpoint's fps; 0 = uniform)")
+    s.add_argument("--max_new_tokens", type=POSITIVE_INT, default=max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    s = common_flags(sub.add_parser("niah", help="video needle in a haystack (heatmap)"))
+    s.add_argument("--haystacks", required=True, help="a long video, or a folder of videos, read at --fps")
+    s.add_argument("--needles", required=True, help="needles.json ([{image, question, answer}]) or its folder")
+    s.add_argument("--depths", type=DEPTHS, default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
+    s.add_argument("--frame_counts", type=COUNTS, default=[8, 16, 32], help="haystack frames per prompt")
+    s.add_argument("--fps", type=POSITIVE, default=1.0, help="haystack sampling rate (frames per second)")
+    s = common_flags(sub.add_parser("mcq", help="VideoMME-style multiple choice"))
+    s.add_argument("--questions", required=True, help="JSON list of {video, question, options, answer, duration}")
+    s.add_argument("--media_root", default=None, help="video paths are relative to this (default: the JSON's folder)")
+    video_flags(s, max_new_tokens=16)
+    for name, text in (("caption", "describe videos"), ("ask", "ask a question about a video")):
+        s = common_flags(sub.add_parser(name, help=text))
+        s.add_argument("--video", default=None, help="a video or image file, or a folder of videos")
+        if name == "caption":
+            s.add_argument("--prompt", default=CAPTION_PROMPT)
+        else:
+            s.add_argument("--question", default="What happens in the video?")
+        video_flags(s, max_new_tokens=256 if name == "caption" else 64)
+        switch(s, "stream", True, "print the reply token by token")
+        g = s.add_argument_group("timing (no data needed)")
+        g.add_argument("--random_frames", type=POSITIVE_INT, default=None, metavar="F",
+                       help="use F random frames instead of --video")
+        switch(g, "timing", False, "time vision / prefill (MFU) / decode / memory for one question instead")
+        g.add_argument("--peak_tflops", type=POSITIVE, default=None,
+                       help="per-GPU bf16 peak for MFU (default: from the GPU's name)")
+        g.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs; the last is reported")
+    s = common_flags(sub.add_parser("passkey", help="text passkey retrieval (heatmap)"))
+    s.add_argument("--lengths", type=COUNTS, default=[1024, 2048, 4096], help="context lengths in tokens")
+    s.add_argument("--depths", type=DEPTHS, default=list(DEFAULT_DEPTHS), help="passkey depths in [0, 1]")
+    s.add_argument("--trials", type=POSITIVE_INT, default=3, help="random keys per cell")
+    s.add_argument("--style", default="classic", choices=sorted(PASSKEY_STYLES))
+    s.add_argument("--filler_text", default=None, help="take filler sentences from this text file instead")
+    s = common_flags(sub.add_parser("ppl", help="perplexity of a text file"))
+    s.add_argument("--text", required=True)
+    s.add_argument("--seq_len", type=checked(int, lambda x: x > 1, "an integer > 1"), default=4096)
+    s.add_argument("--max_windows", type=POSITIVE_INT, default=None)
+    return p
+
+
+if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
+    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+
+import numpy as np  # noqa: E402  (the rest of the file needs numpy, torch, pillow and the model files)
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+
+from data import (FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile, build_conversation,  # noqa: E402
+                  build_niah_prompt, load_image, mcq_prompt, preprocess, read_video)
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA  # noqa: E402
+from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,  # noqa: E402
                   padded_length, sp_forward, sp_generate, token_owner)
 
 # -----------------------------------------------------------------------------
-# prompts (the reference's wording)
-
-NIAH_PREAMBLE = ""  # the reference puts only the chat template's system prompt before the frames
-# mcq: data.mcq_prompt (the same text the stage-3 data trains on): "Select the best answer to the following
-# multiple-choice question based on the video. Respond with only the letter (A, B, C, or D) of the correct
-# option.\n{question}\n{options, one per line}\nThe best answer is:"
-CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in detail."
-# The landmark-attention / LongLoRA passkey prompt: a task statement, filler, the key, filler, the question.
-PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the important information there.")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-# -----------------------------------------------------------------------------
-# scoring: pure functions on strings and token ids
+# scoring: the reference's rules, on strings and token ids
 
 
 def normalize_answer(text: str) -> str:
-    """The reference's answer normalisation: lower-case and drop every whitespace character."""
-    return re.sub(r"\s+", "", text.lower())
+    """The reference's answer normalisation (VILA main, eval_vision_niah.py): spaces removed, lower-cased."""
+    return text.replace(" ", "").lower()
 
 
-def answer_correct(pred_ids, answer_ids, decode) -> bool:
-    """Teacher-forced exact match: the argmax tokens at the answer positions spell the answer.
-
-    Equal ids are correct; otherwise the decoded texts are compared after `normalize_answer` (so "Red" vs
-    " red" tokenisations, or a split into different sub-words, count as the same answer, as in the reference).
-    """
-    pred_ids, answer_ids = [int(i) for i in pred_ids], [int(i) for i in answer_ids]
-    if pred_ids == answer_ids:
-        return True
+def answer_correct(pred_ids, answer_ids, tokenizer) -> bool:
+    """Teacher-forced exact match as the reference scores it: both id lists decoded (control tokens kept as text),
+    equal after `normalize_answer` (so "Red" and " red" tokenisations count as the same answer)."""
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     return normalize_answer(decode(pred_ids)) == normalize_answer(decode(answer_ids))
 
 
-# Rules of `extract_choice`, in order (the first that matches wins):
-#  1. an explicit statement: "answer is (B)", "answer: B", "best answer is B.", "correct option is c.", "option (C)
-#     is correct" -> that letter. After the keyword a lower-case letter counts only when bracketed or followed by
-#     punctuation / the end ("the answer is a dog" is not 'A'), and a capital "A" followed by a lower-case word is
-#     the article ("the answer is A man ...");
-#  2. a reply that is only a letter, in either case, with optional brackets / punctuation: "B", "(b)", "c." -> it;
-#  3. the first standalone capital A-D: not inside a word, and not the article "A" (an "A" followed by a space and
-#     a lower-case word, as in "A man walks", is skipped; "A." / "A)" / "(A)" / "A:" / final "A" count);
-#  4. nothing -> None (scored wrong).
-_CHOICE_EXPLICIT = re.compile(
-    r"(?:answer|option|choice)\s*(?:is|would be|should be|:|=)?\s*(?:option|choice)?\s*[:\-]?\s*(\(|\[)?([A-Da-d])"
-    r"(?![A-Za-z0-9])", re.IGNORECASE)
-_CHOICE_ALONE = re.compile(r"^\W*([A-Da-d])\W*$")
-_CHOICE_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-D])(?![A-Za-z0-9'])")
+# The reference's prefixes (LongVILA branch, llava/eval/video_mme/mme_calc.py). Its list misses two commas, so
+# Python joins four of them into the last two strings below, which replies rarely contain: "Best answer: A" keeps
+# its "B" of "Best" and is read as B. We keep that behaviour, so our scores are the reference's.
+VIDEOMME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                     "The best option isThe correct option is", "Best answer:Best option:"]
 
 
-def _is_article(text: str, end: int) -> bool:
-    """True when the capital 'A' ending at `end` is followed by a space and a lower-case word."""
-    return re.match(r" [a-z]", text[end:end + 2]) is not None
-
-
-def extract_choice(reply: str):
-    """The answer letter ('A'..'D') of a multiple-choice reply, or None. Rules above."""
-    text = reply.strip()
-    for m in _CHOICE_EXPLICIT.finditer(text):
-        letter, bracketed, end = m.group(2), m.group(1) is not None, m.end()
-        followed_by_punct = re.match(r"\s*($|[)\].,:;!?])", text[end:]) is not None
-        if letter.islower() and not (bracketed or followed_by_punct):
-            continue
-        if letter == "A" and not bracketed and _is_article(text, end):
-            continue
-        return letter.upper()
-    m = _CHOICE_ALONE.match(text)
-    if m:
-        return m.group(1).upper()
-    for m in _CHOICE_LETTER.finditer(text):
-        if m.group(1) == "A" and _is_article(text, m.end()):
-            continue
-        return m.group(1)
-    return None
+def extract_choice(reply: str) -> str:
+    """The answer letter of a multiple-choice reply, as the reference's `extract_characters_regex` finds it: the
+    prefixes above removed, then the first capital A, B, C or D anywhere, even inside a word ("" = no answer)."""
+    s = reply.strip()
+    for prefix in VIDEOMME_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCD]", s):  # the reference's long-reply rule (same result)
+        return ""
+    match = re.search(r"[ABCD]", s)
+    return match[0] if match else ""
 
 
 def accuracy_by(records: list, key: str) -> dict:
@@ -138,20 +228,198 @@ def accuracy_by(records: list, key: str) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# the needle grid
+# the model calls the tasks share: frames -> features once, a teacher-forced argmax, a greedy reply
+
+
+def is_main(layout) -> bool:
+    """Rank 0 of the world prints and writes files (every rank computes)."""
+    return layout is None or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def frames_tensor(frames, image_size: int, aspect: str = "resize") -> torch.Tensor:
+    """uint8 frames (F, H, W, 3) -> preprocessed float (F, 3, S, S) ("pad": letterboxed to a square first, as
+    the reference's image_aspect_ratio 'pad'); float tensors are taken as already preprocessed."""
+    if isinstance(frames, torch.Tensor) and frames.is_floating_point():
+        return frames
+    return preprocess(np.asarray(frames), image_size, aspect=aspect)  # (F, 3, S, S)
+
+
+@torch.no_grad()
+def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> torch.Tensor:
+    """Vision encoder + projector over many frames, `batch` frames a call: (F, 3, S, S) -> (F, N, C).
+
+    Under MM-SP each rank of the SP group encodes one contiguous slice of ceil(F/sp) frames (padded with copies
+    of the last frame) and the slices are all-gathered once, so a 1024-frame haystack costs each rank F/sp frames.
+    """
+    device, dtype = model_device(model), model_dtype(model)
+    sp, F = (layout.sp if layout is not None else 1), frames.shape[0]
+    if sp == 1:
+        return torch.cat([model.encode_images(frames[i:i + batch].to(device, dtype))
+                          for i in range(0, F, batch)])  # (F, N, C)
+    per = -(-F // sp)  # frames per rank, rounded up
+    pad = frames[-1:].expand(per * sp - F, *frames.shape[1:])  # (per*sp - F, 3, S, S) dummy frames, dropped below
+    mine = torch.cat([frames, pad])[layout.sp_rank * per:(layout.sp_rank + 1) * per]  # (per, 3, S, S)
+    local = torch.cat([model.encode_images(mine[i:i + batch].to(device, dtype))
+                       for i in range(0, per, batch)])  # (per, N, C)
+    parts = [torch.empty_like(local) for _ in range(sp)]  # sp x (per, N, C)
+    torch.distributed.all_gather(parts, local.contiguous(), group=layout.sp_group)
+    return torch.cat(parts)[:F]  # (sp*per, N, C) -> (F, N, C)
+
+
+@torch.no_grad()
+def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
+    """Token embeddings (1, T, C) with the IMAGE_TOKEN_ID slots filled, in order, by precomputed visual features:
+    LongVILA.embed's splice, but the features come from `encode_frames`, computed once for a whole grid."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=model_device(model))  # (T,)
+    slots = ids == IMAGE_TOKEN_ID  # (T,)
+    h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the slots get a dummy row, overwritten below
+    rows = h[:0] if features is None else features.reshape(-1, features.shape[-1])  # (F, N, C) -> (F*N, C)
+    if rows.shape[0] != int(slots.sum()):
+        raise ValueError(f"the prompt has {int(slots.sum())} visual-token slots but {rows.shape[0]} visual feature "
+                         f"rows were given")
+    if rows.shape[0]:
+        h = h.clone()
+        h[slots] = rows.to(h.dtype)  # (F*N, C) in prompt order
+    return h.unsqueeze(0)  # (1, T, C)
+
+
+@torch.no_grad()
+def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
+    """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C).
+
+    Token t is predicted from the hidden state at t-1 (one causal forward over the whole sequence = teacher
+    forcing). The LM head runs on those |targets| rows only, so the (T, V) logits never exist.
+    """
+    targets = torch.as_tensor(targets, dtype=torch.long)  # (A,)
+    if layout is not None and layout.sp > 1:
+        return sp_teacher_forced_argmax(model, h, targets, layout)
+    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # (1, T)
+    hidden = model.forward_embeds(h, positions)  # (1, T, C) final-normed
+    return model.llm.output(hidden[0, (targets - 1).to(h.device)]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
+
+
+@torch.no_grad()
+def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
+    """The MM-SP twin of `teacher_forced_argmax`: every rank of the SP group holds the same h (1, T, C).
+
+    1. pad T to a multiple of 2*sp (zero rows at the end: causal attention never lets them touch real tokens);
+    2. keep this rank's zigzag shard of rows and their TRUE positions (mmsp.layout_indices);
+    3. run the LLM with the group's 2D (Ulysses x ring) attention hook;
+    4. each needed row t-1 lives on exactly one rank (mmsp.token_owner): that rank applies the LM head to it, the
+       others contribute 0, and one all-reduce (sum) over the SP group gives every rank all predictions.
+    """
+    T = h.shape[1]
+    Tp = padded_length(T, layout.sp)
+    h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C)
+    idx = layout_indices(Tp, layout).to(h.device)  # (Tp/sp,) increasing true positions of my tokens
+    hidden = model.forward_embeds(h[:, idx], idx.unsqueeze(0), attn=attention_hook(layout))  # (1, Tp/sp, C)
+    need = (targets - 1).to(h.device)  # (A,) rows whose next-token prediction we want
+    mine = token_owner(Tp, layout).to(h.device)[need] == layout.sp_rank  # (A,) bool
+    pred = torch.zeros(need.shape[0], dtype=torch.long, device=h.device)  # (A,)
+    if mine.any():
+        rows = torch.searchsorted(idx, need[mine])  # positions of those rows inside my shard
+        pred[mine] = model.llm.output(hidden[0, rows]).argmax(dim=-1)  # (A_mine, V) -> (A_mine,)
+    torch.distributed.all_reduce(pred, group=layout.sp_group)  # (A,) every prediction from its owner
+    return pred.cpu()
+
+
+def prompt_ids(tokenizer, text: str, num_frames: int, tokens_per_frame: int) -> list:
+    """Token ids of one user turn `text` (one <video>/<image> for num_frames frames) + the assistant header."""
+    ids, _ = build_conversation([{"from": "human", "value": text}], tokenizer, [num_frames] if num_frames else [],
+                                tokens_per_frame, add_generation_prompt=True)
+    return ids
+
+
+class StreamPrinter:
+    """`stream` callback of LongVILA.generate: decodes the growing reply and prints only the new characters (so
+    multi-byte and merged sub-word tokens appear correctly); records each token's wall-clock arrival time."""
+
+    def __init__(self, tokenizer, enabled=True, out=None):
+        self.tokenizer, self.enabled, self.out = tokenizer, enabled, out if out is not None else sys.stdout
+        self.ids, self.times, self.shown = [], [], ""
+
+    def __call__(self, token_id):
+        self.times.append(time.perf_counter())
+        if int(token_id) in self.tokenizer.stop_ids:
+            return
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if self.enabled and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True,
+                   aspect="resize") -> str:
+    """Greedy reply to `text` about uint8 frames (F, H, W, 3) or preprocessed ones (F, 3, S, S) (or None), on one
+    process or MM-SP (mmsp.sp_generate shards the frames over the SP group). It stops at any of the tokenizer's
+    end tokens (Llama-3: <|eot_id|> and <|end_of_text|>); stop=False always makes max_new_tokens (timing)."""
+    cfg, device = model.config, model_device(model)
+    images = None
+    if frames is not None:
+        images = [frames_tensor(frames, cfg.vision.image_size, aspect).to(device, model_dtype(model))]  # [(F,3,S,S)]
+    ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
+    input_ids = torch.tensor([ids], device=device)  # (1, T)
+    stops = list(tokenizer.stop_ids) if stop else None
+    if layout is not None and layout.sp > 1:
+        new = sp_generate(model, input_ids, images, layout, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                          stream=stream)  # (1, T_new)
+    else:
+        new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             stream=stream)  # (1, T_new)
+    out = [int(t) for t in new[0].tolist()]
+    end = next((i for i, t in enumerate(out) if t in tokenizer.stop_ids), len(out))
+    return tokenizer.decode(out[:end]).strip()
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def media_frames(path: str, num_frames=None, fps=None):
+    """(uint8 frames (F, H, W, 3), placeholder) of a video file ("<video>") or an image file ("<image>")."""
+    if path.lower().endswith(IMAGE_EXTS):
+        return load_image(path)[None], "<image>"  # (1, H, W, 3)
+    return read_video(path, num_frames=num_frames, fps=fps)[0], "<video>"
+
+
+def video_sampling(config, num_frames=None, fps=None) -> tuple:
+    """(num_frames, fps or None) for a video prompt: the flags where given, else the checkpoint's config.json
+    (num_video_frames; fps, 0 = uniform frames), as the reference's evaluation reads model.config."""
+    return num_frames or config.num_video_frames, (config.fps if fps is None else fps) or None
+
+
+def list_videos(path) -> list:
+    """A video or image file, or a folder of videos (sorted) -> list of paths."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(VIDEO_EXTS))
+        if not files:
+            raise InputError(f"{path}: no video files ({' '.join(VIDEO_EXTS)}) in this folder")
+        return files
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such video file or folder")
+    return [str(path)]
+
+
+# -----------------------------------------------------------------------------
+# task: video needle in a haystack (the reference: VILA's llava/eval/vision_niah_vila, adapted from LongVA)
 
 
 def needle_index(depth: float, num_frames: int) -> int:
-    """Where the needle goes: index round(depth * N) among the N + 1 frames (N haystack frames + the needle).
-
-    As in the reference (LongVA / VILA eval_vision_niah: `int(depth * N)` haystack frames before the needle), the
-    frame count N of the grid is the number of HAYSTACK frames; the prompt holds N + 1 frames. Depth 0 puts the
-    needle first, depth 1 last (after all N haystack frames). We round instead of truncating so float depths such
-    as 0.29 * 100 land where they should, and clip to [0, N] so a depth outside [0, 1] cannot index past the ends.
-    """
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
-    return int(min(max(round(depth * num_frames), 0), num_frames))
+    """Where the needle goes among the N + 1 frames: after int(depth * N) haystack frames (the reference's
+    query_frame_idx), so depth 0 puts it first and depth 1 last."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"needle depth must be in [0, 1], got {depth}")
+    return int(depth * num_frames)
 
 
 def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
@@ -160,12 +428,532 @@ def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) ->
     return torch.cat([haystack[:i], needle.unsqueeze(0), haystack[i:]], dim=0)  # (F+1, ...)
 
 
+def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int) -> tuple:
+    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt): the
+    preprompt (system turn and user header), num_frames frames back to back with NO separator, the question, the
+    postprompt (end of turn and assistant header), then the answer, whose tokens are scored."""
+    ids, labels = build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
+    pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]  # the answer's tokens, the only supervised ones
+    return ids, pos, [ids[t] for t in pos]
+
+
+def load_needles(needles) -> list:
+    """Needles as [{"name", "image" (uint8 H,W,3), "question", "answer"}] from a needles.json path
+    ([{"image": path relative to the JSON's folder, "question", "answer"}]), its folder, or a list of such dicts."""
+    root = None
+    if isinstance(needles, (str, os.PathLike)):
+        path = os.path.join(needles, "needles.json") if os.path.isdir(needles) else str(needles)
+        needles, root = read_json(path, "--needles"), os.path.dirname(os.path.abspath(path))
+        if not isinstance(needles, list) or not needles:
+            raise InputError(f"{path}: expected a non-empty JSON list of {{image, question, answer}}")
+    out = []
+    for i, n in enumerate(needles):
+        missing = [k for k in ("image", "question", "answer") if not isinstance(n, dict) or k not in n]
+        if missing:
+            raise InputError(f"needle {i}: missing {missing} (each needle needs image, question, answer)")
+        img = n["image"]
+        name = n.get("name", os.path.basename(img) if isinstance(img, str) else f"needle_{i}")
+        if isinstance(img, str):
+            img = load_image(img if root is None or os.path.isabs(img) else os.path.join(root, img))
+        out.append({"name": name, "image": img, "question": n["question"], "answer": n["answer"]})
+    return out
+
+
+def haystack_frames(source, name: str, fps: float, count: int) -> np.ndarray:
+    """The first `count` frames of a haystack, uint8 (count, H, W, 3). A video is read as the reference reads it
+    (at 1 fps every round(video fps)-th frame; here every round(video_fps / fps)-th); only those are decoded."""
+    if isinstance(source, str):
+        with VideoFile(source) as video:
+            idx = video.indices(fps=fps)[:count]  # (F,) frame indices
+            if len(idx) == count:
+                return video.get(idx)  # (count, H, W, 3)
+            have = len(idx)
+    elif len(source) >= count:
+        return source[:count]
+    else:
+        have = len(source)
+    raise InputError(f"haystack {name}: {have} frames at {fps} fps, but the grid needs {count} (lower "
+                     f"--frame_counts or give a longer video)")
+
+
+def haystack_sources(haystacks) -> tuple:
+    """(names, sources) of a video, a folder of videos, a list of paths, or a list of frame arrays."""
+    if isinstance(haystacks, (str, os.PathLike)):
+        haystacks = list_videos(haystacks)
+    if all(isinstance(h, (str, os.PathLike)) for h in haystacks):
+        return [os.path.basename(h) for h in haystacks], [str(h) for h in haystacks]
+    return [f"haystack_{i}" for i in range(len(haystacks))], list(haystacks)
+
+
+def niah_cell(model, tokenizer, hay, needle_feats, prompts, depth, layout=None) -> dict:
+    """One cell: every needle at `depth` in the haystack features hay (n, N, C), scored teacher-forced."""
+    correct, predictions = [], []
+    for feats, (ids, pos, ans) in zip(needle_feats, prompts):
+        frames = insert_needle(hay, feats, depth)  # (n+1, N, C)
+        pred = teacher_forced_argmax(model, embed_with_features(model, ids, frames), pos, layout).tolist()  # (A,)
+        correct.append(answer_correct(pred, ans, tokenizer))
+        predictions.append(tokenizer.decode(pred))
+    return {"correct": correct, "predictions": predictions}
+
+
+@torch.no_grad()
+def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
+             fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
+             overwrite=False, progress: bool = True, log=print) -> dict:
+    """Video needle in a haystack over depths x frame counts; returns the results (header, cells, grid, mean).
+
+    haystacks: a video, a folder of videos, a list of paths, or a list of uint8 frame arrays; each must hold
+    max(frame_counts) frames at `fps`. needles: see `load_needles`. Frames are preprocessed in the reference's
+    'pad' aspect mode. The features of each haystack and each needle are computed ONCE; cell (n frames, depth d)
+    splices the needle into the first n haystack frames. A cell scores haystacks x needles; results.json in
+    out_dir is written after every cell and resumed by a rerun of the same model, settings and code.
+    """
+    main, size, tpf = is_main(layout), model.config.vision.image_size, model.config.tokens_per_frame
+    depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
+    needles, (names, sources) = load_needles(needles), haystack_sources(haystacks)
+    header = {"task": "niah", **(identity or {}), "haystacks": names, "fps": fps,
+              "needles": [[n["name"], n["question"], n["answer"]] for n in needles]}
+    path = os.path.join(out_dir, "results.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)
+    cells = results["cells"]
+    key = "{}|frames={}|depth={:g}".format
+    pixels = torch.cat([frames_tensor(n["image"][None], size, "pad") for n in needles])  # (K, 3, S, S)
+    needle_feats = encode_frames(model, pixels, layout, vision_batch)  # (K, N, C): each needle once
+    bar = Progress(len(sources) * len(frame_counts) * len(depths), "niah", enabled=progress and main)
+    for name, src in zip(names, sources):
+        todo = [(n, d) for n in frame_counts for d in depths if key(name, n, d) not in cells]
+        bar.update(len(frame_counts) * len(depths) - len(todo))
+        if not todo:
+            continue
+        frames = haystack_frames(src, name, fps, frame_counts[-1])  # (F, H, W, 3)
+        hay = encode_frames(model, frames_tensor(frames, size, "pad"), layout, vision_batch)  # (F, N, C)
+        for n in sorted({n for n, _ in todo}):  # the ids do not depend on the depth: every frame has the same slots
+            prompts = [niah_prompt(tokenizer, nd["question"], nd["answer"], n + 1, tpf) for nd in needles]
+            for d in [d for m, d in todo if m == n]:
+                cell = niah_cell(model, tokenizer, hay[:n], needle_feats, prompts, d, layout)
+                cells[key(name, n, d)] = {"haystack": name, "frames": n, "depth": d,
+                                          "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]), **cell}
+                if path and main:
+                    save_results(path, results)
+                bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
+    bar.close()
+    scores = [[[c for name in names for c in cells[key(name, n, d)]["correct"]] for n in frame_counts]
+              for d in depths]  # (depths, frame counts) lists of haystacks x needles
+    results.update(depths=depths, frame_counts=frame_counts)
+    finish_grid(results, scores, depths, frame_counts, path if main else None, "Needle in a haystack",
+                "Number of frames", "Needle depth (%)", title)
+    if main:
+        log(f"niah: mean accuracy {results['mean']:.4f} over {len(depths)} depths x {len(frame_counts)} frame "
+            f"counts, {len(sources)} haystacks x {len(needles)} needles")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# task: VideoMME-style multiple choice (the reference: VILA's llava/eval/video_mme)
+
+
+def load_mcq(path: str, media_root=None) -> list:
+    """Questions of a VideoMME-format JSON, [{"video", "question", "options" [4], "answer" letter, "duration"}],
+    each with "path": its video, relative to media_root (default: the JSON's folder). Every video must exist."""
+    items = read_json(path, "--questions")
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{path}: expected a non-empty JSON list of questions")
+    root = media_root or os.path.dirname(os.path.abspath(path))
+    for i, q in enumerate(items):
+        missing = [k for k in ("video", "question", "options", "answer") if not isinstance(q, dict) or k not in q]
+        if missing:
+            raise InputError(f"{path}: question {i} lacks {missing} (VideoMME format: video, question, options, "
+                             f"answer, duration)")
+        if str(q["answer"]).strip().upper() not in ("A", "B", "C", "D"):
+            raise InputError(f"{path}: question {i} has answer {q['answer']!r}; expected one letter A-D")
+        q["path"] = os.path.join(root, q["video"])
+        if not os.path.isfile(q["path"]):
+            raise InputError(f"{path}: question {i}: video {q['path']} not found (paths are relative to "
+                             f"--media_root, default the JSON's folder)")
+    return items
+
+
+@torch.no_grad()
+def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=None, fps=None, max_new_tokens=16,
+            layout=None, out_dir=None, identity=None, overwrite=False, progress=True, log=print) -> dict:
+    """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json.
+
+    The prompt is data.mcq_prompt (the reference's instruction, question, options, "The best answer is:"); frames
+    follow `video_sampling` and the checkpoint's image_aspect_ratio; the letter is `extract_choice`'s. A reply
+    without a letter counts as wrong; "accuracy_answered" is the reference's figure (over answered questions).
+    """
+    main, aspect = is_main(layout), model.config.image_aspect_ratio
+    items = load_mcq(questions_path, media_root)
+    num_frames, fps = video_sampling(model.config, num_frames, fps)
+    header = {"task": "mcq", **(identity or {}), "questions": file_digest(questions_path), "num_frames": num_frames,
+              "fps": fps, "aspect": aspect, "max_new_tokens": max_new_tokens}
+    path = os.path.join(out_dir, "mcq.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)
+    rows = results["cells"]
+    bar = Progress(len(items), "mcq", enabled=progress and main)
+    for i, q in enumerate(items):
+        qid = str(q.get("question_id", i))
+        if qid not in rows:
+            frames, tag = media_frames(q["path"], num_frames, fps)  # (F, H, W, 3)
+            text = f"{tag}\n" + mcq_prompt(q["question"], q["options"])
+            reply = generate_reply(model, tokenizer, frames, text, layout, max_new_tokens, aspect=aspect)
+            answer, letter = str(q["answer"]).strip().upper(), extract_choice(reply)
+            rows[qid] = {"id": qid, "video": q["video"], "duration": q.get("duration", "unknown"), "reply": reply,
+                         "prediction": letter, "answer": answer, "correct": letter == answer}
+            if path and main:
+                save_results(path, results)
+        bar.update(1, acc=float(np.mean([r["correct"] for r in rows.values()])))
+    bar.close()
+    answered = [r for r in rows.values() if r["prediction"]]
+    results.update(accuracy=accuracy_by(list(rows.values()), "duration"), answered=len(answered),
+                   accuracy_answered=accuracy_by(answered, "duration")["overall"])
+    if path and main:
+        save_results(path, results)
+    if main:
+        log("mcq: accuracy " + " ".join(f"{k}={v:.4f}" for k, v in results["accuracy"].items())
+            + f" ({len(rows)} questions, {len(answered)} answered with a letter)")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# task: a caption of, or an answer about, each video of a file or folder
+
+
+@torch.no_grad()
+def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, task="caption", num_frames=None, fps=None,
+                max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True, out=None,
+                log=print) -> dict:
+    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token to
+    `out`. A reply that out_dir/captions.json holds from an earlier run (same model, settings and code) is printed
+    from there, marked as stored."""
+    main, aspect, out = is_main(layout), model.config.image_aspect_ratio, out if out is not None else sys.stdout
+    paths = [videos] if videos.lower().endswith(IMAGE_EXTS) else list_videos(videos)
+    num_frames, fps = video_sampling(model.config, num_frames, fps)
+    header = {"task": task, **(identity or {}), "prompt": prompt, "num_frames": num_frames, "fps": fps,
+              "aspect": aspect, "max_new_tokens": max_new_tokens}
+    path = os.path.join(out_dir, "captions.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)
+    for p in paths:
+        name, cell = os.path.basename(p), results["cells"].get(os.path.basename(p))
+        if cell is not None:
+            if main:
+                out.write(f"[{name}, {cell['frames']} frames] {cell['reply']}   (stored in {path})\n")
+            continue
+        frames, tag = media_frames(p, num_frames, fps)  # (F, H, W, 3)
+        if main and stream:
+            out.write(f"[{name}, {len(frames)} frames] ")
+        printer = StreamPrinter(tokenizer, enabled=main and stream, out=out)
+        reply = generate_reply(model, tokenizer, frames, f"{tag}\n{prompt}", layout, max_new_tokens, printer,
+                               aspect=aspect)
+        if main:
+            out.write("\n" if stream else f"[{name}, {len(frames)} frames] {reply}\n")
+        results["cells"][name] = {"video": p, "frames": len(frames), "reply": reply}
+        if path and main:
+            save_results(path, results)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# task: text passkey retrieval (checks stage 4's context extension)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classic", filler=None) -> tuple:
+    """(input_ids, answer positions, answer ids) of a passkey document of at most `length` tokens.
+
+    The document is task + filler sentences + needle + filler + question, the needle after
+    int(depth * n) of the n whole filler sentences that fit; the answer (the key) follows the question and is
+    scored teacher-forced like the NIAH answers. `filler` (a list of sentences) overrides the style's filler.
+    """
+    task, fill, needle, question = PASSKEY_STYLES[style]
+    fill = filler or fill or FILLER
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    head = bos + tokenizer.encode(task)
+    needle_ids, tail = tokenizer.encode(" " + needle.format(key=key)), tokenizer.encode(" " + question)
+    answer = tokenizer.encode(" " + key)
+    budget = length - len(head) - len(needle_ids) - len(tail) - len(answer)
+    if budget < 0:
+        raise InputError(f"passkey: a context length of {length} tokens is shorter than the task, needle and "
+                         f"question ({length - budget} tokens): raise --lengths")
+    body, used, sentences = [], 0, [tokenizer.encode(" " + s) for s in fill]
+    while True:  # whole filler sentences, cycled, until the budget is used
+        nxt = sentences[len(body) % len(sentences)]
+        if used + len(nxt) > budget:
+            break
+        body.append(nxt)
+        used += len(nxt)
+    at = needle_index(depth, len(body))
+    ids = head + [t for s in body[:at] for t in s] + needle_ids + [t for s in body[at:] for t in s] + tail
+    return ids + answer, list(range(len(ids), len(ids) + len(answer))), answer
+
+
+@torch.no_grad()
+def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, style="classic", filler=None,
+                seed=0, title="", layout=None, out_dir=None, identity=None, overwrite=False, progress=True,
+                log=print) -> dict:
+    """Passkey retrieval over context lengths x depths, `trials` random 5-digit keys per cell (the same keys on
+    every rank and rerun); results.json and heatmap.png in out_dir."""
+    main = is_main(layout)
+    depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
+    header = {"task": "passkey", **(identity or {}), "style": style, "trials": trials, "seed": seed,
+              "filler": filler and hashlib.sha256(json.dumps(filler).encode()).hexdigest()[:16]}
+    path = os.path.join(out_dir, "results.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)
+    cells, key = results["cells"], "length={}|depth={:g}".format
+    bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
+    for L in lengths:
+        for d in depths:
+            if key(L, d) not in cells:
+                rng = np.random.default_rng([seed, L, int(round(d * 1000))])
+                prompts = [passkey_prompt(tokenizer, L, d, str(int(rng.integers(10000, 100000))), style, filler)
+                           for _ in range(trials)]
+                preds = [teacher_forced_argmax(model, embed_with_features(model, ids), pos, layout).tolist()
+                         for ids, pos, _ in prompts]  # trials x (A,)
+                correct = [answer_correct(p, answer, tokenizer) for p, (_, _, answer) in zip(preds, prompts)]
+                cells[key(L, d)] = {"length": L, "depth": d, "tokens": len(prompts[-1][0]), "correct": correct,
+                                    "predictions": [tokenizer.decode(p) for p in preds]}
+                if path and main:
+                    save_results(path, results)
+            bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
+    bar.close()
+    results.update(depths=depths, lengths=lengths)
+    finish_grid(results, [[cells[key(L, d)]["correct"] for L in lengths] for d in depths], depths, lengths,
+                path if main else None, "Passkey retrieval", "Context length (tokens)", "Passkey depth (%)", title)
+    if main:
+        log(f"passkey: mean accuracy {results['mean']:.4f}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# task: perplexity of a text file
+
+
+@torch.no_grad()
+def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=None, out_dir=None, identity=None,
+            overwrite=False, progress=True, log=print) -> dict:
+    """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens (at most
+    max_windows); each window is a cell of out_dir/ppl.json."""
+    main = is_main(layout)
+    ids = tokenizer.encode(read_text(text_path, "--text"))
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    if n == 0:
+        raise InputError(f"--text {text_path}: {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
+    header = {"task": "ppl", **(identity or {}), "text": file_digest(text_path), "seq_len": seq_len}
+    path = os.path.join(out_dir, "ppl.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)
+    cells = results["cells"]
+    sp = functools.partial(sp_forward, layout=layout) if layout is not None and layout.sp > 1 else None
+    bar = Progress(n, "ppl", enabled=progress and main)
+    for w in range(n):
+        if str(w) not in cells:
+            x = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]], device=model_device(model))  # (1, L)
+            _, loss = model(x, labels=x, return_logits=False, sp_forward=sp)  # mean over the L-1 shifted targets
+            if sp is not None:  # under MM-SP each rank returns its share (its tokens' NLL / global count): sum them
+                torch.distributed.all_reduce(loss, group=layout.sp_group)
+            cells[str(w)] = {"nll": float(loss)}
+            if path and main:
+                save_results(path, results)
+        bar.update(1, ppl=math.exp(np.mean([cells[str(v)]["nll"] for v in range(w + 1)])))
+    bar.close()
+    nll = float(np.mean([cells[str(w)]["nll"] for w in range(n)]))  # every window has seq_len - 1 targets
+    results.update(text=text_path, seq_len=seq_len, windows=n, tokens=n * (seq_len - 1), nll=nll, ppl=math.exp(nll))
+    if path and main:
+        save_results(path, results)
+    if main:
+        log(f"ppl: {results['ppl']:.4f} (mean NLL {nll:.4f} over {results['tokens']} tokens, {n} windows of "
+            f"{seq_len})")
+    return results
+
+
+# =============================================================================
+# --- below: the machinery: the results store, the heatmap, timing, loading, main
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# results store: one JSON per task in --out, {"header", "cells", summary}, written after every cell. The header
+# names what the numbers depend on (task, model, dtype, code, settings); a rerun resumes only the same header.
+
+CODE_FILES = ("evaluate.py", "data.py", "longvila.py")  # the code behind the numbers (prompts, scoring, model)
+CHECKPOINT_FOLDERS = ("", "llm", "vision_tower", "mm_projector")  # the VILA layout
+OUTPUTS = {"niah": ("results.json", "heatmap.png"), "passkey": ("results.json", "heatmap.png"), "mcq": ("mcq.json",),
+           "caption": ("captions.json",), "ask": ("captions.json",), "ppl": ("ppl.json",),
+           "timing": ("timing.json",)}  # what each task writes in --out, its results file first
+
+
+@functools.cache
+def code_version() -> str:
+    """sha256 (16 hex digits) of the source files behind the numbers, read once (the code this process runs):
+    any edit is another version."""
+    h, here = hashlib.sha256(), os.path.dirname(os.path.abspath(__file__))
+    for name in CODE_FILES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path) -> dict:
+    """{"file": its name, "sha256": 16 hex digits of its content}: an input file as a results header names it."""
+    with open(path, "rb") as f:
+        return {"file": os.path.basename(path), "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+
+
+def safetensors_digest(path, samples: int = 16, sample_bytes: int = 1 << 16) -> bytes:
+    """Digest of a .safetensors file that reads ~1 MB of it: its header (names, dtypes, shapes, offsets) and
+    `samples` evenly spaced slices of its tensor data. A truncated or corrupt file is an InputError naming it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else size
+        header = f.read(n) if 8 + n <= size else b""
+        try:
+            tensors = json.loads(header)
+            end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise InputError(f"{path}: not a readable .safetensors file (its header is cut off or corrupt)") from None
+        if 8 + n + end > size:
+            raise InputError(f"{path}: truncated: its header lists {end} bytes of tensors, the file holds "
+                             f"{size - 8 - n} (an interrupted copy or download?)")
+        h = hashlib.sha256(head + header)
+        for i in range(samples):
+            f.seek(8 + n + i * max(end - sample_bytes, 0) // (samples - 1))
+            h.update(f.read(min(sample_bytes, end)))
+    return h.digest()
+
+
+def model_fingerprint(path) -> str:
+    """sha256 (16 hex digits) over a checkpoint's JSON files (configs, tokenizer) and `safetensors_digest` of
+    each weights file: another model, or the same folder retrained, has another one; it costs a few MB to read."""
+    h = hashlib.sha256()
+    for part in CHECKPOINT_FOLDERS:
+        folder = os.path.join(path, part)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            file = os.path.join(folder, name)
+            if name.endswith(".json") or name.endswith(".safetensors"):
+                h.update(os.path.join(part, name).encode())
+            if name.endswith(".json"):
+                with open(file, "rb") as f:
+                    h.update(f.read())
+            elif name.endswith(".safetensors"):
+                h.update(safetensors_digest(file))
+    return h.hexdigest()[:16]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def checkpoint_identity(path, dtype) -> dict:
+    """What a results header records of the model and the code, for a checkpoint folder run in `dtype`: its path
+    and `model_fingerprint`, the dtype, `code_version()`. Pass it as identity= to the run_* functions."""
+    return {"model": {"path": os.path.abspath(path), "fingerprint": model_fingerprint(path)},
+            "dtype": dtype_name(dtype), "code": code_version()}
+
+
+def read_results(path) -> dict:
+    """A results file evaluate.py wrote ({"header", "cells", ...}); anything else in its place is an InputError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a results file of evaluate.py ({type(e).__name__}); choose another "
+                         f"--out") from None
+    if not isinstance(saved, dict) or not {"header", "cells"} <= set(saved):
+        raise InputError(f"{path} is not a results file of evaluate.py (no header and cells); choose another --out")
+    return saved
+
+
+def header_diff(old: dict, new: dict, prefix: str = "") -> list:
+    """["model.fingerprint 1a2b.. -> 3c4d..", ...]: where two results headers differ, values shortened."""
+    def short(v):
+        s = json.dumps(v)
+        return s if len(s) <= 40 else s[:37] + "..."
+    out = []
+    for k in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += header_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {short(a)} -> {short(b)}")
+    return out
+
+
+def load_results(path, header: dict, overwrite: bool = False) -> dict:
+    """The results at `path` to resume when their header is `header`, or a fresh {"header", "cells"}: when the
+    file is absent, or with overwrite (a file of evaluate.py's only). Another header is an InputError saying what
+    differs."""
+    if not os.path.exists(path):
+        return {"header": header, "cells": {}}
+    saved = read_results(path)
+    if overwrite:
+        return {"header": header, "cells": {}}
+    if saved["header"] != header:
+        raise InputError(f"{path} holds results of another run ({'; '.join(header_diff(saved['header'], header))}): "
+                         f"use another --out, or --overwrite to start over")
+    return saved
+
+
+def open_results(path, header: dict, main: bool = True, overwrite: bool = False) -> dict:
+    """`load_results` on rank 0, its answer (results or error) broadcast: every rank must skip the same cells,
+    since each cell runs collectives, and stop together on a mismatch."""
+    box = [{"header": header, "cells": {}}, None]
+    if path and main:
+        try:
+            box[0] = load_results(path, header, overwrite)
+        except InputError as e:
+            box[1] = str(e)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise InputError(box[1])
+    return box[0]
+
+
+def save_results(path: str, results: dict):
+    """Write atomically (temporary file + rename), so an interrupted run never leaves half a JSON behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_out(out, files):
+    """--out may hold evaluate.py's own results (resumed, or replaced with --overwrite), never other files it
+    would write over; it must be a writable folder. `files`: the task's outputs, its results file first."""
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out}: a file; expected a folder")
+    results = os.path.join(out, files[0])
+    if os.path.exists(results):
+        read_results(results)
+    for f in files[1:]:
+        if os.path.exists(os.path.join(out, f)) and not os.path.exists(results):
+            raise InputError(f"--out {out}: holds {f}, which evaluate.py did not write (no {files[0]} beside it); "
+                             f"choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"--out {out}: not writable")
+
+
+def finish_grid(results, scores, depths, columns, path, what, xlabel, ylabel, name=""):
+    """Grid (depths x columns) of mean scores, its mean, saved; with a path also heatmap.png beside it."""
+    grid = np.array([[np.mean(cell) for cell in row] for row in scores])  # (depths, columns)
+    results.update(grid=grid.tolist(), mean=float(grid.mean()))
+    if path:
+        save_results(path, results)
+        draw_heatmap(grid, [f"{100 * d:g}" for d in depths], [short_number(c) for c in columns],
+                     os.path.join(os.path.dirname(path), "heatmap.png"), f"{what}: mean {grid.mean():.1%}",
+                     xlabel, ylabel, subtitle=name)
+
+
 # -----------------------------------------------------------------------------
 # heatmap (pillow only): rows = depths, columns = frame counts (or context lengths), red -> yellow -> green
 
 HEATMAP_STOPS = ((0.0, (240, 73, 110)), (0.5, (235, 184, 57)), (1.0, (154, 213, 179)))  # the reference's colours
 HEATMAP_CELL = (72, 40)  # (width, height) of one cell in pixels
-HEATMAP_MARGIN = dict(left=86, top=48, right=86, bottom=64)
+HEATMAP_MARGIN = dict(left=86, top=64, right=86, bottom=64)
 
 
 def heatmap_color(score: float) -> tuple:
@@ -181,7 +969,7 @@ def heatmap_color(score: float) -> tuple:
 
 
 def heatmap_size(rows: int, cols: int) -> tuple:
-    """(width, height) in pixels of the heatmap PNG for a rows x cols grid."""
+    """(width, height) in pixels of the heatmap PNG of a rows x cols grid (draw_heatmap widens it for a long title)."""
     m = HEATMAP_MARGIN
     return (m["left"] + cols * HEATMAP_CELL[0] + m["right"], m["top"] + rows * HEATMAP_CELL[1] + m["bottom"])
 
@@ -210,19 +998,30 @@ def short_number(x) -> str:
     return f"{x:g}"
 
 
-def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)"):
+def checkpoint_name(path: str) -> str:
+    """What names a checkpoint on a plot: its path without a final 'model' folder, at most three folders deep
+    ('runs/demo/stage5/model' -> 'runs/demo/stage5')."""
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".")]
+    if len(parts) > 1 and parts[-1] == "model":
+        parts = parts[:-1]
+    return "/".join(parts[-3:])
+
+
+def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)",
+                 subtitle=""):
     """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured) with pillow.
 
     Each cell is filled with `heatmap_color(score)` (a 2 px white line to its right and below) with the score
-    written in its centre; a colour bar on the right; the title (with the mean) on top. Cell boxes are
-    `heatmap_cell_box(r, c)`.
+    written in its centre; a colour bar on the right; the title (and a subtitle: the checkpoint) on top. Cell
+    boxes are `heatmap_cell_box(r, c)`; the image is widened to the right when the title needs it.
     """
     grid = np.asarray(grid, dtype=np.float64)  # (rows, cols)
     rows, cols = grid.shape
+    f_small, f_title = _font(12), _font(15)
     W, H = heatmap_size(rows, cols)
+    W = max(W, int(max(f_title.getlength(title), f_small.getlength(subtitle))) + 24)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    f_small, f_title = _font(12), _font(15)
     for r in range(rows):
         for c in range(cols):
             x0, y0, x1, y1 = heatmap_cell_box(r, c)
@@ -232,654 +1031,22 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
                        anchor="mm")
         d.text((HEATMAP_MARGIN["left"] - 6, (y0 + y1) / 2), str(row_labels[r]), fill=(0, 0, 0), font=f_small,
                anchor="rm")
+    gx0, gx1 = HEATMAP_MARGIN["left"], HEATMAP_MARGIN["left"] + cols * HEATMAP_CELL[0]
     gy = HEATMAP_MARGIN["top"] + rows * HEATMAP_CELL[1]
     for c in range(cols):
         x0, _, x1, _ = heatmap_cell_box(0, c)
         d.text(((x0 + x1) / 2, gy + 6), str(col_labels[c]), fill=(0, 0, 0), font=f_small, anchor="mt")
-    gx0, gx1 = HEATMAP_MARGIN["left"], HEATMAP_MARGIN["left"] + cols * HEATMAP_CELL[0]
     d.text(((gx0 + gx1) / 2, H - 8), xlabel, fill=(0, 0, 0), font=f_small, anchor="mb")
     d.text((6, HEATMAP_MARGIN["top"] - 8), ylabel, fill=(0, 0, 0), font=f_small, anchor="lb")
-    d.text((W / 2, 8), title, fill=(0, 0, 0), font=f_title, anchor="mt")
-    # colour bar: 1 at the top, 0 at the bottom
-    bx0, by0, by1 = gx1 + 16, HEATMAP_MARGIN["top"], gy
+    d.text((W / 2, 6), title, fill=(0, 0, 0), font=f_title, anchor="mt")
+    d.text((W / 2, 26), subtitle, fill=(70, 70, 70), font=f_small, anchor="mt")
+    bx0, by0, by1 = gx1 + 16, HEATMAP_MARGIN["top"], gy  # the colour bar: 1 at the top, 0 at the bottom
     for y in range(by0, by1):
         d.line([bx0, y, bx0 + 14, y], fill=heatmap_color(1.0 - (y - by0) / max(by1 - by0 - 1, 1)))
     for v, y in ((1.0, by0), (0.5, (by0 + by1) / 2), (0.0, by1)):
         d.text((bx0 + 20, y), f"{v:.1f}", fill=(0, 0, 0), font=f_small, anchor="lm")
     img.save(path)
     return img
-
-
-# -----------------------------------------------------------------------------
-# results files that resume, and a progress bar
-
-
-def load_results(path: str, header: dict) -> dict:
-    """Open a results JSON for resuming: {"header": ..., "cells": {key: result}}; a fresh one if absent.
-
-    `header` names what the results depend on (task, needles, prompt, ...); a file written with a different
-    header would mix incomparable numbers, so it is an error (use another --out or delete the file).
-    """
-    if not os.path.exists(path):
-        return {"header": header, "cells": {}}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete it or choose another --out") from e
-    if not isinstance(saved, dict) or "cells" not in saved or "header" not in saved:
-        raise ValueError(f"{path}: expected a results file with 'header' and 'cells' keys written by evaluate.py")
-    if saved["header"] != header:
-        diff = sorted(k for k in set(saved["header"]) | set(header) if saved["header"].get(k) != header.get(k))
-        raise ValueError(f"{path}: was written for a different run (differs in {diff}); choose another --out or "
-                         f"delete it to start over")
-    return saved
-
-
-def save_results(path: str, results: dict):
-    """Write atomically (temporary file + rename), so an interrupted run never leaves half a JSON behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-
-
-def open_results(path, header: dict, main: bool = True) -> dict:
-    """`load_results` on rank 0 (a fresh dict without a path), broadcast to every rank: all ranks must then skip
-    the same finished cells, since each remaining cell runs collectives."""
-    results = load_results(path, header) if path and main else {"header": header, "cells": {}}
-    if torch.distributed.is_initialized():
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=0)
-        results = box[0]
-    return results
-
-
-# -----------------------------------------------------------------------------
-# model plumbing: embeddings with precomputed visual features, teacher-forced argmax, single process or MM-SP
-
-
-def is_main(layout) -> bool:
-    """Rank 0 of the world prints and writes files (every rank computes)."""
-    return layout is None or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def model_dtype(model) -> torch.dtype:
-    try:
-        return next(model.parameters()).dtype
-    except (StopIteration, AttributeError):
-        return torch.float32
-
-
-def barrier_sync(device):
-    """Wait for the GPU's queued work (so wall-clock timings are real) and for the other ranks."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-@torch.no_grad()
-def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> torch.Tensor:
-    """Vision encoder + projector over many frames, in batches of `batch` frames: (F, 3, S, S) -> (F, N, C).
-
-    Under MM-SP each rank of the SP group encodes one contiguous slice of ceil(F/sp) frames (padded with copies
-    of the last frame) and the slices are all-gathered once, so a 1024-frame haystack costs each rank F/sp frames.
-    """
-    device, dtype = model_device(model), model_dtype(model)
-    sp = layout.sp if layout is not None else 1
-    F = frames.shape[0]
-    if sp == 1:
-        out = [model.encode_images(frames[i:i + batch].to(device, dtype)) for i in range(0, F, batch)]
-        return torch.cat(out, dim=0)  # (F, N, C)
-    per = -(-F // sp)  # frames per rank, rounded up
-    pad = frames[-1:].expand(per * sp - F, *frames.shape[1:])  # (per*sp - F, 3, S, S) dummy frames, dropped below
-    mine = torch.cat([frames, pad], dim=0)[layout.sp_rank * per:(layout.sp_rank + 1) * per]  # (per, 3, S, S)
-    local = torch.cat([model.encode_images(mine[i:i + batch].to(device, dtype))
-                       for i in range(0, per, batch)])  # (per, N, C)
-    parts = [torch.empty_like(local) for _ in range(sp)]  # sp x (per, N, C)
-    torch.distributed.all_gather(parts, local.contiguous(), group=layout.sp_group)
-    return torch.cat(parts, dim=0)[:F]  # (sp*per, N, C) -> (F, N, C)
-
-
-@torch.no_grad()
-def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
-    """Token embeddings (1, T, C) with the IMAGE_TOKEN_ID slots filled, in order, by precomputed visual features.
-
-    The same splice as LongVILA.embed, but the features come from `encode_frames` (computed once and reused
-    across the cells of a grid) instead of from the pixels.
-    """
-    device = model_device(model)
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)  # (T,)
-    slots = ids == IMAGE_TOKEN_ID  # (T,)
-    h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the -200 slots get a dummy row, overwritten below
-    n = int(slots.sum())
-    m = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]  # (F, N, C) -> F*N rows
-    if n != m:
-        raise ValueError(f"the prompt has {n} visual-token slots but {m} visual feature rows were given")
-    if n:
-        h = h.clone()
-        h[slots] = features.reshape(-1, features.shape[-1]).to(h.dtype)  # (F*N, C) rows in prompt order
-    return h.unsqueeze(0)  # (1, T, C)
-
-
-@torch.no_grad()
-def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
-    """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C).
-
-    Token t is predicted from the hidden state at t-1 (one causal forward over the whole sequence = teacher
-    forcing). Single process: model.forward_embeds + the LM head on those |targets| rows only, so the (T, V)
-    logits never exist. Under MM-SP: see `sp_teacher_forced_argmax`.
-    """
-    targets = torch.as_tensor(targets, dtype=torch.long)  # (A,)
-    if layout is not None and layout.sp > 1:
-        return sp_teacher_forced_argmax(model, h, targets, layout)
-    T = h.shape[1]
-    positions = torch.arange(T, device=h.device).unsqueeze(0)  # (1, T)
-    hidden = model.forward_embeds(h, positions)  # (1, T, C) final-normed
-    logits = model.llm.output(hidden[0, (targets - 1).to(h.device)])  # (A, V)
-    return logits.argmax(dim=-1).cpu()  # (A,)
-
-
-@torch.no_grad()
-def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
-    """The MM-SP twin of `teacher_forced_argmax`: every rank of the SP group holds the same h (1, T, C).
-
-    1. pad T to a multiple of 2*sp (zero rows at the end: causal attention never lets them touch real tokens);
-    2. keep this rank's zigzag shard of rows and their TRUE positions (mmsp.layout_indices);
-    3. run the LLM with the group's 2D (Ulysses x ring) attention hook;
-    4. each needed row t-1 lives on exactly one rank (mmsp.token_owner): that rank applies the LM head to it, the
-       others contribute 0, and one all-reduce (sum) over the SP group gives every rank all predictions.
-    """
-    T = h.shape[1]
-    Tp = padded_length(T, layout.sp)
-    h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C)
-    idx = layout_indices(Tp, layout).to(h.device)  # (Tp/sp,) increasing true positions of my tokens
-    hidden = model.forward_embeds(h[:, idx], idx.unsqueeze(0), attn=attention_hook(layout))  # (1, Tp/sp, C)
-    need = (targets - 1).to(h.device)  # (A,) rows whose next-token prediction we want
-    mine = (token_owner(Tp, layout).to(h.device)[need] == layout.sp_rank)  # (A,) bool
-    pred = torch.zeros(need.shape[0], dtype=torch.long, device=h.device)  # (A,)
-    if mine.any():
-        rows = torch.searchsorted(idx, need[mine])  # positions of those rows inside my shard
-        pred[mine] = model.llm.output(hidden[0, rows]).argmax(dim=-1)  # (A_mine, V) -> (A_mine,)
-    torch.distributed.all_reduce(pred, group=layout.sp_group)  # (A,) every prediction from its owner
-    return pred.cpu()
-
-
-def answer_span(input_ids, labels, special_ids) -> tuple:
-    """(positions, ids) of the answer tokens of a built conversation: supervised labels minus control tokens.
-
-    build_conversation supervises the assistant's reply and its end-of-turn token(s); exact match is about the
-    answer itself, so trailing control tokens (end of turn, end of text) are dropped, as the reference scores the
-    bare answer ids.
-    """
-    pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]
-    while pos and labels[pos[-1]] in special_ids:
-        pos.pop()
-    if not pos:
-        raise ValueError("the conversation has no supervised answer tokens")
-    if pos[0] == 0:
-        raise ValueError("an answer token at position 0 has nothing to be predicted from")
-    return pos, [int(input_ids[t]) for t in pos]
-
-
-# -----------------------------------------------------------------------------
-# task: video needle in a haystack
-
-DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-def _frames_tensor(frames, image_size: int) -> torch.Tensor:
-    """uint8 numpy (F, H, W, 3) -> preprocessed float (F, 3, S, S); float tensors pass through unchanged."""
-    if isinstance(frames, torch.Tensor) and frames.is_floating_point():
-        return frames
-    return preprocess(np.asarray(frames), image_size)  # (F, 3, S, S)
-
-
-def load_needles(needles) -> list:
-    """Needles as [{"name", "image" (uint8 H,W,3 or float 3,S,S), "question", "answer"}].
-
-    Accepts a needles.json path ([{"image": relative path, "question", "answer"}], paths relative to the JSON's
-    folder), a folder holding needles.json, or a list of such dicts (images as paths or arrays).
-    """
-    root = None
-    if isinstance(needles, (str, os.PathLike)):
-        path = os.path.join(needles, "needles.json") if os.path.isdir(needles) else str(needles)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"needles: {path} does not exist (expected a needles.json or a folder with one)")
-        with open(path) as f:
-            needles = json.load(f)
-        root = os.path.dirname(os.path.abspath(path))
-        if not isinstance(needles, list) or not needles:
-            raise ValueError(f"{path}: expected a non-empty JSON list of {{image, question, answer}}")
-    out = []
-    for i, n in enumerate(needles):
-        missing = [k for k in ("image", "question", "answer") if k not in n]
-        if missing:
-            raise ValueError(f"needle {i}: missing {missing} (each needle needs image, question, answer)")
-        img = n["image"]
-        name = n.get("name", os.path.basename(img) if isinstance(img, str) else f"needle_{i}")
-        if isinstance(img, str):
-            img = load_image(img if root is None or os.path.isabs(img) else os.path.join(root, img))
-        out.append({"name": name, "image": img, "question": n["question"], "answer": n["answer"]})
-    return out
-
-
-def list_videos(path) -> list:
-    """A video file, a folder of videos (sorted), or a list of paths -> list of paths."""
-    if isinstance(path, (list, tuple)):
-        return [str(p) for p in path]
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith((".mp4", ".mkv", ".avi", ".mov", ".webm")))
-        if not files:
-            raise FileNotFoundError(f"{path}: no video files (.mp4 .mkv .avi .mov .webm) in this folder")
-        return files
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such video file or folder")
-    return [str(path)]
-
-
-def read_haystack(path: str, fps: float, max_frames: int) -> np.ndarray:
-    """The FIRST max_frames frames of a video sampled at `fps` (one every 1/fps seconds): uint8 (F, H, W, 3).
-    Only those frames are decoded, so a long haystack video costs what the grid uses."""
-    with VideoFile(path) as video:
-        idx = video.indices(None, fps)[:max_frames]  # (F,) frame indices at t = 0, 1/fps, 2/fps, ...
-        if len(idx) == 0:
-            raise ValueError(f"haystack {path}: no frames at {fps} fps")
-        return video.get(idx)  # (F, H, W, 3)
-
-
-@torch.no_grad()
-def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
-             layout=None, out_dir=None, fps: float = 1.0, vision_batch: int = 32, title: str = "",
-             progress: bool = True, log=print) -> dict:
-    """Video needle in a haystack over a grid of depths x frame counts; returns the results dict.
-
-    haystacks: a video file, a folder of videos, a list of paths, or a list of frame arrays / preprocessed
-        tensors. Each haystack is read at `fps` frames per second and must hold max(frame_counts) frames; a cell's
-        score averages over haystacks x needles.
-    needles: see `load_needles`.
-    For each haystack the vision features of its first max(frame_counts) frames are computed ONCE and each
-    needle's once; a cell (N frames, depth d) then splices [haystack[:i], needle, haystack[i:N]] with
-    i = needle_index(d, N) into the prompt "<video>\\n{question}" and scores the teacher-forced answer.
-    With out_dir, results.json is written after every (haystack, frame count, depth) step and a rerun resumes
-    from it; heatmap.png is drawn at the end. Returns {"header", "cells", "depths", "frame_counts", "grid"
-    (depths x frame counts), "mean"}.
-    """
-    main = is_main(layout)
-    say = log if main else (lambda *a, **k: None)
-    cfg = model.config
-    size, tpf = cfg.vision.image_size, cfg.tokens_per_frame
-    depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
-    needles = load_needles(needles)
-    if isinstance(haystacks, (str, os.PathLike)) or (isinstance(haystacks, (list, tuple)) and haystacks
-                                                     and isinstance(haystacks[0], (str, os.PathLike))):
-        paths = list_videos(haystacks)
-        names = [os.path.basename(p) for p in paths]
-        sources = paths
-    else:
-        names = [f"haystack_{i}" for i in range(len(haystacks))]
-        sources = list(haystacks)
-    header = {"task": "niah", "haystacks": names, "fps": fps,
-              "needles": [[n["name"], n["question"], n["answer"]] for n in needles]}
-    results_path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = open_results(results_path, header, main)
-    cells = results["cells"]
-
-    def key(h, n, d):
-        return f"{names[h]}|frames={n}|depth={d:g}"
-
-    needle_pixels = torch.cat([_frames_tensor(n["image"][None], size) for n in needles])  # (K, 3, S, S)
-    needle_feats = encode_frames(model, needle_pixels, layout, vision_batch)  # (K, N, C): each needle once
-    bar = Progress(len(sources) * len(frame_counts) * len(depths), "niah", enabled=progress and main)
-    done = [v["correct"] for v in cells.values()]
-    for h, src in enumerate(sources):
-        todo = [(n, d) for n in frame_counts for d in depths if key(h, n, d) not in cells]
-        bar.update(len(frame_counts) * len(depths) - len(todo))
-        if not todo:
-            continue
-        frames = read_haystack(src, fps, frame_counts[-1]) if isinstance(src, str) else src  # (F, H, W, 3)
-        if len(frames) < frame_counts[-1]:
-            raise ValueError(f"haystack {names[h]}: {len(frames)} frames at {fps} fps, but the grid needs "
-                             f"{frame_counts[-1]} (lower --frame_counts or use a longer video)")
-        hay = encode_frames(model, _frames_tensor(frames[:frame_counts[-1]], size), layout, vision_batch)  # (F,N,C)
-        for n in frame_counts:
-            prompts = []
-            for nd in needles:  # the token ids do not depend on the depth: every frame has the same pattern
-                conv = [{"from": "human", "value": NIAH_PREAMBLE + "<video>\n" + nd["question"]},
-                        {"from": "gpt", "value": nd["answer"]}]
-                ids, labels = build_conversation(conv, tokenizer, [n + 1], tpf)
-                pos, ans = answer_span(ids, labels, tokenizer.special_ids)
-                prompts.append((ids[:pos[-1] + 1], pos, ans))
-            for d in depths:
-                if key(h, n, d) in cells:
-                    continue
-                correct, preds = [], []
-                for k, (ids, pos, ans) in enumerate(prompts):
-                    feats = insert_needle(hay[:n], needle_feats[k], d)  # (n+1, N, C)
-                    emb = embed_with_features(model, ids, feats)  # (1, T, C)
-                    pred = teacher_forced_argmax(model, emb, pos, layout).tolist()
-                    correct.append(answer_correct(pred, ans, tokenizer.decode))
-                    preds.append(tokenizer.decode(pred))
-                cells[key(h, n, d)] = {"haystack": names[h], "frames": n, "depth": d,
-                                       "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]),
-                                       "correct": correct, "predictions": preds}
-                done.append(correct)
-                if results_path and main:
-                    save_results(results_path, results)
-                bar.update(1, acc=float(np.mean([c for cs in done for c in cs])))
-        del hay
-    bar.close()
-    grid = np.full((len(depths), len(frame_counts)), np.nan)  # (depths, frame counts)
-    for i, d in enumerate(depths):
-        for j, n in enumerate(frame_counts):
-            scores = [c for h in range(len(sources)) for c in cells[key(h, n, d)]["correct"]]
-            grid[i, j] = float(np.mean(scores))
-    mean = float(np.nanmean(grid))
-    results.update(depths=depths, frame_counts=frame_counts, grid=grid.tolist(), mean=mean)
-    if out_dir and main:
-        save_results(results_path, results)
-        draw_heatmap(grid, [f"{100 * d:g}" for d in depths], [short_number(n) for n in frame_counts],
-                     os.path.join(out_dir, "heatmap.png"),
-                     f"Needle in a haystack{' - ' + title if title else ''}: mean {mean:.1%}")
-    say(f"niah: mean accuracy {mean:.4f} over {len(depths)} depths x {len(frame_counts)} frame counts, "
-        f"{len(sources)} haystacks x {len(needles)} needles")
-    return results
-
-
-# -----------------------------------------------------------------------------
-# generation helpers: prompts with media, streaming to the terminal
-
-
-def media_frames(path: str, num_frames=None, fps=None):
-    """(uint8 frames (F, H, W, 3), placeholder) of a video file ("<video>") or an image file ("<image>")."""
-    if path.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
-        return load_image(path)[None], "<image>"  # (1, H, W, 3)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such video or image file")
-    return read_video(path, num_frames=num_frames, fps=fps)[0], "<video>"
-
-
-def prompt_ids(tokenizer, text: str, num_frames: int, tokens_per_frame: int) -> list:
-    """Token ids of one user turn `text` (holding one <video>/<image> for num_frames frames) + the assistant header."""
-    ids, _ = build_conversation([{"from": "human", "value": text}], tokenizer, [num_frames] if num_frames else [],
-                                tokens_per_frame, add_generation_prompt=True)
-    return ids
-
-
-class StreamPrinter:
-    """`stream` callback of LongVILA.generate: decodes the growing reply and prints only the new characters, so
-    multi-byte and merged sub-word tokens appear correctly; records each token's wall-clock arrival time."""
-
-    def __init__(self, tokenizer, enabled=True, out=None, stop_ids=()):
-        self.tokenizer, self.enabled, self.out = tokenizer, enabled, out if out is not None else sys.stdout
-        self.ids, self.times, self.shown, self.stop_ids = [], [], "", set(stop_ids)
-
-    def __call__(self, token_id):
-        self.times.append(time.perf_counter())
-        token_id = int(token_id)
-        if token_id in self.stop_ids:
-            return
-        self.ids.append(token_id)
-        if self.enabled:
-            text = self.tokenizer.decode(self.ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.out.write(text[len(self.shown):])
-                self.out.flush()
-                self.shown = text
-
-
-@torch.no_grad()
-def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop_at_eos=True):
-    """Greedy reply (str) to `text` about uint8 frames (F, H, W, 3) or preprocessed (F, 3, S, S) (or None),
-    single process or MM-SP (the frames are sharded over the SP group inside mmsp.sp_generate)."""
-    cfg = model.config
-    images = None
-    if frames is not None:
-        images = [_frames_tensor(frames, cfg.vision.image_size).to(model_device(model), model_dtype(model))]
-    ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
-    input_ids = torch.tensor([ids], device=model_device(model))  # (1, T)
-    sp = layout if layout is not None and layout.sp > 1 else None
-    eos = tokenizer.eos_id if stop_at_eos else None
-    if sp is not None:  # the frames are sharded over the SP group inside
-        new = sp_generate(model, input_ids, images, sp, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                          stream=stream)  # (1, T_new)
-    else:
-        new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                             stream=stream)  # (1, T_new)
-    out = [int(t) for t in new[0].tolist()]
-    if tokenizer.eos_id in out:
-        out = out[:out.index(tokenizer.eos_id)]
-    return tokenizer.decode(out).strip()
-
-
-# -----------------------------------------------------------------------------
-# task: VideoMME-style multiple choice
-
-
-def load_mcq(path: str) -> list:
-    """Questions of a VideoMME-format JSON: [{"video", "question", "options" [4], "answer" letter, "duration"}]."""
-    with open(path) as f:
-        items = json.load(f)
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of questions")
-    for i, q in enumerate(items):
-        missing = [k for k in ("video", "question", "options", "answer") if k not in q]
-        if missing:
-            raise ValueError(f"{path}: question {i} lacks {missing} (VideoMME format: video, question, options, "
-                             f"answer, duration)")
-        if str(q["answer"]).strip().upper() not in "ABCD" or len(str(q["answer"]).strip()) != 1:
-            raise ValueError(f"{path}: question {i} has answer {q['answer']!r}; expected one letter A-D")
-    return items
-
-
-@torch.no_grad()
-def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=8, layout=None, out_dir=None,
-            max_new_tokens=16, progress=True, log=print) -> dict:
-    """Multiple-choice video QA: accuracy overall and by duration; per-question rows in out_dir/mcq.json."""
-    main = is_main(layout)
-    items = load_mcq(questions_path)
-    root = media_root or os.path.dirname(os.path.abspath(questions_path))
-    header = {"task": "mcq", "questions": os.path.basename(str(questions_path)), "num_frames": num_frames,
-              "prompt": mcq_prompt("{question}", ["{options}"])}
-    path = os.path.join(out_dir, "mcq.json") if out_dir else None
-    results = open_results(path, header, main)
-    rows = results["cells"]
-    bar = Progress(len(items), "mcq", enabled=progress and main)
-    for i, q in enumerate(items):
-        qid = str(q.get("question_id", i))
-        if qid in rows:
-            bar.update(1)
-            continue
-        video = q["video"] if os.path.isabs(q["video"]) else os.path.join(root, q["video"])
-        if not os.path.exists(video):
-            raise FileNotFoundError(f"{questions_path}: question {qid}: video {video} not found (paths are relative "
-                                    f"to --media_root, default the JSON's folder)")
-        frames, tag = media_frames(video, num_frames=num_frames)
-        text = f"{tag}\n" + mcq_prompt(q["question"], q["options"])
-        reply = generate_reply(model, tokenizer, frames, text, layout, max_new_tokens)
-        letter = extract_choice(reply)
-        rows[qid] = {"id": qid, "video": q["video"], "duration": q.get("duration", "unknown"), "reply": reply,
-                     "prediction": letter, "answer": str(q["answer"]).strip().upper(),
-                     "correct": letter == str(q["answer"]).strip().upper()}
-        if path and main:
-            save_results(path, results)
-        bar.update(1, acc=float(np.mean([r["correct"] for r in rows.values()])))
-    bar.close()
-    results["accuracy"] = accuracy_by(list(rows.values()), "duration")
-    if path and main:
-        save_results(path, results)
-    acc = results["accuracy"]
-    log_ = log if main else (lambda *a, **k: None)
-    log_("mcq: accuracy " + " ".join(f"{k}={v:.4f}" for k, v in acc.items()) + f" ({len(rows)} questions)")
-    return results
-
-
-# -----------------------------------------------------------------------------
-# task: captioning / asking about one video or a folder
-
-
-@torch.no_grad()
-def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, num_frames=None, fps=None, layout=None,
-                out_dir=None, max_new_tokens=256, stream=True, out=None, log=print) -> dict:
-    """Greedy replies to `prompt` for each video (a file, a folder or a list), streamed to the terminal."""
-    main = is_main(layout)
-    paths = list_videos(videos) if not (isinstance(videos, str) and videos.lower().endswith(
-        (".png", ".jpg", ".jpeg", ".bmp", ".webp"))) else [videos]
-    num_frames = num_frames if num_frames or fps else model.config.num_video_frames
-    header = {"task": "caption", "prompt": prompt, "num_frames": num_frames, "fps": fps}
-    path = os.path.join(out_dir, "captions.json") if out_dir else None
-    results = open_results(path, header, main)
-    out = out if out is not None else sys.stdout
-    for p in paths:
-        name = os.path.basename(p)
-        if name in results["cells"]:
-            continue
-        frames, tag = media_frames(p, num_frames=num_frames, fps=fps)
-        if main and stream:
-            out.write(f"[{name}, {len(frames)} frames] ")
-        printer = StreamPrinter(tokenizer, enabled=main and stream, out=out, stop_ids=[tokenizer.eos_id])
-        reply = generate_reply(model, tokenizer, frames, f"{tag}\n{prompt}", layout, max_new_tokens, printer)
-        if main and stream:
-            out.write("\n")
-        results["cells"][name] = {"video": p, "frames": len(frames), "reply": reply}
-        if path and main:
-            save_results(path, results)
-    return results
-
-
-# -----------------------------------------------------------------------------
-# task: text passkey retrieval (checks stage 4's context extension)
-
-# (task statement, filler sentences, needle, question). "demo" is the format of data.py's stage-4 documents
-# (data._passkey_doc), so the tiny demo model is tested on the text it was trained on.
-PASSKEY_STYLES = {
-    "classic": (PASSKEY_TASK, [PASSKEY_FILLER], PASSKEY_NEEDLE, PASSKEY_QUESTION),
-    "demo": ("There is a pass key hidden inside a lot of text.", list(FILLER),
-             "The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key? The pass key is"),
-}
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classic", filler=None) -> tuple:
-    """(input_ids, answer positions, answer ids) of a passkey document of about `length` tokens.
-
-    The document is task + filler sentences + needle + filler + question, the needle after
-    round(depth * n) of the n filler sentences that fit; the answer (the key) follows the question and is scored
-    teacher-forced like the NIAH answers. `filler` (a list of sentences) overrides the style's filler.
-    """
-    task, fill, needle, question = PASSKEY_STYLES[style]
-    fill = filler or fill
-    bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
-    head = bos + (tokenizer.encode(task) if task else [])
-    needle_ids = tokenizer.encode(" " + needle.format(key=key))
-    tail = tokenizer.encode(" " + question)
-    answer = tokenizer.encode(" " + key)
-    fill_ids = [tokenizer.encode(" " + s) for s in fill]
-    budget = length - len(head) - len(needle_ids) - len(tail) - len(answer)
-    if budget < 0:
-        raise ValueError(f"passkey: context length {length} is shorter than the task, needle and question "
-                         f"({length - budget} tokens)")
-    body, i = [], 0
-    while True:  # whole filler sentences, cycled, until the budget is used
-        nxt = fill_ids[i % len(fill_ids)]
-        if sum(map(len, body)) + len(nxt) > budget:
-            break
-        body.append(nxt)
-        i += 1
-    at = needle_index(depth, len(body))
-    ids = head + [t for s in body[:at] for t in s] + needle_ids + [t for s in body[at:] for t in s] + tail
-    pos = list(range(len(ids), len(ids) + len(answer)))
-    return ids + answer, pos, answer
-
-
-@torch.no_grad()
-def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, style="classic", filler=None,
-                seed=0, layout=None, out_dir=None, progress=True, log=print) -> dict:
-    """Passkey retrieval over context lengths x depths (`trials` random 5-digit keys per cell)."""
-    main = is_main(layout)
-    depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
-    header = {"task": "passkey", "style": style, "trials": trials, "seed": seed, "filler": bool(filler)}
-    path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = open_results(path, header, main)
-    cells = results["cells"]
-    bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
-    for L in lengths:
-        for d in depths:
-            k = f"length={L}|depth={d:g}"
-            if k in cells:
-                bar.update(1)
-                continue
-            rng = np.random.default_rng([seed, L, int(round(d * 1000))])  # the same keys on every rank / rerun
-            correct, preds = [], []
-            for _ in range(trials):
-                key = str(int(rng.integers(10000, 100000)))
-                ids, pos, ans = passkey_prompt(tokenizer, L, d, key, style, filler)
-                pred = teacher_forced_argmax(model, embed_with_features(model, ids), pos, layout).tolist()
-                correct.append(answer_correct(pred, ans, tokenizer.decode))
-                preds.append(tokenizer.decode(pred))
-            cells[k] = {"length": L, "depth": d, "tokens": len(ids), "correct": correct, "predictions": preds}
-            if path and main:
-                save_results(path, results)
-            bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
-    bar.close()
-    grid = np.array([[np.mean(cells[f"length={L}|depth={d:g}"]["correct"]) for L in lengths] for d in depths])
-    mean = float(grid.mean())
-    results.update(depths=depths, lengths=lengths, grid=grid.tolist(), mean=mean)
-    if out_dir and main:
-        save_results(path, results)
-        draw_heatmap(grid, [f"{100 * d:g}" for d in depths], [short_number(n) for n in lengths],
-                     os.path.join(out_dir, "heatmap.png"), f"Passkey retrieval: mean {mean:.1%}",
-                     xlabel="Context length (tokens)", ylabel="Passkey depth (%)")
-    (log if main else (lambda *a, **k: None))(f"passkey: mean accuracy {mean:.4f}")
-    return results
-
-
-# -----------------------------------------------------------------------------
-# task: perplexity of a text file
-
-
-@torch.no_grad()
-def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=None, out_dir=None, progress=True,
-            log=print) -> dict:
-    """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens."""
-    main = is_main(layout)
-    if not os.path.exists(text_path):
-        raise FileNotFoundError(f"ppl: text file {text_path} does not exist")
-    with open(text_path, encoding="utf-8") as f:
-        text = f.read()
-    ids = tokenizer.encode(text)
-    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
-    if n == 0:
-        raise ValueError(f"ppl: {text_path} has {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
-    device = model_device(model)
-    sp = functools.partial(sp_forward, layout=layout) if layout is not None and layout.sp > 1 else None
-    nll, count = 0.0, 0
-    bar = Progress(n, "ppl", enabled=progress and main)
-    for w in range(n):
-        x = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]], device=device)  # (1, L)
-        _, loss = model(x, labels=x, return_logits=False, sp_forward=sp)  # mean over the L-1 shifted targets
-        if sp is not None:  # under MM-SP each rank returns its share (its tokens' NLL / global count): sum them
-            torch.distributed.all_reduce(loss, group=layout.sp_group)
-        nll += float(loss) * (seq_len - 1)
-        count += seq_len - 1
-        bar.update(1, ppl=math.exp(nll / count))
-    bar.close()
-    results = {"task": "ppl", "text": text_path, "seq_len": seq_len, "windows": n, "tokens": count,
-               "nll": nll / count, "ppl": math.exp(nll / count)}
-    if out_dir and main:
-        save_results(os.path.join(out_dir, "ppl.json"), results)
-    (log if main else (lambda *a, **k: None))(f"ppl: {results['ppl']:.4f} (mean NLL {results['nll']:.4f} over "
-                                              f"{count} tokens, {n} windows of {seq_len})")
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -922,20 +1089,32 @@ def peak_tflops(device, override=None):
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def barrier_sync(device):
+    """Wait for the GPU's queued work (so wall-clock timings are real) and for the other ranks."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 @torch.no_grad()
-def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_tokens=32, peak=None, repeats=2,
-               out_dir=None, log=print) -> dict:
+def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=None, repeats=2, layout=None,
+               out_dir=None, identity=None, overwrite=False, log=print) -> dict:
     """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with its
     MFU, decode tokens/s, peak memory (max over ranks). A short warm-up call first compiles the kernels; the
     measurement runs `repeats` times and the last run is reported (Triton may tune again at the long shape).
 
     The generate call encodes the frames again itself (mmsp.encode_frames_sharded: F/sp frames per rank, timed
     alone first), so prefill = time to first token - the vision time. Decoding never stops at EOS here, so
-    exactly max_new_tokens tokens are timed."""
-    main, device = is_main(layout), model_device(model)
-    generate_reply(model, tokenizer, frames[:2], "<video>\n" + question, layout, 2, stop_at_eos=False)  # warm-up
+    exactly max_new_tokens tokens are timed. With out_dir the figures go to timing.json (a rerun measures again)."""
+    main, device, aspect = is_main(layout), model_device(model), model.config.image_aspect_ratio
+    header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
+              "max_new_tokens": max_new_tokens}
+    path = os.path.join(out_dir, "timing.json") if out_dir else None
+    results = open_results(path, header, main, overwrite)  # a rerun of the same header measures again
+    generate_reply(model, tokenizer, frames[:2], "<video>\n" + question, layout, 2, stop=False)  # warm-up
     # preprocess and move the pixels before the clock starts: only model work is timed
-    x = _frames_tensor(frames, model.config.vision.image_size).to(device, model_dtype(model))  # (F, 3, S, S)
+    x = frames_tensor(frames, model.config.vision.image_size, aspect).to(device, model_dtype(model))  # (F,3,S,S)
     for _ in range(repeats):
         r = _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak)
     if main:
@@ -948,8 +1127,8 @@ def run_timing(model, tokenizer, frames, question, *, layout=None, max_new_token
             + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
         log(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
         log(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
-        if out_dir:
-            save_results(os.path.join(out_dir, "timing.json"), r)
+        if path:
+            save_results(path, {**results, **r})
     return r
 
 
@@ -971,7 +1150,7 @@ def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> d
     printer = StreamPrinter(tokenizer, enabled=False)
     barrier_sync(device)
     t0 = time.perf_counter()
-    generate_reply(model, tokenizer, x, "<video>\n" + question, layout, max_new_tokens, printer, stop_at_eos=False)
+    generate_reply(model, tokenizer, x, "<video>\n" + question, layout, max_new_tokens, printer, stop=False)
     barrier_sync(device)
     total_s = time.perf_counter() - t0
     T = len(prompt_ids(tokenizer, "<video>\n" + question, len(x), model.config.tokens_per_frame))
@@ -986,7 +1165,7 @@ def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> d
     peak = peak_tflops(device, peak)
     r = {"frames": len(x), "prompt_tokens": T, "world": world, "sp": layout.sp if layout else 1,
          "ring": layout.ring if layout else 1, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-         else "cpu", "dtype": str(model_dtype(model)).replace("torch.", ""), "vision_s": vision_s,
+         else "cpu", "dtype": dtype_name(model_dtype(model)), "vision_s": vision_s,
          "vision_tflops_per_gpu": vision_flops(model, len(x)) / vision_s / world / 1e12,
          "time_to_first_token_s": ttft, "prefill_s": prefill_s,
          "prefill_tflops_per_gpu": llm_forward_flops(model, T) / prefill_s / world / 1e12,
@@ -999,44 +1178,38 @@ def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> d
 
 
 # -----------------------------------------------------------------------------
-# loading and the command line
+# loading: the model, input files; main
 
 
-def parse_floats(text: str) -> list:
-    return [float(x) for x in text.split(",") if x.strip()]
+def read_json(path, what: str):
+    """A JSON input file; a missing or malformed one is an InputError naming the flag and the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{what} {path}: not a JSON file ({e})") from None
 
 
-def parse_ints(text: str) -> list:
-    return [int(x) for x in text.split(",") if x.strip()]
+def read_text(path, what: str) -> str:
+    """A UTF-8 text input file; a missing or binary one is an InputError naming the flag and the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path}: not a UTF-8 text file ({e})") from None
 
 
-def load_model(args, device):
-    """(model, tokenizer): a checkpoint folder (ours or the released VILA layout), or a random model of a preset.
-
-    --random_init builds the preset directly on the device in the requested dtype, seeded the same on every rank
-    (an SP group must hold identical weights), with the tiny tokenizer (its ids fit any vocabulary): for timing."""
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.random_init:
-        if args.random_init not in PRESETS:
-            raise ValueError(f"--random_init {args.random_init!r}: expected one of {sorted(PRESETS)}")
-        cfg = PRESETS[args.random_init]
-        torch.manual_seed(args.seed)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = LongVILA(cfg)
-        finally:
-            torch.set_default_dtype(previous)
-        tokenizer = Tokenizer.tiny(template=cfg.chat_template)
-    else:
-        if not args.model or not os.path.isdir(args.model):
-            raise FileNotFoundError(f"--model {args.model!r}: expected a checkpoint folder (config.json, llm/, "
-                                    f"vision_tower/, mm_projector/), or pass --random_init PRESET")
-        model = LongVILA.from_pretrained(args.model, dtype=dtype, device=device)
-        tokenizer = Tokenizer.for_checkpoint(args.model)
-    return model.eval(), tokenizer
+def filler_sentences(path: str) -> list:
+    """Sentences of a text file (split after '.'), without those mentioning a pass key: a passkey filler."""
+    parts = [s.strip() for s in re.split(r"(?<=\.)\s+", read_text(path, "--filler_text")) if s.strip()]
+    out = [s for s in parts if "pass key" not in s.lower() and "passkey" not in s.lower()]
+    if not out:
+        raise InputError(f"--filler_text {path}: no sentences without a pass key in it")
+    return out
 
 
 def random_frames(n: int, size: int, seed: int = 0):
@@ -1044,130 +1217,108 @@ def random_frames(n: int, size: int, seed: int = 0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="task", required=True)
-
-    def common(s):
-        g = s.add_argument_group("model and parallelism")
-        g.add_argument("--model", default=None, help="checkpoint folder (VILA layout)")
-        g.add_argument("--random_init", default=None, metavar="PRESET",
-                       help="instead of --model: random weights of a longvila.PRESETS entry (timing)")
-        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto = bfloat16 on CUDA, float32 on CPU")
-        g.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all processes)")
-        g.add_argument("--ring", type=int, default=1, help="ring degree inside sp (ulysses = sp / ring)")
-        g.add_argument("--vision_batch", type=int, default=32, help="frames per vision-encoder call")
-        g.add_argument("--seed", type=int, default=0)
-        g = s.add_argument_group("output")
-        g.add_argument("--out", default=None, help="folder for results (resumes from what it holds)")
-        g.add_argument("--no_progress", action="store_true", help="no progress bar")
-        return s
-
-    s = common(sub.add_parser("niah", help="video needle in a haystack (heatmap)"))
-    s.add_argument("--haystacks", required=True, help="a long video, or a folder of videos, read at --fps")
-    s.add_argument("--needles", required=True, help="needles.json ([{image, question, answer}]) or its folder")
-    s.add_argument("--depths", type=parse_floats, default=list(DEFAULT_DEPTHS))
-    s.add_argument("--frame_counts", type=parse_ints, default=[8, 16, 32], help="haystack frames per prompt")
-    s.add_argument("--fps", type=float, default=1.0, help="haystack sampling rate (frames per second)")
-    s = common(sub.add_parser("mcq", help="VideoMME-style multiple choice"))
-    s.add_argument("--questions", required=True, help="JSON list of {video, question, options, answer, duration}")
-    s.add_argument("--media_root", default=None, help="video paths are relative to this (default: the JSON's folder)")
-    s.add_argument("--num_frames", type=int, default=8)
-    s.add_argument("--max_new_tokens", type=int, default=16)
-    for name, text in (("caption", "describe videos"), ("ask", "ask a question about a video")):
-        s = common(sub.add_parser(name, help=text))
-        s.add_argument("--video", default=None, help="a video or image file, or a folder of videos")
-        if name == "caption":
-            s.add_argument("--prompt", default=CAPTION_PROMPT)
-        else:
-            s.add_argument("--question", default="What happens in the video?")
-        s.add_argument("--num_frames", type=int, default=None, help="uniform frames (default: the model's config)")
-        s.add_argument("--fps", type=float, default=None, help="or frames per second")
-        s.add_argument("--max_new_tokens", type=int, default=256 if name == "caption" else 64)
-        s.add_argument("--no_stream", action="store_true", help="do not stream tokens to the terminal")
-        g = s.add_argument_group("timing (no data needed)")
-        g.add_argument("--random_frames", type=int, default=None, metavar="F",
-                       help="use F random frames instead of --video")
-        g.add_argument("--timing", action="store_true",
-                       help="time vision / prefill (MFU) / decode / memory for one question instead")
-        g.add_argument("--peak_tflops", type=float, default=None, help="per-GPU bf16 peak for MFU (default: by name)")
-        g.add_argument("--repeats", type=int, default=2, help="timed runs; the last is reported")
-    s = common(sub.add_parser("passkey", help="text passkey retrieval (heatmap)"))
-    s.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096], help="context lengths in tokens")
-    s.add_argument("--depths", type=parse_floats, default=list(DEFAULT_DEPTHS))
-    s.add_argument("--trials", type=int, default=3, help="random keys per cell")
-    s.add_argument("--style", default="classic", choices=sorted(PASSKEY_STYLES))
-    s.add_argument("--filler_text", default=None, help="take filler sentences from this text file instead")
-    s = common(sub.add_parser("ppl", help="perplexity of a text file"))
-    s.add_argument("--text", required=True)
-    s.add_argument("--seq_len", type=int, default=4096)
-    s.add_argument("--max_windows", type=int, default=None)
-    return p
+def load_model(args, device) -> tuple:
+    """(model, tokenizer, identity): a checkpoint folder (ours or the released VILA layout), or a random model of
+    a preset (--random_init: built on the device in the dtype, seeded alike on every rank, the tiny tokenizer,
+    for timing). identity names the model, its dtype and the code in every results header."""
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.random_init:
+        if args.random_init not in PRESETS:
+            raise InputError(f"--random_init {args.random_init!r}: expected one of {sorted(PRESETS)}")
+        torch.manual_seed(args.seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LongVILA(PRESETS[args.random_init])
+        finally:
+            torch.set_default_dtype(previous)
+        tokenizer = Tokenizer.tiny(template=model.config.chat_template)
+        identity = {"model": {"random_init": args.random_init, "seed": args.seed}, "dtype": dtype_name(dtype),
+                    "code": code_version()}
+    else:
+        if not args.model:
+            raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, "
+                             "mm_projector/) or --random_init PRESET")
+        if not os.path.isdir(args.model):
+            raise InputError(f"--model {args.model}: no such folder (expected a checkpoint folder with config.json, "
+                             f"llm/, vision_tower/, mm_projector/)")
+        identity = checkpoint_identity(args.model, dtype)  # reads the weights' headers: a broken file stops here
+        try:
+            model = LongVILA.from_pretrained(args.model, dtype=dtype, device=device)
+            tokenizer = Tokenizer.for_checkpoint(args.model)
+        except (OSError, SafetensorError, json.JSONDecodeError) as e:  # a missing or unreadable checkpoint file
+            raise InputError(f"--model {args.model}: {e}") from None
+    return model.eval(), tokenizer, identity
 
 
-def filler_sentences(path: str) -> list:
-    """Sentences of a text file (split at '.'), without those mentioning a pass key: a passkey filler."""
-    with open(path, encoding="utf-8") as f:
-        parts = [s.strip() for s in re.split(r"(?<=\.)\s+", f.read()) if s.strip()]
-    out = [s for s in parts if "pass key" not in s.lower() and "passkey" not in s.lower()]
-    if not out:
-        raise ValueError(f"--filler_text {path}: no sentences without a pass key in it")
-    return out
+def run_one_question(args, model, tokenizer, common: dict):
+    """caption / ask with --random_frames or --timing: one question about F random frames or the first video."""
+    question = args.prompt if args.task == "caption" else args.question
+    num_frames, fps = video_sampling(model.config, args.num_frames, args.fps)
+    if args.random_frames:
+        frames = random_frames(args.random_frames, model.config.vision.image_size, args.seed)  # (F, S, S, 3)
+    else:
+        first = args.video if args.video.lower().endswith(IMAGE_EXTS) else list_videos(args.video)[0]
+        frames = media_frames(first, num_frames, fps)[0]  # (F, H, W, 3)
+    if args.timing:
+        return run_timing(model, tokenizer, frames, question, max_new_tokens=args.max_new_tokens,
+                          peak=args.peak_tflops, repeats=args.repeats, **common)
+    layout = common["layout"]
+    printer = StreamPrinter(tokenizer, enabled=is_main(layout) and args.stream)
+    reply = generate_reply(model, tokenizer, frames, "<video>\n" + question, layout, args.max_new_tokens, printer,
+                           aspect=model.config.image_aspect_ratio)
+    if is_main(layout):
+        print("" if args.stream else reply)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args):
+    """Processes and SP layout, --out, the model; then the task the command line names."""
     info = init_distributed()
     sp = args.sp or info.world_size
-    if sp != info.world_size:
-        raise ValueError(f"--sp {sp} with {info.world_size} processes: evaluation runs one sample at a time on one "
-                         f"SP group, so launch exactly --sp processes (or omit --sp)")
+    if sp != info.world_size or sp % args.ring:
+        raise InputError(f"--sp {sp} --ring {args.ring} with {info.world_size} processes: evaluation runs one "
+                         f"sample at a time on one SP group, so launch exactly --sp processes, --ring dividing it")
     layout = make_layout(sp=sp, ring=args.ring)
-    model, tokenizer = load_model(args, info.device)
-    progress = not args.no_progress
-    if args.out and is_main(layout):
-        os.makedirs(args.out, exist_ok=True)
-        save_results(os.path.join(args.out, "config.json"), vars(args))
+    one_question = args.task in ("caption", "ask") and (args.timing or args.random_frames)
+    if args.task in ("caption", "ask") and not (args.video or args.random_frames):
+        raise InputError(f"{args.task}: give --video (a file or a folder) or --random_frames F")
+    check_out(args.out, OUTPUTS["timing" if one_question else args.task])
+    model, tokenizer, identity = load_model(args, info.device)
+    name = checkpoint_name(args.model) if args.model else f"random {args.random_init}"
+    common = dict(layout=layout, out_dir=args.out, identity=identity, overwrite=args.overwrite)
     if args.task == "niah":
-        run_niah(model, tokenizer, args.haystacks, args.needles, args.depths, args.frame_counts, layout=layout,
-                 out_dir=args.out, fps=args.fps, vision_batch=args.vision_batch, progress=progress,
-                 title=os.path.basename(os.path.normpath(args.model or args.random_init)))
+        run_niah(model, tokenizer, args.haystacks, args.needles, args.depths, args.frame_counts, fps=args.fps,
+                 vision_batch=args.vision_batch, title=name, progress=args.progress, **common)
     elif args.task == "mcq":
         run_mcq(model, tokenizer, args.questions, media_root=args.media_root, num_frames=args.num_frames,
-                layout=layout, out_dir=args.out, max_new_tokens=args.max_new_tokens, progress=progress)
+                fps=args.fps, max_new_tokens=args.max_new_tokens, progress=args.progress, **common)
+    elif one_question:
+        run_one_question(args, model, tokenizer, common)
     elif args.task in ("caption", "ask"):
-        prompt = args.prompt if args.task == "caption" else args.question
-        if not args.video and not args.random_frames:
-            raise ValueError(f"{args.task}: give --video (a file or folder) or --random_frames F")
-        if args.random_frames or args.timing:
-            n = args.random_frames or args.num_frames or model.config.num_video_frames
-            frames = random_frames(n, model.config.vision.image_size, args.seed) if args.random_frames \
-                else media_frames(args.video, num_frames=n, fps=args.fps)[0]
-            if args.timing:
-                run_timing(model, tokenizer, frames, prompt, layout=layout, max_new_tokens=args.max_new_tokens,
-                           peak=args.peak_tflops, repeats=args.repeats, out_dir=args.out)
-            else:
-                printer = StreamPrinter(tokenizer, enabled=is_main(layout) and not args.no_stream,
-                                        stop_ids=[tokenizer.eos_id])
-                reply = generate_reply(model, tokenizer, frames, "<video>\n" + prompt, layout,
-                                       args.max_new_tokens, printer)
-                if is_main(layout):
-                    print("" if not args.no_stream else reply)
-        else:
-            run_caption(model, tokenizer, args.video, prompt, num_frames=args.num_frames, fps=args.fps,
-                        layout=layout, out_dir=args.out, max_new_tokens=args.max_new_tokens,
-                        stream=not args.no_stream)
+        run_caption(model, tokenizer, args.video, args.prompt if args.task == "caption" else args.question,
+                    task=args.task, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
+                    stream=args.stream, **common)
     elif args.task == "passkey":
         filler = filler_sentences(args.filler_text) if args.filler_text else None
         run_passkey(model, tokenizer, args.lengths, args.depths, trials=args.trials, style=args.style,
-                    filler=filler, seed=args.seed, layout=layout, out_dir=args.out, progress=progress)
+                    filler=filler, seed=args.seed, title=name, progress=args.progress, **common)
     elif args.task == "ppl":
-        run_ppl(model, tokenizer, args.text, args.seq_len, max_windows=args.max_windows, layout=layout,
-                out_dir=args.out, progress=progress)
+        run_ppl(model, tokenizer, args.text, args.seq_len, max_windows=args.max_windows, progress=args.progress,
+                **common)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    try:
+        run(args)
+    except InputError as e:  # a user's mistake (data.MediaError too): one line, argparse's exit code, no stack trace
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
