@@ -136,8 +136,8 @@ def uniform_indices(total: int, num_frames: int) -> np.ndarray:
     np.linspace(0, total - 1, F, dtype=int) (floor). A video with fewer frames than asked gives all of its frames:
     frames are never invented."""
     if num_frames >= total:
-        return np.arange(max(total, 0), dtype=np.int64)
-    return np.linspace(0, total - 1, num_frames, dtype=int).astype(np.int64)
+        return np.arange(max(total, 0), dtype=np.int64)  # (total,)
+    return np.linspace(0, total - 1, num_frames, dtype=int).astype(np.int64)  # (F,)
 
 
 def fps_indices(total: int, video_fps: float, fps: float, num_frames: int) -> np.ndarray:
@@ -150,13 +150,13 @@ def fps_indices(total: int, video_fps: float, fps: float, num_frames: int) -> np
     n = int(duration * fps)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.unique(np.linspace(0, total - 1, max(n, 2), dtype=int)).astype(np.int64)  # each frame read once
+    return np.unique(np.linspace(0, total - 1, max(n, 2), dtype=int)).astype(np.int64)  # (F,): each frame read once
 
 
 def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
     """Every round(video_fps / fps)-th frame from frame 0 over the whole video: the reference's V-NIAH haystack
     reader (range(0, len(video), round(avg_fps)) at 1 fps)."""
-    return np.arange(0, total, max(1, round(video_fps / fps)), dtype=np.int64)
+    return np.arange(0, total, max(1, round(video_fps / fps)), dtype=np.int64)  # (ceil(total / stride),)
 
 
 class _DecordReader:
@@ -892,8 +892,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         n_slots = sum(1 for x in ids if x == IMAGE_TOKEN_ID)
         if n_slots != (0 if images is None else len(images)) * self.tokens_per_frame:  # the model's embed contract
             raise ValueError(f"sample {sid}: {n_slots} image slots for {0 if images is None else len(images)} frames")
-        return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "images": images}
+        return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
+                "labels": torch.tensor(labels, dtype=torch.long), "images": images}  # (T,), (F, 3, S, S) | None
 
     @staticmethod
     def _conversation(sample: dict, sid) -> tuple[list[dict], str | None, list[str]]:
@@ -1088,8 +1088,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
             "lengths": torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.long)}
 
 
-# --- below: the machinery: the demo-data generator, the long-video instruction builder, benchmark helpers, the
-# progress line and the command line ------------------------------------------------------------------------------
+# --- below: the machinery (demo data, long-video instruction data, benchmark helpers, progress line, command line)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
@@ -1453,7 +1452,7 @@ def _existing_demo(out: str, cfg: DemoConfig) -> dict:
         return meta
     what = "demo data of other settings or of another version" if ours else "files that are not demo data"
     raise InputError(f"{out}: the folder holds {what}; demo data is written only into a new or empty folder "
-                     "(choose another --out, or delete this one)")
+                     "(choose another folder, or delete this one)")
 
 
 def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
@@ -1621,14 +1620,14 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
                     idx = lo + uniform_indices(hi - lo, frames_per_segment)  # (f,) frames inside [a, b)
                     captions.append((a, b, caption_fn(video.get(idx), SEGMENT_PROMPT).strip()))
         except MediaError as e:
-            warnings.warn(f"longvideo-sft: skipping {path}: {e}")
+            warnings.warn(f"longvideo_sft: skipping {path}: {e}")
             _atomic_json(done, {"video": rel, "error": str(e)})
             stats["skipped"] += 1
             continue
         raw = text_fn(qa_prompt(captions, pairs_per_category))
         pairs = parse_qa(raw)
         if not pairs:
-            warnings.warn(f"longvideo-sft: {path}: the LLM output held no valid `category | question | answer` line")
+            warnings.warn(f"longvideo_sft: {path}: the LLM output held no valid `category | question | answer` line")
         _atomic_json(done, {"video": rel, "duration_s": duration, "raw": raw, "qa": pairs,
                             "segments": [{"start": a, "end": b, "caption": c} for a, b, c in captions]})
         stats["done"] += 1
