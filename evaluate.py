@@ -89,11 +89,17 @@ DEPTHS = comma_list(checked(float, lambda x: 0 <= x <= 1, "depths in [0, 1]"), "
 COUNTS = comma_list(POSITIVE_INT, "positive integers, e.g. 8,16,32")
 
 
-def switch(group, name: str, default: bool, text: str):
-    """A boolean flag pair --name / --no_name."""
-    group.add_argument(f"--{name}", dest=name, action="store_true", default=default,
-                       help=f"{text} (default: {'on' if default else 'off'}; --no_{name}: off)")
-    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+class Switch(argparse.Action):
+    """A boolean flag as a pair: --x turns it on, --no_x off."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings + ["--no_" + option_strings[0][2:]], dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
 
 
 def common_flags(s):
@@ -111,8 +117,9 @@ def common_flags(s):
     g = s.add_argument_group("output")
     g.add_argument("--out", default=None, help="folder for results; a rerun resumes them when model, settings and "
                                                "code are the same, and stops otherwise")
-    switch(g, "overwrite", False, "start over in --out (replaces only results evaluate.py wrote there)")
-    switch(g, "progress", True, "a progress bar on stderr")
+    g.add_argument("--overwrite", action=Switch, default=False,
+                   help="start over in --out (replaces only results evaluate.py wrote there)")
+    g.add_argument("--progress", action=Switch, default=True, help="a progress bar on stderr (default: on)")
     return s
 
 
@@ -146,11 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--question", default="What happens in the video?")
         video_flags(s, max_new_tokens=256 if name == "caption" else 64)
-        switch(s, "stream", True, "print the reply token by token")
+        s.add_argument("--stream", action=Switch, default=True, help="print the reply token by token (default: on)")
         g = s.add_argument_group("timing (no data needed)")
         g.add_argument("--random_frames", type=POSITIVE_INT, default=None, metavar="F",
                        help="use F random frames instead of --video")
-        switch(g, "timing", False, "time vision / prefill (MFU) / decode / memory for one question instead")
+        g.add_argument("--timing", action=Switch, default=False,
+                       help="time vision / prefill (MFU) / decode / memory for one question instead")
         g.add_argument("--peak_tflops", type=POSITIVE, default=None,
                        help="per-GPU bf16 peak for MFU (default: from the GPU's name)")
         g.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs; the last is reported")
