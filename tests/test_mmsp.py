@@ -367,10 +367,10 @@ def _bench_worker(rank, world):
     import argparse
     import bench
     p = argparse.ArgumentParser()
-    bench._sp_add_args(p)
+    bench.FLAGS["sp"](p)
     args = p.parse_args(["--device", "cpu", "--small", "--iters", "1", "--warmup", "0",
                          "--methods", "1gpu-whole,zigzag-ring,ring,ulysses,torch-cp-flash"])
-    return bench._sp_run(args)
+    return bench.sp_run(args)
 
 
 def test_bench_sp_small_runs_on_gloo():
