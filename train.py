@@ -1,145 +1,154 @@
-"""LongVILA's five-stage training curriculum from one entry point, on one CPU or many GPUs.
+"""LongVILA's five-stage training curriculum from one entry point, on one CPU or many GPUs (FSDP2 + mmsp).
 
-    python train.py --stage all                       # the CPU demo: demo data, tiny model, stages 0-5, then NIAH
-    python train.py --stage 3 --init_from runs/demo/stage2/model --steps 20
-    torchrun --nproc_per_node 4 train.py --stage 5 --sp 4 --ring 2 --init_from runs/demo/stage4/model
-    torchrun --nproc_per_node 8 train.py --stage 4 --model longvila-8b --init_from /ckpt/LongVILA-8B \\
-        --data /data/slimpajama.jsonl --seq_len 131072 --sp 8 --ring 8 --steps 80
+    python train.py --stage all        # the CPU demo: demo data, tiny model through stages 0-5, then NIAH
+    python train.py --stage 5 --help   # the flags, with the defaults stage 5 uses
+    torchrun --nproc_per_node 8 train.py --stage 4 --init_from ckpt/stage3 --data long.jsonl --seq_len 131072 \\
+        --sp 8 --ring 8 --steps 40     # context extension as the reference: LoRA rank 8, RoPE theta 1.53e7 from 32k
 
-The curriculum (paper Sec. 3 and Table 1; the reference's hyper-parameters, /work/shared/LONGVILA.md Sec. 3):
-    0 stand-in           all (only from random weights) needle-colour QA, one per sample, + captions as text (the
-                                                       demo's stand-in for the pretrained SigLIP + LLM the reference
-                                                       starts from)
-    1 alignment          projector only                image-caption pairs           lr 1e-3 cosine, warmup 3%
-    2 pre-training       projector + LLM               captions / interleaved        lr 5e-5 cosine, warmup 3%
-    3 short SFT          vision + projector + LLM      image / short-video QA        lr 1e-4 cosine, warmup 3%
-    4 context extension  LLM only                      long text                     lr 2e-5 constant, 2 warmup
-                         (RoPE theta raised to the target context and written into the saved config)
-    5 long SFT           vision + projector + LLM      long-video QA                 lr 5e-5 cosine, warmup 3%,
-                                                                                     activation checkpointing
-`--stage N` picks a preset of defaults (STAGES below; TINY_DEMO retunes them for the tiny model); every flag
-overrides it. `--stage all` chains stages 1-5 (0-5 without --init_from), each from the model the previous one saved.
+A run writes <out>/stage<N>/ per stage: config.json (the resolved flags; `--config` replays them), metrics.jsonl
+(one line per step), model/ (the released VILA layout: config.json, llm/, vision_tower/, mm_projector/) and
+checkpoints/step-NNNNNN/ (the same model + train_state/ for an exact --resume), `checkpoints/latest` the newest.
 
-Distribution: `init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU). The world is a
-`dp x ring x ulysses` grid (mmsp.make_layout); every rank of one SP group reads the same sample and mmsp.sp_forward
-splits it (frames, then zigzag tokens). Parameters, gradients and optimizer state are sharded over the whole world
-with FSDP2 (`fully_shard`, ZeRO-3), bf16 compute with fp32 master weights and fp32 gradient reduction on CUDA.
-The loss of every rank is (its summed cross-entropy) / (the GLOBAL count of supervised tokens of the step), so the
-SUM of the ranks' gradients is the single-device gradient of the global batch: FSDP's reduce-scatter sums (divide
-factor 1) instead of averaging.
+The world is a dp x ring x ulysses grid (mmsp.make_layout); FSDP2 shards parameters, gradients and AdamW state
+over all of it. Every rank's loss is its cross-entropy SUM / the GLOBAL count of supervised tokens, so the sum
+of the ranks' gradients is the gradient of the whole global batch, as on one device.
 
-A run folder holds: config.json (the resolved flags), metrics.jsonl (one JSON line per step), model/ (the final
-model in the released VILA layout: config.json, llm/, vision_tower/, mm_projector/, loadable by
-LongVILA.from_pretrained with any number of processes) and checkpoints/ (step-NNNNNN/: the model in the same layout
-plus train_state/, the sharded fp32 weights + AdamW state written by torch.distributed.checkpoint, and trainer.json:
-step, data position, RNG), with `checkpoints/latest` naming the newest complete one. Saves are atomic.
+Sections:
+  1. the stage table: what each stage trains, on what data, with which defaults (STAGES; TINY_DEMO: the demo's)
+  2. schedules: the learning rate, RoPE theta for a longer context
+  3. the flags and one stage's resolved config (no torch yet, so --help answers at once)
+  4. building the model (LoRA for stage 4), the data and the optimizer
+  5. one step: gradient accumulation over micro-batches, the loss normalised by the global token count
+  6. the stage loop: set up, step, finish
+  7. checkpoints and exact resume: atomic saves, what a resumed run must share with the run it continues
+  --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
 """
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
+import glob
+import hashlib
 import json
 import math
 import os
 import resource
 import shutil
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
-
-# Before torch touches CUDA: grow the caching allocator's segments in place instead of carving fixed blocks. Long-
-# video steps allocate activations of very different sizes (frames, then 64k-256k tokens), and with fixed blocks an
-# 8B stage-5 step at 128k tokens on an H200 failed with 14 GB reserved but unusable (fragmentation). Set the
-# variable yourself to override.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import data  # noqa: E402
-import kernels  # noqa: E402
-import longvila  # noqa: E402
-import mmsp  # noqa: E402
-import evaluate  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
+from dataclasses import dataclass, field
 
 # -----------------------------------------------------------------------------
-# configuration: one dataclass of every flag, and the table of stage presets
+# 1. the stage table: what each stage trains, on what data, with which defaults
+
+CURRICULUM, LEARNING, LOADING, PERFORMANCE, CHECKPOINTS, LOGGING = (
+    "curriculum", "what learns, and how fast", "data loading", "performance", "checkpoints", "logging and profiling")
+
+
+def flag(default, help: str, group: str = CURRICULUM, choices=None):
+    """A TrainConfig field that is also a command-line flag: its help text and its --help group."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    # what to train
-    stage: int = 1
-    model: str = "tiny"          # longvila.PRESETS name, used when init_from is "none"
-    init_from: str = "none"      # a VILA-layout folder (previous stage's model/ or a released checkpoint) | "none"
-    out: str = "runs/stage1"     # run folder
-    # data
-    data: str = "data/demo"      # the folder `python data.py demo` writes (or a dataset file for real runs)
-    num_frames: int = 0          # frames per video (0: the model config's num_video_frames)
-    seq_len: int = 512           # max tokens per sample (stage 4: the target context = window length)
-    media_root: str = ""         # media paths in the data files are relative to this ("": the first file's folder)
-    cache_data: bool = False     # keep decoded samples in memory (small data sets: the demo)
-    workers: int = -1            # loader processes building the next steps' batches (-1: auto, see loader_workers)
-    # which modules learn
-    train_vision: bool = False
-    train_projector: bool = True
-    train_llm: bool = False
-    # optimisation
-    lr: float = 1e-3
-    schedule: str = "cosine"     # "cosine" | "constant"
-    warmup: float = 0.03         # < 1: a fraction of the steps; >= 1: a number of steps
-    min_lr_ratio: float = 0.0    # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    vision_lr_scale: float = 1.0  # the vision tower learns at lr * this (a from-scratch tower collapses at full lr)
-    global_batch: int = 8        # samples per optimizer step over the whole world (= dp * micro_batch * accum)
-    micro_batch: int = 1         # samples per forward on one rank (SP runs take 1)
-    steps: int = 100
-    grad_checkpointing: bool = False
-    checkpoint_mode: str = "full"   # "full" | "save-attn" (keep the fused attention outputs: cudnn backend)
-    checkpoint_layers: int = -1     # decoder blocks recomputed when checkpointing (-1: all; the rest keep activations)
-    attn_backend: str = "auto"      # kernels.py backend on CUDA: auto (= triton) | triton | cudnn | torch
-    fused_ops: bool = True          # CUDA: RMSNorm, RoPE, SwiGLU as fused Triton kernels (kernels.py)
-    reinit_projector: bool = False  # start from a fresh projector (stage 1: the reference creates it there)
-    # stage 4: RoPE for the longer context
-    rope_theta: float = 0.0      # 0: keep the model's; stage 4 derives it from seq_len (rope_theta_for_context)
-    trained_len: int = 0         # stage 4: the context the model was trained at (0: its config's max_seq_len)
-    # parallelism
-    sp: int = 1                  # sequence-parallel degree (= ring * ulysses); world = dp * sp
-    ring: int = 1                # ring degree inside sp
-    # bookkeeping
-    seed: int = 0
-    save_every: int = 0          # 0: no intermediate checkpoints (the final model/ is always written)
-    no_save: bool = False        # benchmarks: write nothing (no checkpoints, no model/)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    skip_nonfinite: bool = False
-    peak_tflops: float = 0.0     # per device, for MFU (0: 989 for H100/H200 bf16 dense, none on CPU)
-    profile_step: int = 0        # profile this whole step (fwd+bwd, clipping, optimizer) on rank 0 (0: off)
-    dtype: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    """Every flag of train.py. A stage's value: this default <- the stage's preset <- the command line."""
+    stage: int = flag(1, "0..5, a range like 2-5, or all: the stages run in order, each from the model the one "
+                         "before it saved; all = 1-5, or 0-5 without --init_from")
+    model: str = flag("tiny", "a longvila.PRESETS name (tiny, longvila-8b, ...): the random init without "
+                              "--init_from, and the defaults (tiny: the CPU demo's tuning; with --init_from: the "
+                              "model its run recorded, else the reference's)")
+    init_from: str = flag("none", "a VILA-layout folder to start from (a stage's model/ or a released checkpoint), "
+                                  "or none: random --model weights")
+    data: str = flag("demo:data/demo", "demo:FOLDER (the demo data, generated when FOLDER is missing or empty), a "
+                                       "folder in that layout, files `a.json:1,b.json:0.5` (stage 4: one .bin, "
+                                       ".txt or .jsonl of text), or synthetic (random videos: throughput runs)")
+    out: str = flag("runs/demo", "root of the run: stage N writes <out>/stage<N>/")
+    seq_len: int = flag(512, "max tokens per sample; stage 4: the context it extends to")
+    num_frames: int = flag(0, "frames per video (0: the model config's num_video_frames)")
+    lr: float = flag(1e-3, "peak learning rate")
+    steps: int = flag(100, "optimizer steps")
+    global_batch: int = flag(8, "samples per optimizer step over the whole world (dp x micro_batch x accumulation)")
+    sp: int = flag(1, "sequence-parallel degree (ring x ulysses); world = dp x sp")
+    ring: int = flag(1, "ring degree inside --sp")
+    # what learns, and how fast
+    train_vision: bool = flag(False, "train the vision tower", LEARNING)
+    train_projector: bool = flag(True, "train the projector", LEARNING)
+    train_llm: bool = flag(False, "train the LLM", LEARNING)
+    reinit_projector: bool = flag(False, "start from a fresh projector (stage 1, as the reference)", LEARNING)
+    lora: int = flag(0, "LoRA rank R: the LLM trains LoRA (alpha 2R) on q/k/v/o + its embeddings and norms, merged "
+                        "into every saved model (0: full fine-tuning)", LEARNING)
+    vision_lr_scale: float = flag(1.0, "the vision tower learns at lr x this (a from-scratch tower trained at the "
+                                       "full rate collapses colours onto a few directions)", LEARNING)
+    schedule: str = flag("cosine", "cosine | constant, both after a linear warmup", LEARNING, ("cosine", "constant"))
+    warmup: float = flag(0.03, "warmup: < 1 a fraction of the steps, >= 1 a number of steps", LEARNING)
+    min_lr_ratio: float = flag(0.0, "the cosine's floor as a fraction of lr", LEARNING)
+    weight_decay: float = flag(0.0, "AdamW weight decay (matrices only)", LEARNING)
+    beta1: float = flag(0.9, "AdamW beta1", LEARNING)
+    beta2: float = flag(0.999, "AdamW beta2", LEARNING)
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)", LEARNING)
+    rope_theta: float = flag(0.0, "RoPE base to train with (0: the model's; stage 4: from --seq_len, see "
+                                  "rope_theta_for_context)", LEARNING)
+    trained_len: int = flag(0, "stage 4: the context the model was trained at (0: its config's max_seq_len)", LEARNING)
+    seed: int = flag(0, "seed of the init and of the data order", LEARNING)
+    skip_nonfinite: bool = flag(False, "skip a step with a NaN/inf loss instead of stopping", LEARNING)
+    # data loading
+    media_root: str = flag("", "folder the media paths of the data files are relative to (\"\": the first file's)",
+                           LOADING)
+    fps: float = flag(0.0, "sample a video's frames every 1/fps seconds, at most --num_frames (0: --num_frames "
+                           "spread uniformly)", LOADING)
+    cache_data: bool = flag(False, "keep decoded samples in memory (small data)", LOADING)
+    workers: int = flag(-1, "loader processes building the next steps' batches while one trains (-1: 0 with "
+                            "--cache_data, else min(8, cores / processes per node); 0: in the training process)",
+                        LOADING)
+    # performance
+    micro_batch: int = flag(1, "samples per forward on one rank", PERFORMANCE)
+    grad_checkpointing: bool = flag(False, "recompute every vision / LLM block in the backward", PERFORMANCE)
+    checkpoint_mode: str = flag("full", "full (recompute whole blocks) | save-attn (keep the attention outputs)",
+                                PERFORMANCE)
+    checkpoint_layers: int = flag(-1, "with --grad_checkpointing: recompute only the first N decoder blocks, the "
+                                      "others keep their activations (-1: all)", PERFORMANCE)
+    attn_backend: str = flag("auto", "attention kernels on CUDA: auto or a kernels.BACKENDS name (triton, cudnn, "
+                                     "flash, torch)", PERFORMANCE)
+    fused_ops: bool = flag(True, "CUDA: RMSNorm, RoPE and SwiGLU as fused Triton kernels (kernels.py)", PERFORMANCE)
+    dtype: str = flag("auto", "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16", PERFORMANCE,
+                      ("auto", "fp32", "bf16"))
+    # checkpoints
+    save_every: int = flag(0, "a checkpoint every N steps (0: none; the final model/ is always written)",
+                           CHECKPOINTS)
+    keep_checkpoints: int = flag(2, "checkpoints kept per stage", CHECKPOINTS)
+    save: bool = flag(True, "write checkpoints and the final model (--no_save: benchmarks)", CHECKPOINTS)
+    resume: bool = flag(False, "continue the run in --out: each stage from its newest readable checkpoint (a "
+                               "finished stage is skipped); the flags must match what the run recorded", CHECKPOINTS)
+    overwrite: bool = flag(False, "start again in a --out that holds a run: first remove what train.py wrote there",
+                           CHECKPOINTS)
+    # logging and profiling
+    peak_tflops: float = flag(0.0, "peak TFLOP/s of one device for MFU (0: 989 on H100/H200 bf16, none on CPU)",
+                              LOGGING)
+    profile_step: int = flag(0, "profile step N on rank 0 (forward+backward, clipping, optimizer): its wall-clock "
+                                "split and GPU time by kernel kind in the log, the trace in <run>/trace_stepN.json",
+                             LOGGING)
 
 
 @dataclass
 class StagePreset:
-    """The defaults one `--stage N` sets. Learning rates and schedules are the reference's (LONGVILA.md Sec. 3)."""
+    """One stage: what it trains, on what data, and the defaults `--stage N` sets (the reference's: paper Sec. 3
+    and Table 1, NVlabs/VILA's scripts)."""
     name: str
+    data: str
     train_vision: bool
     train_projector: bool
     train_llm: bool
     lr: float
-    schedule: str
-    warmup: float
+    schedule: str = "cosine"
+    warmup: float = 0.03
     grad_checkpointing: bool = False
     reinit_projector: bool = False
-    data_kind: str = ""          # which demo dataset feeds the stage (see build_dataset)
+    lora: int = 0
+    fps: float = 0.0
 
 
 STAGES = {
@@ -147,66 +156,82 @@ STAGES = {
     # (Llama-3 / Qwen2). A model that starts from random weights (the tiny demo) first trains stand-ins for them:
     # everything, on single-turn "what colour is the needle" questions about short videos (the visual skill) and,
     # as text, on captions written where their image would be (the caption language; see STAND_IN_DATA).
-    # `--stage all` runs stage 0 only when there is no --init_from. (Stage 1 keeps the stand-in's projector in the
-    # demo; from real checkpoints it starts a fresh one, as the reference.)
-    0: StagePreset("stand-in-pretraining", True, True, True, lr=1e-3, schedule="cosine", warmup=0.03,
-                   data_kind="stand_in"),
-    1: StagePreset("alignment", False, True, False, lr=1e-3, schedule="cosine", warmup=0.03, reinit_projector=True,
-                   data_kind="caption"),
-    2: StagePreset("pretraining", False, True, True, lr=5e-5, schedule="cosine", warmup=0.03, data_kind="caption"),
-    3: StagePreset("short-sft", True, True, True, lr=1e-4, schedule="cosine", warmup=0.03, data_kind="short_sft"),
-    4: StagePreset("context-extension", False, False, True, lr=2e-5, schedule="constant", warmup=2,
-                   data_kind="long_text"),
-    5: StagePreset("long-sft", True, True, True, lr=5e-5, schedule="cosine", warmup=0.03, grad_checkpointing=True,
-                   data_kind="long_sft"),
+    # `--stage all` runs stage 0 only when there is no --init_from.
+    0: StagePreset("stand-in-pretraining", "needle-colour QA + captions as text", True, True, True, lr=1e-3),
+    1: StagePreset("alignment", "image-caption pairs", False, True, False, lr=1e-3, reinit_projector=True),
+    2: StagePreset("pretraining", "captions / interleaved image-text", False, True, True, lr=5e-5),
+    3: StagePreset("short-sft", "image and short-video QA", True, True, True, lr=1e-4),
+    # the reference's 4_extend_llm_*.sh: LoRA r=8 (alpha 16) on q/k/v/o + embeddings + norms, constant 2e-5
+    4: StagePreset("context-extension", "long text", False, False, True, lr=2e-5, schedule="constant", warmup=2,
+                   lora=8),
+    # the reference's 5_long_sft_*.sh samples videos at 2 fps (at most --num_frames frames)
+    5: StagePreset("long-sft", "long-video QA + short data", True, True, True, lr=5e-5, grad_checkpointing=True,
+                   fps=2.0),
 }
 
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
-# far fewer samples than the reference's 8B runs. These override STAGES when --model tiny (flags still win).
+# far fewer samples than the reference's 8B runs. These override STAGES when the model is tiny (flags still win).
+# Stage 4 fine-tunes the whole LLM: its lr was tuned for that (LoRA saves memory, which a tiny model does not need).
 TINY_DEMO = {
     0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=3e-3, steps=60, global_batch=16, seq_len=512, reinit_projector=False),
     2: dict(lr=2e-3, steps=80, global_batch=8, seq_len=512),
     3: dict(lr=2e-3, steps=120, global_batch=16, seq_len=512, vision_lr_scale=0.02),
-    4: dict(lr=1e-4, steps=10, global_batch=2, seq_len=1024, trained_len=512),
-    5: dict(lr=2e-3, steps=200, global_batch=16, seq_len=1024, num_frames=32, vision_lr_scale=0.02),
+    4: dict(lr=1e-4, steps=10, global_batch=2, seq_len=1024, trained_len=512, lora=0),
+    5: dict(lr=2e-3, steps=200, global_batch=16, seq_len=1024, num_frames=32, vision_lr_scale=0.02, fps=0.0),
 }
+
+# The demo folder's files per stage (data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
+DEMO_FILES = {
+    0: [("stage3.json", 1.0), ("stage1.json", 0.2)],  # needle questions + 240 captions as text (STAND_IN_DATA)
+    1: [("stage1.json", 1.0)],
+    2: [("stage2.json", 1.0)],
+    3: [("stage3.json", 1.0)],
+    4: [("stage4.bin", 1.0)],
+    5: [("stage5.json", 1.0), ("stage3.json", 0.5)],
+}
+
+# What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
+#   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
+#               pretrained vision tower would bring (one colour word per sample is a signal a random model picks up
+#               in ~100 steps; the same question as one turn of four among other tasks takes far longer).
+#   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
+#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
+#               the habit of reading the answer off the image's place, which stage 1's projector then has to
+#               serve from pixels. Without it the frozen LLM of stage 1 has never seen a caption and no projector
+#               can make it write one.
+STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe"}
 
 
 def stage_defaults(stage: int, model: str) -> dict:
-    """The flag defaults of one stage: the preset's, then the tiny demo's tuning when the model is tiny."""
-    p = STAGES[stage]
-    d = dict(stage=stage, train_vision=p.train_vision, train_projector=p.train_projector, train_llm=p.train_llm,
-             lr=p.lr, schedule=p.schedule, warmup=p.warmup, grad_checkpointing=p.grad_checkpointing,
-             reinit_projector=p.reinit_projector)
+    """The flag defaults of one stage: its preset's, then the tiny demo's tuning when the model is tiny."""
+    preset = dataclasses.asdict(STAGES[stage])
+    d = {k: v for k, v in preset.items() if k not in ("name", "data")}
     if model == "tiny":
         d.update(TINY_DEMO[stage])
     return d
 
 
 # -----------------------------------------------------------------------------
-# pure functions: learning-rate schedules, RoPE theta for a longer context, MFU
+# 2. schedules: the learning rate of a step, RoPE theta for a longer context
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio or constant."""
-    warmup = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps)
-    warmup = int(warmup)
+    warmup = int(cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    if cfg.schedule != "cosine":
-        raise ValueError(f"--schedule {cfg.schedule!r}: expected 'cosine' or 'constant'")
     progress = (step - warmup) / max(1, cfg.steps - warmup)  # 0 -> 1 over the decay
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-# The reference's stage-4 thetas for Qwen2 (trained at 32k with theta 1e6): 4x the context -> 1.53e7,
-# 8x -> 2.07e8, 16x -> 1.06e9. We read them as theta multipliers against the context ratio and interpolate
-# log-log between them (extrapolating the last segment), so Llama-3 (8k, 5e5) and tiny scale the same way.
-_THETA_ANCHORS = [(1.0, 1.0), (4.0, 15.3), (8.0, 207.0), (16.0, 1062.0)]
+# The reference's stage-4 thetas (Qwen2 trained at 32k with theta 1e6; main's longvila/train/4_extend_llm_*.sh):
+# (context ratio, theta). Another base scales them by base / 1e6; ratios between anchors interpolate log-log,
+# ratios past the last extrapolate its segment.
+THETA_ANCHORS = [(1, 1_000_000), (4, 15_300_000), (8, 207_112_184), (16, 1_062_356_830), (32, 3_580_165_449)]
 
 
 def rope_theta_for_context(base_theta: float, trained_len: int, target_len: int) -> float:
@@ -214,135 +239,909 @@ def rope_theta_for_context(base_theta: float, trained_len: int, target_len: int)
     ratio = target_len / trained_len
     if ratio <= 1.0:
         return base_theta
-    pts = [(math.log(r), math.log(m)) for r, m in _THETA_ANCHORS]
-    x = math.log(ratio)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x <= x1:
-            break  # (x0, y0)-(x1, y1) is the segment holding x (or the last one, extrapolated)
-    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return float(base_theta * math.exp(y))
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else H100/H200 bf16 (989 TFLOP/s); 0 = unknown."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if "H100" in name or "H200" in name:
-            return 989e12
-    return 0.0
+    ref = THETA_ANCHORS[0][1]
+    for (r0, t0), (r1, t1) in zip(THETA_ANCHORS, THETA_ANCHORS[1:]):
+        if ratio <= r1:
+            break  # the segment holding the ratio (or the last one, extrapolated)
+    if ratio == r1:
+        return base_theta * t1 / ref  # an anchor: the reference's number itself
+    w = math.log(ratio / r0) / math.log(r1 / r0)  # position of the ratio in the segment, log scale
+    return base_theta * t0 / ref * (t1 / t0) ** w
 
 
 # -----------------------------------------------------------------------------
-# feedback: run folder, one log line per step, a progress bar with ETA, metrics as JSON lines
+# 3. the flags and one stage's resolved config (torch is not imported yet: --help answers at once)
 
 
-def fmt_seconds(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+class Switch(argparse.Action):
+    """A boolean flag as a pair: --x turns it on, --no_x off."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings + ["--no_" + option_strings[0][2:]], dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
 
 
-def progress_bar(done: int, total: int, elapsed: float, width: int = 24) -> str:
-    """`[#########...........] 40/100 0:01:02<0:01:33` (elapsed < ETA from the mean step time so far)."""
-    frac = done / max(1, total)
-    eta = elapsed / max(1, done) * (total - done)
-    fill = int(round(width * frac))
-    return f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {fmt_seconds(elapsed)}<{fmt_seconds(eta)}"
+def normalise_flags(argv) -> list[str]:
+    """Flags are spelled with underscores (--num_frames); the dashed spelling (--num-frames) is accepted too."""
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPUs, resident-set high-water mark on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def parse_stages(text: str, from_scratch: bool = False) -> list[int]:
+    """`all` = 1-5, or 0-5 when the chain starts from random weights; `N` or `A-B` otherwise."""
+    if text == "all":
+        return [0, 1, 2, 3, 4, 5] if from_scratch else [1, 2, 3, 4, 5]
+    lo, _, hi = text.partition("-")
+    stages = list(range(int(lo), int(hi or lo) + 1)) if lo.isdigit() and (hi or "0").isdigit() else []
+    if not stages or stages[-1] > 5:
+        raise argparse.ArgumentTypeError(f"--stage {text!r}: expected 0..5, a range like 2-5, or all")
+    return stages
 
 
-def _kernel_kind(name: str) -> str:
-    n = name.lower()
-    ours = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")  # kernels.py's attention
-    return ("NCCL" if "nccl" in n else
-            "attention" if any(a in n for a in ("cudnn", "fmha", "flash", "attn") + ours) else
-            "matrix products" if any(a in n for a in ("gemm", "xmma", "cutlass", "nvjet", "sm90_")) else
-            "fused ops (kernels.py)" if any(a in n for a in ("_rms_norm", "_swiglu", "_rotary")) else
-            "other (elementwise, copies, reductions)")
+def stage_text(text: str) -> str:
+    """argparse's type of --stage: the text itself, once parse_stages accepts it."""
+    parse_stages(text)
+    return text
 
 
-def profile_report(prof, path: str) -> list:
-    """Lines summing one profiled step: GPU kernel time by kind (streams overlap, so kinds can sum past the span),
-    the GPU's busy time and the 8 costliest 'other' kernels; the Chrome trace is written to `path` (or, on CPU,
-    the costliest ops). Open the trace in chrome://tracing or ui.perfetto.dev."""
-    prof.export_chrome_trace(path)
+def config_flags(path: str) -> dict:
+    """--config: the flags a run's saved config.json records (its stage, and its root as --out)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("stage"), int):
+        raise argparse.ArgumentTypeError(f"{path} is not a stage's config.json written by train.py")
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "overwrite"}
+    flags = {k: v for k, v in saved.items() if k in names}
+    flags["stage"] = str(saved["stage"])
+    out = os.path.normpath(flags.get("out", TrainConfig.out))
+    if os.path.basename(out) == f"stage{saved['stage']}":
+        flags["out"] = os.path.dirname(out)
+    return flags
+
+
+def recorded_model(init_from: str) -> str:
+    """The --model a stage's model/ folder was trained as (its run's config.json), "" for another checkpoint."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.normpath(init_from)), "config.json")) as f:
+            return str(json.load(f).get("model", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def resolve(stage: int, flags: dict, chained: bool = False) -> TrainConfig:
+    """One stage's config: TrainConfig's defaults <- the stage preset (<- the tiny demo's) <- the flags given.
+    The stage starts from --init_from, else (and always when `chained` after a stage of the same command) from
+    <out>/stage{N-1}/model; stage 1 from random weights when there is no stage 0 model."""
+    root = flags.get("out", TrainConfig.out)
+    prev = os.path.join(root, f"stage{stage - 1}", "model")
+    if chained or "init_from" not in flags:
+        init = prev if stage >= 2 or (stage == 1 and (chained or os.path.isdir(prev))) else "none"
+    else:
+        init = flags["init_from"]
+    explicit = flags.get("init_from", "none")  # the model of the whole command: --model, else what the init was
+    model = flags.get("model") or ("tiny" if explicit == "none" else recorded_model(explicit))
+    values = stage_defaults(stage, model)
+    values.update({k: v for k, v in flags.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    values.update(stage=stage, model=model, init_from=init, out=os.path.join(root, f"stage{stage}"))
+    if "cache_data" not in flags:  # small data: decode once (an explicit --workers N > 0 keeps the cache off)
+        values["cache_data"] = (model == "tiny" or values.get("data") == "synthetic") and values.get("workers", -1) <= 0
+    return TrainConfig(**values)
+
+
+def plan(flags: dict) -> list[TrainConfig]:
+    """The resolved config of every stage the command runs, in order."""
+    stages = parse_stages(str(flags.get("stage", "all")), from_scratch=flags.get("init_from", "none") == "none")
+    return [resolve(s, flags, chained=i > 0) for i, s in enumerate(stages)]
+
+
+def shown(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
+        else str(value) or '""'
+
+
+def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
+    """`(default 2e-05)`, or per stage where the stages of the command differ: `(default per stage: 0-3: 512, 4-5:
+    1024)`."""
+    if name == "out":
+        return f"(default {flags.get('out', TrainConfig.out)})"
+    if name == "init_from" and len(cfgs) > 1:
+        return f"(default {cfgs[0].init_from}, then each stage the model of the stage before)"
+    runs = []  # [first stage, last stage, value] of consecutive stages with one value
+    for c in cfgs:
+        v = shown(getattr(c, name))
+        if runs and runs[-1][2] == v:
+            runs[-1][1] = c.stage
+        else:
+            runs.append([c.stage, c.stage, v])
+    if len(runs) == 1:
+        return f"(default {runs[0][2]})"
+    return "(default per stage: " + ", ".join(f"{a}{f'-{b}' * (b > a)}: {v}" for a, b, v in runs) + ")"
+
+
+def stage_table() -> str:
+    rows = []
+    for n, p in STAGES.items():
+        trains = [part for part, on in (("vision", p.train_vision), ("projector", p.train_projector),
+                                        ("LLM", p.train_llm)) if on]
+        if p.lora:
+            trains[-1] = f"LLM (LoRA r{p.lora} + embeddings + norms)"
+        rows.append(f"  {n} {p.name:22s} {' + '.join(trains):42s} {p.data}")
+    return "stages (what trains, on what):\n" + "\n".join(rows)
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The flags in their groups, the curriculum first. Each help text ends with the default the --stage, --model,
+    --init_from and --config of argv give it. Absent flags stay absent in the result (resolve fills them)."""
+    peek = argparse.ArgumentParser(add_help=False)
+    for name in ("stage", "model", "init_from", "out", "config"):
+        peek.add_argument(f"--{name}")
+    given = {k: v for k, v in vars(peek.parse_known_args(normalise_flags(argv))[0]).items() if v is not None}
+    try:
+        given = {**config_flags(given.pop("config")), **given} if "config" in given else given
+        cfgs = plan(given)
+    except argparse.ArgumentTypeError:  # a bad --config or --stage: the parse below reports it
+        cfgs = [TrainConfig()]
+    doc = __doc__.split("\n\n")
+    ap = argparse.ArgumentParser(prog="train.py", description="\n\n".join(doc[:3]), epilog=stage_table(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        g = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
+        if f.name == "stage":
+            g.add_argument("--stage", type=stage_text, help=f"{meta['help']} (default all)")
+        elif f.type is bool:
+            g.add_argument(f"--{f.name}", action=Switch, help=f"{meta['help']} {default_text(f.name, cfgs, given)}")
+        else:
+            g.add_argument(f"--{f.name}", type=f.type, choices=meta["choices"],
+                           help=f"{meta['help']} {default_text(f.name, cfgs, given)}")
+    groups[CHECKPOINTS].add_argument("--config", type=config_flags,
+                                     help="a stage's config.json: run with its flags (those given here win)")
+    groups[PERFORMANCE].add_argument("--threads", type=int, default=0,
+                                     help="CPU threads per process (0: 1 for the tiny model, torch's default else)")
+    groups[LOGGING].add_argument("--eval", choices=["auto", "niah", "none"], default="auto",
+                                 help="after stage 5: needle in a haystack on the demo's held-out videos (auto: "
+                                      "with demo data)")
+    return ap
+
+
+def parse_flags(argv) -> dict:
+    """argv -> the flags given: a --config file's, with the command line's over them."""
+    flags = vars(build_parser(argv).parse_args(normalise_flags(argv)))
+    return {**flags.pop("config", {}), **flags}
+
+
+ARGS = None
+if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
+    ARGS = parse_flags(sys.argv[1:])
+
+# Before torch touches CUDA: grow the caching allocator's segments in place instead of carving fixed blocks (long-
+# video steps allocate activations of very different sizes, which fragments fixed blocks). Set it to override.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402  (everything below needs torch)
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import kernels  # noqa: E402
+import longvila  # noqa: E402
+import mmsp  # noqa: E402
+from longvila import InputError  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# 4. building the model (LoRA for stage 4), the data and the optimizer
+
+LORA_SCALE = 2.0  # alpha / rank: the reference's rank 8 with alpha 16, so alpha = 2 x rank for every --lora R
+
+
+class LoRALinear(torch.nn.Linear):
+    """A frozen linear layer plus a trained low-rank update (LoRA, Hu et al., arXiv 2106.09685):
+    y = x W^T + b + s (x A^T) B^T, A (r, in), B (out, r), s = LORA_SCALE. B starts at zero, so training starts
+    from the unchanged model; merged, W + s B A is an ordinary weight of W's shape (merge_lora)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int):
+        torch.nn.Module.__init__(self)  # not Linear's __init__: keep base's weight and bias, allocate no new one
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_a = torch.nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))  # (r, in)
+        self.lora_b = torch.nn.Parameter(torch.empty(self.out_features, rank, device=base.weight.device))  # (out, r)
+        init_lora_(self)
+
+    def forward(self, x):  # (B, T, in)
+        return super().forward(x) + LORA_SCALE * F.linear(F.linear(x, self.lora_a), self.lora_b)  # (B, T, out)
+
+
+def init_lora_(layer: LoRALinear):
+    """PEFT's LoRA init: A Kaiming-uniform, B zero."""
+    torch.nn.init.kaiming_uniform_(layer.lora_a, a=math.sqrt(5))
+    torch.nn.init.zeros_(layer.lora_b)
+
+
+def add_lora(llm, rank: int):
+    """Stage 4 as the reference trains it: LoRA on q/k/v/o of every decoder block, and the token embeddings and
+    every norm of the LLM trained in full; the rest of the LLM stays frozen."""
+    for block in llm.layers:
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(block.attention, name, LoRALinear(getattr(block.attention, name), rank))
+    llm.tok_embeddings.requires_grad_(True)
+    for m in llm.modules():
+        if isinstance(m, longvila.RMSNorm):
+            m.requires_grad_(True)
+
+
+def merge_lora(sd: dict) -> dict:
+    """A state dict with LoRA layers -> the plain model's: W + s B A (in float64, rounded once), A and B dropped."""
+    out = {k: v for k, v in sd.items() if not k.endswith((".lora_a", ".lora_b"))}
+    for k in sd:
+        if k.endswith(".lora_a"):
+            p = k[:-len("lora_a")]
+            w = sd[p + "weight"]  # (out, in)
+            out[p + "weight"] = (w.double() + LORA_SCALE * sd[p + "lora_b"].double() @ sd[k].double()).to(w.dtype)
+    return out
+
+
+def build_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple:
+    """The stage's model before it is placed on devices: --init_from, or a seeded random --model; the stage's
+    config changes (RoPE theta, frames); what trains (LoRA); recomputation; the attention kernels."""
+    if cfg.init_from != "none":
+        try:
+            model = longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
+        except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or foreign files
+            raise InputError(f"--init_from {cfg.init_from}: {e}") from e
+    else:
+        config = longvila.LongVILAConfig.from_dict(longvila.PRESETS[cfg.model].to_dict())  # a private copy
+        torch.manual_seed(cfg.seed)
+        # a random model on several GPUs: built on meta, sharded, then only each rank's shards are allocated
+        with torch.device("meta" if device.type == "cuda" and world > 1 else "cpu"):
+            model = longvila.LongVILA(config)
+    if cfg.reinit_projector and cfg.init_from != "none":
+        # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
+        torch.manual_seed(cfg.seed)
+        model.projector.apply(longvila.LongVILA._init_weights)
+    changes = apply_stage_to_config(cfg, model)
+    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm and not cfg.lora)
+    if cfg.lora:
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
+        add_lora(model.llm, cfg.lora)
+    model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False,
+                                 llm_layers=None if cfg.checkpoint_layers < 0 else cfg.checkpoint_layers)
+    # CPU: the model's attention is torch SDPA whatever the backend; the fused ops need CUDA
+    kernels.configure(backend=cfg.attn_backend if device.type == "cuda" else "auto", fused_ops=cfg.fused_ops)
+    return model, changes
+
+
+def apply_stage_to_config(cfg: TrainConfig, model) -> dict:
+    """Written into every config the run saves: stage 4 raises RoPE theta (and max_seq_len) for the target
+    context; a stage on videos records the frames and fps it sampled (evaluate.py's defaults)."""
+    c, llm = model.config, model.config.llm
+    theta = cfg.rope_theta
+    if cfg.stage == 4 and theta == 0:
+        theta = rope_theta_for_context(llm.rope_theta, cfg.trained_len or llm.max_seq_len, cfg.seq_len)
+    new = {"rope_theta": float(theta or llm.rope_theta)}
+    if cfg.stage == 4:
+        new["max_seq_len"] = max(llm.max_seq_len, cfg.seq_len)
+    changes = {k: (getattr(llm, k), v) for k, v in new.items() if getattr(llm, k) != v}
+    for k, v in new.items():
+        setattr(llm, k, v)  # model.llm.cfg is this same object: RoPE is computed from it every forward
+    if cfg.stage != 4:
+        for k, v in (("num_video_frames", cfg.num_frames or c.num_video_frames), ("fps", cfg.fps)):
+            if getattr(c, k) != v:
+                changes[k] = (getattr(c, k), v)
+                setattr(c, k, v)
+    return changes
+
+
+def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> torch.dtype:
+    """On one device, or sharded over the world (FSDP2); returns the compute dtype."""
+    use_cuda = device.type == "cuda"
+    compute_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda)) else torch.float32
+    if world == 1:
+        model.to(device)
+        return compute_dtype
+    shard_model(model, device, compute_dtype)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+        init_weights_(model)
+        model.llm.tie()
+    return compute_dtype
+
+
+def transformer_blocks(model) -> list:
+    """The repeated blocks of the model (SigLIP layers, then LLM layers): the units of FSDP and of recomputation."""
+    return list(model.vision.layers) + list(model.llm.layers)
+
+
+def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
+    """ZeRO-3 over the whole world with FSDP2: every block is one unit (all-gathered just in time, freed after),
+    the rest (embeddings, projector, norms, output) is the root unit. Parameters stay fp32 (the master weights
+    AdamW updates); with compute_dtype bf16 each all-gather casts them to bf16 and gradients are reduced in fp32.
+
+    FSDP2 runs on gloo as well (CPU), so CPU and GPU runs take the same code path. Gradients are SUMMED over
+    ranks (divide factor 1), because every rank's loss is already divided by the global supervised-token count.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM, and nothing to scale
+    return model
+
+
+def init_weights_(model):
+    """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
+    the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains, LoRA's for LoRA layers."""
+    model.apply(longvila.LongVILA._init_weights)
+    for m in model.modules():
+        if isinstance(m, longvila.RMSNorm):
+            torch.nn.init.ones_(m.weight)
+        if isinstance(m, LoRALinear):
+            init_lora_(m)
+
+
+def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> tuple:
+    """AdamW over the trainable parameters: decay / no decay (model.param_groups), each split into vision tower
+    and the rest, so the vision tower can learn at lr * vision_lr_scale (each group's lr_scale, applied per step)."""
+    vision = {id(p) for p in model.vision.parameters()}
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
+                   lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
+              for g in model.param_groups(cfg.weight_decay) for is_vision in (False, True)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return optimizer, [p for p in model.parameters() if p.requires_grad]
+
+
+def find_tokenizer_json(cfg: TrainConfig) -> str | None:
+    """The tokenizer.json that travels with the model: the init checkpoint's, else the data folder's."""
+    paths = [os.path.join(cfg.init_from, "llm", "tokenizer.json")] if cfg.init_from != "none" else []
+    paths.append(os.path.join(cfg.data.removeprefix("demo:"), "tokenizer.json"))
+    return next((p for p in paths if os.path.isfile(p)), None)
+
+
+def parse_data(spec: str, stage: int) -> tuple[list, str]:
+    """--data -> ([(file, weight)], media_root). A folder is the demo layout (DEMO_FILES); otherwise
+    `a.json:1.0,b.json:0.5` (media paths are relative to the first file's folder unless --media_root says so)."""
+    folder = spec.removeprefix("demo:")
+    if os.path.isdir(folder):
+        files, root = [(os.path.join(folder, f), w) for f, w in DEMO_FILES[stage]], folder
+    else:
+        files = []
+        for part in spec.split(","):
+            path, colon, weight = part.rpartition(":") if ":" in part else (part, "", "1")
+            try:
+                files.append((path, float(weight)))
+            except ValueError:
+                raise InputError(f"--data {part}: the weight after ':' must be a number, got {weight!r}") from None
+        root = os.path.dirname(os.path.abspath(files[0][0]))
+    for path, weight in files:
+        if not weight > 0:
+            raise InputError(f"--data {path}:{weight:g}: a file's weight must be > 0 (its share of the mixture)")
+        if os.path.splitext(path)[1].lower() in data.VIDEO_EXTS:
+            raise InputError(f"--data {path}: a video is not a data file (expected a JSON list of samples whose "
+                             "'video' fields name the videos)")
+        if not os.path.isfile(path):
+            raise InputError(f"--data: {path} does not exist (expected a JSON sample file, a text file for stage "
+                             f"4, a demo folder, or demo:FOLDER to generate the demo data there)")
+    if stage == 4 and len(files) != 1:
+        raise InputError(f"--data {spec}: stage 4 reads one text file (.bin, .txt or .jsonl), got {len(files)}")
+    return files, root
+
+
+def build_dataset(cfg: TrainConfig, model_config, tokenizer, layout):
+    """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise;
+    with --sp > 1 each rank of a group decodes only the frames it encodes."""
+    if cfg.data == "synthetic":
+        return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
+                                     model_config.vision.image_size, model_config.llm.vocab_size)
+    files, root = parse_data(cfg.data, cfg.stage)
+    try:
+        if cfg.stage == 4:
+            return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
+        if cfg.stage == 0:
+            files = [(stand_in_copy(path, cfg.out, STAND_IN_DATA.get(os.path.basename(path), "needle")), w)
+                     for path, w in files]
+        dataset = data.SupervisedDataset(files, cfg.media_root or root, tokenizer, model_config.vision.image_size,
+                                         model_config.tokens_per_frame, model_config.num_video_frames, cfg.seq_len,
+                                         fps=cfg.fps or None, seed=cfg.seed, aspect=model_config.image_aspect_ratio)
+    except (OSError, ValueError) as e:  # a file that is not what --data promised (not JSON, no samples, ...)
+        raise InputError(f"--data: {e}") from e
+    if layout.sp > 1:
+        dataset.frame_shard = (layout.sp_rank, layout.sp)  # mmsp.encode_frames_sharded reads only its frames
+    return dataset
+
+
+def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
+    """Stage 0's version of one conversation file (keep: see STAND_IN_DATA), written to `out`; returns its path."""
     with open(path) as f:
-        ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    if not ev:  # CPU run: no kernels, the op table instead
-        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()
-    kinds, other = {}, {}
-    for e in ev:
-        kind = _kernel_kind(e["name"])
-        kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3  # ms
-        if kind.startswith("other"):
-            n, ms = other.get(e["name"][:90], (0, 0.0))
-            other[e["name"][:90]] = (n + 1, ms + e["dur"] / 1e3)
-    busy, end = 0.0, -math.inf  # union of the kernel intervals, any stream
-    for s, d in sorted((e["ts"], e["dur"]) for e in ev):
-        busy += max(0.0, s + d - max(s, end))
-        end = max(end, s + d)
-    span = (max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
-    lines = [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"]
-    lines += [f"  {k:40s} {v:9.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    costliest = sorted(other.items(), key=lambda kv: -kv[1][1])[:8]
-    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in costliest]
-    return lines + [f"trace: {path}"]
-
-
-class RunLog:
-    """Rank 0 writes config.json once and appends one JSON line per step to metrics.jsonl; other ranks are silent."""
-
-    def __init__(self, out: str, rank: int, resume: bool):
-        self.rank = rank
-        self.path = os.path.join(out, "metrics.jsonl")
-        if rank == 0 and not resume and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run starts a fresh file; --resume appends
-
-    def write_config(self, out: str, cfg: TrainConfig, extra: dict):
-        if self.rank == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump({**dataclasses.asdict(cfg), **extra}, f, indent=1)
-
-    def step(self, record: dict, bar: str):
-        if self.rank != 0:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
-        print(f"stage {record['stage']} step {record['step']:5d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-              f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tok_per_s']:,.0f} | MFU {mfu} | "
-              f"mem {record['mem_gb']:.2f} GB | {bar}", flush=True)
-
-    def info(self, msg: str):
-        if self.rank == 0:
-            print(msg, flush=True)
+        samples = json.load(f)
+    copies = []
+    for s in samples:
+        turns = s["conversations"]
+        if keep == "needle":
+            media = "".join(m for m in ("<image>\n", "<video>\n") if m in turns[0]["value"])
+            for k in range(0, len(turns) - 1, 2):
+                if "needle" in turns[k]["value"]:
+                    q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
+                    copies.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
+                                       conversations=[dict(turns[k], value=q), turns[k + 1]]))
+        elif keep == "describe":
+            words, q = turns[1]["value"].strip(), turns[0]["value"]
+            q = data.MEDIA_RE.sub(words, q) if data.MEDIA_RE.search(q) else words + "\n" + q
+            copies.append(dict({k: v for k, v in s.items() if k not in ("image", "video")},
+                               id=f"{s.get('id', '?')}-describe", conversations=[dict(turns[0], value=q), turns[1]]))
+        else:
+            raise ValueError(f"stand_in_copy: keep={keep!r}, expected 'needle' or 'describe'")
+    dst = os.path.join(out, f"stand_in_{keep}_" + os.path.basename(path))
+    os.makedirs(out, exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
+    with open(tmp, "w") as f:
+        json.dump(copies, f)
+    os.replace(tmp, dst)
+    return dst
 
 
 # -----------------------------------------------------------------------------
-# atomic checkpoints: write into a temporary folder, fsync, rename, then point `latest` at it
+# 5. one step: gradient accumulation over micro-batches, the loss normalised by the global token count
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def supervised_targets(labels: torch.Tensor) -> int:
+    """Positions whose NEXT token is supervised (the loss's count after shifting)."""
+    return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
+
+
+def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
+    """Forward + backward of this rank's micro-batches; returns (global mean loss, global tokens, per-sample T).
+
+    Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
+    or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
+    sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
+    counts = [supervised_targets(b["labels"]) for b in batches]
+    lengths = [int(n) for b in batches for n in (b["labels"].shape[1],) * b["labels"].shape[0]]
+    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
+    if world > 1:  # on the compute device: NCCL has no CPU tensors
+        dist.all_reduce(stats)
+        stats /= layout.sp  # every rank of an SP group holds the same sample
+    stats = stats.cpu()
+    total = stats[:-1].sum().clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
+    for b, count in zip(batches, stats[:-1]):
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
+        # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
+        images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
+        with autocast():
+            if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
+                _, loss = model(ids, images, labels, return_logits=False,  # this rank's share
+                                sp_forward=functools.partial(mmsp.sp_forward, layout=layout))
+            else:
+                _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
+        w = float(count / total)
+        (loss * w).backward()
+        loss_sum += loss.detach().float() * w
+    if world > 1:
+        dist.all_reduce(loss_sum)  # shares -> the global mean
+    return loss_sum, int(stats[-1]), lengths
+
+
+def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (over FSDP shards too) and clipping to max_norm (0: no clipping)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# 6. the stage loop: set up (model, data, optimizer, resume), one step at a time, finish (the model for the next)
+
+
+@dataclass
+class Stage:
+    """What the steps of one stage share (setup_stage builds it)."""
+    cfg: TrainConfig
+    info: object  # mmsp.DistInfo: rank, world_size, device
+    layout: object  # mmsp.SPLayout
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list
+    loader: object  # the iterator of step_loader: step k's batches
+    autocast: object
+    tokenizer_json: str | None
+    trajectory: dict
+    log: "RunLog"
+    meter: "Meter"
+    start: int = 0  # the first step this run takes (a resumed run: the checkpoint's)
+    skipped: int = 0  # samples skipped so far (unreadable media), over the world
+    t_start: float = 0.0
+
+
+def train_stage(cfg: TrainConfig, info, layout) -> str:
+    """Train one stage; returns the folder of the saved model (VILA layout)."""
+    st = setup_stage(cfg, info, layout)
+    for step in range(st.start, cfg.steps):
+        train_step(st, step)
+        if cfg.save and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(st, step + 1)
+    return finish_stage(st)
+
+
+def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
+    """The model, its data and its optimizer; with --resume, restored from the newest checkpoint that reads."""
+    t_start, (rank, world, device) = time.time(), (info.rank, info.world_size, info.device)
+    now = trajectory(cfg)
+    if cfg.resume:
+        check_trajectory(recorded_trajectory(cfg.out), now, cfg.out)
+    os.makedirs(cfg.out, exist_ok=True)
+    model, changes = build_model(cfg, world, device)
+    meter = Meter(model, cfg, device)
+    compute_dtype = place_model(model, cfg, world, device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=compute_dtype,
+                                 enabled=world == 1 and compute_dtype != torch.float32)  # FSDP casts by itself
+    tok_json = find_tokenizer_json(cfg)
+    tokenizer = (data.Tokenizer.from_file(tok_json, template=model.config.chat_template) if tok_json
+                 else data.Tokenizer.tiny(template=model.config.chat_template))
+    optimizer, params = build_optimizer(cfg, model, device)
+    dataset, workers = build_dataset(cfg, model.config, tokenizer, layout), loader_workers(cfg)
+    log = RunLog(cfg.out, rank)
+    meta = restore(cfg, model, optimizer, info, log) if cfg.resume else {"step": 0, "data_skipped": 0}
+    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log.write_config(cfg, dict(world_size=world, dp=layout.dp, sp=layout.sp, ring=layout.ring, ulysses=layout.ulysses,
+                               device=str(device), compute_dtype=str(compute_dtype), dataset_size=len(dataset),
+                               trainable_params=n_train, total_params=n_total, config_changes=changes,
+                               tokenizer=tok_json, start_step=meta["step"], loader_workers=workers, trajectory=now))
+    log.info(f"stage {cfg.stage} ({STAGES[cfg.stage].name}): {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M "
+             f"parameters train{f' (LoRA rank {cfg.lora})' if cfg.lora else ''}; {len(dataset)} samples; world {world} "
+             f"= dp {layout.dp} x ring {layout.ring} x ulysses {layout.ulysses}; {cfg.steps} steps of "
+             f"{cfg.global_batch} samples; {device}, {compute_dtype}; "
+             f"{f'{workers} loader workers' if workers else 'data loaded in-process'}"
+             + "".join(f"; {k} {a:g} -> {b:g}" for k, (a, b) in changes.items()))
+    if cfg.profile_step > cfg.steps:
+        log.info(f"--profile_step {cfg.profile_step} is past this stage's {cfg.steps} steps: nothing is profiled")
+    log.begin(cfg, meta["step"])
+    model.train()
+    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch). A step's data is a
+    # pure function of (seed, step): the loader starts at the resumed step, so a resumed run reads exactly what the
+    # uninterrupted one read.
+    sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed,
+                             batch_size=cfg.global_batch // layout.dp)
+    loader = start_loader(step_loader(ItemCache(dataset, cfg.cache_data), sampler, meta["step"], cfg.steps,
+                                      cfg.micro_batch, tokenizer.pad_id, workers, pin_memory=device.type == "cuda",
+                                      seed=cfg.seed))
+    return Stage(cfg, info, layout, model, optimizer, params, loader, autocast, tok_json, now, log, meter,
+                 start=meta["step"], skipped=meta.get("data_skipped", 0), t_start=t_start)
+
+
+def train_step(st: Stage, step: int):
+    """Optimizer step `step`: its learning rate, its batch, forward+backward, clipping, the update; its figures
+    go to metrics.jsonl and the progress line."""
+    cfg, rank, world, device = st.cfg, st.info.rank, st.info.world_size, st.info.device
+    t0 = time.time()
+    lr = lr_at(step, cfg)
+    for g in st.optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    item = next(st.loader)  # with workers: built while the previous steps trained; data_s = the time we waited
+    t_data = time.time() - t0
+    if "error" in item:  # no readable sample (every media file missing, ...): the user's data, not a bug
+        raise InputError(item["error"])
+    profiler = StepProfiler(cfg.profile_step == step + 1 and rank == 0, device)
+    with profiler:
+        loss, tokens, lengths = forward_backward(st.model, item["batches"], st.layout, world, device, st.autocast)
+        profiler.mark()  # forward+backward done
+        norm = grad_norm_and_clip(st.params, cfg.grad_clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        if finite:
+            st.optimizer.step()
+        st.optimizer.zero_grad(set_to_none=True)
+    profiler.report(st.log, os.path.join(cfg.out, f"trace_step{step + 1}.json"), step + 1, t0, t_data)
+    if not finite:
+        msg = (f"stage {cfg.stage} step {step + 1}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
+               f"(lr {lr:.2e})")
+        if not cfg.skip_nonfinite:
+            raise NonFiniteLoss(msg + "; stopping (the last checkpoint is intact; lower --lr or pass "
+                                      "--skip_nonfinite to skip such steps)")
+        st.log.info(msg + "; step skipped (--skip_nonfinite)")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.time() - t0
+    flops, skipped = st.meter.count(item, lengths, st.layout, world, device)
+    st.skipped += skipped
+    if item["skipped_files"]:  # this rank's view; the warning of each skip was printed where it happened
+        st.log.info(f"stage {cfg.stage} step {step + 1}: skipped {item['skipped']} sample(s) with unreadable "
+                    f"media: {', '.join(item['skipped_files'])}")
+    st.log.step(dict(stage=cfg.stage, step=step + 1, loss=loss.item(), lr=lr, grad_norm=norm.item(),
+                     tok_per_s=tokens / dt, tok_per_s_per_device=tokens / dt / world,
+                     mfu=flops / dt / world / st.meter.peak if st.meter.peak else None,
+                     mem_gb=peak_memory_gb(device), step_s=dt, data_s=t_data, skipped=not finite,
+                     data_skipped=st.skipped, time=time.time()))
+
+
+def finish_stage(st: Stage) -> str:
+    """After the last step: a summary line, the last checkpoint, and the model in the released layout (LoRA
+    merged) that the next stage starts from; returns its folder."""
+    cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
+    st.loader = None  # its workers (if any) exit now, not when the next stage starts its own
+    st.log.end()
+    if rank == 0 and cfg.steps > st.start:
+        st.log.info(summary(st.log.path, cfg.stage, world, st.info.device))
+    final = os.path.join(cfg.out, "model")
+    if not cfg.save:
+        st.log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - st.t_start)} (--no_save: nothing written)")
+        return final
+    if cfg.save_every:
+        save_checkpoint(st, cfg.steps)
+    tmp = os.path.join(cfg.out, "model.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp, st.info):
+        save_model(st.model, tmp, world, st.tokenizer_json)
+    if rank == 0:
+        publish_dir(tmp, final)
+    if world > 1:
+        dist.barrier()
+    st.log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - st.t_start)}: model saved to {final}")
+    return final
+
+
+# -----------------------------------------------------------------------------
+# 7. checkpoints and exact resume: write into a temporary folder, fsync, rename, then point `latest` at it
+
+
+def full_state_dict(model, world: int) -> dict | None:
+    """Plain fp32 tensors of the whole model on rank 0 (None on the others); FSDP shards are gathered."""
+    if world == 1:
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if dist.get_rank() == 0 else None
+
+
+def save_model(model, path: str, world: int, tokenizer_json: str | None):
+    """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
+    full state dict is gathered on rank 0, LoRA merged into its weights, put into a plain skeleton (built on meta,
+    tensors assigned) and saved with LongVILA.save_pretrained: the folder never depends on the wrapper, the LoRA
+    or the world size that wrote it."""
+    sd = full_state_dict(model, world)
+    if sd is None:
+        return
+    with torch.device("meta"):
+        plain = longvila.LongVILA(model.config)
+    plain.load_state_dict({k: v.cpu() for k, v in merge_lora(sd).items()}, strict=True, assign=True)
+    plain.llm.tie()
+    plain.save_pretrained(path, tokenizer_json=tokenizer_json)
+
+
+def save_checkpoint(st: Stage, step: int):
+    """checkpoints/step-NNNNNN/ = the model in the released layout + train_state/ (DCP: the sharded fp32 weights,
+    LoRA unmerged, and AdamW moments) + rng/ (one file per rank) + trainer.json; written under a .tmp name,
+    fsynced, renamed, then `latest`; the older ones beyond --keep_checkpoints are removed."""
+    cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
+    root = os.path.join(cfg.out, "checkpoints")
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
+    if world > 1:
+        dist.barrier()
+    with writing(tmp, st.info):
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        save_model(st.model, tmp, world, st.tokenizer_json)
+        msd, osd = get_state_dict(st.model, st.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
+        save_file({k: v.contiguous() for k, v in rng_state(st.info.device).items()},
+                  os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
+        if rank == 0:
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump({"step": step, "world_size": world, "data_skipped": st.skipped,
+                           "trajectory": st.trajectory}, f, indent=1)
+    if rank == 0:
+        publish_dir(tmp, final)
+        write_text_atomic(os.path.join(root, "latest"), name)
+        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit() and d < name)
+        for d in older[:max(0, len(older) - cfg.keep_checkpoints + 1)]:
+            shutil.rmtree(os.path.join(root, d))
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device) -> dict:
+    """Restore weights, AdamW state and this rank's RNG from a checkpoint folder; returns trainer.json."""
+    with open(os.path.join(path, "trainer.json")) as f:
+        meta = json.load(f)
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
+    if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
+        set_rng_state(load_file(rng_file), device)
+    return meta
+
+
+def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
+    """--resume: the newest checkpoint that reads (`latest`, then the older ones). A damaged one (a truncated file)
+    is moved aside to <name>.broken with a warning, and the one before it is tried."""
+    root = os.path.join(cfg.out, "checkpoints")
+    candidates = resume_candidates(cfg.out)
+    for ckpt in candidates:
+        try:
+            meta, error = load_checkpoint(ckpt, model, optimizer, info.rank, info.device), None
+        except (Exception, dcp.CheckpointException) as e:  # a damaged file shows as any of several errors
+            meta, error = None, e
+        if not any_rank(error is not None, info):
+            if info.rank == 0 and ckpt != candidates[0]:
+                write_text_atomic(os.path.join(root, "latest"), os.path.basename(ckpt))
+            log.info(f"resumed from {ckpt} at step {meta['step']}")
+            return meta
+        reason = str(error).strip().splitlines()[-1] if error is not None else "on another rank"  # DCP: tracebacks
+        log.warn(f"--resume: {ckpt} cannot be read ({reason}); it is moved aside to "
+                 f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried")
+        if info.rank == 0:
+            os.rename(ckpt, ckpt + ".broken")
+        if info.world_size > 1:
+            dist.barrier()
+    if candidates:
+        raise InputError(f"--resume: no checkpoint in {root} can be read (each was moved aside to .broken); pass "
+                         "--overwrite to start the stage again")
+    log.info(f"--resume: no checkpoint in {root}, starting from step 0")
+    return {"step": 0, "data_skipped": 0}
+
+
+def resume_candidates(out: str) -> list[str]:
+    """The checkpoints a resume may start from, newest first: the one `latest` names, then the older ones."""
+    root = os.path.join(out, "checkpoints")
+    names = sorted((d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit()), reverse=True) \
+        if os.path.isdir(root) else []
+    newest = latest_checkpoint(out)
+    if newest is not None:
+        names = [d for d in names if d <= os.path.basename(newest)]
+    return [os.path.join(root, d) for d in names]
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """The checkpoint checkpoints/latest names (a complete one: `latest` is written after the rename), or None."""
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out, "checkpoints", f.read().strip())
+
+
+# What a resumed run must share with the run it continues: the flags that change what its steps compute (not
+# how fast: workers, checkpointing, kernels, the world size). The init model and the data are compared by content.
+TRAJECTORY = ("stage", "model", "seq_len", "num_frames", "fps", "media_root", "lr", "steps", "global_batch",
+              "train_vision", "train_projector", "train_llm", "reinit_projector", "lora", "vision_lr_scale",
+              "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "rope_theta",
+              "trained_len", "seed", "dtype")
+
+
+def trajectory(cfg: TrainConfig) -> dict:
+    """The run's identity for --resume: TRAJECTORY's flags, and fingerprints of the init model and of the data
+    files (a moved folder still matches; a retrained earlier stage or an edited data file does not)."""
+    t = {k: getattr(cfg, k) for k in TRAJECTORY}
+    t["init_from"], t["data"] = cfg.init_from, cfg.data
+    if cfg.init_from != "none":
+        try:
+            t["init_from"] = evaluate.model_fingerprint(cfg.init_from)
+        except (OSError, InputError) as e:  # a missing or truncated file
+            raise InputError(f"--init_from {cfg.init_from}: {e}") from e
+    if cfg.data != "synthetic":
+        files = parse_data(cfg.data, cfg.stage)[0]
+        t["data"] = "".join(f"{data_fingerprint(path)}:{w:g};" for path, w in files)
+    return json.loads(json.dumps(t))  # as it reads back from JSON
+
+
+def data_fingerprint(path: str) -> str:
+    """A short hash of a data file's name, size, first and last MiB: tells the data a run read from other data in
+    milliseconds, even for a file of many GB (a moved file still matches)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{os.path.basename(path)}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(1 << 20, size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def recorded_trajectory(out: str) -> dict | None:
+    """What the run in `out` recorded: its config.json's trajectory (or its newest checkpoint's); {} for a folder
+    holding no run yet; None for a run that recorded none (an older train.py)."""
+    for path in [os.path.join(out, "config.json")] + [os.path.join(c, "trainer.json") for c in resume_candidates(out)]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f).get("trajectory")
+    return {}
+
+
+def check_trajectory(recorded: dict | None, now: dict, where: str):
+    """--resume continues only the run that was started: what changes its steps must match, else a clear stop."""
+    if recorded is None:
+        raise InputError(f"--resume: {where} records no flags to compare (written by an older train.py); pass "
+                         "--overwrite or another --out")
+    diff = [k for k in now if recorded and recorded.get(k) != now[k]]
+    if diff:
+        said = [f"--{k} {shown(recorded.get(k))} there, {shown(now[k])} now" if k not in ("init_from", "data") else
+                f"--{k}: {'another model' if k == 'init_from' else 'other files'} than the run started from"
+                for k in diff]
+        raise InputError(f"--resume: {where} was trained with other settings ({'; '.join(said)}): pass the flags it "
+                         f"recorded (--config {where}/config.json replays them), --overwrite, or another --out")
+
+
+@contextlib.contextmanager
+def writing(tmp: str, info):
+    """Around writing a checkpoint or model into `tmp`: on a failure (on any rank) `tmp` is removed, so the
+    previous checkpoint stays and a full disk gets its space back; a full disk then stops with one line."""
+    error = None
+    try:
+        yield
+    except (Exception, dcp.CheckpointException) as e:  # re-raised below, once every rank agreed to clean up
+        error = e
+    if not any_rank(error is not None, info):
+        return
+    if info.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise RuntimeError(f"writing {tmp} failed on another rank (see its message)")
+    if no_space(error):
+        raise InputError(f"no space left on {os.path.dirname(os.path.abspath(tmp))} while writing {tmp} (removed; "
+                         "the previous checkpoint is intact): free space, then run again with --resume") from error
+    raise error
+
+
+def no_space(error: BaseException) -> bool:
+    """A full disk, however the writer reports it (OSError ENOSPC, safetensors' StorageFull, DCP's wrapping)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or any(
+                s in str(error) for s in ("No space left", "StorageFull", "ENOSPC")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def any_rank(flag: bool, info) -> bool:
+    """True on every rank when it is True on any (an all-reduce; the flag itself in one process)."""
+    if info.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def fsync_tree(path: str):
     """fsync every file and folder below `path` so a rename after it publishes complete data."""
     for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+        for name in files + [None]:  # None: the folder itself
+            fd = os.open(os.path.join(root, name) if name else root, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def publish_dir(tmp: str, final: str):
@@ -374,86 +1173,6 @@ def write_text_atomic(path: str, text: str):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a torn one
 
 
-def latest_checkpoint(out: str) -> str | None:
-    """The newest complete checkpoint of a run folder (named by checkpoints/latest), or None."""
-    pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(out, "checkpoints", name)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer} names {name!r} but {path} does not exist: the run folder was edited")
-    return path
-
-
-# -----------------------------------------------------------------------------
-# distribution: activation checkpointing per block, FSDP2 over the whole world
-
-
-def transformer_blocks(model) -> list:
-    """The repeated blocks of the model (SigLIP layers, then LLM layers): the units of FSDP and of recomputation."""
-    return list(model.vision.layers) + list(model.llm.layers)
-
-
-def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
-    """ZeRO-3 over the whole world with FSDP2: every block is one unit (all-gathered just in time, freed after),
-    the rest (embeddings, projector, norms, output) is the root unit. Parameters stay fp32 (the master weights
-    AdamW updates); with compute_dtype bf16 each all-gather casts them to bf16 and gradients are reduced in fp32.
-
-    FSDP2 runs on gloo as well (CPU), so CPU and GPU runs take the same code path. Gradients are SUMMED over
-    ranks (divide factor 1), because every rank's loss is already divided by the global supervised-token count.
-    """
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM, and nothing to scale
-    return model
-
-
-def init_weights_(model):
-    """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
-    the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains (set in their __init__)."""
-
-    model.apply(longvila.LongVILA._init_weights)
-    for m in model.modules():
-        if isinstance(m, longvila.RMSNorm):
-            torch.nn.init.ones_(m.weight)
-
-
-def full_state_dict(model, world: int) -> dict | None:
-    """Plain fp32 tensors of the whole model on rank 0 (None on the others); FSDP shards are gathered."""
-    if world == 1:
-        return {k: v.detach() for k, v in model.state_dict().items()}
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if dist.get_rank() == 0 else None
-
-
-def save_model(model, path: str, world: int, tokenizer_json: str | None, save_dtype: torch.dtype | None = None):
-    """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
-    full state dict is gathered on rank 0, put into a plain skeleton (built on meta, tensors assigned) and saved
-    with LongVILA.save_pretrained, so the folder never depends on the wrapper or the world size that wrote it."""
-
-    sd = full_state_dict(model, world)
-    if sd is None:
-        return
-    config = model.config
-    with torch.device("meta"):
-        plain = longvila.LongVILA(config)
-    sd = {k: (v.to(save_dtype) if save_dtype is not None and v.is_floating_point() else v).cpu()
-          for k, v in sd.items()}
-    plain.load_state_dict(sd, strict=True, assign=True)
-    plain.llm.tie()
-    plain.save_pretrained(path, tokenizer_json=tokenizer_json)
-
-
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -467,83 +1186,106 @@ def set_rng_state(state: dict, device: torch.device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, world: int, rank: int, device: torch.device,
-                    tokenizer_json: str | None, keep: int, meta: dict):
-    """checkpoints/step-NNNNNN/ = VILA-layout model + train_state/ (DCP: sharded fp32 weights and AdamW moments)
-    + rng/ (one file per rank) + trainer.json; written under a .tmp name, fsynced, renamed, then `latest`."""
-
-    root = os.path.join(out, "checkpoints")
-    name = f"step-{step:06d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
-        os.makedirs(os.path.join(tmp, "rng"))
-    if world > 1:
-        dist.barrier()
-    save_model(model, tmp, world, tokenizer_json)
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
-    save_file({k: v.contiguous() for k, v in rng_state(device).items()},
-              os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
-    if rank == 0:
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({"step": step, "world_size": world, **meta}, f, indent=1)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        publish_dir(tmp, final)
-        write_text_atomic(os.path.join(root, "latest"), name)
-        old = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith((".tmp", ".old")))
-        for d in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, d))
-    if world > 1:
-        dist.barrier()
-
-
-def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device) -> dict:
-    """Restore weights, AdamW state and this rank's RNG from a checkpoint folder; returns trainer.json."""
-
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
-    if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
-        set_rng_state(load_file(rng_file), device)
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)
-
-
 # -----------------------------------------------------------------------------
-# data: which files feed each stage, which samples each step reads
+# --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
+
+# What train.py writes into a stage's run folder (and nothing else: --overwrite removes exactly these)
+WRITTEN = ("config.json", "config.json.tmp", "metrics.jsonl", "checkpoints", "model", "model.tmp", "model.old",
+           "stand_in_*", "trace_step*.json")
 
 
-# The demo folder's files per stage (see data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1).
-DEMO_FILES = {
-    0: [("stage3.json", 1.0), ("stage1.json", 0.2)],  # needle questions + 240 captions as text (STAND_IN_DATA)
-    1: [("stage1.json", 1.0)],
-    2: [("stage2.json", 1.0)],
-    3: [("stage3.json", 1.0)],
-    4: [("stage4.bin", 1.0)],
-    5: [("stage5.json", 1.0), ("stage3.json", 0.5)],
-}
+def prepare_run_folders(cfgs: list[TrainConfig], eval_dir: str | None, info):
+    """Before any step: a fresh run needs run folders that hold nothing (--overwrite first removes what
+    train.py wrote there, and only that; --resume continues them), and --out must be writable."""
+    root, first = os.path.dirname(cfgs[0].out), cfgs[0]
+    folders = [c.out for c in cfgs] + ([eval_dir] if eval_dir else [])
+    if first.resume and first.overwrite:
+        raise InputError("--resume and --overwrite: choose one (continue the run in --out, or start it again)")
+    for d in folders:
+        held = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        if held and not (first.resume or first.overwrite):
+            raise InputError(f"--out {root}: {d} already holds a run ({', '.join(held[:4])}{', ...' * (len(held) > 4)}"
+                             "); pass --resume to continue it, --overwrite to start it again, or another --out")
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise InputError(f"--out {root}: {d} is a file, not a folder")
+    try:
+        os.makedirs(root, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise InputError(f"--out {root}: cannot write there ({e.strerror or e})") from e
+    world_barrier(info)  # every rank has looked before rank 0 removes anything
+    if first.overwrite and info.rank == 0:
+        for d in folders:
+            if d == eval_dir:
+                shutil.rmtree(d, ignore_errors=True)  # evaluate.py's files, written for train.py's --eval
+            for path in (p for pattern in WRITTEN for p in glob.glob(os.path.join(d, pattern))):
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+    world_barrier(info)
 
 
-def parse_data(spec: str, stage: int) -> tuple[list, str]:
-    """--data -> ([(file, weight)], media_root). A folder is the demo layout; otherwise `a.json:1,b.json:0.5`
-    (media paths are relative to the first file's folder unless --media_root says otherwise)."""
-    if os.path.isdir(spec):
-        files = [(os.path.join(spec, f), w) for f, w in DEMO_FILES[stage]]
-        return files, spec
-    files = []
-    for part in spec.split(","):
-        path, _, weight = part.partition(":")
-        files.append((path, float(weight) if weight else 1.0))
-    for path, _ in files:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--data: {path} does not exist (expected a JSON/JSONL sample file, a text "
-                                    f"file for stage 4, or the demo folder written by `python data.py demo`)")
-    return files, os.path.dirname(os.path.abspath(files[0][0]))
+def world_barrier(info):
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def ensure_demo_data(spec: str, info):
+    """--data demo:FOLDER: the demo data (python data.py demo), generated only into a missing or empty folder."""
+    folder = spec.removeprefix("demo:")
+    if folder == spec or os.path.isfile(os.path.join(folder, "meta.json")):
+        return
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise InputError(f"--data {spec}: {folder} holds files but no demo data (no meta.json); the demo is generated "
+                         f"only into a missing or empty folder (--data {folder} trains on the files it holds)")
+    world_barrier(info)  # every rank has looked before rank 0 writes
+    if info.rank == 0:
+        print(f"generating the demo data in {folder} (python data.py demo --out {folder}) ...", flush=True)
+        data.make_demo(folder)
+    world_barrier(info)
+
+
+# Flags and the least value each takes (a mistake stops before any work, naming the flag)
+MINIMUM = dict(steps=1, global_batch=1, micro_batch=1, seq_len=2, num_frames=0, fps=0, sp=1, ring=1, lora=0,
+               save_every=0, keep_checkpoints=1, warmup=0, grad_clip=0, weight_decay=0, vision_lr_scale=0,
+               rope_theta=0, trained_len=0, profile_step=0, peak_tflops=0, workers=-1, checkpoint_layers=-1)
+
+
+def check_config(cfg: TrainConfig):
+    """The mistakes a person can make in flags, found before any work: one line naming the flag."""
+    for name, least in MINIMUM.items():
+        if getattr(cfg, name) < least:
+            raise InputError(f"--{name} {shown(getattr(cfg, name))}: expected a number >= {least}")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr {cfg.lr:g}: expected a learning rate > 0")
+    if cfg.init_from == "none" and cfg.model not in longvila.PRESETS:
+        raise InputError(f"--model {cfg.model!r}: not a preset; choose one of {', '.join(longvila.PRESETS)}")
+    if cfg.sp % cfg.ring:
+        raise InputError(f"--ring {cfg.ring} must divide --sp {cfg.sp} (sp = ring x ulysses)")
+    if cfg.lora and not cfg.train_llm:
+        raise InputError(f"--lora {cfg.lora}: LoRA trains the LLM, but stage {cfg.stage} does not (--train_llm)")
+    if cfg.attn_backend not in ("auto",) + kernels.BACKENDS:
+        raise InputError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {', '.join(kernels.BACKENDS)}")
+    if cfg.checkpoint_mode not in longvila.CHECKPOINT_MODES:
+        raise InputError(f"--checkpoint_mode {cfg.checkpoint_mode!r}: choose one of "
+                         f"{', '.join(longvila.CHECKPOINT_MODES)}")
+    if cfg.cache_data and cfg.workers > 0:
+        # the cache would live in each worker (a copy per process, each decoding every sample again): caching and
+        # workers answer the same problem for different data sizes, so a run picks one
+        raise InputError(f"--cache_data with --workers {cfg.workers}: the cache is kept in the training process, "
+                         "workers decode in their own; pass --workers 0 (small data: cache) or --no_cache_data")
+    if cfg.data != "synthetic" and not cfg.data.startswith("demo:"):
+        parse_data(cfg.data, cfg.stage)  # the files exist and are data files, the weights are > 0
+
+
+def check_layout(cfg: TrainConfig, layout):
+    """The flags that must fit the world this command runs on."""
+    if cfg.global_batch % (layout.dp * cfg.micro_batch):
+        raise InputError(f"--global_batch {cfg.global_batch} must be a multiple of dp ({layout.dp} = the world / "
+                         f"--sp {layout.sp}) x --micro_batch ({cfg.micro_batch})")
+    if layout.sp > 1 and cfg.micro_batch != 1:
+        raise InputError("with --sp > 1 every SP group reads one sample at a time: use --micro_batch 1")
 
 
 class SyntheticVideoDataset:
@@ -558,7 +1300,6 @@ class SyntheticVideoDataset:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-
         g = torch.Generator().manual_seed(i)
         text = lambda k: torch.randint(0, self.V, (k,), generator=g)  # noqa: E731  (k,) random token ids
         frame = torch.cat([torch.full((self.N,), longvila.IMAGE_TOKEN_ID), text(1)])  # (N + 1,) one frame's slots
@@ -568,67 +1309,6 @@ class SyntheticVideoDataset:
         labels[-answer.numel():] = answer  # (T,) the answer is supervised
         images = torch.rand(self.F, 3, self.S, self.S, generator=g) * 2 - 1  # (F, 3, S, S)
         return {"id": f"synthetic-{i}", "input_ids": ids, "labels": labels, "images": images}
-
-
-def build_dataset(cfg: TrainConfig, model_config, tokenizer, media_root: str | None = None):
-    """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise."""
-
-    if cfg.data == "synthetic":
-        return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
-                                     model_config.vision.image_size, model_config.llm.vocab_size)
-
-    files, default_root = parse_data(cfg.data, cfg.stage)
-    if cfg.stage == 4:
-        return data.TextWindowDataset(files[0][0], tokenizer, cfg.seq_len, cfg.seed)
-    if cfg.stage == 0:
-        files = [(stand_in_copy(path, cfg.out, STAND_IN_DATA.get(os.path.basename(path), "needle")), w)
-                 for path, w in files]
-    frames = cfg.num_frames or model_config.num_video_frames
-    return data.SupervisedDataset(files, media_root or default_root, tokenizer, model_config.vision.image_size,
-                                  model_config.tokens_per_frame, frames, cfg.seq_len, seed=cfg.seed)
-
-
-# What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
-#   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
-#               pretrained vision tower would bring (one colour word per sample is a signal a random model picks up
-#               in ~100 steps; the same question as one turn of four among other tasks takes far longer).
-#   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
-#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
-#               the habit of reading the answer off the image's place, which stage 1's projector then has to
-#               serve from pixels (the tiny demo's only partly: README). Without it the frozen LLM of stage 1 has
-#               never seen a caption and no projector can make it write one (stage 1 fell only 13.4 -> 12.4).
-STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe"}
-
-
-def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
-    """Stage 0's version of one conversation file (keep: see STAND_IN_DATA), written to `out`; returns its path."""
-
-    with open(path) as f:
-        samples = json.load(f)
-    copies = []
-    for s in samples:
-        turns = s["conversations"]
-        if keep == "needle":
-            media = "".join(m for m in ("<image>\n", "<video>\n") if m in turns[0]["value"])
-            for k in range(0, len(turns) - 1, 2):
-                if "needle" in turns[k]["value"]:
-                    q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
-                    copies.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
-                                       conversations=[dict(turns[k], value=q), turns[k + 1]]))
-        elif keep == "describe":
-            words, q = turns[1]["value"].strip(), turns[0]["value"]
-            q = data.MEDIA_RE.sub(words, q) if data.MEDIA_RE.search(q) else words + "\n" + q
-            copies.append(dict({k: v for k, v in s.items() if k not in ("image", "video")},
-                               id=f"{s.get('id', '?')}-describe", conversations=[dict(turns[0], value=q), turns[1]]))
-        else:
-            raise ValueError(f"stand_in_copy: keep={keep!r}, expected 'needle' or 'describe'")
-    dst = os.path.join(out, f"stand_in_{keep}_" + os.path.basename(path))
-    os.makedirs(out, exist_ok=True)
-    tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
-    with open(tmp, "w") as f:
-        json.dump(copies, f)
-    os.replace(tmp, dst)
-    return dst
 
 
 class ItemCache:
@@ -648,7 +1328,6 @@ class ItemCache:
 def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int) -> list:
     """This rank's samples of one step (data.SPSampler gives every rank of an SP group the same ones), cut into
     micro-batches and collated."""
-
     return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
 
 
@@ -686,7 +1365,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     Skipped samples (unreadable media: data.SupervisedDataset counts them in `.skipped` / `.skipped_files`) are
     counted in whichever process built the item; a DataLoader worker's counters die with it, so each item carries
-    the difference its own build made and the training loop adds them up.
+    the difference its own build made and the training loop adds them up. A step with no readable sample at all
+    comes as {"step", "error"}: the user's data, which the training loop reports as an InputError.
     """
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int,
@@ -704,7 +1384,14 @@ class StepBatches(torch.utils.data.Dataset):
         indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
         try:
             batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
+        except InputError as e:  # the dataset's own word on it (data.SupervisedDataset: no readable sample)
+            return {"step": step, "error": f"--data: step {step + 1}: {e}"}
         except Exception as e:  # in a worker, DataLoader re-raises it in the training process with this message
+            n, files = getattr(dataset, "skipped", 0) - n0, getattr(dataset, "skipped_files", [])[files0:]
+            if n > 0:  # the dataset gave up after skipping sample after sample: none of them could be read
+                return {"step": step, "error": f"--data: no sample of step {step + 1} could be read: the {n} tried "
+                                               f"in a row failed, the last ones on {', '.join(files[-3:])} ({e}); "
+                                               "check the media files and --media_root"}
             raise RuntimeError(f"data of step {step + 1} (dataset indices {indices}): {type(e).__name__}: {e}") from e
         if self.pack:
             for b in batches:
@@ -721,7 +1408,7 @@ def cpu_cores() -> int:
 def loader_workers(cfg: TrainConfig) -> int:
     """--workers, or when -1 (auto): 0 with --cache_data (after the first epoch every step is a dictionary
     lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a 1024-frame sample takes
-    ~60 core-seconds (README), so the loader wants every core it can get; the processes of a node share them, and
+    about a minute of one core, so the loader wants every core it can get; the processes of a node share them, and
     past 8 per process the in-flight samples' memory (workers x 2 steps) costs more than it gains."""
     if cfg.workers >= 0:
         return cfg.workers
@@ -769,507 +1456,269 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
 
 def start_loader(loader: torch.utils.data.DataLoader):
     """iter(loader), after freeing this process's garbage when workers are about to be forked. A forked child that
-    frees an object of a library with threads of its own waits forever for threads that exist only in the parent:
-    we saw a worker hang in PyAV's VideoReformatter.__dealloc__ (swscale's slice threads) on garbage left by
-    earlier videos of the parent. Collected here, in the parent, nothing of the kind is left for a child to free."""
+    frees an object of a library with threads of its own waits forever for threads that exist only in the parent
+    (a worker hung in PyAV's VideoReformatter.__dealloc__, swscale's slice threads, on garbage left by earlier
+    videos of the parent). Collected here, in the parent, nothing of the kind is left for a child to free."""
     if loader.num_workers > 0:
         gc.collect()
     return iter(loader)
 
 
-def supervised_targets(labels: torch.Tensor) -> int:
-    """Positions whose NEXT token is supervised (the loss's count after shifting)."""
+class RunLog:
+    """Rank 0's record of a stage: config.json, one JSON line per step in metrics.jsonl (every figure of the step),
+    and a progress line with step, loss, lr and tok/s (data.Progress: redrawn in place on a terminal, a line every
+    5% into a log file). The other ranks are silent."""
 
-    return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
+    def __init__(self, out: str, rank: int):
+        self.out, self.rank, self.path = out, rank, os.path.join(out, "metrics.jsonl")
+        self.bar, self.figures = None, {}
 
+    def begin(self, cfg: TrainConfig, start: int):
+        """metrics.jsonl keeps the lines of the steps before `start` (a resumed run redoes the others)."""
+        if self.rank != 0:
+            return
+        keep = []
+        if start > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+        self.bar = data.Progress(cfg.steps - start, f"stage {cfg.stage}" + (f" from step {start}" if start else ""),
+                                 stream=sys.stdout)
 
-# -----------------------------------------------------------------------------
-# one optimizer step: gradient accumulation over micro-batches, loss normalised by the global token count
+    def write_config(self, cfg: TrainConfig, extra: dict):
+        if self.rank == 0:
+            write_text_atomic(os.path.join(self.out, "config.json"),
+                              json.dumps({**dataclasses.asdict(cfg), **extra}, indent=1))
 
+    def step(self, record: dict):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.figures = {"loss": record["loss"], "lr": record["lr"], "tok/s": float(round(record["tok_per_s"]))}
+        self.bar.update(1, **self.figures)
 
-class NonFiniteLoss(RuntimeError):
-    pass
+    def info(self, msg: str, stream=None):
+        if self.rank != 0:
+            return
+        live = self.bar is not None and self.bar.live
+        if live:
+            sys.stdout.write("\r\033[K")  # off the progress line, which is drawn again below the message
+        print(msg, file=stream or sys.stdout, flush=True)
+        if live:
+            self.bar.update(0, **self.figures)
 
+    def warn(self, msg: str):
+        self.info(f"warning: {msg}", stream=sys.stderr)
 
-def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
-    """Forward + backward of this rank's micro-batches; returns (global mean loss, global tokens, per-sample T).
-
-    Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
-    or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
-    sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
-    counts = [supervised_targets(b["labels"]) for b in batches]
-    lengths = [int(n) for b in batches for n in (b["labels"].shape[1],) * b["labels"].shape[0]]
-    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
-    if world > 1:  # on the compute device: NCCL has no CPU tensors
-        dist.all_reduce(stats)
-        stats /= layout.sp  # every rank of an SP group holds the same sample
-    stats = stats.cpu()
-    total = stats[:-1].sum().clamp(min=1.0)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
-    for b, count in zip(batches, stats[:-1]):
-        ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
-        # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
-        images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
-        with autocast():
-            if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
-                _, loss = model(ids, images, labels, return_logits=False,  # this rank's share
-                                sp_forward=functools.partial(mmsp.sp_forward, layout=layout))
-            else:
-                _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
-        w = float(count / total)
-        (loss * w).backward()
-        loss_sum += loss.detach().float() * w
-    if world > 1:
-        dist.all_reduce(loss_sum)  # shares -> the global mean
-    return loss_sum, int(stats[-1]), lengths
-
-
-def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (over FSDP shards too) and clipping to max_norm (0: no clipping)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return norm
-
-
-# -----------------------------------------------------------------------------
-# one stage
+    def end(self):
+        if self.rank == 0 and self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
-def build_model(cfg: TrainConfig, world: int, device: torch.device):
-    """The starting model: --init_from a VILA folder, or a seeded random init of the --model preset."""
-
-    if cfg.init_from and cfg.init_from != "none":
-        return longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
-    config = longvila.LongVILAConfig.from_dict(longvila.PRESETS[cfg.model].to_dict())  # a private copy
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda" and world > 1:
-        # A random 8B model: build on meta, shard, then allocate and initialise only this rank's shards on the
-        # GPU (shard_model is called on it next; see train_stage).
-        with torch.device("meta"):
-            return longvila.LongVILA(config)
-    return longvila.LongVILA(config)
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def apply_stage_to_config(cfg: TrainConfig, model) -> dict:
-    """Stage 4: raise RoPE theta for the target context (written into every config the run saves)."""
-    llm = model.config.llm
-    changes = {}
-    theta = cfg.rope_theta
-    if cfg.stage == 4 and theta == 0:
-        trained = cfg.trained_len or llm.max_seq_len
-        theta = rope_theta_for_context(llm.rope_theta, trained, cfg.seq_len)
-    if theta and theta != llm.rope_theta:
-        changes["rope_theta"] = (llm.rope_theta, theta)
-        llm.rope_theta = float(theta)  # model.llm.cfg is this same object: RoPE is computed from it every forward
-    if cfg.stage == 4 and cfg.seq_len > llm.max_seq_len:
-        changes["max_seq_len"] = (llm.max_seq_len, cfg.seq_len)
-        llm.max_seq_len = cfg.seq_len
-    return changes
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else H100/H200 bf16 (989 TFLOP/s); 0 = unknown."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+        return 989e12
+    return 0.0
 
 
-def find_tokenizer_json(cfg: TrainConfig) -> str | None:
-    """The tokenizer.json that travels with the model: the init checkpoint's, else the demo folder's."""
-    for path in ([os.path.join(cfg.init_from, "llm", "tokenizer.json")] if cfg.init_from != "none" else []) + \
-            [os.path.join(cfg.data, "tokenizer.json")]:
-        if os.path.isfile(path):
-            return path
-    return None
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPUs, resident-set high-water mark on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def train_stage(cfg: TrainConfig, info, layout) -> str:
-    """Train one stage; returns the folder of the saved model (VILA layout)."""
+class Meter:
+    """MFU's numerator: the FLOPs of a sample with T tokens and F frames are a*T + b*T^2 + v*F (the model's own
+    counts, longvila.flops_per_token and vision_flops_per_frame); its denominator: the peak of one device."""
 
-    rank, world, device = info.rank, info.world_size, info.device
-    log = RunLog(cfg.out, rank, cfg.resume)
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-    t_start = time.time()
+    def __init__(self, model, cfg: TrainConfig, device: torch.device):
+        self.a = model.flops_per_token(0, causal=True)
+        self.b = model.flops_per_token(1, causal=True) - self.a
+        self.v = model.vision_flops_per_frame()
+        self.peak = peak_flops(cfg, device)
 
-    # --- model, trainable modules, stage config changes ---
-    model = build_model(cfg, world, device)
-    if cfg.reinit_projector and cfg.init_from != "none":
-        # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
-        torch.manual_seed(cfg.seed)
-        model.projector.apply(longvila.LongVILA._init_weights)
-    changes = apply_stage_to_config(cfg, model)
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm)
-    model.set_grad_checkpointing(cfg.checkpoint_mode if cfg.grad_checkpointing else False,
-                                 llm_layers=None if cfg.checkpoint_layers < 0 else cfg.checkpoint_layers)
-    if cfg.attn_backend != "auto" and cfg.attn_backend not in kernels.BACKENDS:
-        raise ValueError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {kernels.BACKENDS}")
-    # CPU: the model's attention is torch SDPA whatever the backend; the fused ops need CUDA
-    kernels.configure(backend=cfg.attn_backend if device.type == "cuda" else "auto", fused_ops=cfg.fused_ops)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    # FLOPs per sample of T tokens, F frames = a*T + b*T^2 + v*F (model.flops_per_token is linear in T)
-    fa = model.flops_per_token(0, causal=True)
-    fb = model.flops_per_token(1, causal=True) - fa
-    fv = model.vision_flops_per_frame()
-    tok_json = find_tokenizer_json(cfg)
-    tokenizer = (data.Tokenizer.from_file(tok_json, template=model.config.chat_template) if tok_json
-                 else data.Tokenizer.tiny(template=model.config.chat_template))
-
-    use_cuda = device.type == "cuda"
-    compute_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda)) else torch.float32
-    if world > 1:
-        shard_model(model, device, compute_dtype)
-        if any(p.is_meta for p in model.parameters()):
-            model.to_empty(device=device)
-            init_weights_(model)
-            model.llm.tie()
-    else:
-        model.to(device)
-    autocast = ((lambda: torch.autocast(device.type, dtype=compute_dtype)) if world == 1 and
-                compute_dtype != torch.float32 else (lambda: torch.autocast(device.type, enabled=False)))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    # AdamW groups: decay / no decay (model.param_groups), each split into vision tower and the rest, so the vision
-    # tower can learn at lr * vision_lr_scale (set per step below through each group's lr_scale)
-    vision = {id(p) for p in model.vision.parameters()}
-    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
-                   lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
-              for g in model.param_groups(cfg.weight_decay) for is_vision in (False, True)]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=use_cuda)
-
-    # --- data ---
-    dataset = build_dataset(cfg, model.config, tokenizer, cfg.media_root or None)
-    if layout.sp > 1 and hasattr(dataset, "frame_shard"):
-        # the ranks of an SP group read the same sample, but each encodes only its ceil(F/sp) frames
-        # (mmsp.encode_frames_sharded): each decodes only those, and sp ranks share the decoding instead of repeating it
-        dataset.frame_shard = (layout.sp_rank, layout.sp)
-    workers = loader_workers(cfg)
-    if workers > 0 and cfg.cache_data:
-        # The cache would live in each worker (a copy per process, each decoding every sample again) and after the
-        # first epoch serves steps in microseconds: caching and workers answer the same problem for different data
-        # sizes, so a run picks one.
-        raise ValueError(f"--cache_data with --workers {workers}: the cache is kept in the training process, "
-                         "workers decode in their own; pass --workers 0 (small data: cache) or --no-cache_data")
-    cache = ItemCache(dataset, cfg.cache_data)
-    if cfg.global_batch % (layout.dp * cfg.micro_batch):
-        raise ValueError(f"--global_batch {cfg.global_batch} must be a multiple of dp ({layout.dp}) x "
-                         f"--micro_batch ({cfg.micro_batch})")
-    if layout.sp > 1 and cfg.micro_batch != 1:
-        raise ValueError("with --sp > 1 every SP group reads one sample at a time: use --micro_batch 1")
-
-    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch)
-    sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed, batch_size=cfg.global_batch // layout.dp)
-    # --- resume ---
-    start, skipped_total = 0, 0
-    if cfg.resume:
-        ckpt = latest_checkpoint(cfg.out)
-        if ckpt is not None:
-            meta = load_checkpoint(ckpt, model, optimizer, rank, device)
-            start, skipped_total = meta["step"], meta.get("data_skipped", 0)
-            log.info(f"resumed from {ckpt} at step {start}")
-            if rank == 0 and os.path.exists(log.path):  # drop the lines of steps that will be redone
-                with open(log.path) as f:
-                    keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
-                with open(log.path, "w") as f:
-                    f.writelines(keep)
-        else:
-            log.info(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting from step 0")
-    log.write_config(cfg.out, cfg, dict(world_size=world, dp=layout.dp, sp=layout.sp, ring=layout.ring,
-                                        ulysses=layout.ulysses, device=str(device), compute_dtype=str(compute_dtype),
-                                        dataset_size=len(dataset), trainable_params=n_train, total_params=n_total,
-                                        config_changes=changes, tokenizer=tok_json, start_step=start,
-                                        loader_workers=workers))
-    log.info(f"stage {cfg.stage} ({STAGES[cfg.stage].name}): {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters "
-             f"train; {len(dataset)} samples; world {world} = dp {layout.dp} x ring {layout.ring} x ulysses "
-             f"{layout.ulysses}; {cfg.steps} steps of {cfg.global_batch} samples; {device}, {compute_dtype}; "
-             f"{f'{workers} loader workers' if workers else 'data loaded in-process'}"
-             + (f"; {', '.join(f'{k} {a:g} -> {b:g}' for k, (a, b) in changes.items())}" if changes else ""))
-
-    peak = peak_flops(cfg, device)
-    meta = dict(stage=cfg.stage, seed=cfg.seed, global_batch=cfg.global_batch)
-    model.train()
-    # the data position of a step is the step itself (the sampler is a pure function of (seed, step)): the loader
-    # starts at `start`, so a resumed run reads exactly what the uninterrupted one read
-    loader = start_loader(step_loader(cache, sampler, start, cfg.steps, cfg.micro_batch, tokenizer.pad_id,
-                                      workers, pin_memory=use_cuda, seed=cfg.seed))
-    if cfg.profile_step > cfg.steps:
-        log.info(f"--profile_step {cfg.profile_step} is past this stage's {cfg.steps} steps: nothing is profiled")
-    t_loop = time.time()
-    for step in range(start, cfg.steps):
-        t0 = time.time()
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        item = next(loader)  # with workers: built while the previous steps trained; data_s = the time we waited
-        t_data = time.time() - t0
-        assert item["step"] == step, (item["step"], step)
-        batches = item["batches"]
-        profiling = cfg.profile_step == step + 1 and rank == 0
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if use_cuda:
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
-        with profiler as prof:
-            loss, tokens, lengths = forward_backward(model, batches, layout, world, device, autocast)
-            if profiling:  # wall-clock split of the profiled step (synchronised, so the parts add up)
-                if use_cuda:
-                    torch.cuda.synchronize(device)
-                t_fb = time.time()
-            norm = grad_norm_and_clip(params, cfg.grad_clip)
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-            if finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if profiling and use_cuda:
-                torch.cuda.synchronize(device)
-        if profiling:
-            t_opt = time.time()
-            log.info(f"profile step {step + 1} (rank 0): wall {t_opt - t0:.3f} s = data wait {t_data:.3f} s + "
-                     f"forward+backward {t_fb - t0 - t_data:.3f} s + clipping and optimizer step {t_opt - t_fb:.3f} s")
-            for line in profile_report(prof, os.path.join(cfg.out, f"trace_step{step + 1}.json")):
-                log.info(f"profile step {step + 1} (rank 0, forward+backward+optimizer): {line}")
-        if not finite:
-            msg = (f"stage {cfg.stage} step {step + 1}: non-finite loss {loss.item()} / grad-norm {norm.item()} "
-                   f"(lr {lr:.2e})")
-            if not cfg.skip_nonfinite:
-                raise NonFiniteLoss(msg + "; stopping (the last checkpoint is intact; lower --lr or pass "
-                                          "--skip_nonfinite to skip such steps)")
-            log.info(msg + "; step skipped (--skip_nonfinite)")
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        dt = time.time() - t0
-        # FLOPs of this rank's samples, summed over dp (SP ranks share theirs): LLM (with attention) + vision
-        frames = sum(im.shape[0] for b in batches for im in b["images"] if im is not None)
-        # (2,) FLOPs and skipped samples, on the compute device (NCCL has no CPU tensors), summed over dp (the
-        # ranks of an SP group read the same samples, so each counted them once)
-        counts = torch.tensor([sum(fa * T + fb * T * T for T in lengths) + fv * frames, item["skipped"]],
-                              dtype=torch.float64, device=device)
+    def count(self, item: dict, lengths: list[int], layout, world: int, device: torch.device) -> tuple:
+        """(FLOPs, skipped samples) of one step over the world: each dp rank counts its samples once (the ranks of
+        an SP group read the same ones), summed on the compute device (NCCL has no CPU tensors)."""
+        frames = sum(im.shape[0] for b in item["batches"] for im in b["images"] if im is not None)
+        counts = torch.tensor([sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames, item["skipped"]],
+                              dtype=torch.float64, device=device)  # (2,)
         if world > 1:
             dist.all_reduce(counts)
             counts /= layout.sp
-        flops, skipped = counts[0], int(round(float(counts[1])))
-        skipped_total += skipped
-        if item["skipped_files"]:  # this rank's view; the warning of each skip was printed where it happened
-            log.info(f"stage {cfg.stage} step {step + 1}: skipped {item['skipped']} sample(s) with unreadable "
-                     f"media: {', '.join(item['skipped_files'])}")
-        record = dict(stage=cfg.stage, step=step + 1, loss=loss.item(), lr=lr, grad_norm=norm.item(),
-                      tok_per_s=tokens / dt, tok_per_s_per_device=tokens / dt / world,
-                      mfu=(float(flops) / dt / world / peak) if peak else None, mem_gb=peak_memory_gb(device),
-                      step_s=dt, data_s=t_data, skipped=not finite, data_skipped=skipped_total, time=time.time())
-        log.step(record, progress_bar(step + 1 - start, cfg.steps - start, time.time() - t_loop))
-        done = step + 1
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and not cfg.no_save:
-            save_checkpoint(cfg.out, done, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
-                            dict(meta, data_skipped=skipped_total))
-    del loader  # its workers (if any) exit now, not when the next stage starts its own
-
-    # --- the end: a throughput summary (steps after the first third: compilation and autotuning are over) ---
-    if rank == 0 and cfg.steps > start:
-        with open(log.path) as f:
-            every = [json.loads(ln) for ln in f if ln.strip()]
-        rows = every[len(every) // 3:] or every
-        tps = sum(r["tok_per_s_per_device"] for r in rows) / len(rows)
-        mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
-        mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
-        log.info(f"stage {cfg.stage} summary over steps {rows[0]['step']}-{rows[-1]['step']}: {tps:,.0f} tokens/s/device, "
-                 f"MFU {mfu_text}, peak memory {max(r['mem_gb'] for r in rows):.2f} GB/device, "
-                 f"loss {every[0]['loss']:.4f} (step 1) -> {every[-1]['loss']:.4f}, {world} x {device.type}, "
-                 f"{every[-1].get('data_skipped', 0)} samples skipped (unreadable media), "
-                 f"waited {sum(r.get('data_s', 0.0) for r in rows) / len(rows):.2f} s/step for data")
-
-    # --- the end: a checkpoint to resume from, and the model in the released layout for the next stage ---
-    final = os.path.join(cfg.out, "model")
-    if cfg.no_save:
-        log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - t_start)} (--no_save: nothing written)")
-        return final
-    if cfg.save_every:
-        save_checkpoint(cfg.out, cfg.steps, model, optimizer, world, rank, device, tok_json, cfg.keep_checkpoints,
-                        dict(meta, data_skipped=skipped_total))
-    tmp = os.path.join(cfg.out, "model.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, world, tok_json)
-    if rank == 0:
-        publish_dir(tmp, final)
-    if world > 1:
-        dist.barrier()
-    log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - t_start)}: model saved to {final}")
-    return final
+        return float(counts[0]), int(round(float(counts[1])))
 
 
-# -----------------------------------------------------------------------------
-# command line: flags grouped by topic; --stage picks the defaults, explicit flags win
-
-HELP = {
-    "stage": "1..5, a range like 2-5, or all: the stages run in order, each from the last one's model; all = 1-5, "
-             "or 0-5 without --init_from (stage 0: a model from random weights learns needle-colour questions and "
-             "the caption language, standing in for the pretrained vision tower and LLM the reference starts from)",
-    "model": "longvila.PRESETS name for a random init (tiny | bench-1b | longvila-8b | longvila-7b | longvila-1.5b)",
-    "init_from": "VILA-layout folder to start from, or none (random --model); default: stage 1 none, stage N "
-                 "<out>/stage{N-1}/model",
-    "out": "root of the run: stage N writes <out>/stage<N>/ (config.json, metrics.jsonl, checkpoints/, model/)",
-    "data": "the demo folder (generated if missing), files `a.json:1.0,b.json:0.5` (stage 4: a .txt/.jsonl/.bin), "
-            "or synthetic (random video samples of --num_frames frames: throughput runs)",
-    "num_frames": "frames per video (0: the model config's num_video_frames)",
-    "seq_len": "max tokens per sample; stage 4: the context window it extends to",
-    "media_root": "folder the media paths of the data files are relative to (default: the first file's folder)",
-    "cache_data": "keep decoded samples in memory (default on for the tiny demo and --data synthetic, unless "
-                  "--workers > 0)",
-    "workers": "loader processes that build the next steps' batches while the current step trains (-1: 0 with "
-               "--cache_data, else min(8, cores / processes per node); 0: in the training process)",
-    "train_vision": "train the vision tower", "train_projector": "train the projector", "train_llm": "train the LLM",
-    "lr": "peak learning rate", "schedule": "cosine | constant (both after a linear warmup)",
-    "warmup": "warmup: < 1 = fraction of the steps, >= 1 = steps", "min_lr_ratio": "cosine floor as a fraction of lr",
-    "vision_lr_scale": "the vision tower's learning rate is lr x this (tiny demo: 0.02; a from-scratch tower "
-                       "trained at the full rate collapses colours onto a few directions)",
-    "weight_decay": "AdamW weight decay (>= 2-D weights only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "global_batch": "samples per optimizer step over the whole world (= dp x micro_batch x accumulation)",
-    "micro_batch": "samples per forward on one rank", "steps": "optimizer steps",
-    "grad_checkpointing": "recompute every vision / LLM block in the backward (--checkpoint_layers: only some)",
-    "checkpoint_mode": "full (recompute whole blocks) | save-attn (recompute all but the fused attention kernels' "
-                       "outputs, which are kept: ~H*D*2 bytes per token and block; needs --attn_backend cudnn on GPU)",
-    "checkpoint_layers": "with --grad_checkpointing: recompute only the first N decoder blocks, the others keep "
-                         "their activations (-1: all; use memory that would sit unused)",
-    "fused_ops": "CUDA: RMSNorm, RoPE and SwiGLU as one fused Triton kernel each (kernels.py); --no-fused_ops runs "
-                 "the eager PyTorch twins",
-    "attn_backend": "attention kernels on CUDA: auto (= triton, kernels.py) | triton | cudnn (torch's cuDNN fused "
-                    "attention; calls it cannot express fall back to triton) | torch",
-    "reinit_projector": "start from a freshly initialised projector (stage 1 default, as the reference)",
-    "rope_theta": "RoPE base to train with (0: the model's; stage 4 derives it from --seq_len)",
-    "trained_len": "stage 4: context the model was trained at (0: its config's max_seq_len)",
-    "sp": "sequence-parallel degree (ring x ulysses); world = dp x sp", "ring": "ring degree inside --sp",
-    "seed": "seed of the init and of the data order", "save_every": "checkpoint every N steps (0: only the model at the end)",
-    "keep_checkpoints": "checkpoints kept per stage", "resume": "continue from <out>/stageN/checkpoints/latest",
-    "no_save": "write no checkpoint or model (benchmarks)", "skip_nonfinite": "skip steps with a NaN/inf loss "
-    "instead of stopping",
-    "peak_tflops": "peak TFLOP/s of one device for MFU (0: H100/H200 bf16 989, unknown on CPU)",
-    "profile_step": "profile step N (forward+backward, clipping, optimizer step) on rank 0: its wall-clock split and "
-                    "GPU time by kernel kind in the log, the Chrome trace in <out>/trace_stepN.json (0: off; the "
-                    "profiled step runs slower, leave it out of timings)",
-    "dtype": "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16",
-}
-GROUPS = {
-    "what to train": ["stage", "model", "init_from", "out"],
-    "data": ["data", "media_root", "num_frames", "seq_len", "cache_data", "workers"],
-    "trainable modules": ["train_vision", "train_projector", "train_llm"],
-    "optimisation": ["lr", "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-                     "vision_lr_scale", "global_batch", "micro_batch", "steps", "grad_checkpointing", "checkpoint_mode",
-                     "checkpoint_layers", "attn_backend", "fused_ops", "reinit_projector", "dtype"],
-    "context extension (stage 4)": ["rope_theta", "trained_len"],
-    "parallelism": ["sp", "ring"],
-    "checkpoints and feedback": ["seed", "save_every", "keep_checkpoints", "resume", "no_save", "skip_nonfinite",
-                                 "peak_tflops", "profile_step"],
-}
+def summary(path: str, stage: int, world: int, device: torch.device) -> str:
+    """One line over the steps after the first third (compilation and autotuning are over)."""
+    with open(path) as f:
+        every = [json.loads(ln) for ln in f if ln.strip()]
+    rows = every[len(every) // 3:] or every
+    tps = sum(r["tok_per_s_per_device"] for r in rows) / len(rows)
+    mfu = [r["mfu"] for r in rows if r["mfu"] is not None]
+    mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
+    return (f"stage {stage} summary over steps {rows[0]['step']}-{rows[-1]['step']}: {tps:,.0f} tokens/s/device, "
+            f"MFU {mfu_text}, peak memory {max(r['mem_gb'] for r in rows):.2f} GB/device, "
+            f"loss {every[0]['loss']:.4f} (step 1) -> {every[-1]['loss']:.4f}, {world} x {device.type}, "
+            f"{every[-1].get('data_skipped', 0)} samples skipped (unreadable media), "
+            f"waited {sum(r.get('data_s', 0.0) for r in rows) / len(rows):.2f} s/step for data")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)  # absent flags stay absent: presets fill them
-    ap.add_argument("--eval", choices=["auto", "niah", "none"], default="auto",
-                    help="after stage 5: needle-in-a-haystack on the demo's held-out videos (auto: with demo data)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads per process (0: 1 for the tiny model, whose 128-wide matmuls gain nothing from "
-                         "more and lose a lot on a busy machine; torch's default otherwise)")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for title, names in GROUPS.items():
-        g = ap.add_argument_group(title)
-        for name in names:
-            f = fields[name]
-            default = f" (default {f.default})" if name not in ("stage", "out", "init_from") else ""
-            if name == "stage":
-                g.add_argument("--stage", type=str, help=HELP[name])
-            elif name in ("no_save", "resume", "skip_nonfinite"):
-                g.add_argument(f"--{name}", action="store_true", help=HELP[name])
-            elif f.type in (bool, "bool"):
-                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=HELP[name] + default)
-            else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-                g.add_argument(f"--{name}", type=typ, help=HELP[name] + default)
-    return ap
+class StepProfiler:
+    """--profile_step: torch.profiler over one whole step (forward+backward, clipping, optimizer) on rank 0, and
+    its wall-clock split, synchronised so the parts add up. On any other step it does nothing."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on, self.device = on, device
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities) if on else contextlib.nullcontext()
+
+    def __enter__(self):
+        self.prof.__enter__()
+        return self
+
+    def mark(self):  # forward+backward done
+        self.t_fb = self._now()
+
+    def __exit__(self, *exc):
+        self.t_end = self._now()
+        return self.prof.__exit__(*exc)
+
+    def _now(self) -> float:
+        if self.on and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def report(self, log: RunLog, path: str, step: int, t0: float, t_data: float):
+        if not self.on:
+            return
+        log.info(f"profile step {step} (rank 0): wall {self.t_end - t0:.3f} s = data wait {t_data:.3f} s + "
+                 f"forward+backward {self.t_fb - t0 - t_data:.3f} s + clipping and optimizer step "
+                 f"{self.t_end - self.t_fb:.3f} s")
+        for line in profile_report(self.prof, path):
+            log.info(f"profile step {step} (rank 0, forward+backward+optimizer): {line}")
 
 
-def parse_stages(text: str, from_scratch: bool = False) -> list[int]:
-    """`all` = 1-5, or 0-5 when the chain starts from random weights (stage 0: stand-ins for the pretrained
-    vision tower and LLM)."""
-    if text == "all":
-        return [0, 1, 2, 3, 4, 5] if from_scratch else [1, 2, 3, 4, 5]
-    lo, _, hi = text.partition("-")
-    stages = list(range(int(lo), int(hi or lo) + 1))
-    if not stages or stages[0] < 0 or stages[-1] > 5:
-        raise ValueError(f"--stage {text!r}: expected 0..5, a range like 2-5, or all")
-    return stages
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    ours = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")  # kernels.py's attention
+    return ("NCCL" if "nccl" in n else
+            "attention" if any(a in n for a in ("cudnn", "fmha", "flash", "attn") + ours) else
+            "matrix products" if any(a in n for a in ("gemm", "xmma", "cutlass", "nvjet", "sm90_")) else
+            "fused ops (kernels.py)" if any(a in n for a in ("_rms_norm", "_swiglu", "_rotary")) else
+            "other (elementwise, copies, reductions)")
 
 
-def resolve(stage: int, flags: dict) -> TrainConfig:
-    """TrainConfig defaults <- the stage preset (<- the tiny demo's tuning) <- explicit flags."""
-    model = flags.get("model", TrainConfig.model)
-    values = stage_defaults(stage, model)
-    values.update({k: v for k, v in flags.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-    values["stage"] = stage
-    root = flags.get("out", "runs/demo")
-    values["out"] = os.path.join(root, f"stage{stage}")
-    if "init_from" not in flags or flags["init_from"] == "auto":
-        prev = os.path.join(root, f"stage{stage - 1}", "model")
-        values["init_from"] = "none" if stage == 0 or (stage == 1 and not os.path.isdir(prev)) else prev
-    return TrainConfig(**values)
-
-
-def ensure_demo_data(path: str, rank: int, world: int):
-    """Generate the demo data (python data.py demo) if the folder has no meta.json yet."""
-    if rank == 0 and not os.path.exists(os.path.join(path, "meta.json")):
-
-        print(f"generating the demo data in {path} (data.make_demo = python data.py demo) ...", flush=True)
-        data.make_demo(path)
-    if world > 1:
-        dist.barrier()
+def profile_report(prof, path: str) -> list:
+    """Lines summing one profiled step: GPU kernel time by kind (streams overlap, so kinds can sum past the span),
+    the GPU's busy time and the 8 costliest 'other' kernels; the Chrome trace is written to `path` (or, on CPU,
+    the costliest ops). Open the trace in chrome://tracing or ui.perfetto.dev."""
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not ev:  # CPU run: no kernels, the op table instead
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()
+    kinds, other = {}, {}
+    for e in ev:
+        kind = kernel_kind(e["name"])
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3  # ms
+        if kind.startswith("other"):
+            n, ms = other.get(e["name"][:90], (0, 0.0))
+            other[e["name"][:90]] = (n + 1, ms + e["dur"] / 1e3)
+    busy, end = 0.0, -math.inf  # union of the kernel intervals, any stream
+    for s, d in sorted((e["ts"], e["dur"]) for e in ev):
+        busy += max(0.0, s + d - max(s, end))
+        end = max(end, s + d)
+    span = (max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
+    lines = [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"]
+    lines += [f"  {k:40s} {v:9.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    costliest = sorted(other.items(), key=lambda kv: -kv[1][1])[:8]
+    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in costliest]
+    return lines + [f"trace: {path}"]
 
 
 def evaluate_niah(model_dir: str, data_dir: str, out: str, info, layout) -> float:
     """evaluate.py niah on the demo's held-out haystacks and needles; returns the mean accuracy."""
-
     model = longvila.LongVILA.from_pretrained(model_dir, dtype=torch.float32, device=info.device).eval()
     tokenizer = data.Tokenizer.for_checkpoint(model_dir)
     niah = os.path.join(data_dir, "eval", "niah")
-    if info.rank == 0 and os.path.exists(os.path.join(out, "results.json")):
-        os.remove(os.path.join(out, "results.json"))  # results of an earlier model: run_niah would resume from them
     res = evaluate.run_niah(model, tokenizer, os.path.join(niah, "haystack"), os.path.join(niah, "needles"),
-                            layout=layout if info.world_size > 1 else None, out_dir=out)
+                            layout=layout if info.world_size > 1 else None, out_dir=out,
+                            identity=evaluate.checkpoint_identity(model_dir, torch.float32))
     return res["mean"]
 
 
-def main(argv=None):
-    args = vars(build_parser().parse_args(argv))
-    eval_mode = args.pop("eval")
-    threads = args.pop("threads") or (1 if args.get("model", TrainConfig.model) == "tiny" else 0)
+def finished(cfg: TrainConfig) -> bool:
+    """--resume of a stage whose model/ is written: done, if the run recorded the flags this command gives."""
+    if not (cfg.resume and os.path.isfile(os.path.join(cfg.out, "model", "config.json"))):
+        return False
+    check_trajectory(recorded_trajectory(cfg.out), trajectory(cfg), cfg.out)
+    return True
+
+
+def run(flags: dict):
+    """The command: every stage's config checked, the run folders and the demo data ready, then each stage
+    trained (one that --resume finds finished is skipped), then the demo's needle in a haystack."""
+    eval_mode, threads = flags.pop("eval", "auto"), flags.pop("threads", 0)
+    cfgs = plan(flags)
+    for cfg in cfgs:
+        check_config(cfg)
+    threads = threads or (1 if cfgs[0].model == "tiny" else 0)  # 128-wide matmuls gain nothing from more threads
     if threads > 0:
         torch.set_num_threads(threads)
-    stages = parse_stages(args.pop("stage", "all"), from_scratch=args.get("init_from", "none") == "none")
-
     info = mmsp.init_distributed()
-    layouts = {}
-    model_dir = None
-    for stage in stages:
-        cfg = resolve(stage, args)
-        if (cfg.model == "tiny" or cfg.data == "synthetic") and "cache_data" not in args and cfg.workers <= 0:
-            cfg.cache_data = True  # small data: decode once (an explicit --workers N > 0 keeps the cache off)
-        if cfg.data != "synthetic" and "," not in cfg.data and not os.path.splitext(cfg.data)[1]:  # demo folder
-            ensure_demo_data(cfg.data, info.rank, info.world_size)
-        key = (cfg.sp, cfg.ring)
-        if key not in layouts:
-            layouts[key] = mmsp.make_layout(sp=cfg.sp, ring=cfg.ring)
-        if len(stages) > 1 and cfg.resume and os.path.exists(os.path.join(cfg.out, "model", "config.json")):
-            if info.rank == 0:
-                print(f"stage {stage}: {cfg.out}/model exists, skipped (--resume)", flush=True)
+    root, last = os.path.dirname(cfgs[-1].out), cfgs[-1]
+    niah = os.path.join(root, "niah") if last.stage == 5 and eval_mode != "none" and last.save else None
+    prepare_run_folders(cfgs, niah, info)
+    ensure_demo_data(cfgs[0].data, info)
+    layouts, model_dir = {}, None
+    for cfg in cfgs:
+        if (cfg.sp, cfg.ring) not in layouts:
+            try:
+                layouts[cfg.sp, cfg.ring] = mmsp.make_layout(sp=cfg.sp, ring=cfg.ring)
+            except ValueError as e:
+                raise InputError(f"--sp {cfg.sp} --ring {cfg.ring}: {e}") from e
+        check_layout(cfg, layouts[cfg.sp, cfg.ring])
+        if finished(cfg):
             model_dir = os.path.join(cfg.out, "model")
+            if info.rank == 0:
+                print(f"stage {cfg.stage}: {model_dir} exists and matches these flags, skipped (--resume)", flush=True)
             continue
-        model_dir = train_stage(cfg, info, layouts[key])
-    is_demo = os.path.isfile(os.path.join(args.get("data", "data/demo"), "meta.json"))
-    if stages[-1] == 5 and (eval_mode == "niah" or (eval_mode == "auto" and is_demo)) and not args.get("no_save"):
-        root = args.get("out", "runs/demo")
-        acc = evaluate_niah(model_dir, args.get("data", "data/demo"), os.path.join(root, "niah"), info,
-                            layouts[(args.get("sp", 1), args.get("ring", 1))])
+        model_dir = train_stage(cfg, info, layouts[cfg.sp, cfg.ring])
+    data_dir = last.data.removeprefix("demo:")
+    if niah and (eval_mode == "niah" or os.path.isfile(os.path.join(data_dir, "meta.json"))):
+        acc = evaluate_niah(model_dir, data_dir, niah, info, layouts[last.sp, last.ring])
         if info.rank == 0:
-            print(f"needle in a haystack after stage 5: {acc:.1%} (heatmap: {os.path.join(root, 'niah')})",
-                  flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            print(f"needle in a haystack after stage 5: {acc:.1%} (heatmap: {niah})", flush=True)
+
+
+def main(argv=None):
+    """train.py's command line. A mistake in what the user gave (flags, files, folders, a full disk) ends with
+    `train.py: error: ...` on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    flags = dict(ARGS) if argv is None and ARGS is not None else parse_flags(sys.argv[1:] if argv is None else argv)
+    try:
+        run(flags)
+    except InputError as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ kill -9, checkpoints readable by any number of processes, schedules, and the non
 
 All runs use a small demo data set (data.make_demo with a few dozen samples) and the `tiny` preset in fp32.
 """
+import errno
 import json
 import os
 import re
@@ -72,18 +73,23 @@ def test_lr_schedules():
 
 
 def test_rope_theta_for_context():
-    # the reference's Qwen2 numbers (trained at 32k, theta 1e6) are the anchors
-    for target, theta in ((131072, 1.53e7), (262144, 2.07e8), (524288, 1.062e9)):
-        assert train.rope_theta_for_context(1e6, 32768, target) == pytest.approx(theta, rel=1e-6)
+    # the reference's Qwen2 thetas (trained at 32k, theta 1e6): 128k, 256k, 512k, 1M exactly
+    for target, theta in ((131072, 15300000), (262144, 207112184), (524288, 1062356830), (1048576, 3580165449)):
+        assert train.rope_theta_for_context(1e6, 32768, target) == theta
     assert train.rope_theta_for_context(1e6, 32768, 32768) == 1e6  # never lowered
-    a, b, c = (train.rope_theta_for_context(5e5, 8192, n) for n in (16384, 65536, 262144))  # Llama-3, 8k
-    assert 5e5 < a < b < c
+    # between anchors: log-log interpolation (2x = the geometric mean of 1x and 4x); another base scales them
+    assert train.rope_theta_for_context(1e6, 32768, 65536) == pytest.approx((1e6 * 15.3e6) ** 0.5, rel=1e-12)
+    assert train.rope_theta_for_context(5e5, 8192, 8192 * 16) == pytest.approx(1062356830 / 2, rel=1e-12)
+    a, b, c, d = (train.rope_theta_for_context(5e5, 8192, n) for n in (16384, 65536, 262144, 524288))  # Llama-3
+    assert 5e5 < a < b < c < d  # past the last anchor: its segment extended
 
 
 def test_stage_presets_and_flag_precedence(tmp_path):
     cfg = train.resolve(4, {"model": "longvila-8b", "out": "r"})
     assert (cfg.train_vision, cfg.train_projector, cfg.train_llm) == (False, False, True)
-    assert (cfg.lr, cfg.schedule, cfg.warmup) == (2e-5, "constant", 2)
+    assert (cfg.lr, cfg.schedule, cfg.warmup, cfg.lora) == (2e-5, "constant", 2, 8)  # the reference's stage 4
+    assert train.resolve(5, {"model": "longvila-8b"}).fps == 2.0 and train.resolve(5, {}).fps == 0.0  # tiny: uniform
+    assert train.resolve(4, {}).lora == 0  # the tiny demo fine-tunes its whole LLM
     assert cfg.init_from == os.path.join("r", "stage3", "model") and cfg.out == os.path.join("r", "stage4")
     assert train.parse_stages("all", from_scratch=True) == [0, 1, 2, 3, 4, 5]
     cfg = train.resolve(5, {"model": "longvila-8b", "lr": 2e-5, "init_from": "x"})
@@ -290,10 +296,10 @@ def test_profile_step_writes_a_trace_and_logs_it(demo, tmp_path, capsys):
     assert len(split) == 1 and "forward+backward" in split[0] and "clipping and optimizer step" in split[0]
     parts = [float(x) for x in re.findall(r"([0-9.]+) s", split[0])]  # wall = data + fwd+bwd + optimizer
     assert len(parts) == 4 and abs(parts[0] - sum(parts[1:])) < 3e-3 and min(parts) >= 0
-    assert train._kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
-    assert train._kernel_kind("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "matrix products"
-    assert train._kernel_kind("_rms_norm_bwd_kernel") == "fused ops (kernels.py)"
-    assert train._kernel_kind("_bwd_dkdv_kernel") == train._kernel_kind("_fwd_kernel") == "attention"  # ours
+    assert train.kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert train.kernel_kind("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "matrix products"
+    assert train.kernel_kind("_rms_norm_bwd_kernel") == "fused ops (kernels.py)"
+    assert train.kernel_kind("_bwd_dkdv_kernel") == train.kernel_kind("_fwd_kernel") == "attention"  # ours
 
 
 # -----------------------------------------------------------------------------
@@ -348,13 +354,14 @@ def test_loader_workers_equal_in_process_and_resume(demo, broken_media, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loader_workers_default_and_cache_conflict(demo, tmp_path):
+def test_loader_workers_default_and_cache_conflict(demo, tmp_path, capsys):
     assert train.loader_workers(train.TrainConfig(cache_data=True)) == 0  # cached demo: nothing to overlap
     assert 1 <= train.loader_workers(train.TrainConfig(cache_data=False)) <= 8
     assert train.loader_workers(train.TrainConfig(cache_data=False, workers=0)) == 0
-    with pytest.raises(ValueError, match="--cache_data with --workers 2"):
+    with pytest.raises(SystemExit) as e:
         train.main(["--stage", "1", "--data", demo, "--steps", "1", "--global_batch", "2", "--cache_data",
                     "--workers", "2", "--out", str(tmp_path / "x"), "--eval", "none"])
+    assert e.value.code == 2 and "train.py: error: --cache_data with --workers 2" in capsys.readouterr().err
 
 
 def test_pack_pixels_is_lossless_or_a_no_op():
@@ -420,3 +427,299 @@ def test_sp_ranks_decode_only_their_frames(demo):
                 assert torch.equal(got["images"][lo:hi], full["images"][lo:hi])
                 assert (got["images"][:lo] == -1).all() and (got["images"][hi:] == -1).all()
             ds.frame_shard = None
+
+
+# -----------------------------------------------------------------------------
+# stage 4 as the reference trains it: LoRA on q/k/v/o + embeddings + norms, merged into every saved model
+
+# what a LoRA stage trains (the token embeddings and every norm of the LLM train in full) ...
+LORA_TRAINS = re.compile(r"^llm\.(layers\.\d+\.attention\.w[qkvo]\.lora_[ab]|tok_embeddings\.weight|"
+                         r"(layers\.\d+\.(attention|ffn)_)?norm\.weight)$")
+# ... and what it changes in the saved (merged) model
+LORA_CHANGES = re.compile(r"^llm\.(layers\.\d+\.attention\.w[qkvo]\.weight|tok_embeddings\.weight|"
+                          r"(layers\.\d+\.(attention|ffn)_)?norm\.weight)$")
+
+
+def test_lora_merge_is_exact():
+    """W + s B A is the weight whose plain linear layer computes what the LoRA layer computes (float64: exact up
+    to rounding)."""
+    torch.manual_seed(0)
+    layer = train.LoRALinear(torch.nn.Linear(12, 20, dtype=torch.float64), rank=4).double()
+    torch.nn.init.normal_(layer.lora_b)  # a trained B (it starts at zero)
+    merged = train.merge_lora({"l.weight": layer.weight, "l.bias": layer.bias, "l.lora_a": layer.lora_a,
+                               "l.lora_b": layer.lora_b})
+    assert set(merged) == {"l.weight", "l.bias"}
+    assert torch.equal(merged["l.weight"], layer.weight + train.LORA_SCALE * layer.lora_b @ layer.lora_a)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(torch.nn.functional.linear(x, merged["l.weight"], merged["l.bias"]), layer(x),
+                               rtol=1e-13, atol=1e-13)
+    assert train.LORA_SCALE == 2.0  # the reference: r=8, alpha=16
+
+
+def test_lora_trains_only_its_parameters_and_saves_the_plain_layout(demo, tmp_path):
+    """build_model of a LoRA stage 4: exactly LoRA, the token embeddings and the LLM's norms require (and get)
+    gradients; the saved folder is the released layout (no LoRA tensor, from_pretrained's strict load) and
+    computes what the LoRA model computes."""
+    cfg = train.resolve(4, {"init_from": "none", "lora": 8, "data": demo, "out": str(tmp_path)})
+    model, _ = train.build_model(cfg, 1, torch.device("cpu"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if LORA_TRAINS.search(n)}
+    assert len([n for n in trainable if n.endswith("lora_a")]) == 4 * model.config.llm.n_layers
+    ids = torch.randint(0, model.config.llm.vocab_size, (2, 24))
+    model(ids, labels=ids, return_logits=False)[1].backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    for n, p in model.named_parameters():
+        if n.endswith("lora_b"):
+            torch.nn.init.normal_(p, std=0.02)  # as after training: the update is no longer zero
+    path = str(tmp_path / "saved")
+    train.save_model(model, path, 1, None)
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "llm", "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+    plain = longvila.LongVILA.from_pretrained(path)  # strict: an extra or a missing tensor would raise
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def lora_args(demo):
+    return ["--stage", "4", "--init_from", "none", "--data", demo, "--lora", "8", "--lr", "3e-3", "--steps", "4",
+            "--global_batch", "2", "--seq_len", "128", "--trained_len", "64", "--eval", "none"]
+
+
+def test_lora_run_resumes_exactly_and_saves_merged_models(demo, tmp_path):
+    """A LoRA stage 4: its model (and every checkpoint's) loads as a plain model in which only q/k/v/o, the
+    embeddings and the norms moved from the seeded init; train_state keeps the unmerged LoRA; a resume from the
+    step-2 checkpoint ends bitwise where the uninterrupted run ended."""
+    full = str(tmp_path / "full")
+    train.main(lora_args(demo) + ["--out", full, "--save_every", "2"])
+    run = os.path.join(full, "stage4")
+    torch.manual_seed(0)
+    init = {k: v.float() for k, v in longvila.LongVILA(longvila.PRESETS["tiny"]).state_dict().items()}
+    final = weights(os.path.join(run, "model"))
+    assert final.keys() == init.keys()
+    for name in init:
+        assert torch.equal(final[name], init[name]) != bool(LORA_CHANGES.search(name)), name
+    assert weights(os.path.join(run, "checkpoints", "step-000002")).keys() == init.keys()  # merged there too
+    stored = train.dcp.FileSystemReader(os.path.join(run, "checkpoints", "step-000002", "train_state"))
+    keys = stored.read_metadata().state_dict_metadata
+    assert "model.llm.layers.0.attention.wq.lora_a" in keys and "model.llm.layers.0.attention.wq.weight" in keys
+    with open(os.path.join(run, "model", "llm", "config.json")) as f:
+        assert json.load(f)["rope_theta"] == train.rope_theta_for_context(10000.0, 64, 128)
+
+    train.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")  # as after a kill at step 3
+    shutil.rmtree(os.path.join(run, "model"))
+    train.main(lora_args(demo) + ["--out", full, "--save_every", "2", "--resume"])
+    again = weights(os.path.join(run, "model"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_lora_on_two_ranks_matches_one(demo, tmp_path):
+    """LoRA under FSDP2 + Ulysses on 2 gloo processes = one process on the same global batch (the tolerances of
+    test_sequence_parallel_matches_single_process)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_train(lora_args(demo)[:-2] + ["--out", one])
+    run_train(lora_args(demo)[:-2] + ["--out", two, "--sp", "2"], nproc=2)
+    ref, got = metrics(os.path.join(one, "stage4")), metrics(os.path.join(two, "stage4"))
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-5)
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                 rel=2e-3)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    assert weights(os.path.join(two, "stage4", "model")).keys() == weights(os.path.join(one, "stage4", "model")).keys()
+
+
+# -----------------------------------------------------------------------------
+# run folders and command lines that never lose or mislabel work
+
+
+def train_exit(args: list, capsys) -> str:
+    """train.main(args) must stop with exit code 2 and one `train.py: error:` line (no traceback); returns it."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if ln.startswith("train.py: error:")]
+    assert len(line) == 1, err
+    return line[0]
+
+
+def quick(demo, out, *extra):
+    return ["--stage", "1", "--data", demo, "--steps", "2", "--global_batch", "2", "--eval", "none", "--out",
+            str(out)] + list(extra)
+
+
+def test_demo_data_is_generated_only_where_asked(demo, tmp_path, monkeypatch, capsys):
+    """demo:FOLDER generates into a missing or empty folder only; the user's own files are never touched, and a
+    plain folder is read as it is."""
+    made = []
+    monkeypatch.setattr(train.data, "make_demo", lambda path: made.append(path))
+    info = train.mmsp.DistInfo(0, 1, 0, torch.device("cpu"))
+    (tmp_path / "empty").mkdir()
+    train.ensure_demo_data(f"demo:{tmp_path / 'empty'}", info)
+    train.ensure_demo_data(f"demo:{tmp_path / 'missing'}", info)
+    train.ensure_demo_data(str(tmp_path / "empty"), info)  # no demo: prefix: never generated
+    assert made == [str(tmp_path / "empty"), str(tmp_path / "missing")]
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(os.path.join(demo, "stage3.json"), own / "stage3.json")
+    before = (own / "stage3.json").read_bytes()
+    line = train_exit(["--stage", "3", "--data", f"demo:{own}", "--steps", "1", "--out", str(tmp_path / "r")], capsys)
+    assert f"demo:{own}" in line and "no meta.json" in line and len(made) == 2
+    monkeypatch.undo()
+    train.main(["--stage", "3", "--data", str(own), "--media_root", demo, "--init_from", "none", "--steps", "1",
+                "--global_batch", "2", "--num_frames", "4", "--out", str(tmp_path / "r"), "--eval", "none"])
+    assert (own / "stage3.json").read_bytes() == before and os.listdir(own) == ["stage3.json"]
+    assert len(metrics(str(tmp_path / "r" / "stage3"))) == 1
+
+
+def test_a_fresh_run_never_mixes_with_an_old_one(demo, tmp_path, capsys):
+    """A run folder that holds a run: a fresh run is refused (nothing changes), --overwrite removes only what
+    train.py wrote, --resume with --overwrite is refused."""
+    out = tmp_path / "run"
+    train.main(quick(demo, out, "--save_every", "1"))
+    stage = out / "stage1"
+    files = {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()}
+    line = train_exit(quick(demo, out, "--seed", "1"), capsys)
+    assert str(stage) in line and "--resume" in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()} == files
+    (stage / "notes.txt").write_text("mine")
+    assert "choose one" in train_exit(quick(demo, out, "--resume", "--overwrite"), capsys)
+    train.main(quick(demo, out, "--overwrite", "--seed", "1"))
+    assert (stage / "notes.txt").read_text() == "mine" and not (stage / "checkpoints").exists()
+    assert len(metrics(str(stage))) == 2 and json.loads((stage / "config.json").read_text())["seed"] == 1
+
+
+def test_resume_checks_what_the_run_recorded(demo, tmp_path, capsys):
+    """--resume continues only the run that was started: another seed or global batch stops with what differs;
+    `--stage 0-1 --resume` does not take a stage model trained from another model, and skips a matching one."""
+    out = tmp_path / "run"
+    args = ["--stage", "0-1", "--data", demo, "--steps", "1", "--global_batch", "2", "--num_frames", "4",
+            "--eval", "none", "--out", str(out)]
+    train.main(args)
+    line = train_exit(args + ["--resume", "--seed", "1"], capsys)
+    assert str(out / "stage0") in line and "--seed 0 there, 1 now" in line
+    assert "--global_batch 2 there, 4 now" in train_exit(args + ["--resume", "--global_batch", "4"], capsys)
+    train.main(args + ["--resume"])
+    assert capsys.readouterr().out.count("matches these flags, skipped (--resume)") == 2
+    train.main(args[:1] + ["0"] + args[2:] + ["--overwrite", "--seed", "1"])  # stage 0 again, another model
+    line = train_exit(args[:1] + ["1"] + args[2:] + ["--resume"], capsys)
+    assert str(out / "stage1") in line and "--init_from: another model" in line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--steps", "0"], "--steps 0: expected a number >= 1"),
+    (["--global_batch", "0"], "--global_batch 0: expected a number >= 1"),
+    (["--num_frames", "-2"], "--num_frames -2: expected a number >= 0"),
+    (["--stage", "two"], "--stage 'two': expected 0..5"),
+    (["--stage", "7"], "--stage '7': expected 0..5"),
+    (["--model", "llama-70b"], "--model 'llama-70b': not a preset; choose one of tiny"),
+    (["--data", "{demo}/stage1.json:-0.5"], "a file's weight must be > 0"),
+    (["--data", "{demo}/stage1.json:x"], "must be a number"),
+    (["--data", "{demo}/media/short/short_00000.mp4"], "a video is not a data file"),
+    (["--data", "{demo}/nothing.json"], "nothing.json does not exist"),
+])
+def test_input_mistakes_stop_with_one_line(demo, tmp_path, capsys, args, says):
+    args = [a.format(demo=demo) for a in args]
+    line = train_exit(quick(demo, tmp_path / "r") + args, capsys)
+    assert says in line, line
+
+
+def test_unreadable_inputs_stop_with_one_line(demo, tmp_path, capsys):
+    """A truncated --init_from, every media file missing, an --out that cannot be written: exit 2, one line."""
+    saved = str(tmp_path / "m")
+    longvila.LongVILA(longvila.PRESETS["tiny"]).save_pretrained(saved)
+    weights_file = os.path.join(saved, "llm", "model.safetensors")
+    with open(weights_file, "r+b") as f:
+        f.truncate(os.path.getsize(weights_file) // 2)
+    line = train_exit(quick(demo, tmp_path / "a", "--init_from", saved), capsys)
+    assert f"--init_from {saved}" in line
+    with open(os.path.join(demo, "stage3.json")) as f:
+        samples = json.load(f)
+    for s in samples:
+        s["video"] = "gone/missing.mp4"
+    bad = tmp_path / "gone.json"
+    bad.write_text(json.dumps(samples))
+    line = train_exit(quick(demo, tmp_path / "b", "--data", str(bad), "--num_frames", "4"), capsys)
+    assert "--data" in line and "missing.mp4" in line
+    (tmp_path / "file").write_text("")
+    line = train_exit(quick(demo, tmp_path / "file" / "run"), capsys)
+    assert "cannot write there" in line
+
+
+def test_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, capsys):
+    """--resume on a checkpoint whose optimizer state is truncated: a warning naming it, the one before it is
+    used, and the run ends bitwise where the undamaged run ended."""
+    out = tmp_path / "run"
+    args = quick(demo, out, "--steps", "4", "--save_every", "2")
+    train.main(args)
+    stage = out / "stage1"
+    ref = weights(str(stage / "model"))
+    shutil.rmtree(stage / "model")
+    for f in (stage / "checkpoints" / "step-000004" / "train_state").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capsys.readouterr()
+    train.main(args + ["--resume"])
+    out_err = capsys.readouterr()
+    assert "step-000004 cannot be read" in out_err.err and "at step 2" in out_err.out
+    assert (stage / "checkpoints" / "step-000004.broken").is_dir()
+    got = weights(str(stage / "model"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(demo, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing a checkpoint: `no space left on <path>`, exit 2, the half-written .tmp removed, the
+    previous checkpoint intact and named by `latest`."""
+    real, calls = train.save_model, []
+
+    def full_disk(model, path, *a):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: a file half written, then the disk is full
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, "half"), "w").close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, path, *a)
+
+    monkeypatch.setattr(train, "save_model", full_disk)
+    out = tmp_path / "run"
+    line = train_exit(quick(demo, out, "--steps", "4", "--save_every", "1"), capsys)
+    ckpts = out / "stage1" / "checkpoints"
+    assert "no space left on" in line and str(ckpts) in line
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-000001"] and (ckpts / "latest").read_text() == "step-000001"
+    assert weights(str(ckpts / "step-000001"))
+
+
+def test_config_replays_a_run_and_flags_override_it(demo, tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    train.main(quick(demo, a, "--lr", "2e-3", "--seed", "3", "--global-batch", "4", "--no-fused-ops"))
+    train.main(["--config", str(a / "stage1" / "config.json"), "--out", str(b)])
+    assert [r["loss"] for r in metrics(str(a / "stage1"))] == [r["loss"] for r in metrics(str(b / "stage1"))]
+    train.main(["--config", str(a / "stage1" / "config.json"), "--out", str(c), "--steps", "1"])
+    replayed = json.loads((c / "stage1" / "config.json").read_text())
+    assert (replayed["steps"], replayed["seed"], replayed["global_batch"], replayed["fused_ops"]) == (1, 3, 4, False)
+
+
+def test_progress_replaces_the_line_per_step(demo, tmp_path, capsys):
+    """Into a log (not a terminal) the progress line is printed every 5% of the steps; every step's figures are
+    in metrics.jsonl."""
+    train.main(quick(demo, tmp_path, "--steps", "40", "--no_save"))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("stage 1 ") and "/40" in ln]
+    assert 10 <= len(lines) <= 22 and "loss=" in lines[-1] and "tok/s=" in lines[-1] and "40/40" in lines[-1]
+    assert [r["step"] for r in metrics(str(tmp_path / "stage1"))] == list(range(1, 41))
+
+
+def test_help_is_fast_shows_the_stage_defaults_and_takes_both_spellings():
+    code = ("import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\ntry:\n    runpy.run_path('train.py', "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+    help5 = subprocess.run([sys.executable, "-c", code, "--stage", "5", "--help"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "torch loaded: False" in help5  # --help answers before torch is imported
+    assert re.search(r"--lr LR\s+peak learning rate \(default 0.002\)", help5)  # the tiny demo's stage 5
+    assert "--no_save" in help5 and "--no-save" not in help5 and "/work/" not in help5
+    real = " ".join(train.build_parser(["--stage", "5", "--model", "longvila-8b"]).format_help().split())
+    assert "peak learning rate (default 5e-05)" in real and "(default 2)" in real  # --fps 2 for real models
+    assert "(default all)" in " ".join(train.build_parser([]).format_help().split())
+    assert train.normalise_flags(["--no-fused-ops", "--global-batch=4", "-h", "a-b"]) == \
+        ["--no_fused_ops", "--global_batch=4", "-h", "a-b"]
+    assert train.parse_flags(["--no-save", "--no_fused_ops"]) == dict(save=False, fused_ops=False, threads=0,
+                                                                      eval="auto")
