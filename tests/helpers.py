@@ -3,8 +3,9 @@
     from helpers import run_workers
     results = run_workers(fn, world_size=4, args=(x,))   # fn(rank, world_size, *args) -> picklable
 
-Workers are forked (cheap: no second torch import) and call torch.set_num_threads(1) before anything else,
-since a forked child that inherits torch's thread pool can hang. Each run gets its own free port.
+Workers are forked (cheap: no second torch import; spawned instead once this process has used CUDA) and call
+torch.set_num_threads(1) before anything else, since a forked child that inherits torch's thread pool can hang.
+Each run gets its own free port.
 """
 import os
 import socket
@@ -43,8 +44,11 @@ def _worker(rank, world_size, port, fn, args, outdir):
 def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -> list:
     """Run fn(rank, world_size, *args) on `world_size` forked gloo processes; return their results by rank."""
     with tempfile.TemporaryDirectory() as outdir:
+        # fork is cheap (no second torch import), but a child forked after the parent touched CUDA (GPU tests earlier
+        # in the same pytest run) cannot use torch's CUDA state at all: spawn fresh interpreters then
+        method = "spawn" if torch.cuda.is_initialized() else "fork"
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, outdir), nprocs=world_size,
-                                 join=False, start_method="fork")
+                                 join=False, start_method=method)
         try:
             while not ctx.join(timeout=timeout):
                 pass

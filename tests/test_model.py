@@ -501,13 +501,14 @@ def test_loss_chunked_equals_full_and_backward_is_fast():
 
 
 def test_fused_ops_in_the_model_match_eager(monkeypatch):
-    # kernels.configure(fused_ops="always") runs the model's RMSNorm / RoPE / SwiGLU through the Triton kernels on CPU too
-    # (interpreter): same loss and gradients as the eager twins, with and without (selective) checkpointing
+    # kernels.configure(fused_ops="always") runs the model's RMSNorm / RoPE / SwiGLU through the Triton kernels (on
+    # CPU in the interpreter): same loss and gradients as the eager twins, with and without (selective) checkpointing
     kernels = pytest.importorskip("kernels")
     if not kernels.HAS_TRITON or not (kernels._INTERPRET or torch.cuda.is_available()):
         pytest.skip("the fused ops need triton on a GPU or TRITON_INTERPRET=1")
-    model = tiny_model(2).train()
-    ids, frames = video_prompt(3, 4), torch.randn(3, 3, 32, 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: the compiled kernels, fp32
+    model = tiny_model(2).train().to(device)
+    ids, frames = video_prompt(3, 4).to(device), torch.randn(3, 3, 32, 32, device=device)
     labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX)
 
     def loss_and_grads():
@@ -516,7 +517,9 @@ def test_fused_ops_in_the_model_match_eager(monkeypatch):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
+    before = kernels.configure(fused_ops=False)  # the eager twins (on CUDA the default would be the kernels)
     ref_loss, ref_grads = loss_and_grads()
+    kernels.configure(**before)
     calls = []
     for name in ("rms_norm", "rotary", "swiglu"):
         fn = getattr(kernels, name)
