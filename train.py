@@ -266,14 +266,14 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)
 
 
-def normalise_flags(argv) -> list[str]:
-    """Flags are spelled with underscores (--num_frames); the dashed spelling (--num-frames) is accepted too."""
+def normalise_flags(argv: list[str]) -> list[str]:
+    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens."""
     out = []
-    for a in argv:
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
     return out
 
 
@@ -333,8 +333,8 @@ def resolve(stage: int, flags: dict, chained: bool = False) -> TrainConfig:
         init = flags["init_from"]
     explicit = flags.get("init_from", "none")  # the model of the whole command: --model, else what the init was
     model = flags.get("model") or ("tiny" if explicit == "none" else recorded_model(explicit))
-    values = stage_defaults(stage, model)
-    values.update({k: v for k, v in flags.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    values, names = stage_defaults(stage, model), {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in flags.items() if k in names})
     values.update(stage=stage, model=model, init_from=init, out=os.path.join(root, f"stage{stage}"))
     if "cache_data" not in flags:  # small data: decode once (an explicit --workers N > 0 keeps the cache off)
         values["cache_data"] = (model == "tiny" or values.get("data") == "synthetic") and values.get("workers", -1) <= 0
@@ -348,8 +348,12 @@ def plan(flags: dict) -> list[TrainConfig]:
 
 
 def shown(value) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
-        else str(value) or '""'
+    """A flag's value as --help and the error messages show it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) or '""'
 
 
 def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
@@ -368,7 +372,7 @@ def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
             runs.append([c.stage, c.stage, v])
     if len(runs) == 1:
         return f"(default {runs[0][2]})"
-    return "(default per stage: " + ", ".join(f"{a}{f'-{b}' * (b > a)}: {v}" for a, b, v in runs) + ")"
+    return "(default per stage: " + ", ".join(f"{a}-{b}: {v}" if b > a else f"{a}: {v}" for a, b, v in runs) + ")"
 
 
 def stage_table() -> str:
@@ -386,7 +390,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     """The flags in their groups, the curriculum first. Each help text ends with the default the --stage, --model,
     --init_from and --config of argv give it. Absent flags stay absent in the result (resolve fills them)."""
     peek = argparse.ArgumentParser(add_help=False)
-    for name in ("stage", "model", "init_from", "out", "config"):
+    for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
     given = {k: v for k, v in vars(peek.parse_known_args(normalise_flags(argv))[0]).items() if v is not None}
     try:
@@ -401,7 +405,9 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     groups = {}
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
-        g = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = ap.add_argument_group(meta["group"])
+        g = groups[meta["group"]]
         if f.name == "stage":
             g.add_argument("--stage", type=stage_text, help=f"{meta['help']} (default all)")
         elif f.type is bool:
@@ -425,7 +431,6 @@ def parse_flags(argv) -> dict:
     return {**flags.pop("config", {}), **flags}
 
 
-ARGS = None
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
     ARGS = parse_flags(sys.argv[1:])
 
@@ -497,8 +502,8 @@ def merge_lora(sd: dict) -> dict:
     for k in sd:
         if k.endswith(".lora_a"):
             p = k[:-len("lora_a")]
-            w = sd[p + "weight"]  # (out, in)
-            out[p + "weight"] = (w.double() + LORA_SCALE * sd[p + "lora_b"].double() @ sd[k].double()).to(w.dtype)
+            w, a, b = sd[p + "weight"], sd[k], sd[p + "lora_b"]  # (out, in), (r, in), (out, r)
+            out[p + "weight"] = (w.double() + LORA_SCALE * b.double() @ a.double()).to(w.dtype)  # (out, in)
     return out
 
 
@@ -953,7 +958,7 @@ def save_checkpoint(st: Stage, step: int):
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         save_model(st.model, tmp, world, st.tokenizer_json)
         msd, osd = get_state_dict(st.model, st.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"), no_dist=world == 1)
         save_file({k: v.contiguous() for k, v in rng_state(st.info.device).items()},
                   os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
         if rank == 0:
@@ -976,7 +981,7 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
         meta = json.load(f)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
     if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
@@ -1128,7 +1133,7 @@ def any_rank(flag: bool, info) -> bool:
     """True on every rank when it is True on any (an all-reduce; the flag itself in one process)."""
     if info.world_size == 1:
         return flag
-    t = torch.tensor([int(flag)], device=info.device)
+    t = torch.tensor([int(flag)], device=info.device)  # (1,)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -1709,7 +1714,7 @@ def run(flags: dict):
 def main(argv=None):
     """train.py's command line. A mistake in what the user gave (flags, files, folders, a full disk) ends with
     `train.py: error: ...` on stderr and exit code 2; anything else is a bug and keeps its traceback."""
-    flags = dict(ARGS) if argv is None and ARGS is not None else parse_flags(sys.argv[1:] if argv is None else argv)
+    flags = dict(parse_flags(argv) if argv is not None else ARGS)
     try:
         run(flags)
     except InputError as e:

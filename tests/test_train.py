@@ -1,5 +1,8 @@
 """train.py: the curriculum's module freezing, sequence-parallel training equal to one process, exact resume after
-kill -9, checkpoints readable by any number of processes, schedules, and the non-finite-loss stop.
+kill -9, checkpoints readable by any number of processes, schedules, the non-finite-loss stop; stage 4's LoRA
+(merged saves, exact resume, 2 ranks = 1); run folders that never lose or mislabel work (demo data only where
+asked, no mixing of runs, resume checks, a damaged checkpoint, a full disk, one-line errors), --config, the
+progress line and a torch-free --help.
 
     python -m pytest -q tests/test_train.py --durations=0
 
@@ -24,7 +27,15 @@ import train
 from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # same threads everywhere: bitwise repeatable
+# same threads everywhere: bitwise repeatable; on a GPU machine too the runs take the CPU path (gloo, fp32), whose
+# results these tests compare bitwise (CUDA's atomics would not repeat them, and 4 ranks do not share one GPU)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """train.main in this process takes the CPU path too (mmsp.init_distributed asks torch.cuda.is_available)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="module")
