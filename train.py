@@ -58,9 +58,9 @@ class TrainConfig:
     """Every flag of train.py. A stage's value: this default <- the stage's preset <- the command line."""
     stage: int = flag(1, "0..5, a range like 2-5, or all: the stages run in order, each from the model the one "
                          "before it saved; all = 1-5, or 0-5 without --init_from")
-    model: str = flag("tiny", "a longvila.PRESETS name (tiny, longvila-8b, ...): the random init without "
-                              "--init_from, and the defaults (tiny: the CPU demo's tuning; with --init_from: the "
-                              "model its run recorded, else the reference's)")
+    model: str = flag("tiny", "a model preset, e.g. tiny (the CPU demo) or longvila-8b (a wrong name lists them): "
+                              "the random init without --init_from, and the defaults (tiny: the demo's tuning; with "
+                              "--init_from: the preset its run recorded, else the reference's)")
     init_from: str = flag("none", "a VILA-layout folder to start from (a stage's model/ or a released checkpoint), "
                                   "or none: random --model weights")
     data: str = flag("demo:data/demo", "demo:FOLDER (the demo data, generated when FOLDER is missing or empty), a "
@@ -90,8 +90,8 @@ class TrainConfig:
     beta1: float = flag(0.9, "AdamW beta1", LEARNING)
     beta2: float = flag(0.999, "AdamW beta2", LEARNING)
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)", LEARNING)
-    rope_theta: float = flag(0.0, "RoPE base to train with (0: the model's; stage 4: from --seq_len, see "
-                                  "rope_theta_for_context)", LEARNING)
+    rope_theta: float = flag(0.0, "RoPE base to train with (0: the model's; stage 4: the reference's theta for "
+                                  "--seq_len / --trained_len)", LEARNING)
     trained_len: int = flag(0, "stage 4: the context the model was trained at (0: its config's max_seq_len)", LEARNING)
     seed: int = flag(0, "seed of the init and of the data order", LEARNING)
     skip_nonfinite: bool = flag(False, "skip a step with a NaN/inf loss instead of stopping", LEARNING)
@@ -111,8 +111,8 @@ class TrainConfig:
                                 PERFORMANCE)
     checkpoint_layers: int = flag(-1, "with --grad_checkpointing: recompute only the first N decoder blocks, the "
                                       "others keep their activations (-1: all)", PERFORMANCE)
-    attn_backend: str = flag("auto", "attention kernels on CUDA: auto or a kernels.BACKENDS name (triton, cudnn, "
-                                     "flash, torch)", PERFORMANCE)
+    attn_backend: str = flag("auto", "attention kernels on CUDA: auto (the fastest installed), triton, cudnn, flash "
+                                     "or torch", PERFORMANCE)
     fused_ops: bool = flag(True, "CUDA: RMSNorm, RoPE and SwiGLU as fused Triton kernels (kernels.py)", PERFORMANCE)
     dtype: str = flag("auto", "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16", PERFORMANCE,
                       ("auto", "fp32", "bf16"))
