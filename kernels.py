@@ -1027,9 +1027,11 @@ def _flash_attn_4():
     """flash-attn-4's interface module, or None where it is not installed (imported on first use: seconds)."""
     try:
         from flash_attn.cute import interface
-        return interface
     except ImportError:
         return None
+    # its compiler notes, at every new kernel, that one argument is passed at run time: nothing to act on
+    warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted", category=UserWarning)
+    return interface
 
 
 def _flashcannot_run(q, k, causal):
