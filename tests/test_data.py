@@ -934,8 +934,9 @@ def test_demo_never_writes_into_a_folder_that_holds_anything(tmp_path, tok, caps
 
 
 def test_flags_take_both_spellings_and_help_needs_no_torch():
-    args = data.build_parser().parse_args(data.normalise_flags(["bench-video", "--image-size", "64", "--frames", "8"]))
-    assert (args.cmd, args.image_size, args.frames) == ("bench_video", 64, [8])
+    args = data.build_parser().parse_args(data.normalise_flags(["longvideo-sft", "--videos", "v", "--captioner", "c",
+                                                                "--llm", "l", "--out", "o", "--segment-s", "5"]))
+    assert (args.cmd, args.segment_s) == ("longvideo_sft", 5.0)
     args = data.build_parser().parse_args(data.normalise_flags(["demo", "--short-videos=3", "--out", "a-b/c-d"]))
     assert (args.short_videos, args.out) == (3, "a-b/c-d")  # values keep their dashes
     out = subprocess.run([sys.executable, "-X", "importtime", "data.py", "demo", "--help"], capture_output=True,
@@ -1057,10 +1058,11 @@ def test_longvideo_sft_with_a_real_tiny_checkpoint(tmp_path, tok):
 
 
 def test_loop_video_for_the_throughput_bench(tmp_path, mp4s):
-    """bench-video's real-content long video: a clip's packets repeated (no re-encoding) decode to the clip
+    """bench.py video's real-content long video: a clip's packets repeated (no re-encoding) decode to the clip
     repeated, frame for frame, with continuous timestamps."""
+    import bench
     out = str(tmp_path / "loop.mp4")
-    data.loop_video(mp4s["h264"], out, seconds=12.0)  # 5 s clip -> 3 loops
+    bench.loop_video(mp4s["h264"], out, seconds=12.0)  # 5 s clip -> 3 loops
     with data.VideoFile(out, "pyav") as v:
         assert (v.num_frames, v.fps) == (120, 8.0)
         np.testing.assert_array_equal(_frame_ids(v.get([3, 43, 83, 119])), [3, 3, 3, 39])
