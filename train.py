@@ -1412,9 +1412,9 @@ def cpu_cores() -> int:
 
 def loader_workers(cfg: TrainConfig) -> int:
     """--workers, or when -1 (auto): 0 with --cache_data (after the first epoch every step is a dictionary
-    lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a 1024-frame sample takes
-    about a minute of one core, so the loader wants every core it can get; the processes of a node share them, and
-    past 8 per process the in-flight samples' memory (workers x 2 steps) costs more than it gains."""
+    lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a long video is slow, so the
+    loader wants every core it can get; the processes of a node share them, and past 8 per process the in-flight
+    samples' memory (workers x 2 steps) costs more than it gains."""
     if cfg.workers >= 0:
         return cfg.workers
     if cfg.cache_data:
