@@ -68,7 +68,8 @@ def _train_flags(p):
                    help="BACKEND:CHECKPOINTING of ours (checkpointing full | save-attn | none), and hf = "
                         "transformers' LlamaForCausalLM (sdpa, full checkpointing)")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after 2 warm-up steps")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
+    p.add_argument("--peak_tflops", type=float, default=None, help="per-GPU dense bf16 peak for MFU (default: "
+                   "the device's, by name; 989 when unknown)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
                    "smoke run of the code, e.g. --model tiny --layers 2 --seqlens 64 --variants torch:full,hf)")
 
@@ -78,7 +79,8 @@ def _prefill_flags(p):
     p.add_argument("--frames", type=int, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
     p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
     p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
+    p.add_argument("--peak_tflops", type=float, default=None, help="per-GPU dense bf16 peak for MFU (default: "
+                   "the device's, by name; 989 when unknown)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
                    "smoke run of the code, e.g. --model tiny --frames 4 --backends torch)")
 
@@ -352,8 +354,13 @@ def _time_train_step(variant, cfg, x, args):
     kernels.configure(backend="auto")
     T, dt = x.shape[1], statistics.median(times[2:])
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
-    return dict(tok_s=T / dt, mfu=_llm_flops(cfg, T) / dt / (args.peak_tflops * 1e12), step_s=dt, mem_gib=mem,
+    return dict(tok_s=T / dt, mfu=_llm_flops(cfg, T) / dt / _peak(args, device), step_s=dt, mem_gib=mem,
                 loss=float(loss.detach()), note="")
+
+
+def _peak(args, device) -> float:
+    """FLOP/s that MFU is measured against: --peak_tflops, the device's bf16 peak, or 989 TFLOP/s (a CPU smoke run)."""
+    return (args.peak_tflops or lv.peak_bf16_tflops(device) or 989.0) * 1e12
 
 
 def _sync(device):
@@ -434,7 +441,7 @@ def prefill_run(args):
     print(f"\n| {T:,} tokens | seconds | TFLOP/s | MFU | vs transformers | max |logit - transformers'| |")
     print("|---|---|---|---|---|---|")
     for r, (name, lg) in zip(rows, logits.items()):
-        r.update(T=T, tflops=flops / r["s"] / 1e12, mfu=flops / r["s"] / (args.peak_tflops * 1e12),
+        r.update(T=T, tflops=flops / r["s"] / 1e12, mfu=flops / r["s"] / _peak(args, device),
                  speedup=hf_s / r["s"] if hf_s else None,
                  logit_diff=float((lg - logits["hf"]).abs().max()) if "hf" in logits else None)
         print(f"| {r['who']} | {r['s']:.2f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "

@@ -185,7 +185,7 @@ from safetensors import SafetensorError  # noqa: E402
 
 from data import (FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile, build_conversation,  # noqa: E402
                   build_niah_prompt, load_image, mcq_prompt, preprocess, read_video)
-from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA  # noqa: E402
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA, peak_bf16_tflops  # noqa: E402
 from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,  # noqa: E402
                   padded_length, sp_forward, sp_generate, token_owner)
 
@@ -1061,10 +1061,6 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
 # timing of one long-video question: vision, prefill (+ MFU), decode, memory
 
 # dense bf16 peaks (NVIDIA datasheets), matched against torch.cuda.get_device_name in this order (specific first)
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
-                    "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
-
-
 def _linear_weights(module) -> int:
     """Multiply-accumulates per token of a module's matmuls = the element count of its Linear / Conv2d weights."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
@@ -1085,16 +1081,6 @@ def vision_flops(model, F: int) -> float:
     """FLOPs of encoding F frames (vision tower up to the feature layer + projector): one third of
     LongVILA.vision_flops_per_frame, the training figure (forward + backward = 3 x forward)."""
     return F * model.vision_flops_per_frame() / 3.0
-
-
-def peak_tflops(device, override=None):
-    """Dense bf16 peak of one accelerator (TFLOP/s) from its name, or None (no MFU) when unknown."""
-    if override:
-        return float(override)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def barrier_sync(device):
@@ -1170,7 +1156,7 @@ def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> d
                        dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    peak = peak_tflops(device, peak)
+    peak = peak or peak_bf16_tflops(device)
     r = {"frames": len(x), "prompt_tokens": T, "world": world, "sp": layout.sp if layout else 1,
          "ring": layout.ring if layout else 1, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
          else "cpu", "dtype": dtype_name(model_dtype(model)), "vision_s": vision_s,

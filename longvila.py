@@ -614,11 +614,11 @@ class LongVILA(nn.Module):
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config.projector)
         self.llm = Transformer(config.llm)
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
         self.llm.tie()
 
     @staticmethod
-    def _init_weights(m):
+    def init_weights(m):
         """Fresh weights (tests, the tiny demo): N(0, 0.02) matrices/embeddings, zero biases, unit norms."""
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(m.weight, std=0.02)
@@ -1216,6 +1216,22 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
         "image_aspect_ratio": cfg.image_aspect_ratio, "fps": cfg.fps, "num_video_frames": cfg.num_video_frames,
         "chat_template": cfg.chat_template, "tokens_per_frame": cfg.tokens_per_frame,
         "model_dtype": str(dtype), "longvila": cfg.to_dict()})
+
+
+# -----------------------------------------------------------------------------
+# the peak the FLOP counts are measured against (MFU)
+
+# Dense bf16 TFLOP/s by device name (the vendors' datasheets); the more specific names first.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
+                    "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+
+
+def peak_bf16_tflops(device) -> float | None:
+    """The dense bf16 peak of one accelerator from its name, or None (no MFU) on CPU and unknown devices."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 # -----------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class TrainConfig:
     overwrite: bool = flag(False, "start again in a --out that holds a run: first remove what train.py wrote there",
                            CHECKPOINTS)
     # logging and profiling
-    peak_tflops: float = flag(0.0, "peak TFLOP/s of one device for MFU (0: 989 on H100/H200 bf16, none on CPU)",
+    peak_tflops: float = flag(0.0, "peak TFLOP/s of one device for MFU (0: the device's dense bf16 peak by name)",
                               LOGGING)
     profile_step: int = flag(0, "profile step N on rank 0 (forward+backward, clipping, optimizer): its wall-clock "
                                 "split and GPU time by kernel kind in the log, the trace in <run>/trace_stepN.json",
@@ -524,7 +524,7 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple:
     if cfg.reinit_projector and cfg.init_from != "none":
         # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
         torch.manual_seed(cfg.seed)
-        model.projector.apply(longvila.LongVILA._init_weights)
+        model.projector.apply(longvila.LongVILA.init_weights)
     changes = apply_stage_to_config(cfg, model)
     model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, llm=cfg.train_llm and not cfg.lora)
     if cfg.lora:
@@ -601,7 +601,7 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
 def init_weights_(model):
     """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
     the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains, LoRA's for LoRA layers."""
-    model.apply(longvila.LongVILA._init_weights)
+    model.apply(longvila.LongVILA.init_weights)
     for m in model.modules():
         if isinstance(m, longvila.RMSNorm):
             torch.nn.init.ones_(m.weight)
@@ -1529,12 +1529,8 @@ def fmt_seconds(s: float) -> str:
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else H100/H200 bf16 (989 TFLOP/s); 0 = unknown."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
-        return 989e12
-    return 0.0
+    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else the device's bf16 peak; 0 = unknown."""
+    return (cfg.peak_tflops or longvila.peak_bf16_tflops(device) or 0.0) * 1e12
 
 
 def peak_memory_gb(device: torch.device) -> float:
