@@ -252,7 +252,7 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def frames_tensor(frames, image_size: int, aspect: str = "resize") -> torch.Tensor:
+def frames_tensor(frames, image_size: int, aspect: str) -> torch.Tensor:
     """uint8 frames (F, H, W, 3) -> preprocessed float (F, 3, S, S) ("pad": letterboxed to a square first, as
     the reference's image_aspect_ratio 'pad'); float tensors are taken as already preprocessed."""
     if isinstance(frames, torch.Tensor) and frames.is_floating_point():
@@ -339,6 +339,15 @@ def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layo
     return pred.cpu()
 
 
+def score_answers(model, tokenizer, prompts, features, layout=None) -> dict:
+    """{"correct", "predictions"} of prompts (input_ids, answer positions, answer ids), each answer teacher-forced;
+    features: for each prompt the visual features (F, N, C) of its image slots, or None (a text prompt)."""
+    preds = [teacher_forced_argmax(model, embed_with_features(model, ids, f), pos, layout).tolist()  # (A,)
+             for (ids, pos, _), f in zip(prompts, features)]
+    return {"correct": [answer_correct(p, answer, tokenizer) for p, (_, _, answer) in zip(preds, prompts)],
+            "predictions": [tokenizer.decode(p) for p in preds]}
+
+
 def prompt_ids(tokenizer, text: str, num_frames: int, tokens_per_frame: int) -> list:
     """Token ids of one user turn `text` (one <video>/<image> for num_frames frames) + the assistant header."""
     ids, _ = build_conversation([{"from": "human", "value": text}], tokenizer, [num_frames] if num_frames else [],
@@ -367,15 +376,14 @@ class StreamPrinter:
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True,
-                   aspect="resize") -> str:
+def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True) -> str:
     """Greedy reply to `text` about uint8 frames (F, H, W, 3) or preprocessed ones (F, 3, S, S) (or None), on one
     process or MM-SP (mmsp.sp_generate shards the frames over the SP group). It stops at any of the tokenizer's
     end tokens (Llama-3: <|eot_id|> and <|end_of_text|>); stop=False always makes max_new_tokens (timing)."""
     cfg, device = model.config, model_device(model)
     images = None
-    if frames is not None:
-        images = [frames_tensor(frames, cfg.vision.image_size, aspect).to(device, model_dtype(model))]  # [(F,3,S,S)]
+    if frames is not None:  # preprocessed as the checkpoint was trained (its image_aspect_ratio)
+        images = [frames_tensor(frames, cfg.vision.image_size, cfg.image_aspect_ratio).to(device, model_dtype(model))]
     ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
     input_ids = torch.tensor([ids], device=device)  # (1, T)
     stops = list(tokenizer.stop_ids) if stop else None
@@ -493,38 +501,25 @@ def haystack_sources(haystacks) -> tuple:
     return [f"haystack_{i}" for i in range(len(haystacks))], list(haystacks)
 
 
-def niah_cell(model, tokenizer, hay, needle_feats, prompts, depth, layout=None) -> dict:
-    """One cell: every needle at `depth` in the haystack features hay (n, N, C), scored teacher-forced."""
-    correct, predictions = [], []
-    for feats, (ids, pos, ans) in zip(needle_feats, prompts):
-        frames = insert_needle(hay, feats, depth)  # (n+1, N, C)
-        pred = teacher_forced_argmax(model, embed_with_features(model, ids, frames), pos, layout).tolist()  # (A,)
-        correct.append(answer_correct(pred, ans, tokenizer))
-        predictions.append(tokenizer.decode(pred))
-    return {"correct": correct, "predictions": predictions}
-
-
 @torch.no_grad()
 def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
              fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
-             overwrite=False, progress: bool = True, log=print) -> dict:
+             overwrite=False, progress: bool = True) -> dict:
     """Video needle in a haystack over depths x frame counts; returns the results (header, cells, grid, mean).
 
-    haystacks: a video, a folder of videos, a list of paths, or a list of uint8 frame arrays; each must hold
-    max(frame_counts) frames at `fps`. needles: see `load_needles`. Frames are preprocessed in the reference's
-    'pad' aspect mode. The features of each haystack and each needle are computed ONCE; cell (n frames, depth d)
-    splices the needle into the first n haystack frames. A cell scores haystacks x needles; results.json in
-    out_dir is written after every cell and resumed by a rerun of the same model, settings and code.
+    haystacks: a video, a folder of videos, or a list of uint8 frame arrays; each must hold max(frame_counts)
+    frames at `fps`. needles: see `load_needles`. Frames are preprocessed in the reference's 'pad' aspect mode.
+    The features of each haystack and each needle are computed ONCE; cell (n frames, depth d) splices the needle
+    into the first n haystack frames and scores haystacks x needles. out_dir/results.json is written after every
+    cell and resumed by a rerun of the same model, settings and code.
     """
     main, size, tpf = is_main(layout), model.config.vision.image_size, model.config.tokens_per_frame
     depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
     needles, (names, sources) = load_needles(needles), haystack_sources(haystacks)
     header = {"task": "niah", **(identity or {}), "haystacks": names, "fps": fps,
               "needles": [[n["name"], n["question"], n["answer"]] for n in needles]}
-    path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)
-    cells = results["cells"]
-    key = "{}|frames={}|depth={:g}".format
+    results, path = open_results(out_dir, "results.json", header, layout, overwrite)
+    cells, key = results["cells"], "{}|frames={}|depth={:g}".format
     pixels = torch.cat([frames_tensor(n["image"][None], size, "pad") for n in needles])  # (K, 3, S, S)
     needle_feats = encode_frames(model, pixels, layout, vision_batch)  # (K, N, C): each needle once
     bar = Progress(len(sources) * len(frame_counts) * len(depths), "niah", enabled=progress and main)
@@ -538,21 +533,21 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
         for n in sorted({n for n, _ in todo}):  # the ids do not depend on the depth: every frame has the same slots
             prompts = [niah_prompt(tokenizer, nd["question"], nd["answer"], n + 1, tpf) for nd in needles]
             for d in [d for m, d in todo if m == n]:
-                cell = niah_cell(model, tokenizer, hay[:n], needle_feats, prompts, d, layout)
+                spliced = (insert_needle(hay[:n], f, d) for f in needle_feats)  # K x (n+1, N, C), one at a time
+                scored = score_answers(model, tokenizer, prompts, spliced, layout)
                 cells[key(name, n, d)] = {"haystack": name, "frames": n, "depth": d,
-                                          "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]), **cell}
-                if path and main:
-                    save_results(path, results)
+                                          "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]), **scored}
+                save_results(path, results)
                 bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
     bar.close()
     scores = [[[c for name in names for c in cells[key(name, n, d)]["correct"]] for n in frame_counts]
               for d in depths]  # (depths, frame counts) lists of haystacks x needles
     results.update(depths=depths, frame_counts=frame_counts)
-    finish_grid(results, scores, depths, frame_counts, path if main else None, "Needle in a haystack",
-                "Number of frames", "Needle depth (%)", title)
+    finish_grid(results, scores, depths, frame_counts, path, "Needle in a haystack", "Number of frames",
+                "Needle depth (%)", title)
     if main:
-        log(f"niah: mean accuracy {results['mean']:.4f} over {len(depths)} depths x {len(frame_counts)} frame "
-            f"counts, {len(sources)} haystacks x {len(needles)} needles")
+        print(f"niah: mean accuracy {results['mean']:.4f} over {len(depths)} depths x {len(frame_counts)} frame "
+              f"counts, {len(sources)} haystacks x {len(needles)} needles")
     return results
 
 
@@ -583,20 +578,18 @@ def load_mcq(path: str, media_root=None) -> list:
 
 @torch.no_grad()
 def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=None, fps=None, max_new_tokens=16,
-            layout=None, out_dir=None, identity=None, overwrite=False, progress=True, log=print) -> dict:
+            layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
     """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json.
 
     The prompt is data.mcq_prompt (the reference's instruction, question, options, "The best answer is:"); frames
     follow `video_sampling` and the checkpoint's image_aspect_ratio; the letter is `extract_choice`'s. A reply
     without a letter counts as wrong; "accuracy_answered" is the reference's figure (over answered questions).
     """
-    main, aspect = is_main(layout), model.config.image_aspect_ratio
-    items = load_mcq(questions_path, media_root)
+    main, items = is_main(layout), load_mcq(questions_path, media_root)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": "mcq", **(identity or {}), "questions": file_digest(questions_path), "num_frames": num_frames,
-              "fps": fps, "aspect": aspect, "max_new_tokens": max_new_tokens}
-    path = os.path.join(out_dir, "mcq.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)
+              "fps": fps, "aspect": model.config.image_aspect_ratio, "max_new_tokens": max_new_tokens}
+    results, path = open_results(out_dir, "mcq.json", header, layout, overwrite)
     rows = results["cells"]
     bar = Progress(len(items), "mcq", enabled=progress and main)
     for i, q in enumerate(items):
@@ -604,22 +597,20 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
         if qid not in rows:
             frames, tag = media_frames(q["path"], num_frames, fps)  # (F, H, W, 3)
             text = f"{tag}\n" + mcq_prompt(q["question"], q["options"])
-            reply = generate_reply(model, tokenizer, frames, text, layout, max_new_tokens, aspect=aspect)
+            reply = generate_reply(model, tokenizer, frames, text, layout, max_new_tokens)
             answer, letter = str(q["answer"]).strip().upper(), extract_choice(reply)
             rows[qid] = {"id": qid, "video": q["video"], "duration": q.get("duration", "unknown"), "reply": reply,
                          "prediction": letter, "answer": answer, "correct": letter == answer}
-            if path and main:
-                save_results(path, results)
+            save_results(path, results)
         bar.update(1, acc=float(np.mean([r["correct"] for r in rows.values()])))
     bar.close()
     answered = [r for r in rows.values() if r["prediction"]]
     results.update(accuracy=accuracy_by(list(rows.values()), "duration"), answered=len(answered),
                    accuracy_answered=accuracy_by(answered, "duration")["overall"])
-    if path and main:
-        save_results(path, results)
+    save_results(path, results)
     if main:
-        log("mcq: accuracy " + " ".join(f"{k}={v:.4f}" for k, v in results["accuracy"].items())
-            + f" ({len(rows)} questions, {len(answered)} answered with a letter)")
+        print("mcq: accuracy " + " ".join(f"{k}={v:.4f}" for k, v in results["accuracy"].items())
+              + f" ({len(rows)} questions, {len(answered)} answered with a letter)")
     return results
 
 
@@ -629,35 +620,30 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
 
 @torch.no_grad()
 def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, task="caption", num_frames=None, fps=None,
-                max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True, out=None,
-                log=print) -> dict:
-    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token to
-    `out`. A reply that out_dir/captions.json holds from an earlier run (same model, settings and code) is printed
-    from there, marked as stored."""
-    main, aspect, out = is_main(layout), model.config.image_aspect_ratio, out if out is not None else sys.stdout
-    paths = [videos] if videos.lower().endswith(IMAGE_EXTS) else list_videos(videos)
+                max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True) -> dict:
+    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token. A reply
+    that out_dir/captions.json holds from an earlier run (same model, settings and code) is printed from there,
+    marked as stored."""
+    main = is_main(layout)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": task, **(identity or {}), "prompt": prompt, "num_frames": num_frames, "fps": fps,
-              "aspect": aspect, "max_new_tokens": max_new_tokens}
-    path = os.path.join(out_dir, "captions.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)
-    for p in paths:
+              "aspect": model.config.image_aspect_ratio, "max_new_tokens": max_new_tokens}
+    results, path = open_results(out_dir, "captions.json", header, layout, overwrite)
+    for p in list_videos(videos):
         name, cell = os.path.basename(p), results["cells"].get(os.path.basename(p))
         if cell is not None:
             if main:
-                out.write(f"[{name}, {cell['frames']} frames] {cell['reply']}   (stored in {path})\n")
+                print(f"[{name}, {cell['frames']} frames] {cell['reply']}   (stored in {path})")
             continue
         frames, tag = media_frames(p, num_frames, fps)  # (F, H, W, 3)
         if main and stream:
-            out.write(f"[{name}, {len(frames)} frames] ")
-        printer = StreamPrinter(tokenizer, enabled=main and stream, out=out)
-        reply = generate_reply(model, tokenizer, frames, f"{tag}\n{prompt}", layout, max_new_tokens, printer,
-                               aspect=aspect)
+            print(f"[{name}, {len(frames)} frames] ", end="", flush=True)
+        printer = StreamPrinter(tokenizer, enabled=main and stream)
+        reply = generate_reply(model, tokenizer, frames, f"{tag}\n{prompt}", layout, max_new_tokens, printer)
         if main:
-            out.write("\n" if stream else f"[{name}, {len(frames)} frames] {reply}\n")
+            print("" if stream else f"[{name}, {len(frames)} frames] {reply}")
         results["cells"][name] = {"video": p, "frames": len(frames), "reply": reply}
-        if path and main:
-            save_results(path, results)
+        save_results(path, results)
     return results
 
 
@@ -696,16 +682,14 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
 
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, style="classic", filler=None,
-                seed=0, title="", layout=None, out_dir=None, identity=None, overwrite=False, progress=True,
-                log=print) -> dict:
+                seed=0, title="", layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
     """Passkey retrieval over context lengths x depths, `trials` random 5-digit keys per cell (the same keys on
     every rank and rerun); results.json and heatmap.png in out_dir."""
     main = is_main(layout)
     depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
     header = {"task": "passkey", **(identity or {}), "style": style, "trials": trials, "seed": seed,
               "filler": filler and hashlib.sha256(json.dumps(filler).encode()).hexdigest()[:16]}
-    path = os.path.join(out_dir, "results.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)
+    results, path = open_results(out_dir, "results.json", header, layout, overwrite)
     cells, key = results["cells"], "length={}|depth={:g}".format
     bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
     for L in lengths:
@@ -714,20 +698,16 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
                 rng = np.random.default_rng([seed, L, int(round(d * 1000))])
                 prompts = [passkey_prompt(tokenizer, L, d, str(int(rng.integers(10000, 100000))), style, filler)
                            for _ in range(trials)]
-                preds = [teacher_forced_argmax(model, embed_with_features(model, ids), pos, layout).tolist()
-                         for ids, pos, _ in prompts]  # trials x (A,)
-                correct = [answer_correct(p, answer, tokenizer) for p, (_, _, answer) in zip(preds, prompts)]
-                cells[key(L, d)] = {"length": L, "depth": d, "tokens": len(prompts[-1][0]), "correct": correct,
-                                    "predictions": [tokenizer.decode(p) for p in preds]}
-                if path and main:
-                    save_results(path, results)
+                cells[key(L, d)] = {"length": L, "depth": d, "tokens": len(prompts[-1][0]),
+                                    **score_answers(model, tokenizer, prompts, [None] * trials, layout)}
+                save_results(path, results)
             bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
     bar.close()
     results.update(depths=depths, lengths=lengths)
-    finish_grid(results, [[cells[key(L, d)]["correct"] for L in lengths] for d in depths], depths, lengths,
-                path if main else None, "Passkey retrieval", "Context length (tokens)", "Passkey depth (%)", title)
+    finish_grid(results, [[cells[key(L, d)]["correct"] for L in lengths] for d in depths], depths, lengths, path,
+                "Passkey retrieval", "Context length (tokens)", "Passkey depth (%)", title)
     if main:
-        log(f"passkey: mean accuracy {results['mean']:.4f}")
+        print(f"passkey: mean accuracy {results['mean']:.4f}")
     return results
 
 
@@ -737,7 +717,7 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
 
 @torch.no_grad()
 def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=None, out_dir=None, identity=None,
-            overwrite=False, progress=True, log=print) -> dict:
+            overwrite=False, progress=True) -> dict:
     """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens (at most
     max_windows); each window is a cell of out_dir/ppl.json."""
     main = is_main(layout)
@@ -746,8 +726,7 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
     if n == 0:
         raise InputError(f"--text {text_path}: {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
     header = {"task": "ppl", **(identity or {}), "text": file_digest(text_path), "seq_len": seq_len}
-    path = os.path.join(out_dir, "ppl.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)
+    results, path = open_results(out_dir, "ppl.json", header, layout, overwrite)
     cells = results["cells"]
     sp = functools.partial(sp_forward, layout=layout) if layout is not None and layout.sp > 1 else None
     bar = Progress(n, "ppl", enabled=progress and main)
@@ -758,17 +737,15 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
             if sp is not None:  # under MM-SP each rank returns its share (its tokens' NLL / global count): sum them
                 torch.distributed.all_reduce(loss, group=layout.sp_group)
             cells[str(w)] = {"nll": float(loss)}
-            if path and main:
-                save_results(path, results)
+            save_results(path, results)
         bar.update(1, ppl=math.exp(np.mean([cells[str(v)]["nll"] for v in range(w + 1)])))
     bar.close()
     nll = float(np.mean([cells[str(w)]["nll"] for w in range(n)]))  # every window has seq_len - 1 targets
     results.update(text=text_path, seq_len=seq_len, windows=n, tokens=n * (seq_len - 1), nll=nll, ppl=math.exp(nll))
-    if path and main:
-        save_results(path, results)
+    save_results(path, results)
     if main:
-        log(f"ppl: {results['ppl']:.4f} (mean NLL {nll:.4f} over {results['tokens']} tokens, {n} windows of "
-            f"{seq_len})")
+        print(f"ppl: {results['ppl']:.4f} (mean NLL {nll:.4f} over {results['tokens']} tokens, {n} windows of "
+              f"{seq_len})")
     return results
 
 
@@ -899,11 +876,13 @@ def load_results(path, header: dict, overwrite: bool = False) -> dict:
     return saved
 
 
-def open_results(path, header: dict, main: bool = True, overwrite: bool = False) -> dict:
-    """`load_results` on rank 0, its answer (results or error) broadcast: every rank must skip the same cells,
-    since each cell runs collectives, and stop together on a mismatch."""
+def open_results(out_dir, name: str, header: dict, layout=None, overwrite: bool = False) -> tuple:
+    """(results, path) of a task's results file out_dir/name: `load_results` on rank 0, its answer (results or
+    error) broadcast, since every rank must skip the same cells (each cell runs collectives) and stop together on
+    a mismatch. path is where `save_results` writes: None without out_dir and on the other ranks."""
+    path = os.path.join(out_dir, name) if out_dir and is_main(layout) else None
     box = [{"header": header, "cells": {}}, None]
-    if path and main:
+    if path:
         try:
             box[0] = load_results(path, header, overwrite)
         except InputError as e:
@@ -912,11 +891,14 @@ def open_results(path, header: dict, main: bool = True, overwrite: bool = False)
         torch.distributed.broadcast_object_list(box, src=0)
     if box[1]:
         raise InputError(box[1])
-    return box[0]
+    return box[0], path
 
 
-def save_results(path: str, results: dict):
-    """Write atomically (temporary file + rename), so an interrupted run never leaves half a JSON behind."""
+def save_results(path, results: dict):
+    """Write atomically (temporary file + rename), so an interrupted run never leaves half a JSON behind; no path
+    (no --out, or a rank other than 0): nothing to write."""
+    if path is None:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -1060,30 +1042,16 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
 # -----------------------------------------------------------------------------
 # timing of one long-video question: vision, prefill (+ MFU), decode, memory
 
-# dense bf16 peaks (NVIDIA datasheets), matched against torch.cuda.get_device_name in this order (specific first)
-def _linear_weights(module) -> int:
-    """Multiply-accumulates per token of a module's matmuls = the element count of its Linear / Conv2d weights."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+def forward_flops(model, frames: int, tokens: int) -> tuple:
+    """(vision, prefill) FLOPs of one question: F frames through the vision tower and projector; T prompt tokens
+    through the causal LLM, the LM head on the last one only. Each is a third of the training FLOPs the model
+    counts (LongVILA.vision_flops_per_frame, flops_per_token: forward + backward = 3 x forward)."""
+    head = 2.0 * model.llm.output.weight.numel()  # the LM head's FLOPs on one token, counted on all T in training
+    return (frames * model.vision_flops_per_frame() / 3,
+            tokens * model.flops_per_token(tokens, causal=True) / 3 - (tokens - 1) * head)
 
 
-def llm_forward_flops(model, T: int) -> float:
-    """FLOPs of one causal LLM forward over T tokens (the prefill), LM head on one token:
-    2 * (matmul weights of the blocks) * T                 (every weight is one multiply-add per token)
-    + 2 * n_layers * n_heads * head_dim * T^2              (QK^T and PV: 2 matmuls x 2 FLOPs x T^2/2 causal pairs)
-    + 2 * dim * vocab                                      (the last token's logits)."""
-    c = model.config.llm
-    head_dim = c.dim // c.n_heads
-    return 2.0 * _linear_weights(model.llm.layers) * T + 2.0 * c.n_layers * c.n_heads * head_dim * T * T \
-        + 2.0 * c.dim * c.vocab_size
-
-
-def vision_flops(model, F: int) -> float:
-    """FLOPs of encoding F frames (vision tower up to the feature layer + projector): one third of
-    LongVILA.vision_flops_per_frame, the training figure (forward + backward = 3 x forward)."""
-    return F * model.vision_flops_per_frame() / 3.0
-
-
-def barrier_sync(device):
+def sync(device):
     """Wait for the GPU's queued work (so wall-clock timings are real) and for the other ranks."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1093,82 +1061,79 @@ def barrier_sync(device):
 
 @torch.no_grad()
 def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=None, repeats=2, layout=None,
-               out_dir=None, identity=None, overwrite=False, log=print) -> dict:
-    """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with its
-    MFU, decode tokens/s, peak memory (max over ranks). A short warm-up call first compiles the kernels; the
-    measurement runs `repeats` times and the last run is reported (Triton may tune again at the long shape).
-
-    The generate call encodes the frames again itself (mmsp.encode_frames_sharded: F/sp frames per rank, timed
-    alone first), so prefill = time to first token - the vision time. Decoding never stops at EOS here, so
-    exactly max_new_tokens tokens are timed. With out_dir the figures go to timing.json (a rerun measures again)."""
-    main, device, aspect = is_main(layout), model_device(model), model.config.image_aspect_ratio
+               out_dir=None, identity=None, overwrite=False) -> dict:
+    """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with their
+    FLOP/s per GPU and MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun of
+    the same header measures again). A short warm-up call first compiles the kernels; the measurement runs
+    `repeats` times and the last run is reported (Triton may tune again at the long shape)."""
+    device, text = model_device(model), "<video>\n" + question
     header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
               "max_new_tokens": max_new_tokens}
-    path = os.path.join(out_dir, "timing.json") if out_dir else None
-    results = open_results(path, header, main, overwrite)  # a rerun of the same header measures again
-    generate_reply(model, tokenizer, frames[:2], "<video>\n" + question, layout, 2, stop=False)  # warm-up
+    results, path = open_results(out_dir, "timing.json", header, layout, overwrite)
+    generate_reply(model, tokenizer, frames[:2], text, layout, 2, stop=False)  # warm-up
     # preprocess and move the pixels before the clock starts: only model work is timed
-    x = frames_tensor(frames, model.config.vision.image_size, aspect).to(device, model_dtype(model))  # (F,3,S,S)
+    x = frames_tensor(frames, model.config.vision.image_size, model.config.image_aspect_ratio)  # (F, 3, S, S)
+    x = x.to(device, model_dtype(model))
     for _ in range(repeats):
-        r = _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak)
-    if main:
-        log(f"timing: {r['frames']} frames = {r['prompt_tokens']} tokens on {r['world']} x {r['device']} "
-            f"(sp={r['sp']}, ring={r['ring']}, {r['dtype']})")
-        log(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-            + (f"   MFU {r['vision_mfu']:.1%}" if r["peak_tflops"] else ""))
-        log(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-            + (f"   MFU {r['prefill_mfu']:.1%}" if r["peak_tflops"] else "")
-            + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
-        log(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
-        log(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
-        if path:
-            save_results(path, {**results, **r})
+        r = time_once(model, tokenizer, x, text, layout, max_new_tokens)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    T = len(prompt_ids(tokenizer, text, len(x), model.config.tokens_per_frame))
+    vision, prefill = forward_flops(model, len(x), T)
+    r.update(frames=len(x), prompt_tokens=T, world=world, sp=layout.sp if layout else 1,
+             ring=layout.ring if layout else 1, dtype=dtype_name(model_dtype(model)),
+             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             vision_tflops_per_gpu=vision / r["vision_s"] / world / 1e12,
+             prefill_tflops_per_gpu=prefill / r["prefill_s"] / world / 1e12,
+             peak_tflops=peak or peak_bf16_tflops(device))
+    if r["peak_tflops"]:
+        r.update(vision_mfu=r["vision_tflops_per_gpu"] / r["peak_tflops"],
+                 prefill_mfu=r["prefill_tflops_per_gpu"] / r["peak_tflops"])
+    if is_main(layout):
+        print_timing(r)
+    save_results(path, {**results, **r})
     return r
 
 
-def _time_once(model, tokenizer, x, question, layout, max_new_tokens, peak) -> dict:
-    """One measured question (see run_timing); x: preprocessed frames (F, 3, S, S) on the model's device."""
+def time_once(model, tokenizer, x, text, layout, max_new_tokens) -> dict:
+    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device. generate encodes the
+    frames itself (mmsp.encode_frames_sharded under MM-SP: F/sp frames a rank), so that stage is timed alone first
+    and prefill = time to first token - vision. Decoding ignores the end tokens: exactly max_new_tokens tokens."""
     device = model_device(model)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    barrier_sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    if layout is not None and layout.sp > 1:  # exactly the vision stage of sp_generate: F/sp frames per rank
-        feats = encode_frames_sharded(model, [x], layout)[0]  # (F/sp * N, C)
+    if layout is not None and layout.sp > 1:  # exactly the vision stage of sp_generate
+        encode_frames_sharded(model, [x], layout)  # (F/sp * N, C) on each rank
     else:
-        feats = model.encode_images(x)  # (F, N, C)
-    barrier_sync(device)
+        model.encode_images(x)  # (F, N, C)
+    sync(device)
     vision_s = time.perf_counter() - t0
-    del feats
-    printer = StreamPrinter(tokenizer, enabled=False)
-    barrier_sync(device)
+    printer = StreamPrinter(tokenizer, enabled=False)  # records each token's arrival time
     t0 = time.perf_counter()
-    generate_reply(model, tokenizer, x, "<video>\n" + question, layout, max_new_tokens, printer, stop=False)
-    barrier_sync(device)
-    total_s = time.perf_counter() - t0
-    T = len(prompt_ids(tokenizer, "<video>\n" + question, len(x), model.config.tokens_per_frame))
-    ttft = printer.times[0] - t0
-    prefill_s = max(ttft - vision_s, 1e-9)
-    n_dec = len(printer.times) - 1
-    decode_tps = n_dec / (printer.times[-1] - printer.times[0]) if n_dec > 0 else float("nan")
+    generate_reply(model, tokenizer, x, text, layout, max_new_tokens, printer, stop=False)
+    sync(device)
+    total_s, first, last = time.perf_counter() - t0, printer.times[0], printer.times[-1]
     mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
                        dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    peak = peak or peak_bf16_tflops(device)
-    r = {"frames": len(x), "prompt_tokens": T, "world": world, "sp": layout.sp if layout else 1,
-         "ring": layout.ring if layout else 1, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-         else "cpu", "dtype": dtype_name(model_dtype(model)), "vision_s": vision_s,
-         "vision_tflops_per_gpu": vision_flops(model, len(x)) / vision_s / world / 1e12,
-         "time_to_first_token_s": ttft, "prefill_s": prefill_s,
-         "prefill_tflops_per_gpu": llm_forward_flops(model, T) / prefill_s / world / 1e12,
-         "decode_tokens": n_dec, "decode_tokens_per_s": decode_tps, "total_s": total_s,
-         "peak_memory_gib": float(mem.item()) / 2 ** 30, "peak_tflops": peak}
-    if peak:
-        r["vision_mfu"] = r["vision_tflops_per_gpu"] / peak
-        r["prefill_mfu"] = r["prefill_tflops_per_gpu"] / peak
-    return r
+    n_dec = len(printer.times) - 1
+    return {"vision_s": vision_s, "time_to_first_token_s": first - t0, "prefill_s": max(first - t0 - vision_s, 1e-9),
+            "decode_tokens": n_dec, "decode_tokens_per_s": n_dec / (last - first) if n_dec else float("nan"),
+            "total_s": total_s, "peak_memory_gib": float(mem.item()) / 2 ** 30}
+
+
+def print_timing(r: dict):
+    mfu = {k: f"   MFU {r[k]:.1%}" if k in r else "" for k in ("vision_mfu", "prefill_mfu")}
+    print(f"timing: {r['frames']} frames = {r['prompt_tokens']} tokens on {r['world']} x {r['device']} "
+          f"(sp={r['sp']}, ring={r['ring']}, {r['dtype']})")
+    print(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+          + mfu["vision_mfu"])
+    print(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+          + mfu["prefill_mfu"] + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
+    print(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
+    print(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
 
 
 # -----------------------------------------------------------------------------
@@ -1254,15 +1219,13 @@ def run_one_question(args, model, tokenizer, common: dict):
     if args.random_frames:
         frames = random_frames(args.random_frames, model.config.vision.image_size, args.seed)  # (F, S, S, 3)
     else:
-        first = args.video if args.video.lower().endswith(IMAGE_EXTS) else list_videos(args.video)[0]
-        frames = media_frames(first, num_frames, fps)[0]  # (F, H, W, 3)
+        frames = media_frames(list_videos(args.video)[0], num_frames, fps)[0]  # (F, H, W, 3)
     if args.timing:
         return run_timing(model, tokenizer, frames, question, max_new_tokens=args.max_new_tokens,
                           peak=args.peak_tflops, repeats=args.repeats, **common)
     layout = common["layout"]
     printer = StreamPrinter(tokenizer, enabled=is_main(layout) and args.stream)
-    reply = generate_reply(model, tokenizer, frames, "<video>\n" + question, layout, args.max_new_tokens, printer,
-                           aspect=model.config.image_aspect_ratio)
+    reply = generate_reply(model, tokenizer, frames, "<video>\n" + question, layout, args.max_new_tokens, printer)
     if is_main(layout):
         print("" if args.stream else reply)
 

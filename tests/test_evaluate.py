@@ -504,10 +504,13 @@ def test_task_passkey_and_ppl_cli(tiny_ckpt, demo, tmp_path, capsys):
 
 
 def test_prefill_flops_formula_counts_every_matmul():
-    """llm_forward_flops (the MFU numerator) against torch's FLOP counter on a real forward of the tiny model.
+    """The prefill FLOPs of --timing (the MFU numerator, a third of LongVILA.flops_per_token's training count with
+    the LM head on the last token only) against torch's FLOP counter on a real forward of the tiny model.
 
     Attention runs as explicit matmuls over the full T x T score matrix (the counter sees them; the formula's
-    causal half is swapped for the full square), so every FLOP of the blocks and the last token's head is counted."""
+    causal half is swapped for the full square). The model's count takes every decoder parameter but the
+    embedding as a multiply-add per token, the norm weights (and biases) too, which the counter does not see: their 2 FLOPs a
+    token are the only difference allowed."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from longvila import PRESETS, LongVILA
@@ -528,7 +531,11 @@ def test_prefill_flops_formula_counts_every_matmul():
         hidden = model.forward_embeds(torch.randn(1, T, c.dim), torch.arange(T)[None], attn=dense_attn)
         model.llm.output(hidden[:, -1])
     causal, full = 2.0 * c.n_layers * c.dim * T * T, 4.0 * c.n_layers * c.dim * T * T
-    assert counter.get_total_flops() == ev.llm_forward_flops(model, T) - causal + full
+    matmuls = [m.weight for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    not_matmul = sum(p.numel() for n, p in model.llm.named_parameters()
+                     if all(p is not w for w in matmuls) and not n.startswith("tok_embeddings"))
+    assert 0 < not_matmul < 0.01 * sum(w.numel() for w in matmuls)  # the norms' weights
+    assert counter.get_total_flops() == ev.forward_flops(model, 0, T)[1] - 2 * not_matmul * T - causal + full
 
 
 # -----------------------------------------------------------------------------
