@@ -941,33 +941,26 @@ def finish_grid(results, scores, depths, columns, path, what, xlabel, ylabel, na
 # -----------------------------------------------------------------------------
 # heatmap (pillow only): rows = depths, columns = frame counts (or context lengths), red -> yellow -> green
 
-HEATMAP_STOPS = ((0.0, (240, 73, 110)), (0.5, (235, 184, 57)), (1.0, (154, 213, 179)))  # the reference's colours
+HEATMAP_STOPS = ((0.0, 0.5, 1.0), ((240, 73, 110), (235, 184, 57), (154, 213, 179)))  # the reference's colours
 HEATMAP_CELL = (72, 40)  # (width, height) of one cell in pixels
-HEATMAP_MARGIN = dict(left=86, top=64, right=86, bottom=64)
+HEATMAP_MARGIN = (86, 64)  # (left and right, top and bottom) around the grid in pixels
 
 
 def heatmap_color(score: float) -> tuple:
     """RGB of a score in [0, 1], piecewise-linear between HEATMAP_STOPS; NaN (missing cell) is light grey."""
     if score is None or not math.isfinite(score):
         return (220, 220, 220)
-    s = min(max(float(score), 0.0), 1.0)
-    for (s0, c0), (s1, c1) in zip(HEATMAP_STOPS[:-1], HEATMAP_STOPS[1:]):
-        if s <= s1:
-            t = (s - s0) / (s1 - s0)
-            return tuple(int(round(a + t * (b - a))) for a, b in zip(c0, c1))
-    return HEATMAP_STOPS[-1][1]
+    return tuple(int(round(np.interp(score, HEATMAP_STOPS[0], c))) for c in zip(*HEATMAP_STOPS[1]))
 
 
 def heatmap_size(rows: int, cols: int) -> tuple:
     """(width, height) in pixels of the heatmap PNG of a rows x cols grid (draw_heatmap widens it for a long title)."""
-    m = HEATMAP_MARGIN
-    return (m["left"] + cols * HEATMAP_CELL[0] + m["right"], m["top"] + rows * HEATMAP_CELL[1] + m["bottom"])
+    return (2 * HEATMAP_MARGIN[0] + cols * HEATMAP_CELL[0], 2 * HEATMAP_MARGIN[1] + rows * HEATMAP_CELL[1])
 
 
 def heatmap_cell_box(row: int, col: int) -> tuple:
     """(x0, y0, x1, y1) pixel box of grid cell (row, col), x1/y1 exclusive."""
-    x0 = HEATMAP_MARGIN["left"] + col * HEATMAP_CELL[0]
-    y0 = HEATMAP_MARGIN["top"] + row * HEATMAP_CELL[1]
+    x0, y0 = HEATMAP_MARGIN[0] + col * HEATMAP_CELL[0], HEATMAP_MARGIN[1] + row * HEATMAP_CELL[1]
     return (x0, y0, x0 + HEATMAP_CELL[0], y0 + HEATMAP_CELL[1])
 
 
@@ -981,11 +974,7 @@ def _font(size: int):
 def short_number(x) -> str:
     """1400 -> '1.4K', 262144 -> '262K', 32 -> '32' (axis labels)."""
     x = float(x)
-    if x >= 1e6:
-        return f"{x / 1e6:.3g}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.3g}K"
-    return f"{x:g}"
+    return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.3g}K" if x >= 1e3 else f"{x:g}"
 
 
 def checkpoint_name(path: str) -> str:
@@ -999,42 +988,35 @@ def checkpoint_name(path: str) -> str:
 
 def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)",
                  subtitle=""):
-    """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured) with pillow.
-
-    Each cell is filled with `heatmap_color(score)` (a 2 px white line to its right and below) with the score
-    written in its centre; a colour bar on the right; the title (and a subtitle: the checkpoint) on top. Cell
-    boxes are `heatmap_cell_box(r, c)`; the image is widened to the right when the title needs it.
-    """
+    """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured) with pillow: cell
+    `heatmap_cell_box(r, c)` filled with `heatmap_color(score)` and the score written in it, a colour bar on the
+    right, the title and a subtitle (the checkpoint) on top; the image widens to the right for a long title."""
     grid = np.asarray(grid, dtype=np.float64)  # (rows, cols)
     rows, cols = grid.shape
-    f_small, f_title = _font(12), _font(15)
+    small, big = _font(12), _font(15)
     W, H = heatmap_size(rows, cols)
-    W = max(W, int(max(f_title.getlength(title), f_small.getlength(subtitle))) + 24)
+    W = max(W, int(max(big.getlength(title), small.getlength(subtitle))) + 24)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
+    text = functools.partial(d.text, fill=(0, 0, 0), font=small)
     for r in range(rows):
         for c in range(cols):
             x0, y0, x1, y1 = heatmap_cell_box(r, c)
             d.rectangle([x0, y0, x1 - 3, y1 - 3], fill=heatmap_color(grid[r, c]))  # a 2 px white grid line
             if math.isfinite(grid[r, c]):
-                d.text(((x0 + x1) / 2, (y0 + y1) / 2), f"{grid[r, c]:.2f}", fill=(30, 30, 30), font=f_small,
-                       anchor="mm")
-        d.text((HEATMAP_MARGIN["left"] - 6, (y0 + y1) / 2), str(row_labels[r]), fill=(0, 0, 0), font=f_small,
-               anchor="rm")
-    gx0, gx1 = HEATMAP_MARGIN["left"], HEATMAP_MARGIN["left"] + cols * HEATMAP_CELL[0]
-    gy = HEATMAP_MARGIN["top"] + rows * HEATMAP_CELL[1]
-    for c in range(cols):
-        x0, _, x1, _ = heatmap_cell_box(0, c)
-        d.text(((x0 + x1) / 2, gy + 6), str(col_labels[c]), fill=(0, 0, 0), font=f_small, anchor="mt")
-    d.text(((gx0 + gx1) / 2, H - 8), xlabel, fill=(0, 0, 0), font=f_small, anchor="mb")
-    d.text((6, HEATMAP_MARGIN["top"] - 8), ylabel, fill=(0, 0, 0), font=f_small, anchor="lb")
-    d.text((W / 2, 6), title, fill=(0, 0, 0), font=f_title, anchor="mt")
-    d.text((W / 2, 26), subtitle, fill=(70, 70, 70), font=f_small, anchor="mt")
-    bx0, by0, by1 = gx1 + 16, HEATMAP_MARGIN["top"], gy  # the colour bar: 1 at the top, 0 at the bottom
-    for y in range(by0, by1):
-        d.line([bx0, y, bx0 + 14, y], fill=heatmap_color(1.0 - (y - by0) / max(by1 - by0 - 1, 1)))
-    for v, y in ((1.0, by0), (0.5, (by0 + by1) / 2), (0.0, by1)):
-        d.text((bx0 + 20, y), f"{v:.1f}", fill=(0, 0, 0), font=f_small, anchor="lm")
+                text(((x0 + x1) / 2, (y0 + y1) / 2), f"{grid[r, c]:.2f}", fill=(30, 30, 30), anchor="mm")
+            if r == rows - 1:
+                text(((x0 + x1) / 2, y1 + 6), str(col_labels[c]), anchor="mt")
+        text((HEATMAP_MARGIN[0] - 6, (y0 + y1) / 2), str(row_labels[r]), anchor="rm")
+    (left, top), (right, bottom) = HEATMAP_MARGIN, heatmap_cell_box(rows - 1, cols - 1)[2:]  # the grid's edges
+    text(((left + right) / 2, H - 8), xlabel, anchor="mb")
+    text((6, top - 8), ylabel, anchor="lb")
+    text((W / 2, 6), title, font=big, anchor="mt")
+    text((W / 2, 26), subtitle, fill=(70, 70, 70), anchor="mt")
+    for y in range(top, bottom):  # the colour bar: 1 at the top, 0 at the bottom
+        d.line([right + 16, y, right + 30, y], fill=heatmap_color(1.0 - (y - top) / max(bottom - top - 1, 1)))
+    for v, y in ((1.0, top), (0.5, (top + bottom) / 2), (0.0, bottom)):
+        text((right + 36, y), f"{v:.1f}", anchor="lm")
     img.save(path)
     return img
 

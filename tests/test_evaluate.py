@@ -117,7 +117,7 @@ def test_heatmap_png_size_and_colours(tmp_path):
     x0, y0, x1, y1 = ev.heatmap_cell_box(0, 0)
     cell = np.asarray(img.crop((x0, y0, x1, y1)))
     assert (cell.sum(-1) < 200).any()
-    top = np.asarray(img.crop((0, 0, img.size[0], ev.HEATMAP_MARGIN["top"] - 16)))
+    top = np.asarray(img.crop((0, 0, img.size[0], ev.HEATMAP_MARGIN[1] - 16)))
     assert (top.sum(-1) < 200).any()
     # a long title (the checkpoint's name) widens the image instead of being cut
     long_name = "runs/a-rather-long-experiment-name-with-many-words/stage5-with-even-more-words-in-it"
