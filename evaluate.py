@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import sys
 import time
@@ -37,14 +38,13 @@ CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in
 DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the reference's needle depths (--depth_interval 0.2)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
-# (task statement, filler sentences, needle, question). "classic": the landmark-attention / LongLoRA prompt;
-# "demo": the stage-4 demo documents (filler None = data.FILLER), so the tiny model is tested on what it read.
+# (task statement, filler sentences). "classic": the landmark-attention / LongLoRA prompt; "demo": the stage-4
+# demo documents (filler None = data.FILLER), so the tiny model is tested on what it read.
 PASSKEY_STYLES = {
     "classic": ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
                 "quiz you about the important information there.",
-                ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."],
-                PASSKEY_NEEDLE, PASSKEY_QUESTION),
-    "demo": ("There is a pass key hidden inside a lot of text.", None, PASSKEY_NEEDLE, PASSKEY_QUESTION),
+                ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."]),
+    "demo": ("There is a pass key hidden inside a lot of text.", None),
 }
 
 
@@ -112,7 +112,6 @@ def common_flags(s):
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--sp", type=POSITIVE_INT, default=None, help="sequence-parallel degree (default: all processes)")
     g.add_argument("--ring", type=POSITIVE_INT, default=1, help="ring degree inside sp (ulysses = sp / ring)")
-    g.add_argument("--vision_batch", type=POSITIVE_INT, default=32, help="frames per vision-encoder call")
     g.add_argument("--seed", type=int, default=0)
     g = s.add_argument_group("output")
     g.add_argument("--out", default=None, help="folder for results; a rerun resumes them when model, settings and "
@@ -141,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--depths", type=DEPTHS, default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
     s.add_argument("--frame_counts", type=COUNTS, default=[8, 16, 32], help="haystack frames per prompt")
     s.add_argument("--fps", type=POSITIVE, default=1.0, help="haystack sampling rate (frames per second)")
+    s.add_argument("--vision_batch", type=POSITIVE_INT, default=32, help="frames per vision-encoder call")
     s = common_flags(sub.add_parser("mcq", help="VideoMME-style multiple choice"))
     s.add_argument("--questions", required=True, help="JSON list of {video, question, options, answer, duration}")
     s.add_argument("--media_root", default=None, help="video paths are relative to this (default: the JSON's folder)")
@@ -148,10 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("caption", "describe videos"), ("ask", "ask a question about a video")):
         s = common_flags(sub.add_parser(name, help=text))
         s.add_argument("--video", default=None, help="a video or image file, or a folder of videos")
-        if name == "caption":
-            s.add_argument("--prompt", default=CAPTION_PROMPT)
-        else:
-            s.add_argument("--question", default="What happens in the video?")
+        s.add_argument("--prompt" if name == "caption" else "--question", dest="question", metavar="TEXT",
+                       default=CAPTION_PROMPT if name == "caption" else "What happens in the video?")
         video_flags(s, max_new_tokens=256 if name == "caption" else 64)
         s.add_argument("--stream", action=Switch, default=True, help="print the reply token by token (default: on)")
         g = s.add_argument_group("timing (no data needed)")
@@ -186,8 +184,8 @@ from safetensors import SafetensorError  # noqa: E402
 from data import (FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile, build_conversation,  # noqa: E402
                   build_niah_prompt, load_image, mcq_prompt, preprocess, read_video)
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA, peak_bf16_tflops  # noqa: E402
-from mmsp import (attention_hook, encode_frames_sharded, init_distributed, layout_indices, make_layout,  # noqa: E402
-                  padded_length, sp_forward, sp_generate, token_owner)
+from mmsp import (attention_hook, encode_frames_sharded, frame_split, init_distributed, layout_indices,  # noqa: E402
+                  make_layout, padded_length, sp_forward, sp_generate, token_owner)
 
 # -----------------------------------------------------------------------------
 # scoring: the reference's rules, on strings and token ids
@@ -264,19 +262,19 @@ def frames_tensor(frames, image_size: int, aspect: str) -> torch.Tensor:
 def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> torch.Tensor:
     """Vision encoder + projector over many frames, `batch` frames a call: (F, 3, S, S) -> (F, N, C).
 
-    Under MM-SP each rank of the SP group encodes one contiguous slice of ceil(F/sp) frames (padded with copies
-    of the last frame) and the slices are all-gathered once, so a 1024-frame haystack costs each rank F/sp frames.
+    Under MM-SP each rank of the SP group encodes one contiguous slice of ceil(F/sp) frames (mmsp.frame_split)
+    and the slices are all-gathered once, so a 1024-frame haystack costs each rank F/sp frames.
     """
     device, dtype = model_device(model), model_dtype(model)
-    sp, F = (layout.sp if layout is not None else 1), frames.shape[0]
-    if sp == 1:
-        return torch.cat([model.encode_images(frames[i:i + batch].to(device, dtype))
-                          for i in range(0, F, batch)])  # (F, N, C)
-    per = -(-F // sp)  # frames per rank, rounded up
-    pad = frames[-1:].expand(per * sp - F, *frames.shape[1:])  # (per*sp - F, 3, S, S) dummy frames, dropped below
-    mine = torch.cat([frames, pad])[layout.sp_rank * per:(layout.sp_rank + 1) * per]  # (per, 3, S, S)
+    sp, rank = (layout.sp, layout.sp_rank) if layout is not None else (1, 0)
+    F, per = frames.shape[0], frame_split(frames.shape[0], sp)
+    mine = frames[rank * per:(rank + 1) * per]  # (<= per, 3, S, S) this rank's slice
+    if len(mine) < per:  # the last slices are padded with copies of the last frame, dropped below
+        mine = torch.cat([mine, frames[-1:].expand(per - len(mine), *frames.shape[1:])])  # (per, 3, S, S)
     local = torch.cat([model.encode_images(mine[i:i + batch].to(device, dtype))
                        for i in range(0, per, batch)])  # (per, N, C)
+    if sp == 1:
+        return local  # (F, N, C)
     parts = [torch.empty_like(local) for _ in range(sp)]  # sp x (per, N, C)
     torch.distributed.all_gather(parts, local.contiguous(), group=layout.sp_group)
     return torch.cat(parts)[:F]  # (sp*per, N, C) -> (F, N, C)
@@ -288,14 +286,13 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
     LongVILA.embed's splice, but the features come from `encode_frames`, computed once for a whole grid."""
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model_device(model))  # (T,)
     slots = ids == IMAGE_TOKEN_ID  # (T,)
-    h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the slots get a dummy row, overwritten below
-    rows = h[:0] if features is None else features.reshape(-1, features.shape[-1])  # (F, N, C) -> (F*N, C)
-    if rows.shape[0] != int(slots.sum()):
-        raise ValueError(f"the prompt has {int(slots.sum())} visual-token slots but {rows.shape[0]} visual feature "
-                         f"rows were given")
-    if rows.shape[0]:
-        h = h.clone()
-        h[slots] = rows.to(h.dtype)  # (F*N, C) in prompt order
+    h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the slots get a dummy row, replaced below
+    rows = 0 if features is None else features.shape[0] * features.shape[1]  # F*N visual tokens
+    if rows != int(slots.sum()):
+        raise ValueError(f"the prompt has {int(slots.sum())} visual-token slots but {rows} visual feature rows "
+                         f"were given")
+    if rows:
+        h = h.masked_scatter(slots[:, None], features.to(h.dtype))  # (T, C): the (F*N, C) rows in prompt order
     return h.unsqueeze(0)  # (1, T, C)
 
 
@@ -459,7 +456,7 @@ def load_needles(needles) -> list:
     root = None
     if isinstance(needles, (str, os.PathLike)):
         path = os.path.join(needles, "needles.json") if os.path.isdir(needles) else str(needles)
-        needles, root = read_json(path, "--needles"), os.path.dirname(os.path.abspath(path))
+        needles, root = read_input(path, "--needles", json.loads), os.path.dirname(os.path.abspath(path))
         if not isinstance(needles, list) or not needles:
             raise InputError(f"{path}: expected a non-empty JSON list of {{image, question, answer}}")
     out = []
@@ -558,7 +555,7 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
 def load_mcq(path: str, media_root=None) -> list:
     """Questions of a VideoMME-format JSON, [{"video", "question", "options" [4], "answer" letter, "duration"}],
     each with "path": its video, relative to media_root (default: the JSON's folder). Every video must exist."""
-    items = read_json(path, "--questions")
+    items = read_input(path, "--questions", json.loads)
     if not isinstance(items, list) or not items:
         raise InputError(f"{path}: expected a non-empty JSON list of questions")
     root = media_root or os.path.dirname(os.path.abspath(path))
@@ -658,11 +655,12 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
     int(depth * n) of the n whole filler sentences that fit; the answer (the key) follows the question and is
     scored teacher-forced like the NIAH answers. `filler` (a list of sentences) overrides the style's filler.
     """
-    task, fill, needle, question = PASSKEY_STYLES[style]
+    task, fill = PASSKEY_STYLES[style]
     fill = filler or fill or FILLER
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     head = bos + tokenizer.encode(task)
-    needle_ids, tail = tokenizer.encode(" " + needle.format(key=key)), tokenizer.encode(" " + question)
+    needle_ids = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
+    tail = tokenizer.encode(" " + PASSKEY_QUESTION)
     answer = tokenizer.encode(" " + key)
     budget = length - len(head) - len(needle_ids) - len(tail) - len(answer)
     if budget < 0:
@@ -688,7 +686,7 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
     main = is_main(layout)
     depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
     header = {"task": "passkey", **(identity or {}), "style": style, "trials": trials, "seed": seed,
-              "filler": filler and hashlib.sha256(json.dumps(filler).encode()).hexdigest()[:16]}
+              "filler": filler and sha16(json.dumps(filler).encode())}
     results, path = open_results(out_dir, "results.json", header, layout, overwrite)
     cells, key = results["cells"], "length={}|depth={:g}".format
     bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
@@ -721,7 +719,7 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
     """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens (at most
     max_windows); each window is a cell of out_dir/ppl.json."""
     main = is_main(layout)
-    ids = tokenizer.encode(read_text(text_path, "--text"))
+    ids = tokenizer.encode(read_input(text_path, "--text"))
     n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
     if n == 0:
         raise InputError(f"--text {text_path}: {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
@@ -764,21 +762,22 @@ OUTPUTS = {"niah": ("results.json", "heatmap.png"), "passkey": ("results.json", 
            "timing": ("timing.json",)}  # what each task writes in --out, its results file first
 
 
+def sha16(data: bytes) -> str:
+    """16 hex digits of the sha256 of data: how a results header names a content (code, model, input file)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 @functools.cache
 def code_version() -> str:
-    """sha256 (16 hex digits) of the source files behind the numbers, read once (the code this process runs):
-    any edit is another version."""
-    h, here = hashlib.sha256(), os.path.dirname(os.path.abspath(__file__))
-    for name in CODE_FILES:
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
+    """sha16 of the source files behind the numbers, read once (the code this process runs): any edit is another
+    version."""
+    here = pathlib.Path(__file__).resolve().parent
+    return sha16(b"".join((here / name).read_bytes() for name in CODE_FILES))
 
 
 def file_digest(path) -> dict:
-    """{"file": its name, "sha256": 16 hex digits of its content}: an input file as a results header names it."""
-    with open(path, "rb") as f:
-        return {"file": os.path.basename(path), "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    """{"file": its name, "sha256": sha16 of its content}: an input file as a results header names it."""
+    return {"file": os.path.basename(path), "sha256": sha16(pathlib.Path(path).read_bytes())}
 
 
 def safetensors_digest(path, samples: int = 16, sample_bytes: int = 1 << 16) -> bytes:
@@ -805,21 +804,16 @@ def safetensors_digest(path, samples: int = 16, sample_bytes: int = 1 << 16) -> 
 
 
 def model_fingerprint(path) -> str:
-    """sha256 (16 hex digits) over a checkpoint's JSON files (configs, tokenizer) and `safetensors_digest` of
-    each weights file: another model, or the same folder retrained, has another one; it costs a few MB to read."""
-    h = hashlib.sha256()
+    """sha16 over a checkpoint's JSON files (configs, tokenizer) and `safetensors_digest` of each weights file,
+    each after its name: another model, or the same folder retrained, has another one; it reads a few MB."""
+    parts = []
     for part in CHECKPOINT_FOLDERS:
-        folder = os.path.join(path, part)
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            file = os.path.join(folder, name)
-            if name.endswith(".json") or name.endswith(".safetensors"):
-                h.update(os.path.join(part, name).encode())
-            if name.endswith(".json"):
-                with open(file, "rb") as f:
-                    h.update(f.read())
-            elif name.endswith(".safetensors"):
-                h.update(safetensors_digest(file))
-    return h.hexdigest()[:16]
+        folder = pathlib.Path(path, part)
+        for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if file.suffix in (".json", ".safetensors"):
+                parts.append(os.path.join(part, file.name).encode())
+                parts.append(file.read_bytes() if file.suffix == ".json" else safetensors_digest(file))
+    return sha16(b"".join(parts))
 
 
 def dtype_name(dtype) -> str:
@@ -1122,31 +1116,21 @@ def print_timing(r: dict):
 # loading: the model, input files; main
 
 
-def read_json(path, what: str):
-    """A JSON input file; a missing or malformed one is an InputError naming the flag and the file."""
+def read_input(path, what: str, parse=None):
+    """A UTF-8 input file's text, or parse(text) (json.loads for a JSON file); a missing, binary or malformed
+    file is an InputError naming the flag and the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return parse(f.read()) if parse else f.read()
     except FileNotFoundError:
         raise InputError(f"{what} {path}: no such file") from None
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise InputError(f"{what} {path}: not a JSON file ({e})") from None
-
-
-def read_text(path, what: str) -> str:
-    """A UTF-8 text input file; a missing or binary one is an InputError naming the flag and the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{what} {path}: not a UTF-8 text file ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError
+        raise InputError(f"{what} {path}: not a {'JSON' if parse else 'UTF-8 text'} file ({e})") from None
 
 
 def filler_sentences(path: str) -> list:
     """Sentences of a text file (split after '.'), without those mentioning a pass key: a passkey filler."""
-    parts = [s.strip() for s in re.split(r"(?<=\.)\s+", read_text(path, "--filler_text")) if s.strip()]
+    parts = [s.strip() for s in re.split(r"(?<=\.)\s+", read_input(path, "--filler_text")) if s.strip()]
     out = [s for s in parts if "pass key" not in s.lower() and "passkey" not in s.lower()]
     if not out:
         raise InputError(f"--filler_text {path}: no sentences without a pass key in it")
@@ -1162,41 +1146,40 @@ def load_model(args, device) -> tuple:
     """(model, tokenizer, identity): a checkpoint folder (ours or the released VILA layout), or a random model of
     a preset (--random_init: built on the device in the dtype, seeded alike on every rank, the tiny tokenizer,
     for timing). identity names the model, its dtype and the code in every results header."""
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.random_init:
         if args.random_init not in PRESETS:
             raise InputError(f"--random_init {args.random_init!r}: expected one of {sorted(PRESETS)}")
         torch.manual_seed(args.seed)
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
+        torch.set_default_dtype(dtype)  # built in the dtype on the device: an 8B model never exists in fp32
         try:
             with torch.device(device):
                 model = LongVILA(PRESETS[args.random_init])
         finally:
             torch.set_default_dtype(previous)
-        tokenizer = Tokenizer.tiny(template=model.config.chat_template)
         identity = {"model": {"random_init": args.random_init, "seed": args.seed}, "dtype": dtype_name(dtype),
                     "code": code_version()}
-    else:
-        if not args.model:
-            raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, "
-                             "mm_projector/) or --random_init PRESET")
-        if not os.path.isdir(args.model):
-            raise InputError(f"--model {args.model}: no such folder (expected a checkpoint folder with config.json, "
-                             f"llm/, vision_tower/, mm_projector/)")
-        identity = checkpoint_identity(args.model, dtype)  # reads the weights' headers: a broken file stops here
-        try:
-            model = LongVILA.from_pretrained(args.model, dtype=dtype, device=device)
-            tokenizer = Tokenizer.for_checkpoint(args.model)
-        except (OSError, SafetensorError, json.JSONDecodeError) as e:  # a missing or unreadable checkpoint file
-            raise InputError(f"--model {args.model}: {e}") from None
+        return model.eval(), Tokenizer.tiny(template=model.config.chat_template), identity
+    if not args.model:
+        raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, "
+                         "mm_projector/) or --random_init PRESET")
+    if not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such folder (expected a checkpoint folder with config.json, "
+                         f"llm/, vision_tower/, mm_projector/)")
+    identity = checkpoint_identity(args.model, dtype)  # reads the weights' headers: a broken file stops here
+    try:
+        model = LongVILA.from_pretrained(args.model, dtype=dtype, device=device)
+        tokenizer = Tokenizer.for_checkpoint(args.model)
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:  # a missing or unreadable checkpoint file
+        raise InputError(f"--model {args.model}: {e}") from None
     return model.eval(), tokenizer, identity
 
 
 def run_one_question(args, model, tokenizer, common: dict):
     """caption / ask with --random_frames or --timing: one question about F random frames or the first video."""
-    question = args.prompt if args.task == "caption" else args.question
+    question = args.question
     num_frames, fps = video_sampling(model.config, args.num_frames, args.fps)
     if args.random_frames:
         frames = random_frames(args.random_frames, model.config.vision.image_size, args.seed)  # (F, S, S, 3)
@@ -1236,7 +1219,7 @@ def run(args):
     elif one_question:
         run_one_question(args, model, tokenizer, common)
     elif args.task in ("caption", "ask"):
-        run_caption(model, tokenizer, args.video, args.prompt if args.task == "caption" else args.question,
+        run_caption(model, tokenizer, args.video, args.question,
                     task=args.task, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
                     stream=args.stream, **common)
     elif args.task == "passkey":
