@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--stream", action=Switch, default=True, help="print the reply token by token (default: on)")
         g = s.add_argument_group("timing (no data needed)")
         g.add_argument("--random_frames", type=POSITIVE_INT, default=None, metavar="F",
-                       help="use F random frames instead of --video")
+                       help="time F random frames instead of --video (implies --timing)")
         g.add_argument("--timing", action=Switch, default=False,
                        help="time vision / prefill (MFU) / decode / memory for one question instead")
         g.add_argument("--peak_tflops", type=POSITIVE, default=None,
@@ -1137,11 +1137,6 @@ def filler_sentences(path: str) -> list:
     return out
 
 
-def random_frames(n: int, size: int, seed: int = 0):
-    """n random uint8 frames (n, size, size, 3): a stand-in video for timing runs without data."""
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
 def load_model(args, device) -> tuple:
     """(model, tokenizer, identity): a checkpoint folder (ours or the released VILA layout), or a random model of
     a preset (--random_init: built on the device in the dtype, seeded alike on every rank, the tiny tokenizer,
@@ -1177,22 +1172,14 @@ def load_model(args, device) -> tuple:
     return model.eval(), tokenizer, identity
 
 
-def run_one_question(args, model, tokenizer, common: dict):
-    """caption / ask with --random_frames or --timing: one question about F random frames or the first video."""
-    question = args.question
-    num_frames, fps = video_sampling(model.config, args.num_frames, args.fps)
+def timing_frames(args, model) -> np.ndarray:
+    """The frames --timing asks about: F random ones (--random_frames F: no data needed), or the first --video's."""
     if args.random_frames:
-        frames = random_frames(args.random_frames, model.config.vision.image_size, args.seed)  # (F, S, S, 3)
-    else:
-        frames = media_frames(list_videos(args.video)[0], num_frames, fps)[0]  # (F, H, W, 3)
-    if args.timing:
-        return run_timing(model, tokenizer, frames, question, max_new_tokens=args.max_new_tokens,
-                          peak=args.peak_tflops, repeats=args.repeats, **common)
-    layout = common["layout"]
-    printer = StreamPrinter(tokenizer, enabled=is_main(layout) and args.stream)
-    reply = generate_reply(model, tokenizer, frames, "<video>\n" + question, layout, args.max_new_tokens, printer)
-    if is_main(layout):
-        print("" if args.stream else reply)
+        size = model.config.vision.image_size
+        return np.random.default_rng(args.seed).integers(0, 256, (args.random_frames, size, size, 3),
+                                                         dtype=np.uint8)  # (F, S, S, 3)
+    num_frames, fps = video_sampling(model.config, args.num_frames, args.fps)
+    return media_frames(list_videos(args.video)[0], num_frames, fps)[0]  # (F, H, W, 3)
 
 
 def run(args):
@@ -1203,10 +1190,10 @@ def run(args):
         raise InputError(f"--sp {sp} --ring {args.ring} with {info.world_size} processes: evaluation runs one "
                          f"sample at a time on one SP group, so launch exactly --sp processes, --ring dividing it")
     layout = make_layout(sp=sp, ring=args.ring)
-    one_question = args.task in ("caption", "ask") and (args.timing or args.random_frames)
+    timing = args.task in ("caption", "ask") and (args.timing or args.random_frames)
     if args.task in ("caption", "ask") and not (args.video or args.random_frames):
         raise InputError(f"{args.task}: give --video (a file or a folder) or --random_frames F")
-    check_out(args.out, OUTPUTS["timing" if one_question else args.task])
+    check_out(args.out, OUTPUTS["timing" if timing else args.task])
     model, tokenizer, identity = load_model(args, info.device)
     name = checkpoint_name(args.model) if args.model else f"random {args.random_init}"
     common = dict(layout=layout, out_dir=args.out, identity=identity, overwrite=args.overwrite)
@@ -1216,12 +1203,12 @@ def run(args):
     elif args.task == "mcq":
         run_mcq(model, tokenizer, args.questions, media_root=args.media_root, num_frames=args.num_frames,
                 fps=args.fps, max_new_tokens=args.max_new_tokens, progress=args.progress, **common)
-    elif one_question:
-        run_one_question(args, model, tokenizer, common)
+    elif timing:
+        run_timing(model, tokenizer, timing_frames(args, model), args.question, max_new_tokens=args.max_new_tokens,
+                   peak=args.peak_tflops, repeats=args.repeats, **common)
     elif args.task in ("caption", "ask"):
-        run_caption(model, tokenizer, args.video, args.question,
-                    task=args.task, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
-                    stream=args.stream, **common)
+        run_caption(model, tokenizer, args.video, args.question, task=args.task, num_frames=args.num_frames,
+                    fps=args.fps, max_new_tokens=args.max_new_tokens, stream=args.stream, **common)
     elif args.task == "passkey":
         filler = filler_sentences(args.filler_text) if args.filler_text else None
         run_passkey(model, tokenizer, args.lengths, args.depths, trials=args.trials, style=args.style,
