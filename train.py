@@ -85,10 +85,7 @@ class TrainConfig:
                                        "full rate collapses colours onto a few directions)", LEARNING)
     schedule: str = flag("cosine", "cosine | constant, both after a linear warmup", LEARNING, ("cosine", "constant"))
     warmup: float = flag(0.03, "warmup: < 1 a fraction of the steps, >= 1 a number of steps", LEARNING)
-    min_lr_ratio: float = flag(0.0, "the cosine's floor as a fraction of lr", LEARNING)
     weight_decay: float = flag(0.0, "AdamW weight decay (matrices only)", LEARNING)
-    beta1: float = flag(0.9, "AdamW beta1", LEARNING)
-    beta2: float = flag(0.999, "AdamW beta2", LEARNING)
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)", LEARNING)
     rope_theta: float = flag(0.0, "RoPE base to train with (0: the model's; stage 4: the reference's theta for "
                                   "--seq_len / --trained_len)", LEARNING)
@@ -217,15 +214,15 @@ def stage_defaults(stage: int, model: str) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio or constant."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or a cosine to 0 (the
+    reference's: Hugging Face's cosine schedule)."""
     warmup = int(cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
     progress = (step - warmup) / max(1, cfg.steps - warmup)  # 0 -> 1 over the decay
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # The reference's stage-4 thetas (Qwen2 trained at 32k with theta 1e6; main's longvila/train/4_extend_llm_*.sh):
@@ -616,8 +613,7 @@ def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> tuple:
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
                    lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
               for g in model.param_groups(cfg.weight_decay) for is_vision in (False, True)]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
     return optimizer, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -1042,8 +1038,7 @@ def latest_checkpoint(out: str) -> str | None:
 # how fast: workers, checkpointing, kernels, the world size). The init model and the data are compared by content.
 TRAJECTORY = ("stage", "model", "seq_len", "num_frames", "fps", "media_root", "lr", "steps", "global_batch",
               "train_vision", "train_projector", "train_llm", "reinit_projector", "lora", "vision_lr_scale",
-              "schedule", "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "rope_theta",
-              "trained_len", "seed", "dtype")
+              "schedule", "warmup", "weight_decay", "grad_clip", "rope_theta", "trained_len", "seed", "dtype")
 
 
 def trajectory(cfg: TrainConfig) -> dict:
