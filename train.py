@@ -31,6 +31,7 @@ import functools
 import gc
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 # -----------------------------------------------------------------------------
 # 1. the stage table: what each stage trains, on what data, with which defaults
 
-CURRICULUM, LEARNING, LOADING, PERFORMANCE, CHECKPOINTS, LOGGING = (
+GROUPS = CURRICULUM, LEARNING, LOADING, PERFORMANCE, CHECKPOINTS, LOGGING = (
     "curriculum", "what learns, and how fast", "data loading", "performance", "checkpoints", "logging and profiling")
 
 
@@ -356,20 +357,17 @@ def shown(value) -> str:
 def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
     """`(default 2e-05)`, or per stage where the stages of the command differ: `(default per stage: 0-3: 512, 4-5:
     1024)`."""
+    if name == "stage":
+        return "(default all)"
     if name == "out":
         return f"(default {flags.get('out', TrainConfig.out)})"
     if name == "init_from" and len(cfgs) > 1:
         return f"(default {cfgs[0].init_from}, then each stage the model of the stage before)"
-    runs = []  # [first stage, last stage, value] of consecutive stages with one value
-    for c in cfgs:
-        v = shown(getattr(c, name))
-        if runs and runs[-1][2] == v:
-            runs[-1][1] = c.stage
-        else:
-            runs.append([c.stage, c.stage, v])
+    runs = [(v, [c.stage for c in same]) for v, same in itertools.groupby(cfgs, lambda c: shown(getattr(c, name)))]
     if len(runs) == 1:
-        return f"(default {runs[0][2]})"
-    return "(default per stage: " + ", ".join(f"{a}-{b}: {v}" if b > a else f"{a}: {v}" for a, b, v in runs) + ")"
+        return f"(default {runs[0][0]})"
+    return "(default per stage: " + ", ".join(f"{s[0]}-{s[-1]}: {v}" if len(s) > 1 else f"{s[0]}: {v}"
+                                              for v, s in runs) + ")"
 
 
 def stage_table() -> str:
@@ -399,19 +397,12 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="train.py", description="\n\n".join(doc[:3]), epilog=stage_table(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
-    groups = {}
+    groups = {name: ap.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = ap.add_argument_group(meta["group"])
-        g = groups[meta["group"]]
-        if f.name == "stage":
-            g.add_argument("--stage", type=stage_text, help=f"{meta['help']} (default all)")
-        elif f.type is bool:
-            g.add_argument(f"--{f.name}", action=Switch, help=f"{meta['help']} {default_text(f.name, cfgs, given)}")
-        else:
-            g.add_argument(f"--{f.name}", type=f.type, choices=meta["choices"],
-                           help=f"{meta['help']} {default_text(f.name, cfgs, given)}")
+        how = (dict(type=stage_text) if f.name == "stage" else dict(action=Switch) if f.type is bool else
+               dict(type=f.type, choices=f.metadata["choices"]))
+        groups[f.metadata["group"]].add_argument(
+            f"--{f.name}", help=f"{f.metadata['help']} {default_text(f.name, cfgs, given)}", **how)
     groups[CHECKPOINTS].add_argument("--config", type=config_flags,
                                      help="a stage's config.json: run with its flags (those given here win)")
     groups[PERFORMANCE].add_argument("--threads", type=int, default=0,
@@ -538,20 +529,16 @@ def apply_stage_to_config(cfg: TrainConfig, model) -> dict:
     """Written into every config the run saves: stage 4 raises RoPE theta (and max_seq_len) for the target
     context; a stage on videos records the frames and fps it sampled (evaluate.py's defaults)."""
     c, llm = model.config, model.config.llm
-    theta = cfg.rope_theta
-    if cfg.stage == 4 and theta == 0:
-        theta = rope_theta_for_context(llm.rope_theta, cfg.trained_len or llm.max_seq_len, cfg.seq_len)
-    new = {"rope_theta": float(theta or llm.rope_theta)}
     if cfg.stage == 4:
-        new["max_seq_len"] = max(llm.max_seq_len, cfg.seq_len)
-    changes = {k: (getattr(llm, k), v) for k, v in new.items() if getattr(llm, k) != v}
-    for k, v in new.items():
-        setattr(llm, k, v)  # model.llm.cfg is this same object: RoPE is computed from it every forward
-    if cfg.stage != 4:
-        for k, v in (("num_video_frames", cfg.num_frames or c.num_video_frames), ("fps", cfg.fps)):
-            if getattr(c, k) != v:
-                changes[k] = (getattr(c, k), v)
-                setattr(c, k, v)
+        theta = cfg.rope_theta or rope_theta_for_context(llm.rope_theta, cfg.trained_len or llm.max_seq_len,
+                                                         cfg.seq_len)
+        new = [(llm, "rope_theta", float(theta)), (llm, "max_seq_len", max(llm.max_seq_len, cfg.seq_len))]
+    else:
+        new = [(llm, "rope_theta", float(cfg.rope_theta or llm.rope_theta)),
+               (c, "num_video_frames", cfg.num_frames or c.num_video_frames), (c, "fps", cfg.fps)]
+    changes = {k: (getattr(o, k), v) for o, k, v in new if getattr(o, k) != v}
+    for o, k, v in new:
+        setattr(o, k, v)  # the model's own config objects: RoPE reads llm.rope_theta every forward
     return changes
 
 
@@ -570,11 +557,6 @@ def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> to
     return compute_dtype
 
 
-def transformer_blocks(model) -> list:
-    """The repeated blocks of the model (SigLIP layers, then LLM layers): the units of FSDP and of recomputation."""
-    return list(model.vision.layers) + list(model.llm.layers)
-
-
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
     """ZeRO-3 over the whole world with FSDP2: every block is one unit (all-gathered just in time, freed after),
     the rest (embeddings, projector, norms, output) is the root unit. Parameters stay fp32 (the master weights
@@ -585,7 +567,7 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in transformer_blocks(model):
+    for block in list(model.vision.layers) + list(model.llm.layers):  # the repeated blocks (SigLIP's, the LLM's)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
@@ -676,7 +658,7 @@ def build_dataset(cfg: TrainConfig, model_config, tokenizer, layout):
     return dataset
 
 
-def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
+def stand_in_copy(path: str, out: str, keep: str) -> str:
     """Stage 0's version of one conversation file (keep: see STAND_IN_DATA), written to `out`; returns its path."""
     with open(path) as f:
         samples = json.load(f)
@@ -690,13 +672,11 @@ def stand_in_copy(path: str, out: str, keep: str = "needle") -> str:
                     q = turns[k]["value"] if k == 0 else media + turns[k]["value"]
                     copies.append(dict(s, id=f"{s.get('id', '?')}-turn{k // 2}",
                                        conversations=[dict(turns[k], value=q), turns[k + 1]]))
-        elif keep == "describe":
+        else:  # describe
             words, q = turns[1]["value"].strip(), turns[0]["value"]
             q = data.MEDIA_RE.sub(words, q) if data.MEDIA_RE.search(q) else words + "\n" + q
             copies.append(dict({k: v for k, v in s.items() if k not in ("image", "video")},
                                id=f"{s.get('id', '?')}-describe", conversations=[dict(turns[0], value=q), turns[1]]))
-        else:
-            raise ValueError(f"stand_in_copy: keep={keep!r}, expected 'needle' or 'describe'")
     dst = os.path.join(out, f"stand_in_{keep}_" + os.path.basename(path))
     os.makedirs(out, exist_ok=True)
     tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
@@ -776,7 +756,6 @@ class Stage:
     loader: object  # the iterator of step_loader: step k's batches
     autocast: object
     tokenizer_json: str | None
-    trajectory: dict
     log: "RunLog"
     meter: "Meter"
     start: int = 0  # the first step this run takes (a resumed run: the checkpoint's)
@@ -799,7 +778,7 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
     t_start, (rank, world, device) = time.time(), (info.rank, info.world_size, info.device)
     now = trajectory(cfg)
     if cfg.resume:
-        check_trajectory(recorded_trajectory(cfg.out), now, cfg.out)
+        check_resume(cfg.out, now)
     os.makedirs(cfg.out, exist_ok=True)
     model, changes = build_model(cfg, world, device)
     meter = Meter(model, cfg, device)
@@ -836,7 +815,7 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
     loader = start_loader(step_loader(ItemCache(dataset, cfg.cache_data), sampler, meta["step"], cfg.steps,
                                       cfg.micro_batch, tokenizer.pad_id, workers, pin_memory=device.type == "cuda",
                                       seed=cfg.seed))
-    return Stage(cfg, info, layout, model, optimizer, params, loader, autocast, tok_json, now, log, meter,
+    return Stage(cfg, info, layout, model, optimizer, params, loader, autocast, tok_json, log, meter,
                  start=meta["step"], skipped=meta.get("data_skipped", 0), t_start=t_start)
 
 
@@ -898,15 +877,8 @@ def finish_stage(st: Stage) -> str:
         return final
     if cfg.save_every:
         save_checkpoint(st, cfg.steps)
-    tmp = os.path.join(cfg.out, "model.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp, st.info):
+    with publishing(final, st.info) as tmp:
         save_model(st.model, tmp, world, st.tokenizer_json)
-    if rank == 0:
-        publish_dir(tmp, final)
-    if world > 1:
-        dist.barrier()
     st.log.info(f"stage {cfg.stage} done in {fmt_seconds(time.time() - st.t_start)}: model saved to {final}")
     return final
 
@@ -915,22 +887,17 @@ def finish_stage(st: Stage) -> str:
 # 7. checkpoints and exact resume: write into a temporary folder, fsync, rename, then point `latest` at it
 
 
-def full_state_dict(model, world: int) -> dict | None:
-    """Plain fp32 tensors of the whole model on rank 0 (None on the others); FSDP shards are gathered."""
-    if world == 1:
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if dist.get_rank() == 0 else None
-
-
 def save_model(model, path: str, world: int, tokenizer_json: str | None):
     """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
     full state dict is gathered on rank 0, LoRA merged into its weights, put into a plain skeleton (built on meta,
     tensors assigned) and saved with LongVILA.save_pretrained: the folder never depends on the wrapper, the LoRA
     or the world size that wrote it."""
-    sd = full_state_dict(model, world)
-    if sd is None:
-        return
+    if world == 1:
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+    else:  # every rank takes part in gathering the shards; rank 0 writes
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() != 0:
+            return
     with torch.device("meta"):
         plain = longvila.LongVILA(model.config)
     plain.load_state_dict({k: v.cpu() for k, v in merge_lora(sd).items()}, strict=True, assign=True)
@@ -941,16 +908,10 @@ def save_model(model, path: str, world: int, tokenizer_json: str | None):
 def save_checkpoint(st: Stage, step: int):
     """checkpoints/step-NNNNNN/ = the model in the released layout + train_state/ (DCP: the sharded fp32 weights,
     LoRA unmerged, and AdamW moments) + rng/ (one file per rank) + trainer.json; written under a .tmp name,
-    fsynced, renamed, then `latest`; the older ones beyond --keep_checkpoints are removed."""
+    published, then named by `latest`; the older ones beyond --keep_checkpoints are removed."""
     cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
-    root = os.path.join(cfg.out, "checkpoints")
-    name = f"step-{step:06d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
-    if world > 1:
-        dist.barrier()
-    with writing(tmp, st.info):
+    root, name = os.path.join(cfg.out, "checkpoints"), f"step-{step:06d}"
+    with publishing(os.path.join(root, name), st.info) as tmp:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         save_model(st.model, tmp, world, st.tokenizer_json)
         msd, osd = get_state_dict(st.model, st.optimizer)
@@ -959,16 +920,12 @@ def save_checkpoint(st: Stage, step: int):
                   os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
         if rank == 0:
             with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                json.dump({"step": step, "world_size": world, "data_skipped": st.skipped,
-                           "trajectory": st.trajectory}, f, indent=1)
+                json.dump({"step": step, "world_size": world, "data_skipped": st.skipped}, f, indent=1)
     if rank == 0:
-        publish_dir(tmp, final)
         write_text_atomic(os.path.join(root, "latest"), name)
-        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit() and d < name)
+        older = [d for d in step_folders(root) if d < name]
         for d in older[:max(0, len(older) - cfg.keep_checkpoints + 1)]:
             shutil.rmtree(os.path.join(root, d))
-    if world > 1:
-        dist.barrier()
 
 
 def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device) -> dict:
@@ -1005,8 +962,7 @@ def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
                  f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried")
         if info.rank == 0:
             os.rename(ckpt, ckpt + ".broken")
-        if info.world_size > 1:
-            dist.barrier()
+        world_barrier(info)
     if candidates:
         raise InputError(f"--resume: no checkpoint in {root} can be read (each was moved aside to .broken); pass "
                          "--overwrite to start the stage again")
@@ -1014,24 +970,22 @@ def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
     return {"step": 0, "data_skipped": 0}
 
 
+def step_folders(root: str) -> list[str]:
+    """The published checkpoints in `root` (step-NNNNNN, not the .tmp of a save under way), oldest first."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(d for d in names if d.startswith("step-") and d[5:].isdigit())
+
+
 def resume_candidates(out: str) -> list[str]:
-    """The checkpoints a resume may start from, newest first: the one `latest` names, then the older ones."""
+    """The checkpoints a resume may start from, newest first: the one `latest` names (`latest` is written after
+    the rename, so it names a complete one), then the older ones."""
     root = os.path.join(out, "checkpoints")
-    names = sorted((d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit()), reverse=True) \
-        if os.path.isdir(root) else []
-    newest = latest_checkpoint(out)
-    if newest is not None:
-        names = [d for d in names if d <= os.path.basename(newest)]
+    names = step_folders(root)[::-1]
+    if os.path.exists(os.path.join(root, "latest")):
+        with open(os.path.join(root, "latest")) as f:
+            newest = f.read().strip()
+        names = [d for d in names if d <= newest]
     return [os.path.join(root, d) for d in names]
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The checkpoint checkpoints/latest names (a complete one: `latest` is written after the rename), or None."""
-    pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out, "checkpoints", f.read().strip())
 
 
 # What a resumed run must share with the run it continues: the flags that change what its steps compute (not
@@ -1069,21 +1023,16 @@ def data_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def recorded_trajectory(out: str) -> dict | None:
-    """What the run in `out` recorded: its config.json's trajectory (or its newest checkpoint's); {} for a folder
-    holding no run yet; None for a run that recorded none (an older train.py)."""
-    for path in [os.path.join(out, "config.json")] + [os.path.join(c, "trainer.json") for c in resume_candidates(out)]:
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f).get("trajectory")
-    return {}
-
-
-def check_trajectory(recorded: dict | None, now: dict, where: str):
-    """--resume continues only the run that was started: what changes its steps must match, else a clear stop."""
+def check_resume(where: str, now: dict):
+    """--resume continues only the run that was started: the trajectory its config.json recorded (written before
+    any checkpoint) must match `now`, else a clear stop. A folder holding no run yet has nothing to match."""
+    recorded = {} if not resume_candidates(where) else None
+    if os.path.isfile(os.path.join(where, "config.json")):
+        with open(os.path.join(where, "config.json")) as f:
+            recorded = json.load(f).get("trajectory")
     if recorded is None:
-        raise InputError(f"--resume: {where} records no flags to compare (written by an older train.py); pass "
-                         "--overwrite or another --out")
+        raise InputError(f"--resume: {where} records no flags to compare (its config.json is missing or from an "
+                         "older train.py); pass --overwrite or another --out")
     diff = [k for k in now if recorded and recorded.get(k) != now[k]]
     if diff:
         said = [f"--{k} {shown(recorded.get(k))} there, {shown(now[k])} now" if k not in ("init_from", "data") else
@@ -1094,24 +1043,32 @@ def check_trajectory(recorded: dict | None, now: dict, where: str):
 
 
 @contextlib.contextmanager
-def writing(tmp: str, info):
-    """Around writing a checkpoint or model into `tmp`: on a failure (on any rank) `tmp` is removed, so the
-    previous checkpoint stays and a full disk gets its space back; a full disk then stops with one line."""
+def publishing(final: str, info):
+    """Every rank writes into the folder `final`.tmp inside the block; after it the folder is fsynced and renamed
+    to `final`, so `final` never names a half-written folder. On a failure on any rank the .tmp is removed (the
+    previous checkpoint stays, a full disk gets its space back), and a full disk stops with one line."""
+    tmp = final + ".tmp"
+    if info.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
+    world_barrier(info)
     error = None
     try:
-        yield
+        yield tmp
     except (Exception, dcp.CheckpointException) as e:  # re-raised below, once every rank agreed to clean up
         error = e
-    if not any_rank(error is not None, info):
-        return
+    if any_rank(error is not None, info):
+        if info.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise RuntimeError(f"writing {tmp} failed on another rank (see its message)")
+        if no_space(error):
+            raise InputError(f"no space left on {os.path.dirname(os.path.abspath(tmp))} while writing {tmp} "
+                             "(removed; the previous checkpoint is intact): free space, then run again with --resume"
+                             ) from error
+        raise error
     if info.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if error is None:
-        raise RuntimeError(f"writing {tmp} failed on another rank (see its message)")
-    if no_space(error):
-        raise InputError(f"no space left on {os.path.dirname(os.path.abspath(tmp))} while writing {tmp} (removed; "
-                         "the previous checkpoint is intact): free space, then run again with --resume") from error
-    raise error
+        publish_dir(tmp, final)
+    world_barrier(info)  # no rank reads `final` before it is there
 
 
 def no_space(error: BaseException) -> bool:
@@ -1133,20 +1090,26 @@ def any_rank(flag: bool, info) -> bool:
     return bool(t.item())
 
 
-def fsync_tree(path: str):
-    """fsync every file and folder below `path` so a rename after it publishes complete data."""
-    for root, _dirs, files in os.walk(path):
-        for name in files + [None]:  # None: the folder itself
-            fd = os.open(os.path.join(root, name) if name else root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def world_barrier(info):
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def fsync(path: str):
+    """Force a file's or a folder's data (a folder's: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_dir(tmp: str, final: str):
-    """Rename a finished temporary folder to its final name (the old one, if any, is removed first)."""
-    fsync_tree(tmp)
+    """Rename a finished temporary folder to its final name (the old one, if any, is removed first); everything
+    in it is fsynced first, so the name never points at incomplete data."""
+    for root, _dirs, files in os.walk(tmp):
+        for path in [root] + [os.path.join(root, f) for f in files]:
+            fsync(path)
     if os.path.exists(final):
         # a re-save of the same step (e.g. a resume that ended exactly at a checkpoint): swap through a
         # trash name so `final` is never half-deleted while visible
@@ -1157,11 +1120,7 @@ def publish_dir(tmp: str, final: str):
         shutil.rmtree(trash)
     else:
         os.rename(tmp, final)
-    parent = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
+    fsync(os.path.dirname(os.path.abspath(final)))  # the rename itself
 
 
 def write_text_atomic(path: str, text: str):
@@ -1224,11 +1183,6 @@ def prepare_run_folders(cfgs: list[TrainConfig], eval_dir: str | None, info):
                 else:
                     os.remove(path)
     world_barrier(info)
-
-
-def world_barrier(info):
-    if info.world_size > 1:
-        dist.barrier()
 
 
 def ensure_demo_data(spec: str, info):
@@ -1325,12 +1279,6 @@ class ItemCache:
         return self.items[i]
 
 
-def micro_batches(indices: list[int], cache: ItemCache, micro: int, pad_id: int) -> list:
-    """This rank's samples of one step (data.SPSampler gives every rank of an SP group the same ones), cut into
-    micro-batches and collated."""
-    return [data.collate([cache[i] for i in indices[j:j + micro]], pad_id) for j in range(0, len(indices), micro)]
-
-
 def pack_pixels(x: torch.Tensor) -> torch.Tensor:
     """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
 
@@ -1355,18 +1303,15 @@ def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """The data of optimizer steps first..last-1 as a map-style dataset: item k = this rank's collated
-    micro-batches of step first + k, plus the samples that step had to skip.
+    """The data of optimizer steps first..last-1 as a map-style dataset: item k = this rank's samples of step
+    first + k (data.SPSampler: the same for every rank of an SP group) as collated micro-batches, plus the samples
+    that step had to skip.
 
-    An item is a pure function of (seed, step) - data.SPSampler.indices_for_step(step) is, and so is building a
-    sample - so it does not matter which process builds it or in which order: any number of loader workers gives
-    the batches of workers=0, and a resumed run starts at the saved step. Every rank of an SP group has the same
-    dp_rank, hence the same indices and the same sample.
-
-    Skipped samples (unreadable media: data.SupervisedDataset counts them in `.skipped` / `.skipped_files`) are
-    counted in whichever process built the item; a DataLoader worker's counters die with it, so each item carries
-    the difference its own build made and the training loop adds them up. A step with no readable sample at all
-    comes as {"step", "error"}: the user's data, which the training loop reports as an InputError.
+    An item is a pure function of (seed, step), so it does not matter which process builds it or in which order:
+    any number of loader workers gives the batches of workers=0. Skipped samples (unreadable media) are counted by
+    data.SupervisedDataset in whichever process built the item, and a worker's counters die with it: each item
+    carries the difference its own build made. A step with no readable sample comes as {"step", "error"}: the
+    user's data, which the training loop reports as an InputError.
     """
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int,
@@ -1378,20 +1323,15 @@ class StepBatches(torch.utils.data.Dataset):
         return max(0, self.last - self.first)
 
     def __getitem__(self, k: int) -> dict:
-        step = self.first + k
-        dataset = self.cache.dataset
+        step, dataset = self.first + k, self.cache.dataset
         n0, files0 = getattr(dataset, "skipped", 0), len(getattr(dataset, "skipped_files", []))
         indices = self.sampler.indices_for_step(step)  # this dp rank's samples of the step
         try:
-            batches = micro_batches(indices, self.cache, self.micro, self.pad_id)
-        except InputError as e:  # the dataset's own word on it (data.SupervisedDataset: no readable sample)
+            batches = [data.collate([self.cache[i] for i in indices[j:j + self.micro]], self.pad_id)
+                       for j in range(0, len(indices), self.micro)]
+        except InputError as e:  # data.SupervisedDataset gave up: no readable sample (its message names the files)
             return {"step": step, "error": f"--data: step {step + 1}: {e}"}
-        except Exception as e:  # in a worker, DataLoader re-raises it in the training process with this message
-            n, files = getattr(dataset, "skipped", 0) - n0, getattr(dataset, "skipped_files", [])[files0:]
-            if n > 0:  # the dataset gave up after skipping sample after sample: none of them could be read
-                return {"step": step, "error": f"--data: no sample of step {step + 1} could be read: the {n} tried "
-                                               f"in a row failed, the last ones on {', '.join(files[-3:])} ({e}); "
-                                               "check the media files and --media_root"}
+        except Exception as e:  # a bug: in a worker, DataLoader re-raises it in the training process with this text
             raise RuntimeError(f"data of step {step + 1} (dataset indices {indices}): {type(e).__name__}: {e}") from e
         if self.pack:
             for b in batches:
@@ -1405,6 +1345,11 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cores_per_process() -> int:
+    """This process's share of its cores: torchrun's processes on one node (LOCAL_WORLD_SIZE) share them."""
+    return max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def loader_workers(cfg: TrainConfig) -> int:
     """--workers, or when -1 (auto): 0 with --cache_data (after the first epoch every step is a dictionary
     lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a long video is slow, so the
@@ -1412,10 +1357,7 @@ def loader_workers(cfg: TrainConfig) -> int:
     samples' memory (workers x 2 steps) costs more than it gains."""
     if cfg.workers >= 0:
         return cfg.workers
-    if cfg.cache_data:
-        return 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: processes on this node
-    return max(1, min(8, cpu_cores() // local_world))
+    return 0 if cfg.cache_data else min(8, cores_per_process())
 
 
 def _init_loader_worker(worker_id: int, decode_threads: int):
@@ -1444,7 +1386,7 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
     steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
     extra = {}
     if workers > 0:
-        threads = max(1, cpu_cores() // (workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        threads = max(1, cores_per_process() // workers)
         extra = dict(prefetch_factor=2, timeout=timeout,
                      worker_init_fn=functools.partial(_init_loader_worker, decode_threads=threads))
     # pinned (page-locked) memory lets the copy to the GPU run asynchronously; DataLoader pins in a thread of its
@@ -1523,11 +1465,6 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    """Peak dense FLOP/s of one device for MFU: --peak_tflops, else the device's bf16 peak; 0 = unknown."""
-    return (cfg.peak_tflops or longvila.peak_bf16_tflops(device) or 0.0) * 1e12
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPUs, resident-set high-water mark on CPU."""
     if device.type == "cuda":
@@ -1543,7 +1480,7 @@ class Meter:
         self.a = model.flops_per_token(0, causal=True)
         self.b = model.flops_per_token(1, causal=True) - self.a
         self.v = model.vision_flops_per_frame()
-        self.peak = peak_flops(cfg, device)
+        self.peak = (cfg.peak_tflops or longvila.peak_bf16_tflops(device) or 0.0) * 1e12  # FLOP/s, 0: unknown
 
     def count(self, item: dict, lengths: list[int], layout, world: int, device: torch.device) -> tuple:
         """(FLOPs, skipped samples) of one step over the world: each dp rank counts its samples once (the ranks of
@@ -1662,7 +1599,7 @@ def finished(cfg: TrainConfig) -> bool:
     """--resume of a stage whose model/ is written: done, if the run recorded the flags this command gives."""
     if not (cfg.resume and os.path.isfile(os.path.join(cfg.out, "model", "config.json"))):
         return False
-    check_trajectory(recorded_trajectory(cfg.out), trajectory(cfg), cfg.out)
+    check_resume(cfg.out, trajectory(cfg))
     return True
 
 

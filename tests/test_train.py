@@ -263,7 +263,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     (root / "step-000002").mkdir(parents=True)
     (root / "step-000004.tmp").mkdir()
     train.write_text_atomic(str(root / "latest"), "step-000002")
-    assert train.latest_checkpoint(str(tmp_path)) == str(root / "step-000002")
+    assert train.resume_candidates(str(tmp_path)) == [str(root / "step-000002")]
     tmp = tmp_path / "new.tmp"
     tmp.mkdir()
     (tmp / "x").write_text("1")
