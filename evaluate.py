@@ -212,12 +212,11 @@ VIDEOMME_PREFIXES = ["The best answer is", "The correct answer is", "The answer 
 
 def extract_choice(reply: str) -> str:
     """The answer letter of a multiple-choice reply, as the reference's `extract_characters_regex` finds it: the
-    prefixes above removed, then the first capital A, B, C or D anywhere, even inside a word ("" = no answer)."""
+    prefixes above removed, then the first capital A, B, C or D anywhere, even inside a word ("" = no answer; its
+    rule for a reply of over 10 words without a capital A-D gives "" too)."""
     s = reply.strip()
     for prefix in VIDEOMME_PREFIXES:
         s = s.replace(prefix, "")
-    if len(s.split()) > 10 and not re.search("[ABCD]", s):  # the reference's long-reply rule (same result)
-        return ""
     match = re.search(r"[ABCD]", s)
     return match[0] if match else ""
 
@@ -442,9 +441,8 @@ def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) ->
 
 
 def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int) -> tuple:
-    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt): the
-    preprompt (system turn and user header), num_frames frames back to back with NO separator, the question, the
-    postprompt (end of turn and assistant header), then the answer, whose tokens are scored."""
+    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt): system
+    turn and user header, num_frames frames with NO separator, the question, the assistant header, the answer."""
     ids, labels = build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
     pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]  # the answer's tokens, the only supervised ones
     return ids, pos, [ids[t] for t in pos]
@@ -490,11 +488,10 @@ def haystack_frames(source, name: str, fps: float, count: int) -> np.ndarray:
 
 
 def haystack_sources(haystacks) -> tuple:
-    """(names, sources) of a video, a folder of videos, a list of paths, or a list of frame arrays."""
+    """(names, sources) of a video or a folder of videos (paths), or of a list of uint8 frame arrays."""
     if isinstance(haystacks, (str, os.PathLike)):
-        haystacks = list_videos(haystacks)
-    if all(isinstance(h, (str, os.PathLike)) for h in haystacks):
-        return [os.path.basename(h) for h in haystacks], [str(h) for h in haystacks]
+        paths = list_videos(haystacks)
+        return [os.path.basename(p) for p in paths], paths
     return [f"haystack_{i}" for i in range(len(haystacks))], list(haystacks)
 
 
@@ -502,20 +499,19 @@ def haystack_sources(haystacks) -> tuple:
 def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
              fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
              overwrite=False, progress: bool = True) -> dict:
-    """Video needle in a haystack over depths x frame counts; returns the results (header, cells, grid, mean).
+    """Video needle in a haystack over depths x frame counts: results with a grid, its mean and a heatmap.
 
-    haystacks: a video, a folder of videos, or a list of uint8 frame arrays; each must hold max(frame_counts)
-    frames at `fps`. needles: see `load_needles`. Frames are preprocessed in the reference's 'pad' aspect mode.
-    The features of each haystack and each needle are computed ONCE; cell (n frames, depth d) splices the needle
-    into the first n haystack frames and scores haystacks x needles. out_dir/results.json is written after every
-    cell and resumed by a rerun of the same model, settings and code.
+    haystacks: a video, a folder of videos, or a list of uint8 frame arrays, each holding max(frame_counts) frames
+    at `fps`; needles: see `load_needles`. Frames are preprocessed in the reference's 'pad' aspect mode. Each
+    haystack and each needle is encoded ONCE; cell (n frames, depth d) splices the needle into the first n
+    haystack frames and scores haystacks x needles.
     """
     main, size, tpf = is_main(layout), model.config.vision.image_size, model.config.tokens_per_frame
     depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
     needles, (names, sources) = load_needles(needles), haystack_sources(haystacks)
     header = {"task": "niah", **(identity or {}), "haystacks": names, "fps": fps,
               "needles": [[n["name"], n["question"], n["answer"]] for n in needles]}
-    results, path = open_results(out_dir, "results.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     cells, key = results["cells"], "{}|frames={}|depth={:g}".format
     pixels = torch.cat([frames_tensor(n["image"][None], size, "pad") for n in needles])  # (K, 3, S, S)
     needle_feats = encode_frames(model, pixels, layout, vision_batch)  # (K, N, C): each needle once
@@ -578,15 +574,15 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
             layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
     """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json.
 
-    The prompt is data.mcq_prompt (the reference's instruction, question, options, "The best answer is:"); frames
-    follow `video_sampling` and the checkpoint's image_aspect_ratio; the letter is `extract_choice`'s. A reply
-    without a letter counts as wrong; "accuracy_answered" is the reference's figure (over answered questions).
+    The prompt is data.mcq_prompt (the reference's instruction, question, options, "The best answer is:"), the
+    letter `extract_choice`'s. A reply without a letter counts as wrong; "accuracy_answered" is the reference's
+    figure (over answered questions).
     """
     main, items = is_main(layout), load_mcq(questions_path, media_root)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": "mcq", **(identity or {}), "questions": file_digest(questions_path), "num_frames": num_frames,
               "fps": fps, "aspect": model.config.image_aspect_ratio, "max_new_tokens": max_new_tokens}
-    results, path = open_results(out_dir, "mcq.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     rows = results["cells"]
     bar = Progress(len(items), "mcq", enabled=progress and main)
     for i, q in enumerate(items):
@@ -618,14 +614,13 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
 @torch.no_grad()
 def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, task="caption", num_frames=None, fps=None,
                 max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True) -> dict:
-    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token. A reply
-    that out_dir/captions.json holds from an earlier run (same model, settings and code) is printed from there,
-    marked as stored."""
+    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token; a reply
+    that out_dir/captions.json holds from an earlier run of the same header is printed from there, marked so."""
     main = is_main(layout)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": task, **(identity or {}), "prompt": prompt, "num_frames": num_frames, "fps": fps,
               "aspect": model.config.image_aspect_ratio, "max_new_tokens": max_new_tokens}
-    results, path = open_results(out_dir, "captions.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     for p in list_videos(videos):
         name, cell = os.path.basename(p), results["cells"].get(os.path.basename(p))
         if cell is not None:
@@ -649,12 +644,9 @@ def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, task="captio
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classic", filler=None) -> tuple:
-    """(input_ids, answer positions, answer ids) of a passkey document of at most `length` tokens.
-
-    The document is task + filler sentences + needle + filler + question, the needle after
-    int(depth * n) of the n whole filler sentences that fit; the answer (the key) follows the question and is
-    scored teacher-forced like the NIAH answers. `filler` (a list of sentences) overrides the style's filler.
-    """
+    """(input_ids, answer positions, answer ids) of a passkey document of at most `length` tokens: task, filler
+    sentences, needle, filler, question, answer (the key, scored teacher-forced). The needle follows int(depth * n)
+    of the n whole filler sentences that fit; `filler` (a list of sentences) overrides the style's."""
     task, fill = PASSKEY_STYLES[style]
     fill = filler or fill or FILLER
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -687,7 +679,7 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
     depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
     header = {"task": "passkey", **(identity or {}), "style": style, "trials": trials, "seed": seed,
               "filler": filler and sha16(json.dumps(filler).encode())}
-    results, path = open_results(out_dir, "results.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     cells, key = results["cells"], "length={}|depth={:g}".format
     bar = Progress(len(lengths) * len(depths), "passkey", enabled=progress and main)
     for L in lengths:
@@ -720,11 +712,11 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
     max_windows); each window is a cell of out_dir/ppl.json."""
     main = is_main(layout)
     ids = tokenizer.encode(read_input(text_path, "--text"))
-    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    n = min(len(ids) // seq_len, max_windows or len(ids))  # windows
     if n == 0:
         raise InputError(f"--text {text_path}: {len(ids)} tokens, fewer than one window of --seq_len {seq_len}")
     header = {"task": "ppl", **(identity or {}), "text": file_digest(text_path), "seq_len": seq_len}
-    results, path = open_results(out_dir, "ppl.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     cells = results["cells"]
     sp = functools.partial(sp_forward, layout=layout) if layout is not None and layout.sp > 1 else None
     bar = Progress(n, "ppl", enabled=progress and main)
@@ -870,11 +862,11 @@ def load_results(path, header: dict, overwrite: bool = False) -> dict:
     return saved
 
 
-def open_results(out_dir, name: str, header: dict, layout=None, overwrite: bool = False) -> tuple:
-    """(results, path) of a task's results file out_dir/name: `load_results` on rank 0, its answer (results or
-    error) broadcast, since every rank must skip the same cells (each cell runs collectives) and stop together on
-    a mismatch. path is where `save_results` writes: None without out_dir and on the other ranks."""
-    path = os.path.join(out_dir, name) if out_dir and is_main(layout) else None
+def open_results(out_dir, header: dict, layout=None, overwrite: bool = False) -> tuple:
+    """(results, path) of the results file of header["task"] in out_dir: `load_results` on rank 0, its answer
+    (results or error) broadcast, since every rank must skip the same cells (each cell runs collectives) and stop
+    together on a mismatch. path is where `save_results` writes: None without out_dir and on the other ranks."""
+    path = os.path.join(out_dir, OUTPUTS[header["task"]][0]) if out_dir and is_main(layout) else None
     box = [{"header": header, "cells": {}}, None]
     if path:
         try:
@@ -1045,7 +1037,7 @@ def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=No
     device, text = model_device(model), "<video>\n" + question
     header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
               "max_new_tokens": max_new_tokens}
-    results, path = open_results(out_dir, "timing.json", header, layout, overwrite)
+    results, path = open_results(out_dir, header, layout, overwrite)
     generate_reply(model, tokenizer, frames[:2], text, layout, 2, stop=False)  # warm-up
     # preprocess and move the pixels before the clock starts: only model work is timed
     x = frames_tensor(frames, model.config.vision.image_size, model.config.image_aspect_ratio)  # (F, 3, S, S)
