@@ -72,21 +72,16 @@ def checked(kind, ok, expected: str):
     return parse
 
 
-def comma_list(item, expected: str):
-    """An argparse type: a non-empty comma-separated list of `item`s ("0,0.5,1")."""
-    def parse(text):
-        values = [item(x) for x in text.split(",") if x.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return values
-    return parse
+def comma_list(kind):
+    """"0,0.5,1" -> [kind("0"), kind("0.5"), kind("1")] (a ValueError for an item kind does not read)."""
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
 POSITIVE_INT = checked(int, lambda x: x > 0, "a positive integer")
 NON_NEGATIVE = checked(float, lambda x: x >= 0, "a number >= 0")
 POSITIVE = checked(float, lambda x: x > 0, "a number > 0")
-DEPTHS = comma_list(checked(float, lambda x: 0 <= x <= 1, "depths in [0, 1]"), "depths in [0, 1], e.g. 0,0.5,1")
-COUNTS = comma_list(POSITIVE_INT, "positive integers, e.g. 8,16,32")
+DEPTHS = checked(comma_list(float), lambda v: v and all(0 <= x <= 1 for x in v), "depths in [0, 1], e.g. 0,0.5,1")
+COUNTS = checked(comma_list(int), lambda v: v and all(x > 0 for x in v), "positive integers, e.g. 8,16,32")
 
 
 class Switch(argparse.Action):
@@ -1010,6 +1005,7 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
 # -----------------------------------------------------------------------------
 # timing of one long-video question: vision, prefill (+ MFU), decode, memory
 
+
 def forward_flops(model, frames: int, tokens: int) -> tuple:
     """(vision, prefill) FLOPs of one question: F frames through the vision tower and projector; T prompt tokens
     through the causal LLM, the LM head on the last one only. Each is a third of the training FLOPs the model
@@ -1081,14 +1077,15 @@ def time_once(model, tokenizer, x, text, layout, max_new_tokens) -> dict:
     t0 = time.perf_counter()
     generate_reply(model, tokenizer, x, text, layout, max_new_tokens, printer, stop=False)
     sync(device)
-    total_s, first, last = time.perf_counter() - t0, printer.times[0], printer.times[-1]
+    total_s = time.perf_counter() - t0
     mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
                        dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    n_dec = len(printer.times) - 1
-    return {"vision_s": vision_s, "time_to_first_token_s": first - t0, "prefill_s": max(first - t0 - vision_s, 1e-9),
-            "decode_tokens": n_dec, "decode_tokens_per_s": n_dec / (last - first) if n_dec else float("nan"),
+    ttft, n_dec = printer.times[0] - t0, len(printer.times) - 1  # time to first token; tokens after it
+    decode_s = printer.times[-1] - printer.times[0]
+    return {"vision_s": vision_s, "time_to_first_token_s": ttft, "prefill_s": max(ttft - vision_s, 1e-9),
+            "decode_tokens": n_dec, "decode_tokens_per_s": n_dec / decode_s if n_dec else float("nan"),
             "total_s": total_s, "peak_memory_gib": float(mem.item()) / 2 ** 30}
 
 
