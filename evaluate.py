@@ -512,20 +512,19 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
     needle_feats = encode_frames(model, pixels, layout, vision_batch)  # (K, N, C): each needle once
     bar = Progress(len(sources) * len(frame_counts) * len(depths), "niah", enabled=progress and main)
     for name, src in zip(names, sources):
-        todo = [(n, d) for n in frame_counts for d in depths if key(name, n, d) not in cells]
-        bar.update(len(frame_counts) * len(depths) - len(todo))
-        if not todo:
-            continue
-        frames = haystack_frames(src, name, fps, frame_counts[-1])  # (F, H, W, 3)
-        hay = encode_frames(model, frames_tensor(frames, size, "pad"), layout, vision_batch)  # (F, N, C)
-        for n in sorted({n for n, _ in todo}):  # the ids do not depend on the depth: every frame has the same slots
+        hay = None  # decoded and encoded once, when the first of its cells is computed
+        for n in frame_counts:  # the ids do not depend on the depth: every frame has the same slots
             prompts = [niah_prompt(tokenizer, nd["question"], nd["answer"], n + 1, tpf) for nd in needles]
-            for d in [d for m, d in todo if m == n]:
-                spliced = (insert_needle(hay[:n], f, d) for f in needle_feats)  # K x (n+1, N, C), one at a time
-                scored = score_answers(model, tokenizer, prompts, spliced, layout)
-                cells[key(name, n, d)] = {"haystack": name, "frames": n, "depth": d,
-                                          "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]), **scored}
-                save_results(path, results)
+            for d in depths:
+                if key(name, n, d) not in cells:
+                    if hay is None:
+                        frames = haystack_frames(src, name, fps, frame_counts[-1])  # (F, H, W, 3)
+                        hay = encode_frames(model, frames_tensor(frames, size, "pad"), layout, vision_batch)  # (F,N,C)
+                    spliced = (insert_needle(hay[:n], f, d) for f in needle_feats)  # K x (n+1, N, C), one at a time
+                    cells[key(name, n, d)] = {"haystack": name, "frames": n, "depth": d,
+                                              "needle_index": needle_index(d, n), "tokens": len(prompts[0][0]),
+                                              **score_answers(model, tokenizer, prompts, spliced, layout)}
+                    save_results(path, results)
                 bar.update(1, acc=float(np.mean([c for v in cells.values() for c in v["correct"]])))
     bar.close()
     scores = [[[c for name in names for c in cells[key(name, n, d)]["correct"]] for n in frame_counts]
