@@ -706,7 +706,7 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
     or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
     sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
     counts = [supervised_targets(b["labels"]) for b in batches]
-    lengths = [int(n) for b in batches for n in (b["labels"].shape[1],) * b["labels"].shape[0]]
+    lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
     stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
     if world > 1:  # on the compute device: NCCL has no CPU tensors
         dist.all_reduce(stats)
@@ -1219,11 +1219,10 @@ def check_config(cfg: TrainConfig):
         raise InputError(f"--ring {cfg.ring} must divide --sp {cfg.sp} (sp = ring x ulysses)")
     if cfg.lora and not cfg.train_llm:
         raise InputError(f"--lora {cfg.lora}: LoRA trains the LLM, but stage {cfg.stage} does not (--train_llm)")
-    if cfg.attn_backend not in ("auto",) + kernels.BACKENDS:
-        raise InputError(f"--attn_backend {cfg.attn_backend!r}: choose auto or one of {', '.join(kernels.BACKENDS)}")
-    if cfg.checkpoint_mode not in longvila.CHECKPOINT_MODES:
-        raise InputError(f"--checkpoint_mode {cfg.checkpoint_mode!r}: choose one of "
-                         f"{', '.join(longvila.CHECKPOINT_MODES)}")
+    for name, allowed in (("attn_backend", ("auto",) + kernels.BACKENDS),
+                          ("checkpoint_mode", longvila.CHECKPOINT_MODES)):  # choices known once torch is imported
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     if cfg.cache_data and cfg.workers > 0:
         # the cache would live in each worker (a copy per process, each decoding every sample again): caching and
         # workers answer the same problem for different data sizes, so a run picks one
@@ -1247,11 +1246,11 @@ class SyntheticVideoDataset:
     models without data on disk. Sample i (seeded by i): 16 text tokens, num_frames x (N placeholders + newline),
     16 question tokens, 32 supervised answer tokens; pixels uniform in [-1, 1] (the range after preprocessing)."""
 
-    def __init__(self, num_frames: int, tokens_per_frame: int, image_size: int, vocab_size: int, n: int = 4):
-        self.F, self.N, self.S, self.V, self.n = num_frames, tokens_per_frame, image_size, vocab_size, n
+    def __init__(self, num_frames: int, tokens_per_frame: int, image_size: int, vocab_size: int):
+        self.F, self.N, self.S, self.V = num_frames, tokens_per_frame, image_size, vocab_size
 
     def __len__(self):
-        return self.n
+        return 4  # a few distinct samples: a throughput run needs no more
 
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(i)
@@ -1314,8 +1313,7 @@ class StepBatches(torch.utils.data.Dataset):
     user's data, which the training loop reports as an InputError.
     """
 
-    def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int,
-                 pack: bool = False):
+    def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, pack: bool):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
         self.micro, self.pad_id, self.pack = micro, pad_id, pack  # pack: pixels as uint8 (see pack_pixels)
 
