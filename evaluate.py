@@ -494,7 +494,8 @@ def haystack_sources(haystacks) -> tuple:
 def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
              fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
              overwrite=False, progress: bool = True) -> dict:
-    """Video needle in a haystack over depths x frame counts: results with a grid, its mean and a heatmap.
+    """Video needle in a haystack over depths x frame counts: a grid, its mean and a heatmap; out_dir/results.json
+    is written after every cell.
 
     haystacks: a video, a folder of videos, or a list of uint8 frame arrays, each holding max(frame_counts) frames
     at `fps`; needles: see `load_needles`. Frames are preprocessed in the reference's 'pad' aspect mode. Each
@@ -954,7 +955,11 @@ def _font(size: int):
 def short_number(x) -> str:
     """1400 -> '1.4K', 262144 -> '262K', 32 -> '32' (axis labels)."""
     x = float(x)
-    return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.3g}K" if x >= 1e3 else f"{x:g}"
+    if x >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.3g}K"
+    return f"{x:g}"
 
 
 def checkpoint_name(path: str) -> str:
