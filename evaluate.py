@@ -783,23 +783,32 @@ def safetensors_digest(path, samples: int = 16, sample_bytes: int = 1 << 16) -> 
         if 8 + n + end > size:
             raise InputError(f"{path}: truncated: its header lists {end} bytes of tensors, the file holds "
                              f"{size - 8 - n} (an interrupted copy or download?)")
-        h = hashlib.sha256(head + header)
+    return hashlib.sha256(head + header + sampled_digest(path, 8 + n, end, samples, sample_bytes)).digest()
+
+
+def sampled_digest(path, start: int = 0, length: int | None = None, samples: int = 16, sample_bytes: int = 1 << 16):
+    """Digest of `length` bytes of a file from `start` (default: all of it) that reads `samples` evenly spaced
+    slices of `sample_bytes` and the length: a large file changed anywhere it was written is another file."""
+    length = os.path.getsize(path) - start if length is None else length
+    h = hashlib.sha256(str(length).encode())
+    with open(path, "rb") as f:
         for i in range(samples):
-            f.seek(8 + n + i * max(end - sample_bytes, 0) // (samples - 1))
-            h.update(f.read(min(sample_bytes, end)))
+            f.seek(start + i * max(length - sample_bytes, 0) // (samples - 1))
+            h.update(f.read(min(sample_bytes, length)))
     return h.digest()
 
 
 def model_fingerprint(path) -> str:
-    """sha16 over a checkpoint's JSON files (configs, tokenizer) and `safetensors_digest` of each weights file,
+    """sha16 over a checkpoint's JSON files (configs, tokenizer) and a sampled digest of each weights file,
     each after its name: another model, or the same folder retrained, has another one; it reads a few MB."""
     parts = []
     for part in CHECKPOINT_FOLDERS:
         folder = pathlib.Path(path, part)
         for file in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if file.suffix in (".json", ".safetensors"):
+            if file.suffix in (".json", ".safetensors", ".bin"):
                 parts.append(os.path.join(part, file.name).encode())
-                parts.append(file.read_bytes() if file.suffix == ".json" else safetensors_digest(file))
+                parts.append(file.read_bytes() if file.suffix == ".json" else
+                             safetensors_digest(file) if file.suffix == ".safetensors" else sampled_digest(file))
     return sha16(b"".join(parts))
 
 
