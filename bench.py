@@ -27,17 +27,6 @@ import time
 # the command line (stdlib only: --help and flag mistakes answer before torch loads)
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """Accept the dashed spelling too: --kv-heads is --kv_heads."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            arg = "--" + name[2:].replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 def ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -159,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
-    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+    ARGS = build_parser().parse_args()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -848,7 +837,7 @@ def bench_video(path: str, frame_counts=(256, 1024), image_size: int = 384, back
 
 
 def main(argv=None):
-    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    args = build_parser().parse_args(argv) if argv is not None else ARGS
     try:
         rows = globals()[f"{args.what}_run"](args)
     except lv.InputError as e:

@@ -59,19 +59,6 @@ class DemoConfig:
     val_passkey_docs: int = 32
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens, longvideo-sft is longvideo_sft."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            arg = "--" + name[2:].replace("-", "_") + eq + value
-        elif i == 0 and not arg.startswith("-"):  # the command
-            arg = arg.replace("-", "_")
-        out.append(arg)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data.py", description="LongVILA data builders")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -100,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
-    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+    ARGS = build_parser().parse_args()
 
 import numpy as np  # noqa: E402  (the rest of the file needs numpy and torch)
 import torch  # noqa: E402
@@ -1752,7 +1739,7 @@ def run(args: argparse.Namespace):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    args = build_parser().parse_args(argv) if argv is not None else ARGS
     try:
         run(args)
     except InputError as e:  # a user's mistake: one line, exit 2 (a traceback is for bugs)

@@ -48,17 +48,6 @@ PASSKEY_STYLES = {
 }
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            arg = "--" + name[2:].replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 def checked(kind, ok, expected: str):
     """An argparse type: kind(text) satisfying ok(value); anything else is argparse's one-line error (exit 2)."""
     def parse(text):
@@ -84,19 +73,6 @@ DEPTHS = checked(comma_list(float), lambda v: v and all(0 <= x <= 1 for x in v),
 COUNTS = checked(comma_list(int), lambda v: v and all(x > 0 for x in v), "positive integers, e.g. 8,16,32")
 
 
-class Switch(argparse.Action):
-    """A boolean flag as a pair: --x turns it on, --no_x off."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings + ["--no_" + option_strings[0][2:]], dest, nargs=0, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, not option_string.startswith("--no_"))
-
-    def format_usage(self):
-        return " | ".join(self.option_strings)
-
-
 def common_flags(s):
     g = s.add_argument_group("model and parallelism")
     g.add_argument("--model", default=None, help="checkpoint folder (VILA layout: config.json, llm/, vision_tower/, "
@@ -111,9 +87,9 @@ def common_flags(s):
     g = s.add_argument_group("output")
     g.add_argument("--out", default=None, help="folder for results; a rerun resumes them when model, settings and "
                                                "code are the same, and stops otherwise")
-    g.add_argument("--overwrite", action=Switch, default=False,
+    g.add_argument("--overwrite", action="store_true",
                    help="start over in --out (replaces only results evaluate.py wrote there)")
-    g.add_argument("--progress", action=Switch, default=True, help="a progress bar on stderr (default: on)")
+    g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar on stderr")
     return s
 
 
@@ -146,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--prompt" if name == "caption" else "--question", dest="question", metavar="TEXT",
                        default=CAPTION_PROMPT if name == "caption" else "What happens in the video?")
         video_flags(s, max_new_tokens=256 if name == "caption" else 64)
-        s.add_argument("--stream", action=Switch, default=True, help="print the reply token by token (default: on)")
+        s.add_argument("--no_stream", dest="stream", action="store_false", help="print the reply at the end, not "
+                       "token by token")
         g = s.add_argument_group("timing (no data needed)")
         g.add_argument("--random_frames", type=POSITIVE_INT, default=None, metavar="F",
                        help="time F random frames instead of --video (implies --timing)")
-        g.add_argument("--timing", action=Switch, default=False,
+        g.add_argument("--timing", action="store_true",
                        help="time vision / prefill (MFU) / decode / memory for one question instead")
         g.add_argument("--peak_tflops", type=POSITIVE, default=None,
                        help="per-GPU bf16 peak for MFU (default: from the GPU's name)")
@@ -169,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
-    ARGS = build_parser().parse_args(normalise_flags(sys.argv[1:]))
+    ARGS = build_parser().parse_args()
 
 import numpy as np  # noqa: E402  (the rest of the file needs numpy, torch, pillow and the model files)
 import torch  # noqa: E402
@@ -1224,7 +1201,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(normalise_flags(argv)) if argv is not None else ARGS
+    args = build_parser().parse_args(argv) if argv is not None else ARGS
     try:
         run(args)
     except InputError as e:  # a user's mistake (data.MediaError too): one line, argparse's exit code, no stack trace

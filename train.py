@@ -264,17 +264,6 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """Accept the dashed spelling too: --max-new-tokens is --max_new_tokens."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            arg = "--" + name[2:].replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 def parse_stages(text: str, from_scratch: bool = False) -> list[int]:
     """`all` = 1-5, or 0-5 when the chain starts from random weights; `N` or `A-B` otherwise."""
     if text == "all":
@@ -387,7 +376,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
-    given = {k: v for k, v in vars(peek.parse_known_args(normalise_flags(argv))[0]).items() if v is not None}
+    given = {k: v for k, v in vars(peek.parse_known_args(argv)[0]).items() if v is not None}
     try:
         given = {**config_flags(given.pop("config")), **given} if "config" in given else given
         cfgs = plan(given)
@@ -415,7 +404,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
 
 def parse_flags(argv) -> dict:
     """argv -> the flags given: a --config file's, with the command line's over them."""
-    flags = vars(build_parser(argv).parse_args(normalise_flags(argv)))
+    flags = vars(build_parser(argv).parse_args(argv))
     return {**flags.pop("config", {}), **flags}
 
 

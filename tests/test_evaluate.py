@@ -177,11 +177,11 @@ def test_passkey_prompt_layout():
     assert last.endswith(needle + " What is the pass key? The pass key is 48213")
 
 
-def test_flags_accept_the_dashed_spelling():
-    assert ev.normalise_flags(["mcq", "--max-new-tokens", "3", "--media-root=a-b", "-h"]) == \
-        ["mcq", "--max_new_tokens", "3", "--media_root=a-b", "-h"]
-    args = ev.build_parser().parse_args(ev.normalise_flags(["ask", "--num-frames", "4", "--no-stream"]))
-    assert args.num_frames == 4 and args.stream is False and args.progress is True
+def test_boolean_flags():
+    args = ev.build_parser().parse_args(["ask", "--num_frames", "4", "--no_stream"])
+    assert args.num_frames == 4 and args.stream is False and args.progress is True and args.overwrite is False
+    args = ev.build_parser().parse_args(["niah", "--haystacks", "h", "--needles", "n", "--no_progress", "--overwrite"])
+    assert args.progress is False and args.overwrite is True
 
 
 def test_help_answers_without_torch():
@@ -429,7 +429,7 @@ def test_task_niah_cli(tiny_ckpt, demo, tmp_path, capsys):
 def test_task_mcq_cli(tiny_ckpt, demo, tmp_path, capsys):
     out = str(tmp_path / "mcq")
     ev.main(["mcq", "--model", tiny_ckpt, "--questions", os.path.join(demo, "mcq", "mcq.json"), "--num_frames", "4",
-             "--max-new-tokens", "3", "--out", out])
+             "--max_new_tokens", "3", "--out", out])
     res = json.load(open(os.path.join(out, "mcq.json")))
     rows = list(res["cells"].values())
     assert len(rows) == 3 and all(r["prediction"] == ev.extract_choice(r["reply"]) for r in rows)
