@@ -57,6 +57,11 @@ class DemoConfig:
     mcq: int = 64
     caption_videos: int = 16
     val_passkey_docs: int = 32
+    niah_haystacks: int = 24  # stage 5's needle-in-a-haystack samples: needle-free training haystacks, ...
+    niah_needles: int = 64  # ... needle images (every colour, random shapes) ...
+    niah_samples: int = 480  # ... and (haystack, needle, frame count, depth) records, built like evaluate.py niah's
+    niah_min_frames: int = 4  # haystack frames per sample, drawn uniformly from [min, max]
+    niah_max_frames: int = 48
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -604,6 +609,8 @@ NIAH_SYSTEM = {  # the reference's V-NIAH script writes its own prompts: its Qwe
     "llama3": DEFAULT_SYSTEM["llama3"],
     "chatml": "You are a helpful assistant.",
 }
+CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in detail."  # the paper's caption task
+ASK_QUESTION = "What happens in the video?"  # evaluate.py ask's default question
 MCQ_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
                    "Respond with only the letter (A, B, C, or D) of the correct option.")
 MEDIA_RE = re.compile(r"(<image>|<video>)")
@@ -744,6 +751,29 @@ def build_niah_prompt(tokenizer: Tokenizer, num_frames: int, tokens_per_frame: i
     return _encode(pieces + ([(answer, True)] if answer else []), tokenizer)
 
 
+def needle_index(depth: float, num_frames: int) -> int:
+    """Where the needle goes among the N + 1 frames: after int(depth * N) haystack frames (the reference's
+    query_frame_idx), so depth 0 puts it first and depth 1 last."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"needle depth must be in [0, 1], got {depth}")
+    return int(depth * num_frames)
+
+
+NIAH_LAYOUTS = ("frames", "video")  # the reference's V-NIAH prompt; a training video's "<video>\n{question}"
+
+
+def niah_conversation(tokenizer: Tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int,
+                      layout: str = "frames") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a needle-in-a-haystack sample of num_frames frames: "frames", build_niah_prompt (what
+    evaluate.py niah scores); "video", the user turn "<video>\n{question}" expanded as every training video is."""
+    if layout == "frames":
+        return build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
+    if layout == "video":
+        conv = [{"from": "human", "value": "<video>\n" + question}, {"from": "gpt", "value": answer}]
+        return build_conversation(conv, tokenizer, [num_frames], tokens_per_frame)
+    raise InputError(f"niah layout {layout!r}: expected one of {NIAH_LAYOUTS}")
+
+
 def mcq_prompt(question: str, options: list[str]) -> str:
     """The VideoMME prompt (LongVILA's evaluation): instruction, question, "A. ..." options, answer cue."""
     return f"{MCQ_INSTRUCTION}\n{question}\n" + "\n".join(options) + "\nThe best answer is:"
@@ -846,6 +876,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _build(self, sample: dict, root: str) -> dict:
         """One sample: its conversation and media -> ids and labels -> fitted to max_len -> pixels."""
         sid = sample.get("id", "?") if isinstance(sample, dict) else "?"
+        if isinstance(sample, dict) and "haystack" in sample:
+            return self._needle_sample(sample, root, sid)
         convs, kind, paths = self._conversation(sample, sid)
         media, counts = [], []
         try:  # every video opened here is closed in `finally`, whatever fails
@@ -871,6 +903,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise ValueError(f"sample {sid}: {n_slots} image slots for {0 if images is None else len(images)} frames")
         return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
                 "labels": torch.tensor(labels, dtype=torch.long), "images": images}  # (T,), (F, 3, S, S) | None
+
+    def _needle_sample(self, sample: dict, root: str, sid) -> dict:
+        """A needle-in-a-haystack record, built as evaluate.py niah builds its prompts: `frames` haystack frames
+        (the V-NIAH reader at `fps`, from frame `start`) with the needle image inserted at needle_index(depth,
+        frames), then the question (niah_conversation in the record's layout). Record: {"id", "haystack": video,
+        "needle": image, "frames", "depth", "start", "fps", "layout", "question", "answer"}."""
+        n, start = int(sample["frames"]), int(sample.get("start", 0))
+        with VideoFile(os.path.join(root, sample["haystack"]), self.video_backend) as video:
+            idx = video.indices(None, float(sample.get("fps", 1.0)))[start:start + n]  # (n,)
+            if len(idx) < n:
+                raise MediaError(f"{sample['haystack']}: {len(idx)} frames from frame {start}, sample {sid} needs {n}")
+            hay = video_pixels(video, idx, self.image_size, aspect=self.aspect)  # (n, 3, S, S)
+        needle = preprocess(load_image(os.path.join(root, sample["needle"]))[None], self.image_size, self.aspect)
+        i = needle_index(float(sample["depth"]), n)
+        images = torch.cat([hay[:i], needle, hay[i:]])  # (n + 1, 3, S, S), the needle at frame i
+        ids, labels = niah_conversation(self.tokenizer, sample["question"], sample["answer"], n + 1,
+                                        self.tokens_per_frame, sample.get("layout", "frames"))
+        if len(ids) > self.max_len:
+            raise InputError(f"sample {sid}: {len(ids)} tokens > max_len {self.max_len}")
+        return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
+                "labels": torch.tensor(labels, dtype=torch.long), "images": images}  # (T,), (n + 1, 3, S, S)
 
     @staticmethod
     def _conversation(sample: dict, sid) -> tuple[list[dict], str | None, list[str]]:
@@ -1079,12 +1132,14 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 #   stage3.json  short-video QA (one-word answers) and VideoMME-style multiple choice (a letter)
 #   stage4.txt / stage4.bin  passkey documents (text / tiny-tokenizer uint32 ids, documents ended by eod_id)
 #   stage5.json  long-video QA: the needle's colour, ordered segment captions, order, counting
+#   stage5_niah.json  needle-in-a-haystack records (SupervisedDataset builds each as evaluate.py niah builds its
+#          prompts): media/haystack (needle-free haystacks) + media/needles, 4-48 frames, both layouts
 #   eval/  held out (other seeds): niah/haystack (64 s at 2 fps, no needle), niah/needles (one per colour, and
 #          needles.json), mcq/mcq.json + videos, caption/caption.json + videos, stage4_val.txt, stage{1,2,3,5}_val.json
 # A needle frame is one BIG shape on light gray (200, 200, 200); haystack frames one small shape on a dark
 # background, so the needle is unmistakable even at 32 px and 4 tokens per frame.
 
-DEMO_VERSION = 2  # meta.json's "version": raise it when the generator's output changes
+DEMO_VERSION = 3  # meta.json's "version": raise it when the generator's output changes
 DEMO_SIZE = 64  # px of every demo image and video frame (even: yuv420p)
 SHORT_FRAMES, SHORT_FPS = 8, 4  # stage 2/3 clips and the MCQ set: 2 s
 LONG_FRAMES, LONG_FPS, LONG_SEGMENTS = 32, 1, 4  # stage 5 and caption eval: 32 s, 4 segments of 8 s
@@ -1343,6 +1398,11 @@ def _write_json(path: str, obj):
         f.write("\n")
 
 
+# stage 5's caption requests: evaluate.py caption's and ask's default prompts among them, so that those commands
+# get a caption from the demo model, not the one word of a question it never saw
+LONG_CAPTION_PROMPTS = ("Describe the video.", CAPTION_PROMPT, ASK_QUESTION)
+
+
 def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, n_images: int, n_short: int,
                 n_long: int, needle_fraction: float, suffix: str = ""):
     """Stage 1, 2, 3, 5 JSON files under json_dir with media under media_dir (paths relative to json_dir)."""
@@ -1389,11 +1449,38 @@ def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, 
         stage5.append({"id": f"s5{suffix}-{i}", "video": rel(path), "conversations": _conv(_long_qa(rng, info),
                                                                                            "<video>")})
         stage5.append({"id": f"s5{suffix}-cap-{i}", "video": rel(path), "conversations": _conv(
-            [("Describe the video.", _describe_segments(info))], "<video>")})
+            [(LONG_CAPTION_PROMPTS[i % 3], _describe_segments(info))], "<video>")})
     for k, records in zip((1, 2, 3, 5), (stage1, stage2, stage3, stage5)):
         order = np.random.default_rng([seed, split, 9, k]).permutation(len(records))
         _write_json(os.path.join(json_dir, f"stage{k}{suffix}.json"), [records[j] for j in order])
     return {"stage1": len(stage1), "stage2": len(stage2), "stage3": len(stage3), "stage5": len(stage5)}
+
+
+def _niah_train(out: str, cfg: DemoConfig) -> int:
+    """stage5_niah.json: needle-in-a-haystack records on needle-free training haystacks (the held-out ones'
+    format) and training needles, half in each prompt layout; returns their number. Without them the needle's
+    answer was 3% of stage 5's supervised tokens, and 32-frame videos were all the model saw of long inputs."""
+    hays, needles, records = [], [], []
+    for i in range(cfg.niah_haystacks):
+        frames, _ = long_clip(np.random.default_rng([cfg.seed, 0, 10, i]), HAYSTACK_SECONDS * HAYSTACK_FPS,
+                              HAYSTACK_SEGMENTS, needle=False)
+        hays.append(os.path.join("media", "haystack", f"haystack_{i:03d}.mp4"))
+        write_video(os.path.join(out, hays[-1]), frames, HAYSTACK_FPS)
+    for i in range(cfg.niah_needles):
+        color = list(COLORS)[i % len(COLORS)]
+        img, _ = needle_frame(np.random.default_rng([cfg.seed, 0, 11, i]), color)
+        needles.append((os.path.join("media", "needles", f"needle_{i:04d}.png"), color))
+        _png(os.path.join(out, needles[-1][0]), img)
+    for j in range(cfg.niah_samples):
+        rng = np.random.default_rng([cfg.seed, 0, 12, j])
+        n = int(rng.integers(cfg.niah_min_frames, min(cfg.niah_max_frames, HAYSTACK_SECONDS) + 1))
+        needle, color = needles[int(rng.integers(len(needles)))]
+        records.append({"id": f"s5-niah-{j}", "haystack": hays[int(rng.integers(len(hays)))], "needle": needle,
+                        "frames": n, "depth": round(float(rng.uniform(0, 1)), 3), "fps": 1.0,
+                        "start": int(rng.integers(0, HAYSTACK_SECONDS - n + 1)), "layout": NIAH_LAYOUTS[j % 2],
+                        "question": "What color is the needle?", "answer": color})
+    _write_json(os.path.join(out, "stage5_niah.json"), records)
+    return len(records)
 
 
 def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | None = None) -> dict:
@@ -1441,6 +1528,7 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
     ev = os.path.join(out, "eval")
     counts["val"] = _demo_split(out, ev, os.path.join(ev, "media"), seed, 1, cfg.val_images, cfg.val_short_videos,
                                 cfg.val_long_videos, cfg.needle_fraction, suffix="_val")
+    counts["stage5_niah"] = _niah_train(out, cfg)
     # stage 4: passkey documents, as text and pre-tokenised
     tok = Tokenizer.tiny(tokenizer_cache)
     for name, n, split in (("stage4.txt", cfg.passkey_docs, 0), (os.path.join("eval", "stage4_val.txt"),
@@ -1486,7 +1574,7 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
                        "haystack": {"frames": HAYSTACK_SECONDS * HAYSTACK_FPS, "fps": HAYSTACK_FPS, "read_fps": 1}},
             "recommended": {"stage1": [["stage1.json", 1.0]], "stage2": [["stage2.json", 1.0]],
                             "stage3": [["stage3.json", 1.0]], "stage4": "stage4.bin",
-                            "stage5": [["stage5.json", 1.0], ["stage3.json", 0.5]],
+                            "stage5": [["stage5.json", 1.0], ["stage3.json", 0.5], ["stage5_niah.json", 1.0]],
                             "num_frames": {"stage2": SHORT_FRAMES, "stage3": SHORT_FRAMES, "stage5": LONG_FRAMES}},
             "tokenizer": "tokenizer.json"}
     _write_json(os.path.join(out, "meta.json"), meta)

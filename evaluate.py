@@ -34,7 +34,6 @@ import time
 # -----------------------------------------------------------------------------
 # the command line (stdlib only: --help and flag mistakes answer before torch loads)
 
-CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in detail."
 DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the reference's needle depths (--depth_interval 0.2)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -78,7 +77,7 @@ def common_flags(s):
     g.add_argument("--model", default=None, help="checkpoint folder (VILA layout: config.json, llm/, vision_tower/, "
                                                  "mm_projector/)")
     g.add_argument("--random_init", default=None, metavar="PRESET",
-                   help="instead of --model: random weights of a longvila.PRESETS entry (timing)")
+                   help="instead of --model: random weights of a preset, e.g. tiny or longvila-8b (timing)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--sp", type=POSITIVE_INT, default=None, help="sequence-parallel degree (default: all processes)")
@@ -101,6 +100,12 @@ def video_flags(s, max_new_tokens: int):
     s.add_argument("--max_new_tokens", type=POSITIVE_INT, default=max_new_tokens)
 
 
+# caption's and ask's default prompts, for --help without importing data.py (and torch): data.CAPTION_PROMPT and
+# data.ASK_QUESTION, which a test keeps equal to these
+DEFAULT_PROMPTS = {"caption": "Elaborate on the visual and narrative elements of the video in detail.",
+                   "ask": "What happens in the video?"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = common_flags(sub.add_parser(name, help=text))
         s.add_argument("--video", default=None, help="a video or image file, or a folder of videos")
         s.add_argument("--prompt" if name == "caption" else "--question", dest="question", metavar="TEXT",
-                       default=CAPTION_PROMPT if name == "caption" else "What happens in the video?")
+                       help=f"what to ask (default: {DEFAULT_PROMPTS[name]!r}, which the demo's stage 5 trains on)")
         video_flags(s, max_new_tokens=256 if name == "caption" else 64)
         s.add_argument("--no_stream", dest="stream", action="store_false", help="print the reply at the end, not "
                        "token by token")
@@ -153,8 +158,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
-from data import (FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile, build_conversation,  # noqa: E402
-                  build_niah_prompt, load_image, mcq_prompt, preprocess, read_video)
+from data import (ASK_QUESTION, CAPTION_PROMPT, FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile,  # noqa: E402
+                  build_conversation, build_niah_prompt, load_image, mcq_prompt, needle_index, preprocess,
+                  read_video)
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA, peak_bf16_tflops  # noqa: E402
 from mmsp import (attention_hook, encode_frames_sharded, frame_split, init_distributed, layout_indices,  # noqa: E402
                   make_layout, padded_length, sp_forward, sp_generate, token_owner)
@@ -398,14 +404,6 @@ def list_videos(path) -> list:
 # task: video needle in a haystack (the reference: VILA's llava/eval/vision_niah_vila, adapted from LongVA)
 
 
-def needle_index(depth: float, num_frames: int) -> int:
-    """Where the needle goes among the N + 1 frames: after int(depth * N) haystack frames (the reference's
-    query_frame_idx), so depth 0 puts it first and depth 1 last."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"needle depth must be in [0, 1], got {depth}")
-    return int(depth * num_frames)
-
-
 def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
     """Splice one needle frame into a haystack of frame features (or pixels) at `needle_index(depth, F)`."""
     i = needle_index(depth, haystack.shape[0])
@@ -584,11 +582,12 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
 
 
 @torch.no_grad()
-def run_caption(model, tokenizer, videos, prompt=CAPTION_PROMPT, *, task="caption", num_frames=None, fps=None,
+def run_caption(model, tokenizer, videos, prompt=None, *, task="caption", num_frames=None, fps=None,
                 max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True) -> dict:
     """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token; a reply
     that out_dir/captions.json holds from an earlier run of the same header is printed from there, marked so."""
     main = is_main(layout)
+    prompt = prompt or (CAPTION_PROMPT if task == "caption" else ASK_QUESTION)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": task, **(identity or {}), "prompt": prompt, "num_frames": num_frames, "fps": fps,
               "aspect": model.config.image_aspect_ratio, "max_new_tokens": max_new_tokens}
@@ -1183,8 +1182,8 @@ def run(args):
         run_mcq(model, tokenizer, args.questions, media_root=args.media_root, num_frames=args.num_frames,
                 fps=args.fps, max_new_tokens=args.max_new_tokens, progress=args.progress, **common)
     elif timing:
-        run_timing(model, tokenizer, timing_frames(args, model), args.question, max_new_tokens=args.max_new_tokens,
-                   peak=args.peak_tflops, repeats=args.repeats, **common)
+        run_timing(model, tokenizer, timing_frames(args, model), args.question or ASK_QUESTION,
+                   max_new_tokens=args.max_new_tokens, peak=args.peak_tflops, repeats=args.repeats, **common)
     elif args.task in ("caption", "ask"):
         run_caption(model, tokenizer, args.video, args.question, task=args.task, num_frames=args.num_frames,
                     fps=args.fps, max_new_tokens=args.max_new_tokens, stream=args.stream, **common)

@@ -863,7 +863,7 @@ def test_collate(tok):
 def _small_demo(out, seed, tok_dir):
     cfg = data.DemoConfig(seed=seed, images=6, short_videos=6, long_videos=2, passkey_docs=4, val_images=2,
                           val_short_videos=2, val_long_videos=1, haystacks=1, mcq=3, caption_videos=1,
-                          val_passkey_docs=2)
+                          val_passkey_docs=2, niah_haystacks=2, niah_needles=8, niah_samples=6)
     return data.make_demo(str(out), cfg, tok_dir)
 
 
@@ -908,6 +908,37 @@ def test_demo_deterministic_and_well_formed(tmp_path, tok):
     assert "pass key" in tok.decode(np.fromfile(root / "stage4.bin", dtype=np.uint32).tolist()) and len(tw) > 0
     meta = json.loads((root / "meta.json").read_text())
     assert meta["videos"]["long"]["frames"] == 32 and meta["counts"]["stage5"] == 4
+    assert meta["version"] == data.DEMO_VERSION and meta["counts"]["stage5_niah"] == 6
+
+
+def test_demo_niah_samples_are_the_evaluation_prompts(tmp_path, tok):
+    """stage5_niah.json: every record becomes exactly the prompt of its layout (data.niah_conversation; "frames"
+    is what evaluate.py niah scores), the needle image inserted as one more frame at needle_index(depth, frames)."""
+    root = tmp_path / "d"
+    _small_demo(root, 0, os.path.dirname(tok.source))
+    records = json.loads((root / "stage5_niah.json").read_text())
+    assert {r["layout"] for r in records} == set(data.NIAH_LAYOUTS)
+    ds = data.SupervisedDataset(str(root / "stage5_niah.json"), None, tok, 32, 4, num_frames=32, max_len=1024)
+    for i in range(len(ds)):
+        sample, media_root = ds.samples[ds.order[i]]
+        item, n = ds[i], sample["frames"]
+        ids, labels = data.niah_conversation(tok, sample["question"], sample["answer"], n + 1, 4, sample["layout"])
+        assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+        k = data.needle_index(sample["depth"], n)
+        needle = data.preprocess(data.load_image(os.path.join(media_root, sample["needle"]))[None], 32)[0]
+        hay = data.load_video(os.path.join(media_root, sample["haystack"]), 32, fps=1)[0][sample["start"]:]
+        assert item["images"].shape == (n + 1, 3, 32, 32) and torch.equal(item["images"][k], needle)
+        assert torch.equal(item["images"][:k], hay[:k]) and torch.equal(item["images"][k + 1:], hay[k:n])
+    assert ds.skipped == 0
+
+
+def test_niah_conversation_layouts(tok):
+    q, a = "What color is the needle?", "red"
+    assert data.niah_conversation(tok, q, a, 3, 4, "frames") == data.build_niah_prompt(tok, 3, 4, q, a)
+    conv = [{"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": a}]
+    assert data.niah_conversation(tok, q, a, 3, 4, "video") == data.build_conversation(conv, tok, [3], 4)
+    with pytest.raises(data.InputError, match="layout"):
+        data.niah_conversation(tok, q, a, 3, 4, "interleaved")
 
 
 def test_demo_never_writes_into_a_folder_that_holds_anything(tmp_path, tok, capsys):

@@ -194,6 +194,8 @@ def test_help_answers_without_torch():
         r = subprocess.run([sys.executable, "-c", code] + argv, cwd=root, capture_output=True, text=True, timeout=60)
         assert r.stdout.strip().endswith(f"exit {code_} False"), (argv, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
+    # --help names the default prompts as data.py defines them (the parser cannot import data.py: it imports torch)
+    assert ev.DEFAULT_PROMPTS == {"caption": ev.CAPTION_PROMPT, "ask": ev.ASK_QUESTION}
 
 
 # -----------------------------------------------------------------------------
@@ -403,7 +405,8 @@ def demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo") / "demo")
     data.make_demo(root, data.DemoConfig(images=2, short_videos=2, long_videos=1, passkey_docs=2, val_images=1,
                                          val_short_videos=1, val_long_videos=1, haystacks=2, mcq=3,
-                                         caption_videos=2, val_passkey_docs=4))
+                                         caption_videos=2, val_passkey_docs=4, niah_haystacks=1, niah_needles=2,
+                                         niah_samples=2))
     return os.path.join(root, "eval")
 
 
