@@ -43,7 +43,7 @@ def demo(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("demo"))
     data.make_demo(path, data.DemoConfig(images=24, short_videos=24, long_videos=6, passkey_docs=12, val_images=2,
                                          val_short_videos=2, val_long_videos=2, haystacks=1, mcq=2, caption_videos=1,
-                                         val_passkey_docs=2))
+                                         val_passkey_docs=2, niah_haystacks=2, niah_needles=8, niah_samples=16))
     return path
 
 
@@ -106,16 +106,23 @@ def test_stage_presets_and_flag_precedence(tmp_path):
     cfg = train.resolve(5, {"model": "longvila-8b", "lr": 2e-5, "init_from": "x"})
     assert cfg.grad_checkpointing and cfg.lr == 2e-5 and cfg.init_from == "x"  # flags beat the preset
     fresh = {"out": str(tmp_path / "r")}  # no stage0/ there (runs/demo/stage0 may exist where the tests run)
-    assert train.resolve(1, fresh).init_from == "none" and train.resolve(1, fresh).lr == 3e-3  # tiny: demo tuning
+    assert train.resolve(1, fresh).init_from == "none" and train.resolve(1, fresh).lr == 1e-2  # tiny: demo tuning
     assert train.parse_stages("all") == [1, 2, 3, 4, 5] and train.parse_stages("2-4") == [2, 3, 4]
 
 
 def test_stand_in_data(demo, tmp_path):
-    """Stage 0's data: the needle questions one per sample with their video; the captions as text only, written
-    where their image was."""
+    """Stage 0's data: the needle questions one per sample with their video; each needle-in-a-haystack record's
+    needle image alone with its question; the captions as text only, written where their image was."""
     files = dict(train.DEMO_FILES[0])
-    assert train.STAND_IN_DATA == {"stage3.json": "needle", "stage1.json": "describe"} and set(files) == {
-        "stage3.json", "stage1.json"}
+    assert train.STAND_IN_DATA == {"stage3.json": "needle", "stage1.json": "describe",
+                                   "stage5_niah.json": "needle_image"} and set(files) == set(train.STAND_IN_DATA)
+    with open(os.path.join(demo, "stage5_niah.json")) as f:
+        records = json.load(f)
+    with open(train.stand_in_copy(os.path.join(demo, "stage5_niah.json"), str(tmp_path), "needle_image")) as f:
+        images = json.load(f)
+    assert [s["image"] for s in images] == [r["needle"] for r in records]
+    assert all([t["value"] for t in s["conversations"]] == ["<image>\n" + r["question"], r["answer"]]
+               for s, r in zip(images, records))
     with open(train.stand_in_copy(os.path.join(demo, "stage3.json"), str(tmp_path), "needle")) as f:
         needles = json.load(f)
     assert needles and all(len(s["conversations"]) == 2 and "video" in s for s in needles)
@@ -178,7 +185,7 @@ def test_each_stage_trains_exactly_its_modules(demo, tmp_path):
 def sp_runs(demo, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sp"))
     common = ["--stage", "5", "--init_from", "none", "--data", demo, "--steps", "3", "--global_batch", "2",
-              "--num_frames", "8", "--lr", "1e-3"]
+              "--num_frames", "8", "--lr", "1e-3", "--grad_checkpointing"]  # the demo's stage 5 runs without
     runs = {}
     for name, nproc, extra in (("single", 1, []), ("sp2", 4, ["--sp", "2"]),
                                ("sp4_ring2", 4, ["--sp", "4", "--ring", "2"])):
