@@ -50,7 +50,7 @@ def _kernels_flags(p):
 
 
 def _train_flags(p):
-    p.add_argument("--model", default="longvila-8b", help="the decoder shape: a longvila.PRESETS name")
+    p.add_argument("--model", default="longvila-8b", help="the decoder shape: a model preset, e.g. longvila-8b or tiny")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (8 of Llama-3-8B's 32 fit one GPU)")
     p.add_argument("--seqlens", type=ints, default=[32768, 65536], help="tokens per step (batch 1)")
     p.add_argument("--variants", default="flash:save-attn,cudnn:save-attn,triton:save-attn,hf",
@@ -64,7 +64,7 @@ def _train_flags(p):
 
 
 def _prefill_flags(p):
-    p.add_argument("--model", default="longvila-8b", help="a longvila.PRESETS name (random weights)")
+    p.add_argument("--model", default="longvila-8b", help="a model preset, e.g. longvila-8b or tiny (random weights)")
     p.add_argument("--frames", type=int, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
     p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
     p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
@@ -75,7 +75,7 @@ def _prefill_flags(p):
 
 
 def _ops_flags(p):
-    p.add_argument("--model", default="longvila-8b", help="longvila.PRESETS name: C, ffn width, heads, head dim")
+    p.add_argument("--model", default="longvila-8b", help="a model preset whose width, ffn width, heads and head dim are used")
     p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
 
 
