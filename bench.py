@@ -57,10 +57,7 @@ def _train_flags(p):
                    help="BACKEND:CHECKPOINTING of ours (checkpointing full | save-attn | none), and hf = "
                         "transformers' LlamaForCausalLM (sdpa, full checkpointing)")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after 2 warm-up steps")
-    p.add_argument("--peak_tflops", type=float, default=None, help="per-GPU dense bf16 peak for MFU (default: "
-                   "the device's, by name; 989 when unknown)")
-    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
-                   "smoke run of the code, e.g. --model tiny --layers 2 --seqlens 64 --variants torch:full,hf)")
+    _device_flags(p, smoke="--model tiny --layers 2 --seqlens 64 --variants torch:full,hf")
 
 
 def _prefill_flags(p):
@@ -68,14 +65,20 @@ def _prefill_flags(p):
     p.add_argument("--frames", type=int, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
     p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
     p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
+    _device_flags(p, smoke="--model tiny --frames 4 --backends torch")
+
+
+def _device_flags(p, smoke: str):
+    """--peak_tflops and --device, shared by the model-sized benchmarks; `smoke` is a CPU example."""
     p.add_argument("--peak_tflops", type=float, default=None, help="per-GPU dense bf16 peak for MFU (default: "
                    "the device's, by name; 989 when unknown)")
-    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available (cpu: a "
-                   "smoke run of the code, e.g. --model tiny --frames 4 --backends torch)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help=f"default: cuda when available (cpu: a smoke run of the code, e.g. {smoke})")
 
 
 def _ops_flags(p):
-    p.add_argument("--model", default="longvila-8b", help="a model preset whose width, ffn width, heads and head dim are used")
+    p.add_argument("--model", default="longvila-8b",
+                   help="a model preset whose width, ffn width, heads and head dim are used")
     p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
 
 

@@ -6,6 +6,8 @@ On a CUDA machine the real compiler is used instead (set TRITON_INTERPRET=1 your
 import os
 import sys
 
+import pytest
+
 try:
     import torch
 
@@ -18,3 +20,12 @@ if not _has_cuda:
 # tests/ holds a helper module (tests/helpers.py) that test files import as `helpers`.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Runs of train.main in the test's own process take the CPU path even on a GPU machine (mmsp.init_distributed
+    asks torch.cuda.is_available); a test file opts in with pytestmark = pytest.mark.usefixtures("cpu_only")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -14,16 +14,12 @@ import json
 import os
 
 import pytest
-import torch
 
 import data
 import train
 
 
-@pytest.fixture(autouse=True)
-def cpu_only(monkeypatch):
-    """The demo is the CPU path (mmsp.init_distributed asks torch.cuda.is_available)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+pytestmark = pytest.mark.usefixtures("cpu_only")  # conftest.py: the CPU path, also on a GPU machine
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
 
 
-@pytest.fixture(autouse=True)
-def cpu_only(monkeypatch):
-    """train.main in this process takes the CPU path too (mmsp.init_distributed asks torch.cuda.is_available)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+pytestmark = pytest.mark.usefixtures("cpu_only")  # conftest.py: the CPU path, also on a GPU machine
 
 
 @pytest.fixture(scope="module")
