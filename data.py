@@ -141,11 +141,27 @@ def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
     return np.arange(0, total, max(1, round(video_fps / fps)), dtype=np.int64)  # (ceil(total / stride),)
 
 
-class _DecordReader:
-    """decord.VideoReader: builds its key-frame index on open. Frames are read in sorted order with the same
-    plan as the PyAV reader (seek to a key frame only when it lies past the decode position, else skip_frames,
-    which decodes without colour conversion), and the position is kept between calls: get_batch would seek back
-    to the key frame at the start of every call, re-decoding up to a GOP per chunk of a long video."""
+class _SeekingReader:
+    """The decode plan both readers share: wanted frames in sorted order; seek to the last key frame <= the next one
+    only when that key frame lies past the decode position (or the frame lies behind it), else decode forward. The
+    position is kept between calls, so reading a long video chunk by chunk never re-decodes a GOP."""
+
+    keys: np.ndarray  # (k,) key-frame indices, keys[0] == 0
+    pos = -1  # index of the last frame decoded
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        got = {}
+        for target in np.unique(indices):
+            kf = int(self.keys[np.searchsorted(self.keys, target, side="right") - 1])  # last key frame <= target
+            if target <= self.pos or kf > self.pos:
+                self.seek(kf)  # sets pos = kf - 1
+            got[int(target)] = self.decode_to(int(target))  # (H, W, 3) uint8
+        return np.stack([got[int(i)] for i in indices])  # (F, H, W, 3)
+
+
+class _DecordReader(_SeekingReader):
+    """decord.VideoReader (it indexes the key frames on open). Its get_batch would seek back to a key frame at the
+    start of every call; skip_frames decodes without colour conversion."""
 
     def __init__(self, path: str, threads: int = 0):
         import decord  # optional dependency: ImportError sends us to PyAV
@@ -155,23 +171,23 @@ class _DecordReader:
         self.fps = float(self.vr.get_avg_fps())
         if self.num_frames <= 0:
             raise MediaError(f"{path}: decord found no video frames")
-        self.keys = np.asarray(self.vr.get_key_indices(), dtype=np.int64)  # (k,) key frame indices
-        self.pos = -1  # index of the last frame returned by next()
+        self.keys = np.asarray(self.vr.get_key_indices(), dtype=np.int64)  # (k,)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         if len(self.keys) == 0 or self.keys[0] != 0:  # no usable key-frame index: let decord plan it
             return self.vr.get_batch(list(map(int, indices))).asnumpy()  # (F, H, W, 3) uint8
-        got = {}
-        for target in np.unique(indices):
-            kf = int(self.keys[np.searchsorted(self.keys, target, side="right") - 1])  # last key frame <= target
-            if target <= self.pos or kf > self.pos:
-                self.vr.seek(kf)
-                self.pos = kf - 1
-            if target - self.pos > 1:
-                self.vr.skip_frames(int(target - self.pos - 1))
-            got[int(target)] = self.vr.next().asnumpy()  # (H, W, 3) uint8
-            self.pos = int(target)
-        return np.stack([got[int(i)] for i in indices])  # (F, H, W, 3)
+        return super().get(indices)
+
+    def seek(self, kf: int):
+        self.vr.seek(kf)
+        self.pos = kf - 1
+
+    def decode_to(self, target: int) -> np.ndarray:
+        if target - self.pos > 1:
+            self.vr.skip_frames(target - self.pos - 1)
+        frame = self.vr.next().asnumpy()  # (H, W, 3) uint8
+        self.pos = target
+        return frame
 
     def timestamps(self, indices: np.ndarray) -> np.ndarray:
         return self.vr.get_frame_timestamp(list(map(int, indices)))[:, 0].astype(np.float64)  # (F,) start s
@@ -180,14 +196,9 @@ class _DecordReader:
         self.vr = None
 
 
-class _PyAVReader:
-    """PyAV reader that never decodes a long video whole.
-
-    On open it demuxes the packets once (no decoding: cheap) to learn every frame's pts and where the key frames
-    are; frame i is the i-th smallest pts (exact even for variable frame rate). To get a sorted list of frames it
-    seeks to the key frame before a wanted frame only when that key frame lies past the current decode position,
-    otherwise it keeps decoding forward; only the wanted frames are converted to RGB.
-    """
+class _PyAVReader(_SeekingReader):
+    """PyAV. On open it demuxes the packets once (no decoding: cheap) to learn every frame's pts and the key frames;
+    frame i is the i-th smallest pts (exact even at a variable frame rate). Only wanted frames are converted to RGB."""
 
     def __init__(self, path: str, threads: int = 0):
         import av
@@ -209,8 +220,9 @@ class _PyAVReader:
             raise MediaError(f"{path}: no decodable video packets")
         order = np.argsort(pts, kind="stable")
         self.pts = np.asarray(pts, dtype=np.int64)[order]  # (n,) presentation order
-        self.key = np.asarray(key, dtype=bool)[order]  # (n,)
-        self.key[0] = True  # decoding always starts somewhere
+        is_key = np.asarray(key, dtype=bool)[order]  # (n,)
+        is_key[0] = True  # decoding always starts somewhere
+        self.keys = np.flatnonzero(is_key)  # (k,)
         self.pts_to_index = {int(p): i for i, p in enumerate(self.pts)}
         self.num_frames = len(self.pts)
         tb = float(self.stream.time_base)
@@ -223,39 +235,23 @@ class _PyAVReader:
             self.fps = (self.num_frames - 1) / span if span > 0 else 1.0
         self.time = (self.pts - start) * tb  # (n,) seconds
         self.container.seek(int(self.pts[0]), stream=self.stream, backward=True)
-        self._iter = None
-        self._pos = -1  # index of the last frame decoded by _iter
 
-    def _frames_from(self, key_index: int):
-        self.container.seek(int(self.pts[key_index]), stream=self.stream, backward=True)
-        for frame in self.container.decode(self.stream):
-            yield frame
+    def seek(self, kf: int):
+        self.container.seek(int(self.pts[kf]), stream=self.stream, backward=True)
+        self.frames, self.pos = self.container.decode(self.stream), kf - 1
 
-    def get(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
-        wanted = np.unique(indices)
-        got: dict[int, np.ndarray] = {}
-        key_pos = np.flatnonzero(self.key)  # (k,) frame indices of key frames
-        for target in wanted:
-            kf = int(key_pos[np.searchsorted(key_pos, target, side="right") - 1])  # last key frame <= target
-            if self._iter is None or target <= self._pos or kf > self._pos:
-                self._iter, self._pos = self._frames_from(kf), kf - 1  # jump: cheaper than decoding forward
-            frame = None
-            for frame in self._iter:
-                idx = self.pts_to_index.get(int(frame.pts)) if frame.pts is not None else self._pos + 1
-                self._pos = idx if idx is not None else self._pos + 1
-                if self._pos >= target:
-                    break
-            else:
-                self._iter = None
-            if frame is None or self._pos < target:
-                raise MediaError(f"{self.path}: decoding stopped before frame {target} of {self.num_frames}"
-                                 " (truncated file?)")
-            got[int(target)] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
-        return np.stack([got[int(i)] for i in indices])  # (F, H, W, 3)
+    def decode_to(self, target: int) -> np.ndarray:
+        for frame in self.frames:
+            idx = self.pts_to_index.get(int(frame.pts)) if frame.pts is not None else None
+            self.pos = idx if idx is not None else self.pos + 1
+            if self.pos >= target:
+                return frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        self.pos = self.num_frames  # the decoder ran dry: the next call seeks
+        raise MediaError(f"{self.path}: decoding stopped before frame {target} of {self.num_frames}"
+                         " (truncated file?)")
 
     def timestamps(self, indices: np.ndarray) -> np.ndarray:
-        return self.time[np.asarray(indices, dtype=np.int64)].astype(np.float64)
+        return self.time[indices].astype(np.float64)
 
     def close(self):
         self.container.close()
@@ -263,10 +259,8 @@ class _PyAVReader:
 
 class VideoFile:
     """An open video: .num_frames, .fps, .backend, .indices(num_frames, fps), .get(indices) -> (F, H, W, 3) uint8.
-
-    backend: "decord" | "pyav" | None (decord, and PyAV when decord is missing or fails on the file).
-    threads: decoder threads (0: the library's default, about one per core; loader workers pass their share).
-    """
+    backend: "decord" | "pyav" | None (decord, and PyAV when decord is missing or fails on the file); threads:
+    decoder threads (0: the library's default, about one per core; loader workers pass their share)."""
 
     def __init__(self, path: str, backend: str | None = None, threads: int = 0):
         if not os.path.isfile(path):
@@ -304,20 +298,21 @@ class VideoFile:
         return idx
 
     def get(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
         try:
-            frames = self.reader.get(np.asarray(indices, dtype=np.int64))  # (F, H, W, 3)
+            frames = self.reader.get(indices)  # (F, H, W, 3)
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001
-            if self.backend == "decord":  # decord opened the file but fails to decode it: PyAV gets a try
-                try:
-                    self.reader.close()
-                    self.reader, self.backend = _PyAVReader(self.path, self.threads), "pyav"
-                    return self.reader.get(np.asarray(indices, dtype=np.int64))
-                except Exception as e2:  # noqa: BLE001
-                    raise MediaError(f"{self.path}: cannot decode frames ({type(e).__name__}: {e}; "
-                                     f"pyav: {type(e2).__name__}: {e2})") from e2
-            raise MediaError(f"{self.path}: cannot decode frames ({type(e).__name__}: {e})") from e
+            if self.backend != "decord":
+                raise MediaError(f"{self.path}: cannot decode frames ({type(e).__name__}: {e})") from e
+            try:  # decord opened the file but fails to decode it: PyAV gets a try
+                self.reader.close()
+                self.reader, self.backend = _PyAVReader(self.path, self.threads), "pyav"
+                frames = self.reader.get(indices)
+            except Exception as e2:  # noqa: BLE001
+                raise MediaError(f"{self.path}: cannot decode frames ({type(e).__name__}: {e}; "
+                                 f"pyav: {type(e2).__name__}: {e2})") from e2
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(indices):
             raise MediaError(f"{self.path}: decoder returned {frames.shape}, expected ({len(indices)}, H, W, 3)")
         return frames
@@ -341,7 +336,6 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
     with VideoFile(path, backend) as video:
         idx = video.indices(num_frames, fps)  # (F,)
         return video.get(idx), idx, video.timestamps(idx)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,13 +372,8 @@ def expand_to_square(frames: torch.Tensor) -> torch.Tensor:
 def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str = "resize") -> torch.Tensor:
     """uint8 (F, H, W, 3) -> float32 (F, 3, S, S) in [-1, 1]: SigLIP's processor (PIL bicubic, /255, mean 0.5
     std 0.5), batched. aspect: "resize" (stretch to a square) or "pad" (expand_to_square first), the checkpoint's
-    image_aspect_ratio.
-
-    torch's antialiased bicubic uses PIL's kernel (a = -0.5, widened when shrinking); its uint8 version is PIL's
-    algorithm itself (two separable passes, rounded to uint8 in between), within one grey level of PIL. When one
-    side grows while the other shrinks the two libraries run the passes in another order, so there we resize in
-    float (exactly PIL's float result).
-    """
+    image_aspect_ratio. torch's antialiased uint8 bicubic is PIL's algorithm (within one grey level), except when
+    one side grows while the other shrinks: PIL then runs the passes in another order, so we resize in float."""
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"preprocess expects uint8 frames (F, H, W, 3), got {tuple(x.shape)} {x.dtype}")
@@ -405,14 +394,10 @@ def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str =
 
 def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64, threads: int = 1,
                  aspect: str = "resize") -> torch.Tensor:
-    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size frames at a time, so a
-    1024-frame 720p read never holds more than `chunk` RGB frames. -> (F, 3, S, S)
-
-    threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded by its own reader
-    of the file in its own thread (decord calls through ctypes, PyAV decodes and converts, torch resizes: all
-    without the GIL), so the RGB conversion and the resize run in parallel too. Every run starts at a key frame,
-    so the pixels equal the one-thread result.
-    """
+    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size RGB frames at a time.
+    -> (F, 3, S, S). threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded
+    and resized by its own reader in its own thread (decord, PyAV and torch all release the GIL); every run starts
+    at a key frame, so the pixels equal the one-thread result."""
     indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
     if threads <= 1 or len(indices) < 2 * threads:
