@@ -22,6 +22,7 @@ media paths relative to the JSON file's folder; an item: {"id", "input_ids" (T,)
 (F, 3, S, S) | None}, labels IGNORE_INDEX except on the replies the model learns.
 """
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -435,20 +436,16 @@ CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 TINY_SPECIALS = ["<|pad|>"] + LLAMA3_SPECIALS + CHATML_SPECIALS
 
 
-def _tiny_pretokenizer():
+def build_tiny_tokenizer() -> HFTokenizer:
+    """A byte-level BPE (like Llama-3's and Qwen2's) trained on the demo's WORDS: 256 byte tokens, so ANY text
+    encodes, plus merges until every word (with and without a leading space) is one token. Deterministic (a fixed
+    sorted corpus; ties broken by pair order); it adds no BOS of its own."""
     # Llama-3's split pattern with single digits (a passkey is then one token per digit), then GPT-2 byte mapping
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def build_tiny_tokenizer() -> HFTokenizer:
-    """A byte-level BPE (like Llama-3's and Qwen2's) trained on the demo's WORDS: 256 byte tokens, so ANY text
-    encodes, plus merges until every word (with and without a leading space) is one token. Deterministic: the
-    trainer breaks ties by pair order, and the corpus is a fixed sorted list. It adds no BOS of its own."""
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = _tiny_pretokenizer()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     corpus = [w for word in WORDS for w in (word, " " + word)] + ["\n\n", "\n", " \n"]
     trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=1, show_progress=False,
@@ -465,11 +462,9 @@ class Tokenizer:
 
     template "llama3": bos_id <|begin_of_text|>, eot_id <|eot_id|> (ends a turn), eod_id <|end_of_text|> (ends the
     last message and a stage-4 document). template "chatml": bos_id None, eot_id <|im_end|>, eod_id <|endoftext|>.
-    eos_id: the token after the final reply in training (Llama-3: <|end_of_text|>, ChatML: <|im_end|>); stop_ids:
-    generation stops on any of them (pass as eos_token_id). auto_bos_id: the BOS the tokenizer.json itself puts in
-    front of every text (Llama-3's does; None for the tiny one and Qwen2's).
-    encode() never turns text into a control token: the wrapped tokenizer runs with encode_special_tokens=True
-    (a literal "<|eot_id|>" typed by a user is split into ordinary tokens), and the result is checked.
+    eos_id: the token after the final reply in training; stop_ids: generation stops on any of them. auto_bos_id: the
+    BOS the tokenizer.json itself puts in front of every text (Llama-3's does). encode() never turns text into a
+    control token: a literal "<|eot_id|>" typed by a user is split into ordinary tokens.
     """
 
     def __init__(self, hf_tokenizer: HFTokenizer, template: str | None = None, source: str = "<memory>"):
@@ -549,7 +544,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
-        if self.special_ids.intersection(ids):  # cannot happen with encode_special_tokens; checked anyway
+        if self.special_ids.intersection(ids):  # encode_special_tokens rules it out; checked anyway
             raise ValueError(f"{self.source}: text {text[:60]!r} encoded to a control token")
         return ids
 
@@ -725,9 +720,8 @@ def build_niah_prompt(tokenizer: Tokenizer, num_frames: int, tokens_per_frame: i
                       answer: str | None = None) -> tuple[list[int], list[int]]:
     """The reference's V-NIAH prompt (eval_vision_niah.py): the preprompt (system, user header), num_frames frames
     of tokens_per_frame slots with NO separator, the question, the end of the user turn and the assistant header,
-    then the answer if given (supervised, no end token: it is teacher-forced). Each part is tokenized on its own
-    and without the tokenizer's BOS (main's safe_tokenize strips it): the template's BOS is the only one.
-    1400 frames at 196 tokens = 274,400 visual slots. -> (input_ids, labels)"""
+    then the answer if given (supervised, no end token: it is teacher-forced). Each part is tokenized without the
+    tokenizer's BOS (main's safe_tokenize strips it): the template's BOS is the only one. -> (input_ids, labels)"""
     if num_frames < 1:
         raise InputError(f"the V-NIAH prompt needs at least one frame, got {num_frames}")
     frames = [[IMAGE_TOKEN_ID] * tokens_per_frame] * num_frames
@@ -799,18 +793,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA-style JSON files mixed by weight -> {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S)|None}.
 
     A file of n samples with weight w contributes round(w * n) of them (w < 1: a seeded subset; w > 1: repeats),
-    shuffled together by `seed`. A sample holds images ("image": path | [paths]) or one video ("video": path), the
-    paths relative to media_root (None: the JSON file's own folder). Without a marker in any user turn, one
-    "<image>\\n" per image (or "<video>\\n") goes in front of the first one, as the reference does. Videos: num_frames
-    uniform frames, or the reference's rule at `fps` (capped by num_frames). aspect: "resize" | "pad" (the
-    checkpoint's image_aspect_ratio).
+    shuffled together by `seed`. Media paths are relative to media_root (None: the JSON file's own folder); a sample
+    without markers gets one "<image>\\n" per image (or "<video>\\n") in front of its first user turn, as the
+    reference does. Videos: num_frames uniform frames, or the reference's rule at `fps` (capped by num_frames).
 
-    Too long (> max_len tokens): video frames are dropped first, keeping the uniform spread; if the text alone is
-    still too long its end is cut with a warning (never inside the frames; a sample left without supervised tokens
-    is skipped). A missing or corrupt media file or a malformed sample: a warning naming the file or sample,
-    `self.skipped += 1` (the file in self.skipped_files) and the next sample is returned instead, so training goes
-    on; 64 failures in a row raise an InputError with the last causes. The counters live in the process that builds
-    the item (DataLoader workers keep their own).
+    Over max_len tokens: video frames are dropped first (keeping the uniform spread), then the text's end is cut
+    (never inside the frames). A sample that cannot be built is skipped with a warning naming the file or sample and
+    counted in self.skipped / self.skipped_files (per process: loader workers keep their own); the next sample is
+    returned instead, and 64 failures in a row raise an InputError.
     """
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
@@ -824,11 +814,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.aspect = aspect  # "resize" | "pad": the checkpoint's image_aspect_ratio
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.video_backend = video_backend  # None: decord, PyAV on failure
-        # threads decoding one video: 0 = one reader with the library's own threads; k >= 1 = k single-threaded
-        # readers on k runs of the frames (video_pixels); loader workers set their share of the cores
+        # threads per video: 0 = one reader with the library's own threads; k >= 1 = k single-threaded readers
         self.decode_threads = decode_threads
-        # (sp_rank, sp) or None: decode only the frames this rank of a sequence-parallel group encodes (train.py
-        # sets it); the others stay -1, the sample's shapes and tokens are unchanged
+        # (sp_rank, sp) or None: decode only the frames this SP rank encodes (train.py sets it); see _pixels
         self.frame_shard: tuple[int, int] | None = None
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
@@ -865,24 +853,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return self._needle_sample(sample, root, sid)
         convs, kind, paths = self._conversation(sample, sid)
         media, counts = [], []
-        try:  # every video opened here is closed in `finally`, whatever fails
+        with contextlib.ExitStack() as opened:  # every video opened here is closed, whatever fails
             for rel in paths:
                 path = os.path.join(root, rel)
                 if kind == "image":
                     media.append(load_image(path))  # (H, W, 3)
                     counts.append(1)
                 else:
-                    video = VideoFile(path, self.video_backend, 1 if self.decode_threads >= 1 else 0)
+                    threads = 1 if self.decode_threads >= 1 else 0  # with video_pixels' threads: one each
+                    video = opened.enter_context(VideoFile(path, self.video_backend, threads))
                     media.append((video, video.indices(self.num_frames, self.fps)))
                     counts.append(len(media[-1][1]))  # F frames after uniform / fps sampling
             ids, labels = build_conversation(convs, self.tokenizer, counts, self.tokens_per_frame,
                                              add_generation_prompt=False)
             ids, labels, counts = self._fit(sid, convs, ids, labels, counts, kind)
             images = self._pixels(kind, media, counts)  # (F_total, 3, S, S) | None
-        finally:
-            for m in media:
-                if kind == "video":
-                    m[0].close()
         n_slots = sum(1 for x in ids if x == IMAGE_TOKEN_ID)
         if n_slots != (0 if images is None else len(images)) * self.tokens_per_frame:  # the model's embed contract
             raise ValueError(f"sample {sid}: {n_slots} image slots for {0 if images is None else len(images)} frames")
@@ -1121,8 +1106,6 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 #          prompts): media/haystack (needle-free haystacks) + media/needles, 4-48 frames, both layouts
 #   eval/  held out (other seeds): niah/haystack (64 s at 2 fps, no needle), niah/needles (one per colour, and
 #          needles.json), mcq/mcq.json + videos, caption/caption.json + videos, stage4_val.txt, stage{1,2,3,5}_val.json
-# A needle frame is one BIG shape on light gray (200, 200, 200); haystack frames one small shape on a dark
-# background, so the needle is unmistakable even at 32 px and 4 tokens per frame.
 
 DEMO_VERSION = 3  # meta.json's "version": raise it when the generator's output changes
 DEMO_SIZE = 64  # px of every demo image and video frame (even: yuv420p)
@@ -1155,33 +1138,28 @@ WORDS = sorted(set(
 
 
 def write_video(path: str, frames, fps: float, codec: str = "libx264", crf: int = 12, gop: int | None = None):
-    """Write uint8 frames (F, H, W, 3) (an array or any iterable of (H, W, 3) arrays) as an mp4 with PyAV.
-
-    Deterministic for the same frames (x264 runs single-threaded here). H and W must be even (yuv420p).
-    """
+    """Write uint8 frames (F, H, W, 3) (an array or any iterable of (H, W, 3) arrays) as an mp4 with PyAV;
+    deterministic for the same frames (x264 runs single-threaded). H and W must be even (yuv420p)."""
     import av  # optional dependency of the readers; needed to write
 
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, "w") as container:
-        stream = None
-        for frame in frames:
-            if stream is None:
-                h, w = frame.shape[:2]
-                rate = Fraction(fps).limit_denominator(1001)
-                opts = {"crf": str(crf), "threads": "1", "preset": "ultrafast"} if codec == "libx264" else {}
-                stream = container.add_stream(codec, rate=rate, options=opts)
-                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                if gop:
-                    stream.codec_context.gop_size = gop
-                if codec != "libx264":
-                    stream.codec_context.bit_rate = 2_000_000
+        opts = {"crf": str(crf), "threads": "1", "preset": "ultrafast"} if codec == "libx264" else {}
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001), options=opts)
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+        if codec != "libx264":
+            stream.codec_context.bit_rate = 2_000_000
+        for frame in itertools.chain([first], frames):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        if stream is None:
-            raise ValueError(f"{path}: no frames to write")
-        for packet in stream.encode():
-            container.mux(packet)
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode())  # flush the encoder
 
 
 _GRID = np.mgrid[0:DEMO_SIZE, 0:DEMO_SIZE].astype(np.float32)  # (2, H, W): y, x of every pixel
@@ -1307,21 +1285,16 @@ def _describe_segments(info: dict) -> str:
 
 
 def _short_qa(rng, info: dict) -> list[tuple[str, str]]:
-    objs, qa = info["objects"], []
-    if "needle" in info:
-        qa.append(("What color is the needle?", info["needle"]["color"]))
+    """The needle's colour if there is one, then two of four questions about one object, in a fixed order."""
+    objs = info["objects"]
     o = objs[int(rng.integers(len(objs)))]
+    color_q = f"What color is the {o['shape']}?"
     if len(objs) == 1:
-        qa.append((str(rng.choice(["What color is the shape?", f"What color is the {o['shape']}?"])), o["color"]))
-    else:
-        qa.append((f"What color is the {o['shape']}?", o["color"]))
-    qa.append((f"Which way does the {o['color']} {o['shape']} move?", o["motion"]))
-    qa.append((f"What shape is {o['color']}?", o["shape"]))
-    qa.append(("How many shapes are there?", COUNT_WORDS[len(objs)]))
-    keep = qa[:1] if "needle" in info else []
-    rest = qa[len(keep):]
-    picks = rng.permutation(len(rest))[:2]
-    return keep + [rest[i] for i in sorted(picks)]
+        color_q = str(rng.choice(["What color is the shape?", color_q]))
+    qa = [(color_q, o["color"]), (f"Which way does the {o['color']} {o['shape']} move?", o["motion"]),
+          (f"What shape is {o['color']}?", o["shape"]), ("How many shapes are there?", COUNT_WORDS[len(objs)])]
+    needle = [("What color is the needle?", info["needle"]["color"])] if "needle" in info else []
+    return needle + [qa[i] for i in sorted(rng.permutation(len(qa))[:2])]
 
 
 def _mcq(rng, info: dict) -> tuple[str, list[str], str]:
@@ -1334,8 +1307,7 @@ def _mcq(rng, info: dict) -> tuple[str, list[str], str]:
         q, right, pool = f"Which way does the {o['color']} {o['shape']} move?", o["motion"], list(MOTIONS)
     else:
         q, right, pool = f"What shape is {o['color']}?", o["shape"], SHAPES
-    wrong = [str(w) for w in rng.choice([p for p in pool if p != right], size=3, replace=False)]
-    opts = wrong[:]
+    opts = [str(w) for w in rng.choice([p for p in pool if p != right], size=3, replace=False)]  # wrong ones
     pos = int(rng.integers(4))
     opts.insert(pos, right)
     return q, [f"{'ABCD'[i]}. {w}" for i, w in enumerate(opts)], "ABCD"[pos]
@@ -1346,12 +1318,10 @@ def _long_qa(rng, info: dict) -> list[tuple[str, str]]:
     qa = [("What color is the needle?", info["needle"]["color"])] if "needle" in info else []
     k = int(rng.integers(len(segs) - 1))
     shape = str(rng.choice(SHAPES))
-    qa += [(str(rng.choice(["What color is the first shape?", "What color is the last shape?"])), None),
-           (f"Which shape comes after the {segs[k]['color']} {segs[k]['shape']}?", segs[k + 1]["shape"]),
-           (f"How many {shape}s are there?", COUNT_WORDS[sum(s["shape"] == shape for s in segs)])]
-    q = qa[-3][0]
-    qa[-3] = (q, segs[0]["color"] if "first" in q else segs[-1]["color"])
-    return qa
+    first_or_last = str(rng.choice(["first", "last"]))
+    return qa + [(f"What color is the {first_or_last} shape?", segs[0 if first_or_last == "first" else -1]["color"]),
+                 (f"Which shape comes after the {segs[k]['color']} {segs[k]['shape']}?", segs[k + 1]["shape"]),
+                 (f"How many {shape}s are there?", COUNT_WORDS[sum(s["shape"] == shape for s in segs)])]
 
 
 def _conv(pairs: list[tuple[str, str]], marker: str) -> list[dict]:
@@ -1388,9 +1358,10 @@ def _write_json(path: str, obj):
 LONG_CAPTION_PROMPTS = ("Describe the video.", CAPTION_PROMPT, ASK_QUESTION)
 
 
-def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, n_images: int, n_short: int,
-                n_long: int, needle_fraction: float, suffix: str = ""):
-    """Stage 1, 2, 3, 5 JSON files under json_dir with media under media_dir (paths relative to json_dir)."""
+def _demo_split(json_dir: str, seed: int, split: int, n_images: int, n_short: int, n_long: int,
+                needle_fraction: float, suffix: str = "") -> dict:
+    """Stage 1, 2, 3, 5 JSON files in json_dir, their media under json_dir/media; returns the sample counts."""
+    media_dir = os.path.join(json_dir, "media")
     rel = lambda p: os.path.relpath(p, json_dir)  # noqa: E731
     stage1, stage2, stage3, stage5 = [], [], [], []
     prompts1 = ["Describe the image.", "What is in the image?", "What is this?"]
@@ -1420,8 +1391,8 @@ def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, 
         if "needle" not in info:
             stage2.append({"id": f"s2{suffix}-vid-{i}", "video": rel(path),
                            "conversations": _conv([("Describe the video.", _describe_objects(info) + ".")], "<video>")})
-        stage3.append({"id": f"s3{suffix}-{i}", "video": rel(path), "conversations": _conv(_short_qa(rng, info),
-                                                                                           "<video>")})
+        stage3.append({"id": f"s3{suffix}-{i}", "video": rel(path),
+                       "conversations": _conv(_short_qa(rng, info), "<video>")})
         if "needle" not in info and i % 2 == 0:
             q, opts, ans = _mcq(rng, info)
             stage3.append({"id": f"s3{suffix}-mcq-{i}", "video": rel(path),
@@ -1431,8 +1402,8 @@ def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, 
         frames, info = long_clip(rng, LONG_FRAMES, LONG_SEGMENTS, needle=True)
         path = os.path.join(media_dir, "long", f"long_{i:05d}.mp4")
         write_video(path, frames, LONG_FPS)
-        stage5.append({"id": f"s5{suffix}-{i}", "video": rel(path), "conversations": _conv(_long_qa(rng, info),
-                                                                                           "<video>")})
+        stage5.append({"id": f"s5{suffix}-{i}", "video": rel(path),
+                       "conversations": _conv(_long_qa(rng, info), "<video>")})
         stage5.append({"id": f"s5{suffix}-cap-{i}", "video": rel(path), "conversations": _conv(
             [(LONG_CAPTION_PROMPTS[i % 3], _describe_segments(info))], "<video>")})
     for k, records in zip((1, 2, 3, 5), (stage1, stage2, stage3, stage5)):
@@ -1443,8 +1414,8 @@ def _demo_split(out: str, json_dir: str, media_dir: str, seed: int, split: int, 
 
 def _niah_train(out: str, cfg: DemoConfig) -> int:
     """stage5_niah.json: needle-in-a-haystack records on needle-free training haystacks (the held-out ones'
-    format) and training needles, half in each prompt layout; returns their number. Without them the needle's
-    answer was 3% of stage 5's supervised tokens, and 32-frame videos were all the model saw of long inputs."""
+    format) and training needles, half in each prompt layout, so stage 5 sees inputs longer than its 32-frame
+    videos; returns their number."""
     hays, needles, records = [], [], []
     for i in range(cfg.niah_haystacks):
         frames, _ = long_clip(np.random.default_rng([cfg.seed, 0, 10, i]), HAYSTACK_SECONDS * HAYSTACK_FPS,
@@ -1508,11 +1479,10 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
     """Every file of the demo tree under `out`; returns meta.json's content."""
     seed = cfg.seed
     os.makedirs(out)
-    counts = _demo_split(out, out, os.path.join(out, "media"), seed, 0, cfg.images, cfg.short_videos,
-                         cfg.long_videos, cfg.needle_fraction)
+    counts = _demo_split(out, seed, 0, cfg.images, cfg.short_videos, cfg.long_videos, cfg.needle_fraction)
     ev = os.path.join(out, "eval")
-    counts["val"] = _demo_split(out, ev, os.path.join(ev, "media"), seed, 1, cfg.val_images, cfg.val_short_videos,
-                                cfg.val_long_videos, cfg.needle_fraction, suffix="_val")
+    counts["val"] = _demo_split(ev, seed, 1, cfg.val_images, cfg.val_short_videos, cfg.val_long_videos,
+                                cfg.needle_fraction, suffix="_val")
     counts["stage5_niah"] = _niah_train(out, cfg)
     # stage 4: passkey documents, as text and pre-tokenised
     tok = Tokenizer.tiny(tokenizer_cache)
