@@ -235,7 +235,6 @@ class _PyAVReader(_SeekingReader):
             span = (self.pts[-1] - start) * tb
             self.fps = (self.num_frames - 1) / span if span > 0 else 1.0
         self.time = (self.pts - start) * tb  # (n,) seconds
-        self.container.seek(int(self.pts[0]), stream=self.stream, backward=True)
 
     def seek(self, kf: int):
         self.container.seek(int(self.pts[kf]), stream=self.stream, backward=True)
@@ -1033,11 +1032,9 @@ def tokenize_to_bin(text_path: str, tokenizer: Tokenizer, out_path: str) -> int:
 
 class SPSampler(torch.utils.data.Sampler):
     """Batch sampler for dp x sp training: every rank of one SP group (same dp_rank) gets the SAME indices,
-    different dp ranks get disjoint ones. Each epoch is a permutation of range(dataset_len) seeded by
-    (seed, epoch); step s of an epoch gives dp rank r the slice perm[(s*dp + r)*B : (s*dp + r + 1)*B]; the
-    remainder that does not fill a whole step is dropped so all ranks step together. Iterating yields one list of
-    B indices per step, forever (epochs follow each other); start_step resumes exactly where a run stopped.
-    len() = steps per epoch."""
+    different dp ranks disjoint ones. Epoch e is a permutation of range(dataset_len) seeded by (seed, e); step s
+    gives dp rank r the slice perm[(s*dp + r)*B : (s*dp + r + 1)*B], and a remainder short of a whole step is
+    dropped. Iterating yields B indices per step, forever; start_step resumes exactly. len() = steps per epoch."""
 
     def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, start_step: int = 0,
                  batch_size: int = 1):
@@ -1185,8 +1182,7 @@ def draw_shape(img: np.ndarray, shape: str, color, cx: float, cy: float, r: floa
 def needle_frame(rng: np.random.Generator, color: str) -> tuple[np.ndarray, dict]:
     """A BIG shape of one colour on a plain light-gray background: unmistakable among haystack frames."""
     shape = SHAPES[rng.integers(len(SHAPES))]
-    img = np.empty((DEMO_SIZE, DEMO_SIZE, 3), np.uint8)
-    img[:] = NEEDLE_BACKGROUND
+    img = np.full((DEMO_SIZE, DEMO_SIZE, 3), NEEDLE_BACKGROUND, np.uint8)
     c = DEMO_SIZE / 2 + rng.uniform(-4, 4, size=2)
     draw_shape(img, shape, COLORS[color], c[0], c[1], 0.36 * DEMO_SIZE)
     return img, {"color": color, "shape": shape}
@@ -1196,8 +1192,7 @@ def still_image(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """One shape with a colour, size, position and background (stage 1/2 stills)."""
     bg, color = str(rng.choice(list(BACKGROUNDS))), str(rng.choice(list(COLORS)))
     shape, size, pos = str(rng.choice(SHAPES)), str(rng.choice(["small", "big"])), str(rng.choice(list(POSITIONS)))
-    img = np.empty((DEMO_SIZE, DEMO_SIZE, 3), np.uint8)
-    img[:] = BACKGROUNDS[bg]
+    img = np.full((DEMO_SIZE, DEMO_SIZE, 3), BACKGROUNDS[bg], np.uint8)
     r = (0.12 if size == "small" else 0.2) * DEMO_SIZE
     fx, fy = POSITIONS[pos]
     draw_shape(img, shape, COLORS[color], fx * DEMO_SIZE + rng.uniform(-2, 2), fy * DEMO_SIZE + rng.uniform(-2, 2), r)
@@ -1353,8 +1348,7 @@ def _write_json(path: str, obj):
         f.write("\n")
 
 
-# stage 5's caption requests: evaluate.py caption's and ask's default prompts among them, so that those commands
-# get a caption from the demo model, not the one word of a question it never saw
+# stage 5's caption requests, evaluate.py caption's and ask's default prompts among them (answered with a caption)
 LONG_CAPTION_PROMPTS = ("Describe the video.", CAPTION_PROMPT, ASK_QUESTION)
 
 
@@ -1545,12 +1539,10 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 QA_CATEGORIES = ["summary", "temporal order", "counting", "spatial detail", "reasoning"]
-_CATEGORY_ALIASES = {"summary": "summary", "summarization": "summary", "overall": "summary",
-                     "temporal order": "temporal order", "temporal": "temporal order", "order": "temporal order",
-                     "sequence": "temporal order", "counting": "counting", "count": "counting",
-                     "spatial detail": "spatial detail", "spatial": "spatial detail", "detail": "spatial detail",
-                     "details": "spatial detail", "spatial details": "spatial detail", "reasoning": "reasoning",
-                     "reason": "reasoning", "causal": "reasoning"}
+_CATEGORY_ALIASES = {"summarization": "summary", "overall": "summary", "temporal": "temporal order",
+                     "order": "temporal order", "sequence": "temporal order", "count": "counting",
+                     "spatial": "spatial detail", "detail": "spatial detail", "details": "spatial detail",
+                     "spatial details": "spatial detail", "reason": "reasoning", "causal": "reasoning"}
 SEGMENT_PROMPT = "<video>\nDescribe what happens in this video clip in detail."
 
 
@@ -1574,7 +1566,8 @@ def parse_qa(text: str) -> list[dict]:
         parts = [p.strip() for p in line.strip().lstrip("-*0123456789.) \t").split("|")]
         if len(parts) != 3:
             continue
-        cat = _CATEGORY_ALIASES.get(re.sub(r"[^a-z ]", "", parts[0].lower()).strip())
+        name = re.sub(r"[^a-z ]", "", parts[0].lower()).strip()
+        cat = name if name in QA_CATEGORIES else _CATEGORY_ALIASES.get(name)
         q = re.sub(r"^(q(uestion)?\s*[:.]\s*)", "", parts[1], flags=re.I).strip()
         a = re.sub(r"^(a(nswer)?\s*[:.]\s*)", "", parts[2], flags=re.I).strip()
         if cat is None or not re.search(r"[A-Za-z]", q) or not a:
@@ -1635,8 +1628,8 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
                 duration = video.num_frames / video.fps
                 captions = []
                 for a, b in video_segments(duration, segment_s):
-                    lo, hi = int(round(a * video.fps)), max(int(round(a * video.fps)) + 1,
-                                                            min(video.num_frames, int(round(b * video.fps))))
+                    lo = int(round(a * video.fps))
+                    hi = max(lo + 1, min(video.num_frames, int(round(b * video.fps))))
                     idx = lo + uniform_indices(hi - lo, frames_per_segment)  # (f,) frames inside [a, b)
                     captions.append((a, b, caption_fn(video.get(idx), SEGMENT_PROMPT).strip()))
         except MediaError as e:
@@ -1713,14 +1706,13 @@ def _list_videos(spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Progress:
-    """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr.
+    """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr: redrawn in place on a terminal;
+    in a file (a log, a batch job) a new line only each time another EVERY of the work is done, and at the end."""
 
-    On a terminal the line is redrawn in place; written to a file (a log, a batch job) it is printed as a new line
-    only each time another `every` of the work is done (and at the end), so logs stay short and readable."""
+    WIDTH, EVERY = 24, 0.05  # characters of the bar; fraction of the work between two lines of a log file
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None, width: int = 24,
-                 every: float = 0.05):
-        self.total, self.desc, self.enabled, self.width, self.every = max(int(total), 0), desc, enabled, width, every
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
+        self.total, self.desc, self.enabled = max(int(total), 0), desc, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.n, self.t0, self.postfix, self.shown = 0, time.time(), "", -1.0
@@ -1731,22 +1723,19 @@ class Progress:
         s = int(s)
         return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
-    def line(self) -> str:
-        frac = self.n / self.total if self.total else 1.0
-        fill = int(frac * self.width)
-        elapsed = time.time() - self.t0
-        eta = elapsed / self.n * (self.total - self.n) if self.n else 0.0
-        return (f"{self.desc} {self.n}/{self.total} [{'=' * fill}{' ' * (self.width - fill)}] {frac:4.0%} "
-                f"{self._clock(elapsed)}<{self._clock(eta)} {self.postfix}").rstrip()
-
     def _draw(self, final: bool = False):
         if not self.enabled:
             return
         frac = self.n / self.total if self.total else 1.0
+        fill = int(frac * self.WIDTH)
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.n * (self.total - self.n) if self.n else 0.0
+        line = (f"{self.desc} {self.n}/{self.total} [{'=' * fill}{' ' * (self.WIDTH - fill)}] {frac:4.0%} "
+                f"{self._clock(elapsed)}<{self._clock(eta)} {self.postfix}").rstrip()
         if self.live:
-            self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
-        elif final or frac >= self.shown + self.every:  # a log file: one line per `every` of progress
-            self.stream.write(self.line() + "\n")
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        elif final or frac >= self.shown + self.EVERY:
+            self.stream.write(line + "\n")
             self.shown = frac
         self.stream.flush()
 
