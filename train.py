@@ -169,7 +169,7 @@ STAGES = {
 
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
 # far fewer samples than the reference's 8B runs (docs/performance.md). These override STAGES when the model is
-# tiny (flags still win); it needs neither LoRA's memory saving nor activation checkpointing.
+# tiny (flags still win); a tiny model needs neither LoRA (stage 4) nor activation checkpointing (stage 5).
 TINY_DEMO = {
     0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=1e-2, steps=300, global_batch=16, seq_len=512, reinit_projector=False),
@@ -195,8 +195,9 @@ DEMO_FILES = {
 #   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
 #               pretrained vision tower would bring (one colour word per sample: a signal a random model picks up).
 #   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
-#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, which
-#               stage 1's frozen LLM needs before a projector can make it write a caption (docs/performance.md).
+#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
+#               the habit of reading the answer off the image's place; without it no projector can make stage 1's
+#               frozen LLM write a caption (docs/performance.md).
 #   "needle_image": the needle image of every stage5_niah.json record ALONE, with its question: no other frame's
 #               colours to average over, so every seed learns to read a colour off the visual tokens.
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe", "stage5_niah.json": "needle_image"}
@@ -1100,16 +1101,12 @@ def publish_dir(tmp: str, final: str):
     for root, _dirs, files in os.walk(tmp):
         for path in [root] + [os.path.join(root, f) for f in files]:
             fsync(path)
-    if os.path.exists(final):
-        # a re-save of the same step (e.g. a resume that ended exactly at a checkpoint): swap through a
-        # trash name so `final` is never half-deleted while visible
-        trash = final + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
+    trash = final + ".old"
+    if os.path.exists(final):  # a re-save of the same step (a resume that ended at a checkpoint): swap through a
+        shutil.rmtree(trash, ignore_errors=True)  # trash name, so `final` is never half-deleted while visible
         os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
     fsync(os.path.dirname(os.path.abspath(final)))  # the rename itself
 
 
@@ -1348,8 +1345,7 @@ def loader_workers(cfg: TrainConfig) -> int:
 
 def _init_loader_worker(worker_id: int, decode_threads: int):
     """In each loader process: its share of the cores decodes each video (data.video_pixels' reader threads)."""
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset.cache.dataset
+    dataset = torch.utils.data.get_worker_info().dataset.cache.dataset
     if hasattr(dataset, "decode_threads"):
         dataset.decode_threads = decode_threads
 
@@ -1382,9 +1378,8 @@ def start_loader(loader: torch.utils.data.DataLoader):
 
 
 class RunLog:
-    """Rank 0's record of a stage: config.json, one JSON line per step in metrics.jsonl (every figure of the step),
-    and a progress line with step, loss, lr and tok/s (data.Progress: redrawn in place on a terminal, a line every
-    5% into a log file). The other ranks are silent."""
+    """Rank 0's record of a stage: config.json, every figure of each step in metrics.jsonl, and a progress line
+    (data.Progress: redrawn in place on a terminal, a line every 5% into a log file). The other ranks are silent."""
 
     def __init__(self, out: str, rank: int):
         self.out, self.rank, self.path = out, rank, os.path.join(out, "metrics.jsonl")
@@ -1682,14 +1677,6 @@ def demo_table(results: list) -> str:
     return "\n".join("  " + "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r[:4])) + f"  {r[4]}" for r in rows)
 
 
-def finished(cfg: TrainConfig) -> bool:
-    """--resume of a stage whose model/ is written: done, if the run recorded the flags this command gives."""
-    if not (cfg.resume and os.path.isfile(os.path.join(cfg.out, "model", "config.json"))):
-        return False
-    check_resume(cfg.out, trajectory(cfg))
-    return True
-
-
 def run(flags: dict):
     """The command: every stage's config checked, the run folders and the demo data ready, then each stage
     trained (one that --resume finds finished is skipped); on demo data each stage's held-out skill after it, and
@@ -1716,20 +1703,22 @@ def run(flags: dict):
                 layouts[cfg.sp, cfg.ring] = mmsp.make_layout(sp=cfg.sp, ring=cfg.ring)
             except ValueError as e:
                 raise InputError(f"--sp {cfg.sp} --ring {cfg.ring}: {e}") from e
-        check_layout(cfg, layouts[cfg.sp, cfg.ring])
+        layout = layouts[cfg.sp, cfg.ring]
+        check_layout(cfg, layout)
         model_dir, held = os.path.join(cfg.out, "model"), os.path.join(cfg.out, "heldout.json")
-        if finished(cfg):
+        if cfg.resume and os.path.isfile(os.path.join(model_dir, "config.json")):  # finished, if its flags match
+            check_resume(cfg.out, trajectory(cfg))
             if info.rank == 0:
                 print(f"stage {cfg.stage}: {model_dir} exists and matches these flags, skipped (--resume)", flush=True)
         else:
-            train_stage(cfg, info, layouts[cfg.sp, cfg.ring])
+            train_stage(cfg, info, layout)
         if not report:
             continue
         if os.path.isfile(held):  # measured when the stage finished (a --resume of a finished run)
             with open(held) as f:
                 skills.append(json.load(f))
         else:
-            skills.append(demo_skill(cfg, model_dir, info, layouts[cfg.sp, cfg.ring]))
+            skills.append(demo_skill(cfg, model_dir, info, layout))
             if info.rank == 0:
                 write_text_atomic(held, json.dumps(skills[-1], indent=1) + "\n")
         if info.rank == 0:
