@@ -823,8 +823,7 @@ def train_step(st: Stage, step: int):
     t_data = time.time() - t0
     if "error" in item:  # no readable sample (every media file missing, ...): the user's data, not a bug
         raise InputError(item["error"])
-    profiler = StepProfiler(cfg.profile_step == step + 1 and rank == 0, device)
-    with profiler:
+    with StepProfiler(cfg.profile_step == step + 1 and rank == 0, device) as profiler:
         loss, tokens, lengths = forward_backward(st.model, item["batches"], st.layout, world, device, st.autocast)
         profiler.mark()  # forward+backward done
         norm = grad_norm_and_clip(st.params, cfg.grad_clip)
@@ -1535,13 +1534,13 @@ def kernel_time(trace: str) -> list[str]:
     kinds overlap across streams and can sum past it); [] when it holds no kernels."""
     with open(trace) as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not ev:
+        return []
     kinds, busy, end = collections.Counter(), 0.0, -math.inf
     for e in sorted(ev, key=lambda e: e["ts"]):  # microseconds
         kinds[kernel_kind(e["name"])] += e["dur"] / 1e3  # ms
         busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
         end = max(end, e["ts"] + e["dur"])
-    if not ev:
-        return []
     span = (end - min(e["ts"] for e in ev)) / 1e3
     return [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"] + [
         f"  {k:40s} {v:9.1f} ms" for k, v in kinds.most_common()]
