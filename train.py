@@ -24,6 +24,7 @@ Sections:
   --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -151,12 +152,9 @@ class StagePreset:
 
 
 STAGES = {
-    # Stage 0 is not LongVILA's: the reference starts from a pretrained vision tower (SigLIP) and a pretrained LLM
-    # (Llama-3 / Qwen2). A model that starts from random weights (the tiny demo) first trains stand-ins for them:
-    # everything, on single-turn "what colour is the needle" questions about short videos and needle images (the
-    # visual skill) and, as text, on captions written where their image would be (the caption language; see
-    # STAND_IN_DATA).
-    # `--stage all` runs stage 0 only when there is no --init_from.
+    # Stage 0 is not LongVILA's, which starts from a pretrained SigLIP and LLM: a model from random weights (the tiny
+    # demo) first trains stand-ins for them, everything on needle-colour questions and captions as text
+    # (STAND_IN_DATA). `--stage all` runs stage 0 only when there is no --init_from.
     0: StagePreset("stand-in-pretraining", "needle-colour QA + captions as text", True, True, True, lr=1e-3),
     1: StagePreset("alignment", "image-caption pairs", False, True, False, lr=1e-3, reinit_projector=True),
     2: StagePreset("pretraining", "captions / interleaved image-text", False, True, True, lr=5e-5),
@@ -170,11 +168,8 @@ STAGES = {
 }
 
 # The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
-# far fewer samples than the reference's 8B runs. These override STAGES when the model is tiny (flags still win).
-# Measured on the demo (seeds 0-2): stage 1 at 60 steps of 3e-3 named the colour of 8/32 held-out stills, 300 steps
-# of 1e-2 name 22-31/32; stage 4 at 10 steps of 1e-4 left the held-out passkey text at perplexity ~10,900 (a
-# uniform guess is 1,024), 100 steps of 1e-3 bring it to ~2. Stage 4 fine-tunes the whole LLM (LoRA saves memory,
-# which a tiny model does not need); stage 5 needs no activation checkpointing (a few MB of activations).
+# far fewer samples than the reference's 8B runs (docs/performance.md). These override STAGES when the model is
+# tiny (flags still win); a tiny model needs neither LoRA (stage 4) nor activation checkpointing (stage 5).
 TINY_DEMO = {
     0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=1e-2, steps=300, global_batch=16, seq_len=512, reinit_projector=False),
@@ -186,9 +181,7 @@ TINY_DEMO = {
 }
 
 # The demo folder's files per stage (data.py's docstring). Stage 5 mixes short data back in (paper Sec. 3.1) and
-# trains on needle-in-a-haystack samples built as evaluate.py niah builds its prompts (stage5_niah.json, 4-48
-# haystack frames): without them the needle's answer was 3% of stage 5's supervised tokens, and the model, trained
-# on 32-frame videos only, met 9-, 17- and 33-frame prompts first at evaluation.
+# trains on needle-in-a-haystack prompts of 4-48 frames built as evaluate.py niah builds them (stage5_niah.json).
 DEMO_FILES = {
     0: [("stage3.json", 1.0), ("stage1.json", 0.5), ("stage5_niah.json", 0.25)],  # see STAND_IN_DATA
     1: [("stage1.json", 1.0)],
@@ -200,17 +193,13 @@ DEMO_FILES = {
 
 # What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
 #   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
-#               pretrained vision tower would bring (one colour word per sample is a signal a random model picks up
-#               in ~100 steps; the same question as one turn of four among other tasks takes far longer).
+#               pretrained vision tower would bring (one colour word per sample: a signal a random model picks up).
 #   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
 #               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
-#               the habit of reading the answer off the image's place, which stage 1's projector then has to
-#               serve from pixels. Without it the frozen LLM of stage 1 has never seen a caption and no projector
-#               can make it write one. Copying the shape word needs an induction head, which forms late: with 240 of
-#               these (weight 0.2) seed 0 had none by step 300 and stage 1 collapsed (docs/performance.md); 600 do.
+#               the habit of reading the answer off the image's place; without it no projector can make stage 1's
+#               frozen LLM write a caption (docs/performance.md).
 #   "needle_image": the needle image of every stage5_niah.json record ALONE, with its question: no other frame's
-#               colours to average over, so reading a colour off the visual tokens is learnt whatever the seed
-#               (without it seed 0 learnt the needle in 300 steps, seed 1 half of it, seed 2 not at all).
+#               colours to average over, so every seed learns to read a colour off the visual tokens.
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe", "stage5_niah.json": "needle_image"}
 
 
@@ -560,13 +549,11 @@ def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> to
 
 
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
-    """ZeRO-3 over the whole world with FSDP2: every block is one unit (all-gathered just in time, freed after),
-    the rest (embeddings, projector, norms, output) is the root unit. Parameters stay fp32 (the master weights
-    AdamW updates); with compute_dtype bf16 each all-gather casts them to bf16 and gradients are reduced in fp32.
-
-    FSDP2 runs on gloo as well (CPU), so CPU and GPU runs take the same code path. Gradients are SUMMED over
-    ranks (divide factor 1), because every rank's loss is already divided by the global supervised-token count.
-    """
+    """ZeRO-3 over the whole world with FSDP2 (on gloo too: CPU runs take the same path): every block is one unit
+    (all-gathered just in time, freed after), the rest (embeddings, projector, norms, output) the root unit.
+    Parameters stay fp32 (AdamW's master weights); with compute_dtype bf16 each all-gather casts them to bf16 and
+    gradients are reduced in fp32. Gradients are SUMMED over ranks (divide factor 1): every rank's loss is already
+    divided by the global supervised-token count."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in list(model.vision.layers) + list(model.llm.layers):  # the repeated blocks (SigLIP's, the LLM's)
@@ -576,7 +563,6 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM, and nothing to scale
-    return model
 
 
 def init_weights_(model):
@@ -837,8 +823,7 @@ def train_step(st: Stage, step: int):
     t_data = time.time() - t0
     if "error" in item:  # no readable sample (every media file missing, ...): the user's data, not a bug
         raise InputError(item["error"])
-    profiler = StepProfiler(cfg.profile_step == step + 1 and rank == 0, device)
-    with profiler:
+    with StepProfiler(cfg.profile_step == step + 1 and rank == 0, device) as profiler:
         loss, tokens, lengths = forward_backward(st.model, item["batches"], st.layout, world, device, st.autocast)
         profiler.mark()  # forward+backward done
         norm = grad_norm_and_clip(st.params, cfg.grad_clip)
@@ -894,10 +879,9 @@ def finish_stage(st: Stage) -> str:
 
 
 def save_model(model, path: str, world: int, tokenizer_json: str | None):
-    """The released VILA layout (config.json, llm/, vision_tower/, mm_projector/) from any number of ranks: the
-    full state dict is gathered on rank 0, LoRA merged into its weights, put into a plain skeleton (built on meta,
-    tensors assigned) and saved with LongVILA.save_pretrained: the folder never depends on the wrapper, the LoRA
-    or the world size that wrote it."""
+    """The released VILA layout from any number of ranks: the full state dict gathered on rank 0, LoRA merged,
+    assigned to a plain model built on meta and saved by save_pretrained: the folder never depends on the wrapper,
+    the LoRA or the world size that wrote it."""
     if world == 1:
         sd = {k: v.detach() for k, v in model.state_dict().items()}
     else:  # every rank takes part in gathering the shards; rank 0 writes
@@ -1116,16 +1100,12 @@ def publish_dir(tmp: str, final: str):
     for root, _dirs, files in os.walk(tmp):
         for path in [root] + [os.path.join(root, f) for f in files]:
             fsync(path)
-    if os.path.exists(final):
-        # a re-save of the same step (e.g. a resume that ended exactly at a checkpoint): swap through a
-        # trash name so `final` is never half-deleted while visible
-        trash = final + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
+    trash = final + ".old"
+    if os.path.exists(final):  # a re-save of the same step (a resume that ended at a checkpoint): swap through a
+        shutil.rmtree(trash, ignore_errors=True)  # trash name, so `final` is never half-deleted while visible
         os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
     fsync(os.path.dirname(os.path.abspath(final)))  # the rename itself
 
 
@@ -1241,9 +1221,7 @@ def check_config(cfg: TrainConfig):
                           ("checkpoint_mode", longvila.CHECKPOINT_MODES)):  # choices known once torch is imported
         if getattr(cfg, name) not in allowed:
             raise InputError(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.cache_data and cfg.workers > 0:
-        # the cache would live in each worker (a copy per process, each decoding every sample again): caching and
-        # workers answer the same problem for different data sizes, so a run picks one
+    if cfg.cache_data and cfg.workers > 0:  # a cache per worker would decode every sample again: pick one
         raise InputError(f"--cache_data with --workers {cfg.workers}: the cache is kept in the training process, "
                          "workers decode in their own; pass --workers 0 (small data: cache) or --no_cache_data")
     if cfg.data != "synthetic" and not cfg.data.startswith("demo:"):
@@ -1299,12 +1277,9 @@ class ItemCache:
 def pack_pixels(x: torch.Tensor) -> torch.Tensor:
     """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
 
-    data.preprocess resizes in uint8 and only then normalises, (k/255 - 0.5)/0.5 = k * 2/255 - 1 for an integer
-    k, so k = round((x + 1) * 127.5) recovers it and unpack_pixels redoes preprocess's two float ops on it:
-    bitwise the same tensor at a quarter of the bytes. That matters between loader processes (a 1024-frame 384 px
-    sample is 1.8 GB in fp32, 0.45 GB in uint8, through shared memory, pinned memory and PCIe). Pixels that are
-    not of that form (data.preprocess's float path when one side grows, --data synthetic) stay float. Done 64
-    frames at a time, so packing a 1.8 GB sample needs 0.45 GB more, not two more float copies."""
+    data.preprocess normalises uint8 levels k to k * 2/255 - 1, so k = round((x + 1) * 127.5) recovers them and
+    unpack_pixels redoes those float ops: bitwise the same tensor at a quarter of the bytes to send between loader
+    processes and to the GPU. Other pixels (--data synthetic) stay float. 64 frames at a time: little extra memory."""
     k = torch.empty(x.shape, dtype=torch.uint8)  # (F, 3, S, S)
     for s in range(0, len(x), 64):
         k[s:s + 64] = x[s:s + 64].add(1.0).mul_(127.5).round_().clamp_(0, 255)  # (64, 3, S, S) levels 0..255
@@ -1314,22 +1289,15 @@ def pack_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (F, 3, S, S) from pack_pixels -> float32 in [-1, 1], the same ops as data.preprocess (on any device);
-    float input passes through."""
+    """uint8 (F, 3, S, S) from pack_pixels -> float32 in [-1, 1] (on any device); float input passes through."""
     return x.float().mul_(2.0 / 255.0).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """The data of optimizer steps first..last-1 as a map-style dataset: item k = this rank's samples of step
-    first + k (data.SPSampler: the same for every rank of an SP group) as collated micro-batches, plus the samples
-    that step had to skip.
-
-    An item is a pure function of (seed, step), so it does not matter which process builds it or in which order:
-    any number of loader workers gives the batches of workers=0. Skipped samples (unreadable media) are counted by
-    data.SupervisedDataset in whichever process built the item, and a worker's counters die with it: each item
-    carries the difference its own build made. A step with no readable sample comes as {"step", "error"}: the
-    user's data, which the training loop reports as an InputError.
-    """
+    """Item k: this rank's samples of optimizer step first + k as collated micro-batches, and the samples it had to
+    skip (unreadable media; counted here, since a worker's counters die with it). An item is a pure function of
+    (seed, step), so any number of workers gives the batches of workers=0. A step with no readable sample comes as
+    {"step", "error"}: the user's data, which the training loop reports as an InputError."""
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, pack: bool):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
@@ -1367,38 +1335,26 @@ def cores_per_process() -> int:
 
 
 def loader_workers(cfg: TrainConfig) -> int:
-    """--workers, or when -1 (auto): 0 with --cache_data (after the first epoch every step is a dictionary
-    lookup: nothing to overlap), else min(8, cores / processes on this node). Decoding a long video is slow, so the
-    loader wants every core it can get; the processes of a node share them, and past 8 per process the in-flight
-    samples' memory (workers x 2 steps) costs more than it gains."""
+    """--workers, or when -1 (auto): 0 with --cache_data (nothing to overlap with a dictionary lookup), else this
+    process's share of the cores, at most 8 (past that the in-flight samples' memory costs more than it gains)."""
     if cfg.workers >= 0:
         return cfg.workers
     return 0 if cfg.cache_data else min(8, cores_per_process())
 
 
 def _init_loader_worker(worker_id: int, decode_threads: int):
-    """In each loader process: its share of the cores decodes each video (data.video_pixels: that many readers on
-    contiguous runs of the frames; DataLoader already set torch to 1 thread). With few workers a sample is ready
-    sooner (and fewer samples sit in memory); with as many workers as cores it is 1 thread each, no
-    oversubscription."""
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset.cache.dataset
+    """In each loader process: its share of the cores decodes each video (data.video_pixels' reader threads)."""
+    dataset = torch.utils.data.get_worker_info().dataset.cache.dataset
     if hasattr(dataset, "decode_threads"):
         dataset.decode_threads = decode_threads
 
 
 def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, workers: int,
                 pin_memory: bool, seed: int, timeout: float = 0) -> torch.utils.data.DataLoader:
-    """Batches of steps first..last-1, in order. workers = 0: built in this process when the step asks for them
-    (the plain synchronous loop). workers = N > 0: N forked processes build the next steps while the current one
-    trains; each holds at most 2 finished steps (prefetch_factor), so at most 2N steps of pixels are in memory.
-
-    batch_size=None: an item already is a whole step (no re-collation). One pass over the stage's steps is one
-    DataLoader epoch, so persistent_workers would never be used: workers end with the stage. The generator is
-    private because creating the iterator draws a seed for the workers, and drawing it from torch's global RNG
-    would change the training RNG stream (and break bitwise equality with workers=0 and exact resume). Workers send
-    pixels as uint8 (pack_pixels; forward_backward unpacks them on the compute device). timeout (workers > 0):
-    seconds to wait for one step before raising (0: forever; benchmarks)."""
+    """Batches of steps first..last-1, in order: built in this process when a step asks (workers = 0), or by N
+    forked processes while the current step trains, each holding at most 2 finished steps, pixels as uint8.
+    The generator is private: the workers' seed drawn from torch's global RNG would change the training's RNG
+    stream (and break exact resume). timeout (workers > 0): seconds to wait for one step (0: forever)."""
     steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
     extra = {}
     if workers > 0:
@@ -1413,19 +1369,16 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
 
 
 def start_loader(loader: torch.utils.data.DataLoader):
-    """iter(loader), after freeing this process's garbage when workers are about to be forked. A forked child that
-    frees an object of a library with threads of its own waits forever for threads that exist only in the parent
-    (a worker hung in PyAV's VideoReformatter.__dealloc__, swscale's slice threads, on garbage left by earlier
-    videos of the parent). Collected here, in the parent, nothing of the kind is left for a child to free."""
+    """iter(loader), after collecting this process's garbage when workers are about to be forked: a forked child
+    freeing a threaded library's object (PyAV's) waits forever for threads that exist only in the parent."""
     if loader.num_workers > 0:
         gc.collect()
     return iter(loader)
 
 
 class RunLog:
-    """Rank 0's record of a stage: config.json, one JSON line per step in metrics.jsonl (every figure of the step),
-    and a progress line with step, loss, lr and tok/s (data.Progress: redrawn in place on a terminal, a line every
-    5% into a log file). The other ranks are silent."""
+    """Rank 0's record of a stage: config.json, every figure of each step in metrics.jsonl, and a progress line
+    (data.Progress: redrawn in place on a terminal, a line every 5% into a log file). The other ranks are silent."""
 
     def __init__(self, out: str, rank: int):
         self.out, self.rank, self.path = out, rank, os.path.join(out, "metrics.jsonl")
@@ -1526,11 +1479,11 @@ def summary(path: str, stage: int, world: int, device: torch.device) -> str:
 
 
 class StepProfiler:
-    """--profile_step: torch.profiler over one whole step (forward+backward, clipping, optimizer) on rank 0, and
+    """--profile_step: torch.profiler over one whole step on rank 0 (forward+backward, clipping, optimizer), and
     its wall-clock split, synchronised so the parts add up. On any other step it does nothing."""
 
     def __init__(self, on: bool, device: torch.device):
-        self.on, self.device = on, device
+        self.on, self.device, self.marks = on, device, []
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -1540,25 +1493,29 @@ class StepProfiler:
         self.prof.__enter__()
         return self
 
-    def mark(self):  # forward+backward done
-        self.t_fb = self._now()
-
-    def __exit__(self, *exc):
-        self.t_end = self._now()
-        return self.prof.__exit__(*exc)
-
-    def _now(self) -> float:
+    def mark(self):
+        """The time once the device is done: after forward+backward, and at the end of the step."""
         if self.on and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.time()
+        self.marks.append(time.time())
+
+    def __exit__(self, *exc):
+        self.mark()
+        return self.prof.__exit__(*exc)
 
     def report(self, log: RunLog, path: str, step: int, t0: float, t_data: float):
+        """The split; GPU time by kernel kind (on CPU: the costliest ops); the trace, written to `path` (open it in
+        chrome://tracing or ui.perfetto.dev)."""
         if not self.on:
             return
-        log.info(f"profile step {step} (rank 0): wall {self.t_end - t0:.3f} s = data wait {t_data:.3f} s + "
-                 f"forward+backward {self.t_fb - t0 - t_data:.3f} s + clipping and optimizer step "
-                 f"{self.t_end - self.t_fb:.3f} s")
-        for line in profile_report(self.prof, path):
+        t_fb, t_end = self.marks
+        log.info(f"profile step {step} (rank 0): wall {t_end - t0:.3f} s = data wait {t_data:.3f} s + "
+                 f"forward+backward {t_fb - t0 - t_data:.3f} s + clipping and optimizer step {t_end - t_fb:.3f} s")
+        self.prof.export_chrome_trace(path)
+        lines = kernel_time(path)
+        if not lines:  # a CPU run: no kernels, the op table instead
+            lines = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()
+        for line in lines + [f"trace: {path}"]:
             log.info(f"profile step {step} (rank 0, forward+backward+optimizer): {line}")
 
 
@@ -1572,32 +1529,21 @@ def kernel_kind(name: str) -> str:
             "other (elementwise, copies, reductions)")
 
 
-def profile_report(prof, path: str) -> list:
-    """Lines summing one profiled step: GPU kernel time by kind (streams overlap, so kinds can sum past the span),
-    the GPU's busy time and the 8 costliest 'other' kernels; the Chrome trace is written to `path` (or, on CPU,
-    the costliest ops). Open the trace in chrome://tracing or ui.perfetto.dev."""
-    prof.export_chrome_trace(path)
-    with open(path) as f:
+def kernel_time(trace: str) -> list[str]:
+    """A Chrome trace's GPU kernel time by kind, and the GPU's busy time (the union of the kernels' intervals: the
+    kinds overlap across streams and can sum past it); [] when it holds no kernels."""
+    with open(trace) as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    if not ev:  # CPU run: no kernels, the op table instead
-        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()
-    kinds, other = {}, {}
-    for e in ev:
-        kind = kernel_kind(e["name"])
-        kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3  # ms
-        if kind.startswith("other"):
-            n, ms = other.get(e["name"][:90], (0, 0.0))
-            other[e["name"][:90]] = (n + 1, ms + e["dur"] / 1e3)
-    busy, end = 0.0, -math.inf  # union of the kernel intervals, any stream
-    for s, d in sorted((e["ts"], e["dur"]) for e in ev):
-        busy += max(0.0, s + d - max(s, end))
-        end = max(end, s + d)
-    span = (max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
-    lines = [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"]
-    lines += [f"  {k:40s} {v:9.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    costliest = sorted(other.items(), key=lambda kv: -kv[1][1])[:8]
-    lines += [f"    {ms:8.1f} ms {n:5d}x {name}" for name, (n, ms) in costliest]
-    return lines + [f"trace: {path}"]
+    if not ev:
+        return []
+    kinds, busy, end = collections.Counter(), 0.0, -math.inf
+    for e in sorted(ev, key=lambda e: e["ts"]):  # microseconds
+        kinds[kernel_kind(e["name"])] += e["dur"] / 1e3  # ms
+        busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
+        end = max(end, e["ts"] + e["dur"])
+    span = (end - min(e["ts"] for e in ev)) / 1e3
+    return [f"GPU busy {busy / 1e3:.0f} ms of a {span:.0f} ms span; kernel time by kind:"] + [
+        f"  {k:40s} {v:9.1f} ms" for k, v in kinds.most_common()]
 
 
 # -----------------------------------------------------------------------------
@@ -1616,45 +1562,41 @@ DEMO_SKILLS = {
 
 @torch.no_grad()
 def demo_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
-    """The skill stage cfg.stage is for (DEMO_SKILLS), on the demo's held-out data; stage 4 also measures the
-    model it started from. Stage 5's needle in a haystack runs on every rank (MM-SP), the others on rank 0."""
-    with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own summary lines: the table says it all
-        res = measure_skill(cfg, model_dir, info, layout)
-    world_barrier(info)
-    return res
-
-
-def measure_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
-    """demo_skill's numbers, by stage (what skill_result prints)."""
+    """The numbers of the skill stage cfg.stage is for (DEMO_SKILLS), on the demo's held-out data; stage 4 also
+    measures the model it started from. Stage 5's needle in a haystack runs on every rank (MM-SP), the others on
+    rank 0."""
     ev, res = os.path.join(cfg.data.removeprefix("demo:"), "eval"), {"stage": cfg.stage}
-    if cfg.stage == 5:
-        model, tok = load_eval_model(model_dir, info)
-        niah = evaluate.run_niah(model, tok, os.path.join(ev, "niah", "haystack"), os.path.join(ev, "niah", "needles"),
-                                 layout=layout if info.world_size > 1 else None, progress=False,
-                                 out_dir=os.path.join(os.path.dirname(cfg.out), "niah"),
-                                 identity=evaluate.checkpoint_identity(model_dir, torch.float32))
-        by_frames = [sum(row[j] for row in niah["grid"]) / len(niah["grid"]) for j in range(len(niah["frame_counts"]))]
-        res.update(niah=niah["mean"], niah_by_frames=dict(zip(niah["frame_counts"], by_frames)))
-    elif info.rank == 0:
-        model, tok = load_eval_model(model_dir, info)
-        if cfg.stage == 0:
-            res.update(needle_8_frames=needle_colour(model, tok, os.path.join(ev, "stage3_val.json"), 8),
-                       needle_32_frames=needle_colour(model, tok, os.path.join(ev, "stage5_val.json"), 32))
-        elif cfg.stage in (1, 2):
-            res.update(caption_words(model, tok, os.path.join(ev, "stage1_val.json")))
-        elif cfg.stage == 3:
-            mcq = evaluate.run_mcq(model, tok, os.path.join(ev, "mcq", "mcq.json"), num_frames=data.SHORT_FRAMES,
-                                   max_new_tokens=4, progress=False)
-            res["mcq"] = [sum(r["correct"] for r in mcq["cells"].values()), len(mcq["cells"])]
-        else:  # stage 4: the text it extends to, before (the model it started from) and after
-            for when, path in (("before", cfg.init_from), ("after", model_dir)):
-                if path != "none":
-                    m, t = load_eval_model(path, info)
+    with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own summary lines: the table says it all
+        if cfg.stage == 5:
+            model, tok = load_eval_model(model_dir, info)
+            niah = evaluate.run_niah(model, tok, os.path.join(ev, "niah", "haystack"),
+                                     os.path.join(ev, "niah", "needles"), progress=False,
+                                     layout=layout if info.world_size > 1 else None,
+                                     out_dir=os.path.join(os.path.dirname(cfg.out), "niah"),
+                                     identity=evaluate.checkpoint_identity(model_dir, torch.float32))
+            grid = niah["grid"]  # a score per (depth, frame count)
+            res.update(niah=niah["mean"], niah_by_frames={n: sum(row[j] for row in grid) / len(grid)
+                                                          for j, n in enumerate(niah["frame_counts"])})
+        elif info.rank == 0:
+            model, tok = load_eval_model(model_dir, info)
+            if cfg.stage == 0:
+                res.update(needle_8_frames=needle_colour(model, tok, os.path.join(ev, "stage3_val.json"), 8),
+                           needle_32_frames=needle_colour(model, tok, os.path.join(ev, "stage5_val.json"), 32))
+            elif cfg.stage in (1, 2):
+                res.update(caption_words(model, tok, os.path.join(ev, "stage1_val.json")))
+            elif cfg.stage == 3:
+                mcq = evaluate.run_mcq(model, tok, os.path.join(ev, "mcq", "mcq.json"), num_frames=data.SHORT_FRAMES,
+                                       max_new_tokens=4, progress=False)
+                res["mcq"] = [sum(r["correct"] for r in mcq["cells"].values()), len(mcq["cells"])]
+            else:  # stage 4: the text it extends to, before (the model it started from) and after
+                before = [("before", load_eval_model(cfg.init_from, info))] if cfg.init_from != "none" else []
+                for when, (m, t) in before + [("after", (model, tok))]:
                     res[f"ppl_{when}"] = evaluate.run_ppl(m, t, os.path.join(ev, "stage4_val.txt"), cfg.seq_len,
                                                           progress=False)["ppl"]
                     res[f"passkey_{when}"] = evaluate.run_passkey(m, t, [cfg.seq_len // 4, cfg.seq_len // 2],
                                                                   style="demo", progress=False)["mean"]
-            res["vocab"] = model.config.llm.vocab_size  # the perplexity of a uniform guess
+                res["vocab"] = model.config.llm.vocab_size  # the perplexity of a uniform guess
+    world_barrier(info)
     return res
 
 
@@ -1696,58 +1638,42 @@ def caption_words(model, tok, path: str) -> dict:
     return {"caption_colour": [colour, len(samples)], "caption_shape": [shape, len(samples)], "example": reply}
 
 
-def skill_result(res: dict) -> str:
-    """One demo_skill result as the table's text."""
+def skill_row(res: dict) -> tuple[str, str]:
+    """One demo_skill result as the table's (result, learnt). A score is learnt when it is at least twice chance;
+    stage 4's perplexity when it fell and beats a uniform guess, its passkeys when more are found than before."""
     frac = lambda k: f"{res[k][0]}/{res[k][1]}"  # noqa: E731
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    twice = lambda k, chance: res[k][0] >= 2 * chance * res[k][1]  # noqa: E731
     stage = res["stage"]
     if stage == 0:
-        return f"{frac('needle_8_frames')}, {frac('needle_32_frames')}"
+        return (f"{frac('needle_8_frames')}, {frac('needle_32_frames')}",
+                yes(twice("needle_8_frames", 1 / 8) and twice("needle_32_frames", 1 / 8)))
     if stage in (1, 2):
         words = res["example"].split()  # the last still's caption, its first words
         example = repr(" ".join(words[:4])) + "..." * (len(words) > 4)
-        return f"{frac('caption_colour')}, {frac('caption_shape')}, e.g. {example}"
+        return (f"{frac('caption_colour')}, {frac('caption_shape')}, e.g. {example}",
+                f"colour {yes(twice('caption_colour', 1 / 8))}, shape {yes(twice('caption_shape', 1 / 4))}")
     if stage == 3:
-        return frac("mcq")
+        return frac("mcq"), yes(twice("mcq", 1 / 4))
     if stage == 4:
         had = "ppl_before" in res  # a stage 4 from random weights has no before
         ppl, key = (f"{res['ppl_before']:,.4g} -> ", f"{res['passkey_before']:.0%} -> ") if had else ("", "")
-        return f"{ppl}{res['ppl_after']:,.4g} (vocab {res['vocab']:,}) / {key}{res['passkey_after']:.0%}"
-    return f"{res['niah']:.1%} (" + ", ".join(f"{n} frames {a:.0%}" for n, a in res["niah_by_frames"].items()) + ")"
-
-
-def learnt(res: dict) -> str:
-    """Did the stage learn its skill? A score counts when it is at least twice chance; stage 4's perplexity when it
-    fell and beats a uniform guess, its passkeys when more are found than before."""
-    twice = lambda k, chance: res[k][0] >= 2 * chance * res[k][1]  # noqa: E731
-    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
-    stage = res["stage"]
-    if stage == 0:
-        return yes(twice("needle_8_frames", 1 / 8) and twice("needle_32_frames", 1 / 8))
-    if stage in (1, 2):
-        return f"colour {yes(twice('caption_colour', 1 / 8))}, shape {yes(twice('caption_shape', 1 / 4))}"
-    if stage == 3:
-        return yes(twice("mcq", 1 / 4))
-    if stage == 4:
-        ppl = res["ppl_after"] < min(res["vocab"], res.get("ppl_before", math.inf))
-        return f"ppl {yes(ppl)}, passkey {yes(res['passkey_after'] > res.get('passkey_before', 0.0))}"
-    return yes(min(res["niah_by_frames"].values()) >= 2 / 8)
+        fell = res["ppl_after"] < min(res["vocab"], res.get("ppl_before", math.inf))
+        found = res["passkey_after"] > res.get("passkey_before", 0.0)
+        return (f"{ppl}{res['ppl_after']:,.4g} (vocab {res['vocab']:,}) / {key}{res['passkey_after']:.0%}",
+                f"ppl {yes(fell)}, passkey {yes(found)}")
+    by_frames = ", ".join(f"{n} frames {a:.0%}" for n, a in res["niah_by_frames"].items())
+    return f"{res['niah']:.1%} ({by_frames})", yes(min(res["niah_by_frames"].values()) >= 2 / 8)
 
 
 def demo_table(results: list) -> str:
     """The demo's report: one row per stage, its skill, the held-out result, chance, and whether it was learnt."""
     rows = [("stage", "held-out skill", "result", "chance", "learnt")]
-    rows += [(str(r["stage"]), DEMO_SKILLS[r["stage"]][0], skill_result(r), DEMO_SKILLS[r["stage"]][1], learnt(r))
-             for r in results]
+    for r in results:
+        (skill, chance), (result, learnt) = DEMO_SKILLS[r["stage"]], skill_row(r)
+        rows.append((str(r["stage"]), skill, result, chance, learnt))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  " + "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r[:4])) + f"  {r[4]}" for r in rows)
-
-
-def finished(cfg: TrainConfig) -> bool:
-    """--resume of a stage whose model/ is written: done, if the run recorded the flags this command gives."""
-    if not (cfg.resume and os.path.isfile(os.path.join(cfg.out, "model", "config.json"))):
-        return False
-    check_resume(cfg.out, trajectory(cfg))
-    return True
 
 
 def run(flags: dict):
@@ -1776,24 +1702,26 @@ def run(flags: dict):
                 layouts[cfg.sp, cfg.ring] = mmsp.make_layout(sp=cfg.sp, ring=cfg.ring)
             except ValueError as e:
                 raise InputError(f"--sp {cfg.sp} --ring {cfg.ring}: {e}") from e
-        check_layout(cfg, layouts[cfg.sp, cfg.ring])
+        layout = layouts[cfg.sp, cfg.ring]
+        check_layout(cfg, layout)
         model_dir, held = os.path.join(cfg.out, "model"), os.path.join(cfg.out, "heldout.json")
-        if finished(cfg):
+        if cfg.resume and os.path.isfile(os.path.join(model_dir, "config.json")):  # finished, if its flags match
+            check_resume(cfg.out, trajectory(cfg))
             if info.rank == 0:
                 print(f"stage {cfg.stage}: {model_dir} exists and matches these flags, skipped (--resume)", flush=True)
         else:
-            train_stage(cfg, info, layouts[cfg.sp, cfg.ring])
+            train_stage(cfg, info, layout)
         if not report:
             continue
         if os.path.isfile(held):  # measured when the stage finished (a --resume of a finished run)
             with open(held) as f:
                 skills.append(json.load(f))
         else:
-            skills.append(demo_skill(cfg, model_dir, info, layouts[cfg.sp, cfg.ring]))
+            skills.append(demo_skill(cfg, model_dir, info, layout))
             if info.rank == 0:
                 write_text_atomic(held, json.dumps(skills[-1], indent=1) + "\n")
         if info.rank == 0:
-            print(f"stage {cfg.stage}, held-out: {DEMO_SKILLS[cfg.stage][0]}: {skill_result(skills[-1])}", flush=True)
+            print(f"stage {cfg.stage}, held-out: {DEMO_SKILLS[cfg.stage][0]}: {skill_row(skills[-1])[0]}", flush=True)
     if skills and info.rank == 0:
         print(f"\nthe demo on held-out data ({os.path.join(spec.removeprefix('demo:'), 'eval')}; heldout.json in "
               f"each stage's folder{', the heatmap in ' + niah if niah else ''}):\n{demo_table(skills)}", flush=True)
