@@ -271,31 +271,24 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
     """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C), each from the
-    hidden state at t-1 of one causal forward (teacher forcing); the LM head runs on those rows only."""
-    targets = torch.as_tensor(targets, dtype=torch.long)  # (A,)
-    if layout is not None and layout.sp > 1:
-        return sp_teacher_forced_argmax(model, h, targets, layout)
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # (1, T)
-    hidden = model.forward_embeds(h, positions)  # (1, T, C) final-normed
-    return model.llm.output(hidden[0, (targets - 1).to(h.device)]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
+    hidden state at t-1 of one causal forward (teacher forcing); the LM head runs on those rows only.
 
-
-@torch.no_grad()
-def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
-    """The MM-SP twin of `teacher_forced_argmax`: every rank of the SP group holds the same h (1, T, C).
-
+    Under MM-SP every rank of the SP group holds the same h:
     1. pad T to a multiple of 2*sp (zero rows at the end: causal attention never lets them touch real tokens);
     2. keep this rank's zigzag shard of rows and their TRUE positions (mmsp.layout_indices);
     3. run the LLM with the group's 2D (Ulysses x ring) attention hook;
     4. each needed row t-1 lives on exactly one rank (mmsp.token_owner): that rank applies the LM head to it, the
        others contribute 0, and one all-reduce (sum) over the SP group gives every rank all predictions.
     """
+    need = (torch.as_tensor(targets, dtype=torch.long) - 1).to(h.device)  # (A,) rows whose next token we want
+    if layout is None or layout.sp == 1:
+        hidden = model.forward_embeds(h, torch.arange(h.shape[1], device=h.device).unsqueeze(0))  # (1, T, C)
+        return model.llm.output(hidden[0, need]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
     T = h.shape[1]
     Tp = padded_length(T, layout.sp)
     h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C)
     idx = layout_indices(Tp, layout).to(h.device)  # (Tp/sp,) increasing true positions of my tokens
     hidden = model.forward_embeds(h[:, idx], idx.unsqueeze(0), attn=attention_hook(layout))  # (1, Tp/sp, C)
-    need = (targets - 1).to(h.device)  # (A,) rows whose next-token prediction we want
     mine = token_owner(Tp, layout).to(h.device)[need] == layout.sp_rank  # (A,) bool
     pred = torch.zeros(need.shape[0], dtype=torch.long, device=h.device)  # (A,)
     if mine.any():
@@ -343,9 +336,8 @@ class StreamPrinter:
 
 @torch.no_grad()
 def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True) -> str:
-    """Greedy reply to `text` about uint8 frames (F, H, W, 3) or preprocessed ones (F, 3, S, S) (or None), on one
-    process or MM-SP (mmsp.sp_generate shards the frames over the SP group). It stops at any of the tokenizer's
-    end tokens (Llama-3: <|eot_id|> and <|end_of_text|>); stop=False always makes max_new_tokens (timing)."""
+    """Greedy reply to `text` about uint8 frames (F, H, W, 3), preprocessed ones (F, 3, S, S) or None, on one
+    process or MM-SP; it stops at any of the tokenizer's end tokens, or never with stop=False (timing)."""
     cfg, device = model.config, model_device(model)
     images = None
     if frames is not None:  # preprocessed as the checkpoint was trained (its image_aspect_ratio)
@@ -400,8 +392,7 @@ def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) ->
 
 
 def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int) -> tuple:
-    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt): system
-    turn and user header, num_frames frames with NO separator, the question, the assistant header, the answer."""
+    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt)."""
     ids, labels = build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
     pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]  # the answer's tokens, the only supervised ones
     return ids, pos, [ids[t] for t in pos]
@@ -602,8 +593,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
     of the n whole filler sentences that fit; `filler` (a list of sentences) overrides the style's."""
     task, fill = PASSKEY_STYLES[style]
     fill = filler or fill or FILLER
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    head = bos + tokenizer.encode(task)
+    head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(task)
     needle_ids = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
     tail = tokenizer.encode(" " + PASSKEY_QUESTION)
     answer = tokenizer.encode(" " + key)
@@ -612,10 +602,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
         raise InputError(f"passkey: a context length of {length} tokens is shorter than the task, needle and "
                          f"question ({length - budget} tokens): raise --lengths")
     body, used, sentences = [], 0, [tokenizer.encode(" " + s) for s in fill]
-    while True:  # whole filler sentences, cycled, until the budget is used
-        nxt = sentences[len(body) % len(sentences)]
-        if used + len(nxt) > budget:
-            break
+    while used + len(nxt := sentences[len(body) % len(sentences)]) <= budget:  # whole filler sentences, cycled
         body.append(nxt)
         used += len(nxt)
     at = needle_index(depth, len(body))
@@ -986,10 +973,9 @@ def sync(device):
 @torch.no_grad()
 def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=None, repeats=2, layout=None,
                out_dir=None, identity=None, overwrite=False) -> dict:
-    """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with their
-    FLOP/s per GPU and MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun of
-    the same header measures again). A short warm-up call first compiles the kernels; the measurement runs
-    `repeats` times and the last run is reported (Triton may tune again at the long shape)."""
+    """Time one question about F frames: vision, prefill (time to first token - vision) with FLOP/s per GPU and
+    MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun measures again). A short
+    warm-up compiles the kernels; of `repeats` runs the last is reported (Triton may tune again at the long shape)."""
     device, text = model_device(model), "<video>\n" + question
     header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
               "max_new_tokens": max_new_tokens}
@@ -1019,9 +1005,8 @@ def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=No
 
 
 def time_once(model, tokenizer, x, text, layout, max_new_tokens) -> dict:
-    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device. generate encodes the
-    frames itself (mmsp.encode_frames_sharded under MM-SP: F/sp frames a rank), so that stage is timed alone first
-    and prefill = time to first token - vision. Decoding ignores the end tokens: exactly max_new_tokens tokens."""
+    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device: generate encodes the
+    frames itself, so the vision stage is first timed alone. Decoding ignores end tokens: max_new_tokens tokens."""
     device = model_device(model)
     sync(device)
     if device.type == "cuda":
@@ -1087,9 +1072,8 @@ def filler_sentences(path: str) -> list:
 
 
 def load_model(args, device) -> tuple:
-    """(model, tokenizer, identity): a checkpoint folder (ours or the released VILA layout), or a random model of
-    a preset (--random_init: built on the device in the dtype, seeded alike on every rank, the tiny tokenizer,
-    for timing). identity names the model, its dtype and the code in every results header."""
+    """(model, tokenizer, identity for the results headers) of a checkpoint folder (ours or the released VILA
+    layout), or of --random_init: a preset's random weights (seeded alike on every rank), the tiny tokenizer."""
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.random_init:
