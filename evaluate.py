@@ -4,10 +4,9 @@
         --needles data/demo/eval/niah/needles --out out/niah          # the CPU demo's model and held-out data
 
 Each task is a short function from (model, tokenizer, inputs) to scores:
-  niah     video needle in a haystack: a needle image is inserted as one frame at depth d among N haystack frames;
-           the prompt is the reference's (chat preamble, the N + 1 frames with no separator, the question, the
-           assistant header); a cell scores whether the teacher-forced argmax at the answer positions spells the
-           answer (lower-cased, spaces removed). A grid of depths x frame counts, drawn as a heatmap.
+  niah     video needle in a haystack: a needle image inserted as one frame at depth d among N haystack frames, in
+           the reference's prompt (the N + 1 frames with no separator); cell (d, N) scores whether the teacher-forced
+           argmax at the answer positions spells the answer (lower-cased, spaces removed). A heatmap of the grid.
   mcq      VideoMME multiple choice: the reference prompt, a greedy reply, the reference's letter extraction.
   caption / ask   a greedy reply about a video, streamed token by token (--timing: vision / prefill / decode).
   passkey  a 5-digit key hidden in filler text at depth d (stage 4's context extension), teacher-forced.
@@ -199,13 +198,11 @@ def extract_choice(reply: str) -> str:
 
 def accuracy_by(records: list, key: str) -> dict:
     """{"overall": acc, key-value: acc ...} over records with a boolean "correct" (empty groups are absent)."""
-    out = {"overall": sum(r["correct"] for r in records) / len(records) if records else float("nan")}
     groups = {}
     for r in records:
         groups.setdefault(str(r.get(key, "unknown")), []).append(bool(r["correct"]))
-    for name in sorted(groups):
-        out[name] = sum(groups[name]) / len(groups[name])
-    return out
+    overall = sum(r["correct"] for r in records) / len(records) if records else float("nan")
+    return {"overall": overall, **{name: sum(v) / len(v) for name, v in sorted(groups.items())}}
 
 
 # -----------------------------------------------------------------------------
