@@ -4,10 +4,9 @@
         --needles data/demo/eval/niah/needles --out out/niah          # the CPU demo's model and held-out data
 
 Each task is a short function from (model, tokenizer, inputs) to scores:
-  niah     video needle in a haystack: a needle image is inserted as one frame at depth d among N haystack frames;
-           the prompt is the reference's (chat preamble, the N + 1 frames with no separator, the question, the
-           assistant header); a cell scores whether the teacher-forced argmax at the answer positions spells the
-           answer (lower-cased, spaces removed). A grid of depths x frame counts, drawn as a heatmap.
+  niah     video needle in a haystack: a needle image inserted as one frame at depth d among N haystack frames, in
+           the reference's prompt (the N + 1 frames with no separator); cell (d, N) scores whether the teacher-forced
+           argmax at the answer positions spells the answer (lower-cased, spaces removed). A heatmap of the grid.
   mcq      VideoMME multiple choice: the reference prompt, a greedy reply, the reference's letter extraction.
   caption / ask   a greedy reply about a video, streamed token by token (--timing: vision / prefill / decode).
   passkey  a 5-digit key hidden in filler text at depth d (stage 4's context extension), teacher-forced.
@@ -100,8 +99,7 @@ def video_flags(s, max_new_tokens: int):
     s.add_argument("--max_new_tokens", type=POSITIVE_INT, default=max_new_tokens)
 
 
-# caption's and ask's default prompts, for --help without importing data.py (and torch): data.CAPTION_PROMPT and
-# data.ASK_QUESTION, which a test keeps equal to these
+# data.CAPTION_PROMPT and data.ASK_QUESTION (a test keeps them equal), for --help without importing torch
 DEFAULT_PROMPTS = {"caption": "Elaborate on the visual and narrative elements of the video in detail.",
                    "ask": "What happens in the video?"}
 
@@ -189,9 +187,8 @@ VIDEOMME_PREFIXES = ["The best answer is", "The correct answer is", "The answer 
 
 
 def extract_choice(reply: str) -> str:
-    """The answer letter of a multiple-choice reply, as the reference's `extract_characters_regex` finds it: the
-    prefixes above removed, then the first capital A, B, C or D anywhere, even inside a word ("" = no answer; its
-    rule for a reply of over 10 words without a capital A-D gives "" too)."""
+    """The reference's `extract_characters_regex`: the prefixes above removed, the first capital A-D anywhere, even
+    inside a word ("" = no answer; its extra rule for replies of over 10 words without one gives "" too)."""
     s = reply.strip()
     for prefix in VIDEOMME_PREFIXES:
         s = s.replace(prefix, "")
@@ -201,13 +198,11 @@ def extract_choice(reply: str) -> str:
 
 def accuracy_by(records: list, key: str) -> dict:
     """{"overall": acc, key-value: acc ...} over records with a boolean "correct" (empty groups are absent)."""
-    out = {"overall": sum(r["correct"] for r in records) / len(records) if records else float("nan")}
     groups = {}
     for r in records:
         groups.setdefault(str(r.get(key, "unknown")), []).append(bool(r["correct"]))
-    for name in sorted(groups):
-        out[name] = sum(groups[name]) / len(groups[name])
-    return out
+    overall = sum(r["correct"] for r in records) / len(records) if records else float("nan")
+    return {"overall": overall, **{name: sum(v) / len(v) for name, v in sorted(groups.items())}}
 
 
 # -----------------------------------------------------------------------------
@@ -237,11 +232,8 @@ def frames_tensor(frames, image_size: int, aspect: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> torch.Tensor:
-    """Vision encoder + projector over many frames, `batch` frames a call: (F, 3, S, S) -> (F, N, C).
-
-    Under MM-SP each rank of the SP group encodes one contiguous slice of ceil(F/sp) frames (mmsp.frame_split)
-    and the slices are all-gathered once, so a 1024-frame haystack costs each rank F/sp frames.
-    """
+    """Vision encoder + projector over many frames, `batch` frames a call: (F, 3, S, S) -> (F, N, C). Under MM-SP
+    each rank encodes one contiguous slice of ceil(F/sp) frames (mmsp.frame_split); the slices are all-gathered."""
     device, dtype = model_device(model), model_dtype(model)
     sp, rank = (layout.sp, layout.sp_rank) if layout is not None else (1, 0)
     F, per = frames.shape[0], frame_split(frames.shape[0], sp)
@@ -275,35 +267,25 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
-    """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C).
+    """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C), each from the
+    hidden state at t-1 of one causal forward (teacher forcing); the LM head runs on those rows only.
 
-    Token t is predicted from the hidden state at t-1 (one causal forward over the whole sequence = teacher
-    forcing). The LM head runs on those |targets| rows only, so the (T, V) logits never exist.
-    """
-    targets = torch.as_tensor(targets, dtype=torch.long)  # (A,)
-    if layout is not None and layout.sp > 1:
-        return sp_teacher_forced_argmax(model, h, targets, layout)
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # (1, T)
-    hidden = model.forward_embeds(h, positions)  # (1, T, C) final-normed
-    return model.llm.output(hidden[0, (targets - 1).to(h.device)]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
-
-
-@torch.no_grad()
-def sp_teacher_forced_argmax(model, h: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
-    """The MM-SP twin of `teacher_forced_argmax`: every rank of the SP group holds the same h (1, T, C).
-
+    Under MM-SP every rank of the SP group holds the same h:
     1. pad T to a multiple of 2*sp (zero rows at the end: causal attention never lets them touch real tokens);
     2. keep this rank's zigzag shard of rows and their TRUE positions (mmsp.layout_indices);
     3. run the LLM with the group's 2D (Ulysses x ring) attention hook;
     4. each needed row t-1 lives on exactly one rank (mmsp.token_owner): that rank applies the LM head to it, the
        others contribute 0, and one all-reduce (sum) over the SP group gives every rank all predictions.
     """
+    need = (torch.as_tensor(targets, dtype=torch.long) - 1).to(h.device)  # (A,) rows whose next token we want
+    if layout is None or layout.sp == 1:
+        hidden = model.forward_embeds(h, torch.arange(h.shape[1], device=h.device).unsqueeze(0))  # (1, T, C)
+        return model.llm.output(hidden[0, need]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
     T = h.shape[1]
     Tp = padded_length(T, layout.sp)
     h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C)
     idx = layout_indices(Tp, layout).to(h.device)  # (Tp/sp,) increasing true positions of my tokens
     hidden = model.forward_embeds(h[:, idx], idx.unsqueeze(0), attn=attention_hook(layout))  # (1, Tp/sp, C)
-    need = (targets - 1).to(h.device)  # (A,) rows whose next-token prediction we want
     mine = token_owner(Tp, layout).to(h.device)[need] == layout.sp_rank  # (A,) bool
     pred = torch.zeros(need.shape[0], dtype=torch.long, device=h.device)  # (A,)
     if mine.any():
@@ -351,9 +333,8 @@ class StreamPrinter:
 
 @torch.no_grad()
 def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True) -> str:
-    """Greedy reply to `text` about uint8 frames (F, H, W, 3) or preprocessed ones (F, 3, S, S) (or None), on one
-    process or MM-SP (mmsp.sp_generate shards the frames over the SP group). It stops at any of the tokenizer's
-    end tokens (Llama-3: <|eot_id|> and <|end_of_text|>); stop=False always makes max_new_tokens (timing)."""
+    """Greedy reply to `text` about uint8 frames (F, H, W, 3), preprocessed ones (F, 3, S, S) or None, on one
+    process or MM-SP; it stops at any of the tokenizer's end tokens, or never with stop=False (timing)."""
     cfg, device = model.config, model_device(model)
     images = None
     if frames is not None:  # preprocessed as the checkpoint was trained (its image_aspect_ratio)
@@ -361,13 +342,10 @@ def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=6
     ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
     input_ids = torch.tensor([ids], device=device)  # (1, T)
     stops = list(tokenizer.stop_ids) if stop else None
-    if layout is not None and layout.sp > 1:
-        new = sp_generate(model, input_ids, images, layout, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                          stream=stream)  # (1, T_new)
-    else:
-        new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             stream=stream)  # (1, T_new)
-    out = [int(t) for t in new[0].tolist()]
+    sp = layout is not None and layout.sp > 1
+    generate = functools.partial(sp_generate, model, layout=layout) if sp else model.generate
+    new = generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=stops, stream=stream)
+    out = new[0].tolist()  # (T_new,) token ids
     end = next((i for i, t in enumerate(out) if t in tokenizer.stop_ids), len(out))
     return tokenizer.decode(out[:end]).strip()
 
@@ -411,8 +389,7 @@ def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) ->
 
 
 def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int) -> tuple:
-    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt): system
-    turn and user header, num_frames frames with NO separator, the question, the assistant header, the answer."""
+    """(input_ids, answer positions, answer ids) of the reference's V-NIAH prompt (data.build_niah_prompt)."""
     ids, labels = build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
     pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]  # the answer's tokens, the only supervised ones
     return ids, pos, [ids[t] for t in pos]
@@ -421,7 +398,7 @@ def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_p
 def load_needles(needles) -> list:
     """Needles as [{"name", "image" (uint8 H,W,3), "question", "answer"}] from a needles.json path
     ([{"image": path relative to the JSON's folder, "question", "answer"}]), its folder, or a list of such dicts."""
-    root = None
+    root = ""
     if isinstance(needles, (str, os.PathLike)):
         path = os.path.join(needles, "needles.json") if os.path.isdir(needles) else str(needles)
         needles, root = read_input(path, "--needles", json.loads), os.path.dirname(os.path.abspath(path))
@@ -435,7 +412,7 @@ def load_needles(needles) -> list:
         img = n["image"]
         name = n.get("name", os.path.basename(img) if isinstance(img, str) else f"needle_{i}")
         if isinstance(img, str):
-            img = load_image(img if root is None or os.path.isabs(img) else os.path.join(root, img))
+            img = load_image(os.path.join(root, img))  # an absolute path stays as it is
         out.append({"name": name, "image": img, "question": n["question"], "answer": n["answer"]})
     return out
 
@@ -470,13 +447,9 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
              fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
              overwrite=False, progress: bool = True) -> dict:
     """Video needle in a haystack over depths x frame counts: a grid, its mean and a heatmap; out_dir/results.json
-    is written after every cell.
-
-    haystacks: a video, a folder of videos, or a list of uint8 frame arrays, each holding max(frame_counts) frames
-    at `fps`; needles: see `load_needles`. Frames are preprocessed in the reference's 'pad' aspect mode. Each
-    haystack and each needle is encoded ONCE; cell (n frames, depth d) splices the needle into the first n
-    haystack frames and scores haystacks x needles.
-    """
+    is written after every cell. haystacks: a video, a folder of videos, or a list of uint8 frame arrays, each of
+    max(frame_counts) frames at `fps`; needles: see `load_needles`. Each haystack and needle is encoded ONCE (the
+    reference's 'pad' aspect); cell (n frames, depth d) splices the needle into the first n haystack frames."""
     main, size, tpf = is_main(layout), model.config.vision.image_size, model.config.tokens_per_frame
     depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
     needles, (names, sources) = load_needles(needles), haystack_sources(haystacks)
@@ -542,12 +515,9 @@ def load_mcq(path: str, media_root=None) -> list:
 @torch.no_grad()
 def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=None, fps=None, max_new_tokens=16,
             layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
-    """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json.
-
-    The prompt is data.mcq_prompt (the reference's instruction, question, options, "The best answer is:"), the
-    letter `extract_choice`'s. A reply without a letter counts as wrong; "accuracy_answered" is the reference's
-    figure (over answered questions).
-    """
+    """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json. The
+    prompt is data.mcq_prompt's, the letter `extract_choice`'s. A reply without a letter counts as wrong;
+    "accuracy_answered" is the reference's figure (over answered questions)."""
     main, items = is_main(layout), load_mcq(questions_path, media_root)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
     header = {"task": "mcq", **(identity or {}), "questions": file_digest(questions_path), "num_frames": num_frames,
@@ -620,8 +590,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
     of the n whole filler sentences that fit; `filler` (a list of sentences) overrides the style's."""
     task, fill = PASSKEY_STYLES[style]
     fill = filler or fill or FILLER
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    head = bos + tokenizer.encode(task)
+    head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(task)
     needle_ids = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
     tail = tokenizer.encode(" " + PASSKEY_QUESTION)
     answer = tokenizer.encode(" " + key)
@@ -630,10 +599,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
         raise InputError(f"passkey: a context length of {length} tokens is shorter than the task, needle and "
                          f"question ({length - budget} tokens): raise --lengths")
     body, used, sentences = [], 0, [tokenizer.encode(" " + s) for s in fill]
-    while True:  # whole filler sentences, cycled, until the budget is used
-        nxt = sentences[len(body) % len(sentences)]
-        if used + len(nxt) > budget:
-            break
+    while used + len(nxt := sentences[len(body) % len(sentences)]) <= budget:  # whole filler sentences, cycled
         body.append(nxt)
         used += len(nxt)
     at = needle_index(depth, len(body))
@@ -723,6 +689,7 @@ CHECKPOINT_FOLDERS = ("", "llm", "vision_tower", "mm_projector")  # the VILA lay
 OUTPUTS = {"niah": ("results.json", "heatmap.png"), "passkey": ("results.json", "heatmap.png"), "mcq": ("mcq.json",),
            "caption": ("captions.json",), "ask": ("captions.json",), "ppl": ("ppl.json",),
            "timing": ("timing.json",)}  # what each task writes in --out, its results file first
+DIGEST_SAMPLES, DIGEST_SLICE = 16, 1 << 16  # a weights file is digested from 16 slices of 64 KiB (~1 MB read)
 
 
 def sha16(data: bytes) -> str:
@@ -732,8 +699,7 @@ def sha16(data: bytes) -> str:
 
 @functools.cache
 def code_version() -> str:
-    """sha16 of the source files behind the numbers, read once (the code this process runs): any edit is another
-    version."""
+    """sha16 of the source files behind the numbers, read once (the code this process runs): any edit counts."""
     here = pathlib.Path(__file__).resolve().parent
     return sha16(b"".join((here / name).read_bytes() for name in CODE_FILES))
 
@@ -743,35 +709,35 @@ def file_digest(path) -> dict:
     return {"file": os.path.basename(path), "sha256": sha16(pathlib.Path(path).read_bytes())}
 
 
-def safetensors_digest(path, samples: int = 16, sample_bytes: int = 1 << 16) -> bytes:
-    """Digest of a .safetensors file that reads ~1 MB of it: its header (names, dtypes, shapes, offsets) and
-    `samples` evenly spaced slices of its tensor data. A truncated or corrupt file is an InputError naming it."""
+def sampled_digest(path, start: int = 0, length: int | None = None) -> bytes:
+    """Digest of `length` bytes of a file from `start` (default: all of it) that reads DIGEST_SAMPLES evenly spaced
+    slices and the length: a large file changed anywhere it was written is another file."""
+    length = os.path.getsize(path) - start if length is None else length
+    h = hashlib.sha256(str(length).encode())
+    with open(path, "rb") as f:
+        for i in range(DIGEST_SAMPLES):
+            f.seek(start + i * max(length - DIGEST_SLICE, 0) // (DIGEST_SAMPLES - 1))
+            h.update(f.read(min(DIGEST_SLICE, length)))
+    return h.digest()
+
+
+def safetensors_digest(path) -> bytes:
+    """Digest of a .safetensors file: its whole header (names, dtypes, shapes, offsets), then `sampled_digest` of its
+    tensor data. A truncated or corrupt file is an InputError naming it."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else size
         header = f.read(n) if 8 + n <= size else b""
-        try:
-            tensors = json.loads(header)
-            end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise InputError(f"{path}: not a readable .safetensors file (its header is cut off or corrupt)") from None
-        if 8 + n + end > size:
-            raise InputError(f"{path}: truncated: its header lists {end} bytes of tensors, the file holds "
-                             f"{size - 8 - n} (an interrupted copy or download?)")
-    return hashlib.sha256(head + header + sampled_digest(path, 8 + n, end, samples, sample_bytes)).digest()
-
-
-def sampled_digest(path, start: int = 0, length: int | None = None, samples: int = 16, sample_bytes: int = 1 << 16):
-    """Digest of `length` bytes of a file from `start` (default: all of it) that reads `samples` evenly spaced
-    slices of `sample_bytes` and the length: a large file changed anywhere it was written is another file."""
-    length = os.path.getsize(path) - start if length is None else length
-    h = hashlib.sha256(str(length).encode())
-    with open(path, "rb") as f:
-        for i in range(samples):
-            f.seek(start + i * max(length - sample_bytes, 0) // (samples - 1))
-            h.update(f.read(min(sample_bytes, length)))
-    return h.digest()
+    try:
+        tensors = json.loads(header)
+        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise InputError(f"{path}: not a readable .safetensors file (its header is cut off or corrupt)") from None
+    if 8 + n + end > size:
+        raise InputError(f"{path}: truncated: its header lists {end} bytes of tensors, the file holds "
+                         f"{size - 8 - n} (an interrupted copy or download?)")
+    return hashlib.sha256(head + header + sampled_digest(path, 8 + n, end)).digest()
 
 
 def model_fingerprint(path) -> str:
@@ -828,13 +794,10 @@ def header_diff(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def load_results(path, header: dict, overwrite: bool = False) -> dict:
-    """The results at `path` to resume when their header is `header`, or a fresh {"header", "cells"}: when the
-    file is absent, or with overwrite (a file of evaluate.py's only). Another header is an InputError saying what
-    differs."""
-    if not os.path.exists(path):
-        return {"header": header, "cells": {}}
-    saved = read_results(path)
-    if overwrite:
+    """The results at `path` to resume when their header is `header`, or a fresh {"header", "cells"} (no file, or
+    overwrite of a file of evaluate.py's). Another header is an InputError saying what differs."""
+    saved = read_results(path) if os.path.exists(path) else None  # read even to overwrite: is it ours?
+    if saved is None or overwrite:
         return {"header": header, "cells": {}}
     if saved["header"] != header:
         raise InputError(f"{path} holds results of another run ({'; '.join(header_diff(saved['header'], header))}): "
@@ -930,13 +893,6 @@ def heatmap_cell_box(row: int, col: int) -> tuple:
     return (x0, y0, x0 + HEATMAP_CELL[0], y0 + HEATMAP_CELL[1])
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # FreeType DejaVu bundled with pillow >= 10.1
-    except (TypeError, OSError):  # pragma: no cover - a pillow built without FreeType
-        return ImageFont.load_default()
-
-
 def short_number(x) -> str:
     """1400 -> '1.4K', 262144 -> '262K', 32 -> '32' (axis labels)."""
     x = float(x)
@@ -958,14 +914,13 @@ def checkpoint_name(path: str) -> str:
 
 def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)",
                  subtitle=""):
-    """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured) with pillow: cell
-    `heatmap_cell_box(r, c)` filled with `heatmap_color(score)` and the score written in it, a colour bar on the
-    right, the title and a subtitle (the checkpoint) on top; the image widens to the right for a long title."""
+    """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured): each cell coloured and
+    labelled with its score, a colour bar on the right, the title and a subtitle (the checkpoint) on top."""
     grid = np.asarray(grid, dtype=np.float64)  # (rows, cols)
     rows, cols = grid.shape
-    small, big = _font(12), _font(15)
+    small, big = ImageFont.load_default(size=12), ImageFont.load_default(size=15)  # pillow's bundled DejaVu
     W, H = heatmap_size(rows, cols)
-    W = max(W, int(max(big.getlength(title), small.getlength(subtitle))) + 24)
+    W = max(W, int(max(big.getlength(title), small.getlength(subtitle))) + 24)  # wider for a long title
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     text = functools.partial(d.text, fill=(0, 0, 0), font=small)
@@ -1015,10 +970,9 @@ def sync(device):
 @torch.no_grad()
 def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=None, repeats=2, layout=None,
                out_dir=None, identity=None, overwrite=False) -> dict:
-    """Time one question about F frames: vision encoding, prefill (time to first token minus vision) with their
-    FLOP/s per GPU and MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun of
-    the same header measures again). A short warm-up call first compiles the kernels; the measurement runs
-    `repeats` times and the last run is reported (Triton may tune again at the long shape)."""
+    """Time one question about F frames: vision, prefill (time to first token - vision) with FLOP/s per GPU and
+    MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun measures again). A short
+    warm-up compiles the kernels; of `repeats` runs the last is reported (Triton may tune again at the long shape)."""
     device, text = model_device(model), "<video>\n" + question
     header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
               "max_new_tokens": max_new_tokens}
@@ -1048,9 +1002,8 @@ def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=No
 
 
 def time_once(model, tokenizer, x, text, layout, max_new_tokens) -> dict:
-    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device. generate encodes the
-    frames itself (mmsp.encode_frames_sharded under MM-SP: F/sp frames a rank), so that stage is timed alone first
-    and prefill = time to first token - vision. Decoding ignores the end tokens: exactly max_new_tokens tokens."""
+    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device: generate encodes the
+    frames itself, so the vision stage is first timed alone. Decoding ignores end tokens: max_new_tokens tokens."""
     device = model_device(model)
     sync(device)
     if device.type == "cuda":
@@ -1116,9 +1069,8 @@ def filler_sentences(path: str) -> list:
 
 
 def load_model(args, device) -> tuple:
-    """(model, tokenizer, identity): a checkpoint folder (ours or the released VILA layout), or a random model of
-    a preset (--random_init: built on the device in the dtype, seeded alike on every rank, the tiny tokenizer,
-    for timing). identity names the model, its dtype and the code in every results header."""
+    """(model, tokenizer, identity for the results headers) of a checkpoint folder (ours or the released VILA
+    layout), or of --random_init: a preset's random weights (seeded alike on every rank), the tiny tokenizer."""
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.random_init:
