@@ -199,8 +199,7 @@ PRESETS: dict[str, LongVILAConfig] = {
     "tiny": _make(VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_dim=128),
                   LLMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                             rope_theta=10000.0, max_seq_len=4096, tie_embeddings=False), chat_template="llama3"),
-    # GPU benchmarks: a Llama-shaped decoder of 1.0B in its blocks (1.5B with the untied 128k-vocab embedding and
-    # head) behind the real SigLIP.
+    # GPU benchmarks: the real SigLIP and a Llama-shaped 1.0B decoder (1.5B with its untied 128k-vocab embeddings)
     "bench-1b": _make(_SIGLIP_384, LLMConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                                              ffn_dim=8192, rope_theta=500000.0)),
     # paper v1: Llama-3-8B
@@ -225,10 +224,9 @@ def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
     if kernels.use_fused(x) and x.shape[-1] <= kernels.MAX_NORM_WIDTH:  # CUDA: one Triton kernel (kernels.py)
         return kernels.rms_norm(x, weight, eps)
-    dtype = x.dtype
     xf = x.float()  # (..., C)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
-    return weight * xf.to(dtype)
+    return weight * xf.to(x.dtype)
 
 
 def rope_inv_freq(cfg: LLMConfig, device=None):
@@ -307,10 +305,7 @@ def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for s in range(0, h.shape[0], chunk_size):
         hc, tc = h[s:s + chunk_size], t[s:s + chunk_size]  # (n_c, C), (n_c,)
-        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_ce_chunk, hc, weight, tc, use_reentrant=False)
-        else:
-            total = total + _ce_chunk(hc, weight, tc)
+        total = total + checkpointed("full", _ce_chunk, hc, weight, tc)  # logits recomputed in the backward
     return total, count
 
 
@@ -602,14 +597,11 @@ class LongVILA(nn.Module):
     @staticmethod
     def init_weights(m):
         """Fresh weights (tests, the tiny demo): N(0, 0.02) matrices/embeddings, zero biases, unit norms."""
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
+        if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
 
     # --- multimodal input -------------------------------------------------------------------------------------
@@ -710,16 +702,14 @@ class LongVILA(nn.Module):
         for _ in range(max_new_tokens):
             logits = self.llm.output(self.forward_embeds(h, pos, cache=cache)[:, -1]).float()  # (1, V)
             tok = sample_token(logits, temperature, top_p, generator)  # (1,)
-            out.append(tok)
+            out.append(int(tok))
             if stream is not None:
-                stream(int(tok))
-            if int(tok) in eos:
+                stream(out[-1])
+            if out[-1] in eos:
                 break
             h = self.llm.tok_embeddings(tok.view(1, 1))  # (1, 1, C)
             pos = pos[:, -1:] + 1  # (1, 1)
-        if not out:
-            return input_ids.new_zeros(1, 0)
-        return torch.stack(out, dim=1)  # (1, T_new)
+        return torch.tensor([out], dtype=torch.long, device=input_ids.device)  # (1, T_new)
 
     # --- training helpers -------------------------------------------------------------------------------------
 
@@ -749,12 +739,9 @@ class LongVILA(nn.Module):
         """AdamW groups: decay on >= 2-D weight matrices only; none on norms, biases, embeddings (token, position)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # tied weights are listed once
-            if not p.requires_grad:
-                continue
-            if p.dim() >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed.weight")):
-                decay.append(p)
-            else:
-                no_decay.append(p)
+            if p.requires_grad:
+                matrix = p.dim() >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed.weight"))
+                (decay if matrix else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
@@ -988,17 +975,15 @@ def read_config(path) -> LongVILAConfig:
         if not os.path.isdir(os.path.join(path, part)):
             raise InputError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, llm/, "
                              f"vision_tower/, mm_projector/)")
-    top_file = os.path.join(path, "config.json")
-    top = _read_json(top_file)
-    template, order = _check_top_config(top, top_file)
-    llm_file = os.path.join(path, "llm", "config.json")
-    llm = _llm_from_hf(_read_json(llm_file), llm_file)
-    vis_file = os.path.join(path, "vision_tower", "config.json")
-    vision = _vision_from_hf(_read_json(vis_file), vis_file, top.get("mm_vision_select_layer", -2))
-    proj_file = os.path.join(path, "mm_projector", "config.json")
-    kind = _read_json(proj_file).get("mm_projector_type")
+    file = {part: os.path.join(path, part, "config.json") for part in ("", *_PARTS)}  # "": the top config.json
+    top = _read_json(file[""])
+    template, order = _check_top_config(top, file[""])
+    llm = _llm_from_hf(_read_json(file["llm"]), file["llm"])
+    vision = _vision_from_hf(_read_json(file["vision_tower"]), file["vision_tower"],
+                             top.get("mm_vision_select_layer", -2))
+    kind = _read_json(file["mm_projector"]).get("mm_projector_type")
     if kind not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
-        _refuse(proj_file, "mm_projector_type", kind, "mlp_downsample or mlp_downsample_2x2_fix")
+        _refuse(file["mm_projector"], "mm_projector_type", kind, "mlp_downsample or mlp_downsample_2x2_fix")
     if order is None:
         order = "column-major" if kind == "mlp_downsample" and llm.model_type == "llama" else "row-major"
     try:
