@@ -82,10 +82,6 @@ class VisionConfig:
         return self.grid ** 2
 
     @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
     def n_used_layers(self) -> int:
         """Layers that run: HF's hidden_states has layers + 1 entries (0 = embeddings): entry s is after s layers."""
         return self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
@@ -750,10 +746,8 @@ class LongVILA(nn.Module):
         N = decoder matmul parameters (blocks + head, not the embedding lookup): 2 FLOPs each forward, 4 backward.
         Attention per layer and token: QK^T and AV, 2TC each forward, x3 with backward. causal=True halves it.
         """
-        cfg = self.config.llm
-        n = sum(p.numel() for name, p in self.llm.named_parameters() if not name.startswith("tok_embeddings"))
-        if cfg.tie_embeddings:
-            n += self.llm.output.weight.numel()  # the tied head still does its matmul
+        cfg, llm = self.config.llm, self.llm
+        n = sum(p.numel() for p in llm.layers.parameters()) + llm.norm.weight.numel() + llm.output.weight.numel()
         attn = 12 * cfg.n_layers * cfg.dim * seq_len
         return 6.0 * n + (attn / 2 if causal else attn)
 
@@ -941,13 +935,12 @@ def _vision_to_hf(cfg: VisionConfig, dtype) -> dict:
             "vision_use_head": False, "torch_dtype": str(dtype).replace("torch.", "")}
 
 
-# Fields of a VILA config.json that change the computation. A value this code does not implement stops the load
-# with the field and the file named; unlisted fields (learning rates, tuning flags, paths) do not affect inference.
-_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}
+_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}  # -> ours
 
 
 def _check_top_config(top, file):
-    """Refuse what the reference can do and this model cannot; returns (chat template or None, token order)."""
+    """Refuse config.json fields set to what the reference can do and this model cannot (unlisted fields: learning
+    rates, tuning flags, paths, do not change inference); returns (chat template or None, token order)."""
     for name in ("s2", "dynamic_s2", "mm_use_im_start_end", "mm_use_im_patch_token"):
         _supported(top, file, name, (False, None), "no multi-scale S2 features, no image start/end tokens")
     _supported(top, file, "image_aspect_ratio", ("resize", "pad", None), "resize or pad")
@@ -1071,27 +1064,23 @@ def _write_json(path, obj):
 
 def _write_weights(folder, tensors: dict, max_shard_bytes):
     """safetensors file(s) in `folder`; sharded as model-0000k-of-0000n.safetensors + index when too big."""
-    shards, cur, size = [], {}, 0
+    shards, size = [{}], 0
     for k, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
         size += nbytes
-    shards.append(cur)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata=meta)
-        return
-    weight_map = {}
-    for n, shard in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(os.path.join(folder, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        _write_json(os.path.join(folder, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
