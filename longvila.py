@@ -45,8 +45,7 @@ IGNORE_INDEX = -100  # label of positions that are not supervised
 
 
 class InputError(ValueError):
-    """Something a user gave (a flag, a file, a folder) is not what was expected; the message names it and says what
-    was expected. The command lines print it on one line and exit with code 2 (a stack trace is for bugs)."""
+    """A flag, file or folder a user gave is not what was expected (the message says what was); CLIs exit with 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -262,8 +261,7 @@ def apply_rotary_emb(x, cos, sin):
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
-    # in x's dtype: under autocast q/k come out of their projections in bf16 while cos/sin stay fp32, and the
-    # attention kernels want q, k, v in one dtype (the fused kernel computes in fp32 and stores in x's dtype too)
+    # in x's dtype: under autocast q/k are bf16 while cos/sin stay fp32, and attention wants q, k, v in one dtype
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)  # (B, T, H, D)
 
 
@@ -290,8 +288,7 @@ def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
 
     x: logits (..., V) when weight is None; else final hidden states (..., C) with the output head `weight` (V, C):
     logits are then made `chunk_size` tokens at a time and recomputed in backward, so (T, V) fp32 never exists at
-    once. A shard with no supervised token gives (0.0, 0): callers divide by a global count, never a local zero.
-    """
+    once. A shard with no supervised token gives (0.0, 0): callers divide by a global count, never a local zero."""
     t = targets.reshape(-1)  # (n,)
     count = (t != IGNORE_INDEX).sum()
     if weight is None:
@@ -308,8 +305,8 @@ def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
 def attention(q, k, v, layer_idx=None):
     """Causal attention, the default `attn` of forward_embeds: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> (B, Tq, H, D).
 
-    The queries are the LAST Tq positions of the keys (Tq < Tk with a KV cache): query i sees key j iff
-    Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads. CUDA, Tq == Tk: kernels.flash_attn_func.
+    RoPE is applied. The queries are the LAST Tq positions of the keys (Tq < Tk with a KV cache): query i sees
+    key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads. CUDA, Tq == Tk: kernels.flash_attn_func.
     """
     if q.is_cuda and q.shape[1] == k.shape[1]:
         return kernels.flash_attn_func(q, k, v, causal=True)
@@ -332,9 +329,8 @@ def downsample_2x2(x, token_order="column-major"):
     """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order.
 
     x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv); odd g gets one zero row and column.
-    Token (i, j) concatenates [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]]. The tokens come column-major
-    (j outer: VILA's LongVILA branch, the Llama-3 checkpoints) or row-major (i outer: VILA main since NVILA, commit
-    36f6adc: one more permute).
+    Token (i, j) concatenates [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]], the tokens in column-major
+    order (j outer: VILA's LongVILA branch) or row-major (i outer: VILA main since NVILA, one more permute).
     """
     n, p, c = x.shape
     g = math.isqrt(p)
@@ -421,8 +417,7 @@ class VisionBlock(nn.Module):
 
 class VisionTower(nn.Module):
     """SigLIP ViT: returns the hidden state after `n_used_layers` blocks (HF hidden_states[select_layer]).
-    The later blocks and post_norm are kept (a released tower loads and saves unchanged) but never run: frozen, so
-    DDP/FSDP never see parameters without gradients."""
+    Later blocks and post_norm are loaded and saved but never run: frozen, as DDP/FSDP want a gradient for each."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -582,8 +577,7 @@ class KVCache:
 class LongVILA(nn.Module):
     def __init__(self, config: LongVILAConfig):
         super().__init__()
-        # a private copy (PRESETS stay untouched); the sub-modules share its parts, so a change of e.g.
-        # model.config.llm.rope_theta (context extension) is what the next forward uses
+        # a private copy (PRESETS stay untouched) shared by the sub-modules: a new config.llm.rope_theta applies at once
         self.config = config = copy.deepcopy(config)
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config.projector)
@@ -608,14 +602,12 @@ class LongVILA(nn.Module):
         if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, S, S):
             raise ValueError(f"frames must have shape (F, 3, {S}, {S}) for this model (vision image_size {S}), "
                              f"got {tuple(frames.shape)}")
-        dtype = self.vision.patch_embed.weight.dtype
-        feats = self.vision(frames.to(dtype))  # (F, P, Cv)
+        feats = self.vision(frames.to(self.vision.patch_embed.weight.dtype))  # (F, P, Cv)
         return self.projector(feats)  # (F, N, C)
 
     def embed(self, input_ids, images=None):
         """input_ids (B, T) with IMAGE_TOKEN_ID slots, images: list (one per row) of (F, 3, S, S) or None -> (B, T, C).
-        Row b's slots take, in order, the F_b * N visual tokens of images[b]; all frames run through the tower at once.
-        """
+        Row b's slots take the F_b * N visual tokens of images[b] in order; all frames go through the tower at once."""
         B, T = input_ids.shape
         is_img = input_ids == IMAGE_TOKEN_ID  # (B, T)
         n_slots = is_img.sum(1).tolist()  # per row
@@ -655,11 +647,8 @@ class LongVILA(nn.Module):
 
     def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp_forward=None, chunk_size=4096):
         """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
-
-        loss: mean cross-entropy of the shifted targets (0.0 if none); return_logits=False computes it `chunk_size`
-        tokens at a time. sp_forward: mmsp.sp_forward with its layout bound, run sequence-parallel from inside
-        __call__ so that FSDP's hooks gather the parameters.
-        """
+        loss: mean cross-entropy of the shifted labels (0.0 if none), `chunk_size` tokens at a time without logits.
+        sp_forward: mmsp.sp_forward with its layout bound, called inside __call__ so FSDP's hooks gather parameters."""
         if sp_forward is not None:
             return sp_forward(self, input_ids, images, labels, return_logits=return_logits)
         B, T = input_ids.shape
@@ -682,10 +671,8 @@ class LongVILA(nn.Module):
     def generate(self, input_ids, images=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_token_id=None,
                  stream=None, generator=None):
         """input_ids (1, T) (+ images) -> new tokens (1, T_new), T_new <= max_new_tokens, eos included if produced.
-
-        A KV cache: the prompt in one prefill, then one token per step. temperature 0 = greedy, else temperature +
-        top-p sampling. eos_token_id: int or list; stream(token_id) sees each new token. (SP: mmsp.sp_generate.)
-        """
+        With a KV cache: one prefill, then a token per step. temperature 0 = greedy, else temperature + top-p sampling.
+        eos_token_id: int or list; stream(token_id) sees each new token. (Sequence-parallel: mmsp.sp_generate.)"""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -725,8 +712,7 @@ class LongVILA(nn.Module):
         n = self.config.llm.n_layers
         if llm_layers is not None and not 0 <= llm_layers <= n:
             raise ValueError(f"checkpointed decoder blocks must be between 0 and {n}, got {llm_layers}")
-        # the vision tower always recomputes whole blocks: its attention spans one frame (729 patches), cheap to
-        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block
+        # the vision tower always recomputes whole blocks: one frame's attention is cheap to redo, costly to keep
         self.vision.grad_checkpointing = mode and "full"
         self.llm.grad_checkpointing = mode
         self.llm.checkpoint_layers = llm_layers
@@ -777,8 +763,7 @@ class LongVILA(nn.Module):
         return model
 
     def save_pretrained(self, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
-        """Write the VILA layout with HF names and HF-readable configs (LlamaForCausalLM / Qwen2ForCausalLM under
-        llm/, SiglipVisionModel under vision_tower/). Weights larger than max_shard_bytes are sharded with an index."""
+        """The VILA layout with HF names and configs (transformers reads llm/ and vision_tower/), sharded if big."""
         save_checkpoint(self, path, tokenizer_json=tokenizer_json, max_shard_bytes=max_shard_bytes)
 
 
@@ -942,7 +927,8 @@ def _check_top_config(top, file):
     """Refuse config.json fields set to what the reference can do and this model cannot (unlisted fields: learning
     rates, tuning flags, paths, do not change inference); returns (chat template or None, token order)."""
     for name in ("s2", "dynamic_s2", "mm_use_im_start_end", "mm_use_im_patch_token"):
-        _supported(top, file, name, (False, None), "no multi-scale S2 features, no image start/end tokens")
+        _supported(top, file, name, (False, None),
+                   "multi-scale S2 features and image start/end tokens are not implemented")
     _supported(top, file, "image_aspect_ratio", ("resize", "pad", None), "resize or pad")
     _supported(top, file, "mm_vision_select_feature", ("cls_patch", "patch"), "SigLIP has no CLS: all patches")
     _supported(top, file, "vision_resolution", (-1, None), "the tower's own resolution only")
@@ -958,10 +944,8 @@ def _check_top_config(top, file):
 
 def read_config(path) -> LongVILAConfig:
     """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest.
-
-    The projector's token order: our own config.json records it; for a released folder, mlp_downsample_2x2_fix
-    (VILA main) is row-major, and plain mlp_downsample is column-major with a Llama LLM (the LongVILA branch's
-    Llama-3 checkpoints) and row-major with Qwen2 (released with VILA main, whose mlp_downsample is row-major)."""
+    Token order: ours records it; else mlp_downsample_2x2_fix (VILA main) is row-major, and mlp_downsample is
+    column-major with Llama (the LongVILA branch's Llama-3 checkpoints), row-major with Qwen2 (from VILA main)."""
     if not os.path.isdir(path):
         raise InputError(f"checkpoint folder {path} does not exist")
     for part in _PARTS:
@@ -989,8 +973,7 @@ def read_config(path) -> LongVILAConfig:
 
 
 def _weight_files(folder):
-    """{hf_key: file} of a HF weights folder: model.safetensors, or shards + model.safetensors.index.json; else
-    pytorch_model.bin (+ index), read with torch.load(weights_only=True): no code runs."""
+    """{hf_key: file} of a HF weights folder: model.safetensors or pytorch_model.bin, one file or shards + index."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         index = os.path.join(folder, name + ".index.json")
         if os.path.isfile(index):
@@ -1119,9 +1102,8 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
 
 
 # -----------------------------------------------------------------------------
-# the peak the FLOP counts are measured against (MFU)
-
-# Dense bf16 TFLOP/s by device name (the vendors' datasheets); the more specific names first.
+# the peak the FLOP counts are measured against (MFU): dense bf16 TFLOP/s by device name (the vendors' datasheets),
+# the more specific names first
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
                     "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
 
@@ -1137,21 +1119,15 @@ def peak_bf16_tflops(device) -> float | None:
 # -----------------------------------------------------------------------------
 # command line: build a preset, run a forward on a random video, generate a few tokens
 
-def _count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a LongVILA preset, run a forward+backward on a random video and "
-                                 "generate a few tokens.")
+    ap = argparse.ArgumentParser(description="Build a preset, run a forward+backward on a random video, generate.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     ap.add_argument("--frames", type=int, default=2, help="frames of the random video")
     ap.add_argument("--new_tokens", type=int, default=8, help="tokens to generate")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare_sdpa", action="store_true",
-                    help="also run the decoder with torch SDPA attention and print the largest logit difference")
+    ap.add_argument("--compare_sdpa", action="store_true", help="also print the largest logit difference to SDPA")
     argv = [a.split("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=")[0]):]
             if a.startswith("--") else a for a in (argv if argv is not None else sys.argv[1:])]
     args = ap.parse_args(argv)
@@ -1162,9 +1138,10 @@ def main(argv=None):
     with torch.device(args.device):
         model = LongVILA(cfg)
     torch.set_default_dtype(default_dtype)
-    print(f"preset {args.preset}: vision {_count(model.vision) / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
-          f"{cfg.vision.layers} layers), projector {_count(model.projector) / 1e6:.2f}M, "
-          f"llm {_count(model.llm) / 1e6:.2f}M, total {_count(model) / 1e6:.2f}M parameters")
+    n = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}  # vision, projector, llm
+    print(f"preset {args.preset}: vision {n['vision'] / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
+          f"{cfg.vision.layers} layers), projector {n['projector'] / 1e6:.2f}M, "
+          f"llm {n['llm'] / 1e6:.2f}M, total {sum(n.values()) / 1e6:.2f}M parameters")
     N, S = cfg.tokens_per_frame, cfg.vision.image_size
     ids = [1, 5, 6] + ([IMAGE_TOKEN_ID] * N + [13]) * args.frames + [7, 8, 9]  # 13 stands for "\n" here
     input_ids = torch.tensor([ids], device=args.device)  # (1, T)
