@@ -647,7 +647,7 @@ class LongVILA(nn.Module):
 
     def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp_forward=None, chunk_size=4096):
         """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
-        loss: mean cross-entropy of the shifted labels (0.0 if none), `chunk_size` tokens at a time without logits.
+        loss: mean cross-entropy of the shifted labels (0.0 if none), by `chunk_size` tokens if return_logits=False.
         sp_forward: mmsp.sp_forward with its layout bound, called inside __call__ so FSDP's hooks gather parameters."""
         if sp_forward is not None:
             return sp_forward(self, input_ids, images, labels, return_logits=return_logits)
@@ -1120,7 +1120,7 @@ def peak_bf16_tflops(device) -> float | None:
 # command line: build a preset, run a forward on a random video, generate a few tokens
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a preset, run a forward+backward on a random video, generate.")
+    ap = argparse.ArgumentParser(description="Build a preset, forward+backward a random video, generate a few tokens.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     ap.add_argument("--frames", type=int, default=2, help="frames of the random video")
     ap.add_argument("--new_tokens", type=int, default=8, help="tokens to generate")
