@@ -35,8 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels
@@ -46,8 +45,7 @@ IGNORE_INDEX = -100  # label of positions that are not supervised
 
 
 class InputError(ValueError):
-    """Something a user gave (a flag, a file, a folder) is not what was expected; the message names it and says what
-    was expected. The command lines print it on one line and exit with code 2 (a stack trace is for bugs)."""
+    """A flag, file or folder a user gave is not what was expected (the message says what was); CLIs exit with 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -83,10 +81,6 @@ class VisionConfig:
         return self.grid ** 2
 
     @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
     def n_used_layers(self) -> int:
         """Layers that run: HF's hidden_states has layers + 1 entries (0 = embeddings): entry s is after s layers."""
         return self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
@@ -97,9 +91,7 @@ class ProjectorConfig:
     vision_width: int = 1152  # Cv
     llm_width: int = 4096  # C
     eps: float = 1e-5  # nn.LayerNorm default, as the reference
-    # Order of a frame's merged tokens: "column-major" as VILA's LongVILA branch (the Llama-3 LongVILA checkpoints),
-    # "row-major" as VILA main since its NVILA release (commit 36f6adc: a final permute in flat_square).
-    token_order: str = "column-major"
+    token_order: str = "column-major"  # of a frame's merged tokens, "column-major" | "row-major": see downsample_2x2
 
     def __post_init__(self):
         if self.token_order not in ("column-major", "row-major"):
@@ -109,6 +101,11 @@ class ProjectorConfig:
     def tokens_per_frame(self, grid: int) -> int:
         """N = ceil(grid / 2)^2: odd grids are zero-padded by one row and column before the 2x2 merge."""
         return math.ceil(grid / 2) ** 2
+
+
+# the RoPE scalings implemented (rope_inv_freq) and the keys each needs in rope_scaling
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -141,11 +138,9 @@ class LLMConfig:
             raise ValueError("LLMConfig: qkv_bias=True needs model_type='qwen2' (a Hugging Face Llama with "
                              "attention_bias puts a bias on o_proj too, which this model does not have)")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
-        need = {"default": [], "linear": ["factor"],
-                "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
-        if kind not in need or any(k not in self.rope_scaling for k in need[kind]):
+        if kind not in ROPE_SCALING_KEYS or any(k not in self.rope_scaling for k in ROPE_SCALING_KEYS[kind]):
             raise ValueError(f"LLMConfig: rope_scaling {self.rope_scaling!r}: expected None or rope_type linear "
-                             f"(factor) or llama3 ({', '.join(need['llama3'])})")
+                             f"(factor) or llama3 ({', '.join(ROPE_SCALING_KEYS['llama3'])})")
 
     @property
     def head_dim(self) -> int:  # D
@@ -199,8 +194,7 @@ PRESETS: dict[str, LongVILAConfig] = {
     "tiny": _make(VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_dim=128),
                   LLMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                             rope_theta=10000.0, max_seq_len=4096, tie_embeddings=False), chat_template="llama3"),
-    # GPU benchmarks: a Llama-shaped decoder of 1.0B in its blocks (1.5B with the untied 128k-vocab embedding and
-    # head) behind the real SigLIP.
+    # GPU benchmarks: the real SigLIP and a Llama-shaped 1.0B decoder (1.5B with its untied 128k-vocab embeddings)
     "bench-1b": _make(_SIGLIP_384, LLMConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                                              ffn_dim=8192, rope_theta=500000.0)),
     # paper v1: Llama-3-8B
@@ -225,10 +219,9 @@ def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain, exactly as HF Llama/Qwen2."""
     if kernels.use_fused(x) and x.shape[-1] <= kernels.MAX_NORM_WIDTH:  # CUDA: one Triton kernel (kernels.py)
         return kernels.rms_norm(x, weight, eps)
-    dtype = x.dtype
     xf = x.float()  # (..., C)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
-    return weight * xf.to(dtype)
+    return weight * xf.to(x.dtype)
 
 
 def rope_inv_freq(cfg: LLMConfig, device=None):
@@ -261,17 +254,14 @@ def rope_cos_sin(positions, inv_freq, dtype=torch.float32):
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+D/2}) by the position angle (HF's rotate_half layout, not interleaved pairs).
-
-    x (B, T, H, D); cos, sin (B, T, D/2) -> (B, T, H, D)
-    """
+    """x (B, T, H, D), cos/sin (B, T, D/2) -> (B, T, H, D): pairs (x_i, x_{i+D/2}) rotated by the position angle
+    (HF's rotate_half layout, not interleaved pairs)."""
     if kernels.use_fused(x):  # CUDA: one Triton kernel (kernels.py)
         return kernels.rotary(x, cos, sin)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
-    # in x's dtype: under autocast q/k come out of their projections in bf16 while cos/sin stay fp32, and the
-    # attention kernels want q, k, v in one dtype (the fused kernel computes in fp32 and stores in x's dtype too)
+    # in x's dtype: under autocast q/k are bf16 while cos/sin stay fp32, and attention wants q, k, v in one dtype
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)  # (B, T, H, D)
 
 
@@ -284,9 +274,7 @@ def swiglu(gate, up):
 
 def shift_labels(labels):
     """Labels aligned with input_ids (B, T) -> next-token targets (B, T): targets[t] = labels[t+1], last = -100.
-
-    Shift on the FULL sequence before any sharding (sequence parallelism shards the targets, not the labels).
-    """
+    Shift the FULL sequence before any sharding (sequence parallelism shards the targets, not the labels)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
 
 
@@ -296,14 +284,11 @@ def _ce_chunk(h, weight, targets):
 
 
 def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
-    """Summed cross-entropy over supervised targets and their count: (loss_sum fp32 scalar, count int64 scalar).
+    """(summed cross-entropy fp32, count of supervised targets int64); targets (...) already shifted.
 
-    x: logits (..., V) when weight is None; otherwise final hidden states (..., C) and `weight` (V, C) is the
-    output head: logits are then made `chunk_size` tokens at a time and recomputed in backward (checkpoint), so
-    (T, V) logits never exist at once (at 64k tokens x 128k vocab they would be 32 GiB in fp32).
-    targets (...) long with IGNORE_INDEX for unsupervised positions (already shifted: see shift_labels).
-    A shard with no supervised token gives (0.0, 0): callers divide by a global count, never by a local zero.
-    """
+    x: logits (..., V) when weight is None; else final hidden states (..., C) with the output head `weight` (V, C):
+    logits are then made `chunk_size` tokens at a time and recomputed in backward, so (T, V) fp32 never exists at
+    once. A shard with no supervised token gives (0.0, 0): callers divide by a global count, never a local zero."""
     t = targets.reshape(-1)  # (n,)
     count = (t != IGNORE_INDEX).sum()
     if weight is None:
@@ -313,19 +298,15 @@ def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for s in range(0, h.shape[0], chunk_size):
         hc, tc = h[s:s + chunk_size], t[s:s + chunk_size]  # (n_c, C), (n_c,)
-        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_ce_chunk, hc, weight, tc, use_reentrant=False)
-        else:
-            total = total + _ce_chunk(hc, weight, tc)
+        total = total + checkpointed("full", _ce_chunk, hc, weight, tc)  # logits recomputed in the backward
     return total, count
 
 
 def attention(q, k, v, layer_idx=None):
     """Causal attention, the default `attn` of forward_embeds: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> (B, Tq, H, D).
 
-    RoPE is already applied. The queries are the LAST Tq positions of the keys (Tq < Tk when decoding with a KV
-    cache), so query i sees key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads.
-    CUDA, Tq == Tk: kernels.flash_attn_func (our Triton flash attention); everything else: torch SDPA.
+    RoPE is applied. The queries are the LAST Tq positions of the keys (Tq < Tk with a KV cache): query i sees
+    key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads. CUDA, Tq == Tk: kernels.flash_attn_func.
     """
     if q.is_cuda and q.shape[1] == k.shape[1]:
         return kernels.flash_attn_func(q, k, v, causal=True)
@@ -347,10 +328,9 @@ def sdpa_attention(q, k, v, layer_idx=None):
 def downsample_2x2(x, token_order="column-major"):
     """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order.
 
-    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv). Odd g: one zero row and one zero
-    column are appended. Each output token concatenates a 2x2 neighbourhood along channels:
-    [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]]. The tokens come column-major (j over column pairs
-    outer: VILA's LongVILA branch) or row-major (i outer: VILA main since its NVILA release, one more permute).
+    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv); odd g gets one zero row and column.
+    Token (i, j) concatenates [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]], the tokens in column-major
+    order (j outer: VILA's LongVILA branch) or row-major (i outer: VILA main since NVILA, one more permute).
     """
     n, p, c = x.shape
     g = math.isqrt(p)
@@ -382,11 +362,9 @@ def sample_token(logits, temperature, top_p, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" recomputes it too but keeps
-# the attention forward's outputs (every kernels.py backend is one dispatcher op, as are torch's SDPA ops): at long
-# context attention is the costliest part of a block, and its output costs H*D 16-bit values + one fp32 lse per
-# token. Non-reentrant checkpointing stops re-running a block once every tensor its backward saved exists again, so
-# a block's last product (the MLP's w2) is never redone (tests/test_model.py counts the products).
+# activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" too, but keeps the attention
+# forward's outputs (each backend is one dispatcher op): at long context attention costs the most to redo, and its
+# output only H*D 16-bit values + one fp32 lse per token.
 
 def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -397,7 +375,9 @@ CHECKPOINT_MODES = ("full", "save-attn")
 
 
 def checkpointed(mode, fn, *args):
-    """fn(*args) with its activations recomputed in the backward (mode in CHECKPOINT_MODES)."""
+    """fn(*args), its activations recomputed in the backward if mode (of CHECKPOINT_MODES) is set and grad is on."""
+    if not mode or not torch.is_grad_enabled():
+        return fn(*args)
     if mode == "save-attn":
         return checkpoint(fn, *args, use_reentrant=False,
                           context_fn=lambda: create_selective_checkpoint_contexts(_save_attention))
@@ -436,12 +416,8 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """SigLIP ViT. forward returns the hidden state after `n_used_layers` blocks (HF hidden_states[select_layer]).
-
-    All `layers` blocks and the post-layernorm are kept so a released tower loads and saves unchanged, but the
-    blocks after the selected one and post_norm never run: they are frozen (requires_grad False) so DDP/FSDP
-    never see parameters without gradients.
-    """
+    """SigLIP ViT: returns the hidden state after `n_used_layers` blocks (HF hidden_states[select_layer]).
+    Later blocks and post_norm are loaded and saved but never run: frozen, as DDP/FSDP want a gradient for each."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -467,8 +443,7 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (F, P, Cv), patches in row-major order
         x = x + self.pos_embed.weight  # (F, P, Cv)
         for blk in self.layers[:self.cfg.n_used_layers]:
-            x = checkpointed(self.grad_checkpointing, blk, x) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else blk(x)  # (F, P, Cv)
+            x = checkpointed(self.grad_checkpointing, blk, x)  # (F, P, Cv)
         return x
 
 
@@ -563,18 +538,15 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, h, positions, attn=None, cache=None):
-        """h (B, T, C) input embeddings, positions (B, T) true positions -> final-normed hidden (B, T, C)."""
+    def forward(self, h, positions, attn=None, cache=None):  # see LongVILA.forward_embeds
         attn = attention if attn is None else attn
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, h.device), dtype=h.dtype)  # (B, T, D/2) each
         n_ckpt = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
         for i, layer in enumerate(self.layers):
-            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None and i < n_ckpt:
-                h = checkpointed(self.grad_checkpointing, layer, h, cos, sin, attn, i)  # (B, T, C)
-            else:
-                h = layer(h, cos, sin, attn, i, cache)  # (B, T, C)
+            mode = self.grad_checkpointing if cache is None and i < n_ckpt else False
+            h = checkpointed(mode, layer, h, cos, sin, attn, i, cache)  # (B, T, C)
         if cache is not None:
-            cache.advance(h.shape[1])
+            cache.length += h.shape[1]
         return self.norm(h)  # (B, T, C)
 
 
@@ -587,7 +559,7 @@ class KVCache:
     def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device):
         self.k = torch.zeros(n_layers, batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.length = 0  # tokens already stored (same for all layers between forward calls)
+        self.length = 0  # tokens stored in every layer (Transformer.forward adds a forward's T at its end)
 
     def update(self, layer_idx, k, v):
         """Store k/v (B, T, Hkv, D) after the cached ones; return all keys/values so far (B, length + T, Hkv, D)."""
@@ -598,9 +570,6 @@ class KVCache:
         self.v[layer_idx, :, self.length:end] = v
         return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end]
 
-    def advance(self, n):
-        self.length += n
-
 
 # -----------------------------------------------------------------------------
 # the whole model
@@ -608,26 +577,21 @@ class KVCache:
 class LongVILA(nn.Module):
     def __init__(self, config: LongVILAConfig):
         super().__init__()
-        # a private copy (PRESETS stay untouched); the sub-modules share its parts, so a change of e.g.
-        # model.config.llm.rope_theta (context extension) is what the next forward uses
+        # a private copy (PRESETS stay untouched) shared by the sub-modules: a new config.llm.rope_theta applies at once
         self.config = config = copy.deepcopy(config)
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config.projector)
         self.llm = Transformer(config.llm)
-        self.apply(self.init_weights)
-        self.llm.tie()
+        self.apply(self.init_weights)  # in place: a tied head stays tied
 
     @staticmethod
     def init_weights(m):
         """Fresh weights (tests, the tiny demo): N(0, 0.02) matrices/embeddings, zero biases, unit norms."""
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
+        if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
 
     # --- multimodal input -------------------------------------------------------------------------------------
@@ -638,16 +602,12 @@ class LongVILA(nn.Module):
         if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, S, S):
             raise ValueError(f"frames must have shape (F, 3, {S}, {S}) for this model (vision image_size {S}), "
                              f"got {tuple(frames.shape)}")
-        dtype = self.vision.patch_embed.weight.dtype
-        feats = self.vision(frames.to(dtype))  # (F, P, Cv)
+        feats = self.vision(frames.to(self.vision.patch_embed.weight.dtype))  # (F, P, Cv)
         return self.projector(feats)  # (F, N, C)
 
     def embed(self, input_ids, images=None):
         """input_ids (B, T) with IMAGE_TOKEN_ID slots, images: list (one per row) of (F, 3, S, S) or None -> (B, T, C).
-
-        Every -200 slot is replaced, in order, by one visual token: row b's slots take the F_b * N tokens of
-        images[b] (frame 0's N tokens first). All rows' frames go through the vision tower in one batch.
-        """
+        Row b's slots take the F_b * N visual tokens of images[b] in order; all frames go through the tower at once."""
         B, T = input_ids.shape
         is_img = input_ids == IMAGE_TOKEN_ID  # (B, T)
         n_slots = is_img.sum(1).tolist()  # per row
@@ -658,23 +618,20 @@ class LongVILA(nn.Module):
             raise ValueError(f"input_ids[{b}, {t}] = {input_ids[b, t].item()} is not a token id of this model "
                              f"(0..{V - 1}) nor IMAGE_TOKEN_ID {IMAGE_TOKEN_ID}")
         h = self.llm.tok_embeddings(input_ids.masked_fill(is_img, 0))  # (B, T, C)
-        if images is None:
-            images = [None] * B
+        images = [None] * B if images is None else images
         if len(images) != B:
             raise ValueError(f"images must be a list with one entry per batch row: {B} rows, got {len(images)}")
         N, S = self.config.tokens_per_frame, self.config.vision.image_size
-        frames = []
-        for b in range(B):
-            if images[b] is not None and (images[b].dim() != 4 or tuple(images[b].shape[1:]) != (3, S, S)):
-                raise ValueError(f"images[{b}] has shape {tuple(images[b].shape)}; expected (F, 3, {S}, {S}) "
+        for b, x in enumerate(images):
+            if x is not None and (x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S)):
+                raise ValueError(f"images[{b}] has shape {tuple(x.shape)}; expected (F, 3, {S}, {S}) "
                                  f"(F frames at this model's vision image_size {S}, normalised)")
-            n_frames = 0 if images[b] is None else images[b].shape[0]
+            n_frames = 0 if x is None else x.shape[0]
             if n_slots[b] != n_frames * N:
                 raise ValueError(f"batch row {b}: input_ids hold {n_slots[b]} image placeholders "
                                  f"(IMAGE_TOKEN_ID {IMAGE_TOKEN_ID}) but images give {n_frames * N} visual tokens "
                                  f"({n_frames} frames x {N} tokens per frame)")
-            if n_frames:
-                frames.append(images[b])
+        frames = [x for x in images if x is not None and len(x)]
         if not frames:
             return h
         feats = self.encode_images(torch.cat(frames).to(h.device))  # (sum F, N, C)
@@ -684,21 +641,14 @@ class LongVILA(nn.Module):
     # --- decoder ----------------------------------------------------------------------------------------------
 
     def forward_embeds(self, h, positions, attn=None, cache=None):
-        """h (B, T, C), positions (B, T) long TRUE positions -> final-normed hidden (B, T, C).
-
-        attn(q (B,T,H,D), k (B,T,Hkv,D), v, layer_idx) -> (B,T,H,D): causal, RoPE applied; None -> `attention`.
-        Sequence parallelism passes a shard's hidden states, its true positions and a ring/Ulysses attn.
-        """
+        """h (B, T, C), positions (B, T) long TRUE positions -> final-normed hidden (B, T, C). attn(q, k, v, layer_idx)
+        (default `attention`) is where sequence parallelism plugs in, with a shard's h and its true positions."""
         return self.llm(h, positions, attn=attn, cache=cache)
 
     def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp_forward=None, chunk_size=4096):
         """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
-
-        loss = mean cross-entropy over supervised shifted targets (0.0 when none is supervised). With
-        return_logits=False and labels, the loss is computed `chunk_size` tokens at a time (cross_entropy_sum).
-        sp_forward: mmsp.sp_forward with its layout bound (functools.partial): the whole forward then runs
-        sequence-parallel. It is called from here, inside __call__, so that FSDP's hooks gather the parameters.
-        """
+        loss: mean cross-entropy of the shifted labels (0.0 if none), by `chunk_size` tokens if return_logits=False.
+        sp_forward: mmsp.sp_forward with its layout bound, called inside __call__ so FSDP's hooks gather parameters."""
         if sp_forward is not None:
             return sp_forward(self, input_ids, images, labels, return_logits=return_logits)
         B, T = input_ids.shape
@@ -721,34 +671,28 @@ class LongVILA(nn.Module):
     def generate(self, input_ids, images=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_token_id=None,
                  stream=None, generator=None):
         """input_ids (1, T) (+ images) -> new tokens (1, T_new), T_new <= max_new_tokens, eos included if produced.
-
-        KV cache: one prefill of the prompt, then one token per step. temperature 0 = greedy; otherwise
-        temperature + top-p sampling (`generator` for reproducibility). eos_token_id: int or list of ints.
-        stream(token_id) is called for each new token as it is produced. (Sequence-parallel: mmsp.sp_generate.)
-        """
+        With a KV cache: one prefill, then a token per step. temperature 0 = greedy, else temperature + top-p sampling.
+        eos_token_id: int or list; stream(token_id) sees each new token. (Sequence-parallel: mmsp.sp_generate.)"""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         cfg = self.config.llm
         T = input_ids.shape[1]
-        h = self.embed(input_ids, images)  # (1, T, C)
+        h = self.embed(input_ids, images)  # (1, T, C): the prompt, then each new token
+        pos = torch.arange(T, device=h.device)[None]  # (1, T)
         cache = KVCache(cfg.n_layers, 1, T + max_new_tokens, cfg.n_kv_heads, cfg.head_dim, h.dtype, h.device)
-        h = self.forward_embeds(h, torch.arange(T, device=h.device)[None], cache=cache)  # (1, T, C) prefill
-        logits = self.llm.output(h[:, -1]).float()  # (1, V)
         out = []
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
+            logits = self.llm.output(self.forward_embeds(h, pos, cache=cache)[:, -1]).float()  # (1, V)
             tok = sample_token(logits, temperature, top_p, generator)  # (1,)
-            out.append(tok)
+            out.append(int(tok))
             if stream is not None:
-                stream(int(tok))
-            if int(tok) in eos or step == max_new_tokens - 1:
+                stream(out[-1])
+            if out[-1] in eos:
                 break
             h = self.llm.tok_embeddings(tok.view(1, 1))  # (1, 1, C)
-            pos = torch.full((1, 1), T + step, dtype=torch.long, device=h.device)  # (1, 1)
-            logits = self.llm.output(self.forward_embeds(h, pos, cache=cache)[:, -1]).float()  # (1, V)
-        if not out:
-            return input_ids.new_zeros(1, 0)
-        return torch.stack(out, dim=1)  # (1, T_new)
+            pos = pos[:, -1:] + 1  # (1, 1)
+        return torch.tensor([out], dtype=torch.long, device=input_ids.device)  # (1, T_new)
 
     # --- training helpers -------------------------------------------------------------------------------------
 
@@ -760,19 +704,15 @@ class LongVILA(nn.Module):
         self.llm.requires_grad_(llm)
 
     def set_grad_checkpointing(self, on=True, llm_layers=None):
-        """Recompute each vision/decoder block in backward (long-video SFT: activations of 200k+ tokens).
-
-        on: False, True (= "full") or a mode of CHECKPOINT_MODES ("save-attn" keeps the fused attention outputs).
-        llm_layers: None = every decoder block; n = only the first n, the rest keep their activations (memory
-        that would otherwise sit unused buys back their recomputation)."""
+        """Recompute each vision/decoder block in backward. on: False, True (= "full") or a mode of CHECKPOINT_MODES;
+        llm_layers: None = every decoder block, n = only the first n (spare memory buys back the rest's recompute)."""
         mode = "full" if on is True else (on or False)
         if mode and mode not in CHECKPOINT_MODES:
             raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES}, True or False; got {on!r}")
         n = self.config.llm.n_layers
         if llm_layers is not None and not 0 <= llm_layers <= n:
             raise ValueError(f"checkpointed decoder blocks must be between 0 and {n}, got {llm_layers}")
-        # the vision tower always recomputes whole blocks: its attention spans one frame (729 patches), cheap to
-        # redo, while keeping its outputs would hold F x P x Cv x 2 bytes per block
+        # the vision tower always recomputes whole blocks: one frame's attention is cheap to redo, costly to keep
         self.vision.grad_checkpointing = mode and "full"
         self.llm.grad_checkpointing = mode
         self.llm.checkpoint_layers = llm_layers
@@ -781,28 +721,19 @@ class LongVILA(nn.Module):
         """AdamW groups: decay on >= 2-D weight matrices only; none on norms, biases, embeddings (token, position)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # tied weights are listed once
-            if not p.requires_grad:
-                continue
-            if p.dim() >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed.weight")):
-                decay.append(p)
-            else:
-                no_decay.append(p)
+            if p.requires_grad:
+                matrix = p.dim() >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed.weight"))
+                (decay if matrix else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
-        """Training FLOPs per LLM token (forward + backward) for MFU, in the PaLM/nanoGPT convention:
+        """Training FLOPs per LLM token (forward + backward) for MFU, PaLM/nanoGPT convention: 6 * N + 12 * L * C * T.
 
-            6 * N + 12 * L * C * T
-        N = decoder matmul parameters (all blocks + output head; the embedding lookup does no matmul), each used
-        once per token in a multiply-add (2 FLOPs) forward and twice as much backward -> 6N. Attention per layer
-        and token: QK^T and AV are 2 * T * C FLOPs each forward (4TC), x3 for backward -> 12 * L * C * T.
-        causal=True halves the attention term (the masked half is never computed by flash attention).
-        Vision FLOPs are separate: see vision_flops_per_frame.
+        N = decoder matmul parameters (blocks + head, not the embedding lookup): 2 FLOPs each forward, 4 backward.
+        Attention per layer and token: QK^T and AV, 2TC each forward, x3 with backward. causal=True halves it.
         """
-        cfg = self.config.llm
-        n = sum(p.numel() for name, p in self.llm.named_parameters() if not name.startswith("tok_embeddings"))
-        if cfg.tie_embeddings:
-            n += self.llm.output.weight.numel()  # the tied head still does its matmul
+        cfg, llm = self.config.llm, self.llm
+        n = sum(p.numel() for p in llm.layers.parameters()) + llm.norm.weight.numel() + llm.output.weight.numel()
         attn = 12 * cfg.n_layers * cfg.dim * seq_len
         return 6.0 * n + (attn / 2 if causal else attn)
 
@@ -820,24 +751,19 @@ class LongVILA(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "LongVILA":
         """Load a VILA-layout folder (config.json, llm/, vision_tower/, mm_projector/) with Hugging Face key names.
-
-        The model is built on the meta device and each tensor is read once from safetensors and assigned
-        (load_state_dict(assign=True)), converted to dtype/device as it is read: an 8B model never exists twice
-        in memory. dtype None = as stored; device None = CPU. Errors name the file and key that is wrong.
-        """
+        Built on the meta device, each tensor assigned as read (to dtype, None = as stored, and device, None = CPU):
+        an 8B model never exists twice in memory."""
         config = read_config(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         state = load_checkpoint_tensors(path, expected, config, dtype=dtype, device=device)
         model.load_state_dict(state, strict=True, assign=True)
-        model.llm.tie()
-        model.vision.freeze_unused()
+        model.llm.tie()  # assign=True keeps each Parameter's requires_grad: the unused vision blocks stay frozen
         return model
 
     def save_pretrained(self, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
-        """Write the VILA layout with HF names and HF-readable configs (LlamaForCausalLM / Qwen2ForCausalLM under
-        llm/, SiglipVisionModel under vision_tower/). Weights larger than max_shard_bytes are sharded with an index."""
+        """The VILA layout with HF names and configs (transformers reads llm/ and vision_tower/), sharded if big."""
         save_checkpoint(self, path, tokenizer_json=tokenizer_json, max_shard_bytes=max_shard_bytes)
 
 
@@ -914,8 +840,7 @@ def ours_to_hf(name):
     full = _rename(name, _BWD)
     if full is None:
         raise KeyError(f"no Hugging Face name for parameter {name}")
-    part, key = full.split("/", 1)
-    return part, key
+    return tuple(full.split("/", 1))
 
 
 def _read_json(path):
@@ -932,26 +857,29 @@ def _refuse(file, field, value, why):
     raise InputError(f"{file}: {field} = {value!r} is not supported ({why})")
 
 
+def _supported(c, file, field, allowed, why):
+    """Refuse config c (read from file) if it sets `field` to a value outside `allowed` (absent = a default allowed)."""
+    if field in c and c[field] not in allowed:
+        _refuse(file, field, c[field], why)
+
+
 def _llm_from_hf(c, file):
     mt = c.get("model_type")
     if mt not in ("llama", "qwen2"):
         _refuse(file, "model_type", mt, "expected llama or qwen2")
     if mt == "llama" and (c.get("attention_bias") or c.get("mlp_bias")):
         _refuse(file, "attention_bias/mlp_bias", True, "this Llama has no biases")
-    if c.get("hidden_act", "silu") != "silu":
-        _refuse(file, "hidden_act", c["hidden_act"], "expected silu")
-    if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
-        _refuse(file, "head_dim", c["head_dim"], "must equal hidden_size / num_attention_heads")
-    if c.get("use_sliding_window"):
-        _refuse(file, "use_sliding_window", True, "full attention only")
+    _supported(c, file, "hidden_act", ("silu",), "expected silu")
+    _supported(c, file, "head_dim", (None, c["hidden_size"] // c["num_attention_heads"]),
+               "must equal hidden_size / num_attention_heads")
+    _supported(c, file, "use_sliding_window", (False, None), "full attention only")
     rp = c.get("rope_parameters") or {}  # transformers 5 folds theta and scaling into one dict
     theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
     rs = dict(c.get("rope_scaling") or rp)
     kind = rs.pop("rope_type", rs.pop("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    if kind not in ROPE_SCALING_KEYS:
         _refuse(file, "rope_scaling type", kind, "default, linear or llama3")
-    keep = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                             "original_max_position_embeddings"]}.get(kind, [])
+    keep = ROPE_SCALING_KEYS[kind]
     return LLMConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                      n_heads=c["num_attention_heads"],
                      n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -976,12 +904,9 @@ def _llm_to_hf(cfg: LLMConfig, dtype) -> dict:
 
 
 def _vision_from_hf(c, file, select_layer):
-    if c.get("model_type", "siglip_vision_model") not in ("siglip_vision_model", "siglip"):
-        _refuse(file, "model_type", c["model_type"], "the vision tower must be SigLIP")
-    if c.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        _refuse(file, "hidden_act", c["hidden_act"], "expected gelu_pytorch_tanh")
-    if c.get("num_channels", 3) != 3:
-        _refuse(file, "num_channels", c["num_channels"], "expected 3")
+    _supported(c, file, "model_type", ("siglip_vision_model", "siglip"), "the vision tower must be SigLIP")
+    _supported(c, file, "hidden_act", ("gelu_pytorch_tanh",), "expected gelu_pytorch_tanh")
+    _supported(c, file, "num_channels", (3,), "expected 3")
     return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
                         layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
                         eps=c.get("layer_norm_eps", 1e-6), select_layer=select_layer)
@@ -995,58 +920,47 @@ def _vision_to_hf(cfg: VisionConfig, dtype) -> dict:
             "vision_use_head": False, "torch_dtype": str(dtype).replace("torch.", "")}
 
 
-# Fields of a VILA config.json that change the computation. A value this code does not implement stops the load
-# with the field and the file named; unlisted fields (learning rates, tuning flags, paths) do not affect inference.
-_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}
+_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}  # -> ours
 
 
 def _check_top_config(top, file):
-    """Refuse what the reference can do and this model cannot; returns (chat template or None, token order)."""
+    """Refuse config.json fields set to what the reference can do and this model cannot (unlisted fields: learning
+    rates, tuning flags, paths, do not change inference); returns (chat template or None, token order)."""
     for name in ("s2", "dynamic_s2", "mm_use_im_start_end", "mm_use_im_patch_token"):
-        if top.get(name) not in (False, None):
-            _refuse(file, name, top[name], "multi-scale S2 features and image start/end tokens are not implemented")
-    if top.get("image_aspect_ratio", "resize") not in ("resize", "pad", None):
-        _refuse(file, "image_aspect_ratio", top["image_aspect_ratio"], "resize or pad")
-    if top.get("mm_vision_select_feature", "cls_patch") not in ("cls_patch", "patch"):
-        _refuse(file, "mm_vision_select_feature", top["mm_vision_select_feature"], "SigLIP has no CLS: all patches")
-    if top.get("vision_resolution", -1) not in (-1, None):
-        _refuse(file, "vision_resolution", top["vision_resolution"], "the tower's own resolution only")
-    if top.get("mm_patch_merge_type", "flat") not in ("flat", None):
-        _refuse(file, "mm_patch_merge_type", top["mm_patch_merge_type"], "flat only")
+        _supported(top, file, name, (False, None),
+                   "multi-scale S2 features and image start/end tokens are not implemented")
+    _supported(top, file, "image_aspect_ratio", ("resize", "pad", None), "resize or pad")
+    _supported(top, file, "mm_vision_select_feature", ("cls_patch", "patch"), "SigLIP has no CLS: all patches")
+    _supported(top, file, "vision_resolution", (-1, None), "the tower's own resolution only")
+    _supported(top, file, "mm_patch_merge_type", ("flat", None), "flat only")
     for name, basic in (("image_encoder", "BasicImageEncoder"), ("video_encoder", "BasicVideoEncoder")):
         target = top[name].get("_target_", basic) if isinstance(top.get(name), dict) else top.get(name)
         if target is not None and not str(target).endswith(basic):
             _refuse(file, name, target, f"only VILA's {basic} (frame by frame) is implemented")
-    template = top.get("chat_template")
-    if template not in _TEMPLATES:
-        _refuse(file, "chat_template", template, "llama3 (llama_3) or chatml (qwen2)")
+    _supported(top, file, "chat_template", _TEMPLATES, "llama3 (llama_3) or chatml (qwen2)")
     order = (top.get("longvila") or {}).get("projector", {}).get("token_order")
-    return _TEMPLATES[template], order
+    return _TEMPLATES[top.get("chat_template")], order
 
 
 def read_config(path) -> LongVILAConfig:
     """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest.
-
-    The projector's token order: our own config.json records it; for a released folder, mlp_downsample_2x2_fix
-    (VILA main) is row-major, and plain mlp_downsample is column-major with a Llama LLM (the LongVILA branch's
-    Llama-3 checkpoints) and row-major with Qwen2 (released with VILA main, whose mlp_downsample is row-major)."""
+    Token order: ours records it; else mlp_downsample_2x2_fix (VILA main) is row-major, and mlp_downsample is
+    column-major with Llama (the LongVILA branch's Llama-3 checkpoints), row-major with Qwen2 (from VILA main)."""
     if not os.path.isdir(path):
         raise InputError(f"checkpoint folder {path} does not exist")
     for part in _PARTS:
         if not os.path.isdir(os.path.join(path, part)):
             raise InputError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, llm/, "
                              f"vision_tower/, mm_projector/)")
-    top_file = os.path.join(path, "config.json")
-    top = _read_json(top_file)
-    template, order = _check_top_config(top, top_file)
-    llm_file = os.path.join(path, "llm", "config.json")
-    llm = _llm_from_hf(_read_json(llm_file), llm_file)
-    vis_file = os.path.join(path, "vision_tower", "config.json")
-    vision = _vision_from_hf(_read_json(vis_file), vis_file, top.get("mm_vision_select_layer", -2))
-    proj_file = os.path.join(path, "mm_projector", "config.json")
-    kind = _read_json(proj_file).get("mm_projector_type")
+    file = {part: os.path.join(path, part, "config.json") for part in ("", *_PARTS)}  # "": the top config.json
+    top = _read_json(file[""])
+    template, order = _check_top_config(top, file[""])
+    llm = _llm_from_hf(_read_json(file["llm"]), file["llm"])
+    vision = _vision_from_hf(_read_json(file["vision_tower"]), file["vision_tower"],
+                             top.get("mm_vision_select_layer", -2))
+    kind = _read_json(file["mm_projector"]).get("mm_projector_type")
     if kind not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
-        _refuse(proj_file, "mm_projector_type", kind, "mlp_downsample or mlp_downsample_2x2_fix")
+        _refuse(file["mm_projector"], "mm_projector_type", kind, "mlp_downsample or mlp_downsample_2x2_fix")
     if order is None:
         order = "column-major" if kind == "mlp_downsample" and llm.model_type == "llama" else "row-major"
     try:
@@ -1059,8 +973,7 @@ def read_config(path) -> LongVILAConfig:
 
 
 def _weight_files(folder):
-    """{hf_key: file} of a HF weights folder: model.safetensors, or shards + model.safetensors.index.json; else
-    pytorch_model.bin (+ index), read with torch.load(weights_only=True): no code runs."""
+    """{hf_key: file} of a HF weights folder: model.safetensors or pytorch_model.bin, one file or shards + index."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         index = os.path.join(folder, name + ".index.json")
         if os.path.isfile(index):
@@ -1078,39 +991,14 @@ def _weight_files(folder):
 
 @functools.lru_cache(maxsize=8)
 def _open_weights(file):
-    """A {key: tensor-like} view of one weights file: a lazy safetensors handle, or a .bin loaded safely."""
+    """{key: tensor} of one weights file, memory-mapped: a tensor's bytes are read when it is used."""
     try:
         if file.endswith(".bin"):
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        return _LazySafetensors(file)
+        return load_file(file)
     except Exception as e:  # noqa: BLE001 - any reader error of a user's file: name the file, say what it is
         raise InputError(f"{file}: cannot read the weights ({type(e).__name__}: {e}); a truncated or corrupt "
                          f"download?") from e
-
-
-class _LazySafetensors:
-    """keys(), shape(key) and get(key) of a .safetensors file, reading one tensor at a time."""
-
-    def __init__(self, file):
-        self.file = file
-        with safe_open(file, "pt") as f:
-            self._keys = list(f.keys())
-            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self._keys}
-
-    def keys(self):
-        return self._keys
-
-    def __getitem__(self, key):
-        try:
-            with safe_open(self.file, "pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{self.file}: cannot read tensor {key!r} ({type(e).__name__}: {e}); a truncated or "
-                             f"corrupt download?") from e
-
-
-def _shape(weights, key):
-    return weights._shapes[key] if isinstance(weights, _LazySafetensors) else tuple(weights[key].shape)
 
 
 def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=None, device=None) -> dict:
@@ -1138,9 +1026,10 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=
         raise InputError(f"{', '.join(files) or os.path.join(path, part)}: checkpoint is missing {len(missing)} "
                          f"tensor(s), e.g. '{key}' (our {missing[0]}, shape {tuple(expected[missing[0]])})")
     for ours, (file, key) in where.items():
-        if _shape(_open_weights(file), key) != tuple(expected[ours]):
-            raise InputError(f"{file}: tensor '{key}' has shape {_shape(_open_weights(file), key)} but the config "
-                             f"expects {tuple(expected[ours])} (for {ours})")
+        shape = tuple(_open_weights(file)[key].shape)
+        if shape != tuple(expected[ours]):
+            raise InputError(f"{file}: tensor '{key}' has shape {shape} but the config expects "
+                             f"{tuple(expected[ours])} (for {ours})")
     tensors = {}
     for ours, (file, key) in where.items():
         t = _open_weights(file)[key]
@@ -1151,34 +1040,30 @@ def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=
     return tensors
 
 
-def _write_weights(folder, tensors: dict, max_shard_bytes):
-    """safetensors file(s) in `folder`; sharded as model-0000k-of-0000n.safetensors + index when too big."""
-    shards, cur, size = [], {}, 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += nbytes
-    shards.append(cur)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata=meta)
-        return
-    weight_map = {}
-    for n, shard in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
 def _write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def _write_weights(folder, tensors: dict, max_shard_bytes):
+    """safetensors file(s) in `folder`; sharded as model-0000k-of-0000n.safetensors + index when too big."""
+    shards, size = [{}], 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        _write_json(os.path.join(folder, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=5 * 2 ** 30):
@@ -1190,15 +1075,13 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
         part, key = ours_to_hf(name)
         parts[part][key] = t.detach().to("cpu").contiguous()
     dtype = model.llm.tok_embeddings.weight.dtype
-    for part in _PARTS:
-        os.makedirs(os.path.join(path, part), exist_ok=True)
-        _write_weights(os.path.join(path, part), parts[part], max_shard_bytes)
     llm_cfg, vis_cfg = _llm_to_hf(cfg.llm, dtype), _vision_to_hf(cfg.vision, dtype)
     kind = "mlp_downsample" if cfg.projector.token_order == "column-major" else "mlp_downsample_2x2_fix"
     proj_cfg = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector", "mm_projector_type": kind}
-    _write_json(os.path.join(path, "llm", "config.json"), llm_cfg)
-    _write_json(os.path.join(path, "vision_tower", "config.json"), vis_cfg)
-    _write_json(os.path.join(path, "mm_projector", "config.json"), proj_cfg)
+    for part, part_cfg in zip(_PARTS, (llm_cfg, vis_cfg, proj_cfg)):
+        os.makedirs(os.path.join(path, part), exist_ok=True)
+        _write_weights(os.path.join(path, part), parts[part], max_shard_bytes)
+        _write_json(os.path.join(path, part, "config.json"), part_cfg)
     S = cfg.vision.image_size
     _write_json(os.path.join(path, "vision_tower", "preprocessor_config.json"), {
         "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": S, "width": S},
@@ -1219,9 +1102,8 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
 
 
 # -----------------------------------------------------------------------------
-# the peak the FLOP counts are measured against (MFU)
-
-# Dense bf16 TFLOP/s by device name (the vendors' datasheets); the more specific names first.
+# the peak the FLOP counts are measured against (MFU): dense bf16 TFLOP/s by device name (the vendors' datasheets),
+# the more specific names first
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
                     "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
 
@@ -1237,22 +1119,15 @@ def peak_bf16_tflops(device) -> float | None:
 # -----------------------------------------------------------------------------
 # command line: build a preset, run a forward on a random video, generate a few tokens
 
-def _count(module_or_params):
-    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
-    return sum(p.numel() for p in params)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a LongVILA preset, run a forward+backward on a random video and "
-                                 "generate a few tokens.")
+    ap = argparse.ArgumentParser(description="Build a preset, forward+backward a random video, generate a few tokens.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     ap.add_argument("--frames", type=int, default=2, help="frames of the random video")
     ap.add_argument("--new_tokens", type=int, default=8, help="tokens to generate")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare_sdpa", action="store_true",
-                    help="also run the decoder with torch SDPA attention and print the largest logit difference")
+    ap.add_argument("--compare_sdpa", action="store_true", help="also print the largest logit difference to SDPA")
     argv = [a.split("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=")[0]):]
             if a.startswith("--") else a for a in (argv if argv is not None else sys.argv[1:])]
     args = ap.parse_args(argv)
@@ -1263,9 +1138,10 @@ def main(argv=None):
     with torch.device(args.device):
         model = LongVILA(cfg)
     torch.set_default_dtype(default_dtype)
-    print(f"preset {args.preset}: vision {_count(model.vision) / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
-          f"{cfg.vision.layers} layers), projector {_count(model.projector) / 1e6:.2f}M, "
-          f"llm {_count(model.llm) / 1e6:.2f}M, total {_count(model) / 1e6:.2f}M parameters")
+    n = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}  # vision, projector, llm
+    print(f"preset {args.preset}: vision {n['vision'] / 1e6:.2f}M (runs {cfg.vision.n_used_layers} of "
+          f"{cfg.vision.layers} layers), projector {n['projector'] / 1e6:.2f}M, "
+          f"llm {n['llm'] / 1e6:.2f}M, total {sum(n.values()) / 1e6:.2f}M parameters")
     N, S = cfg.tokens_per_frame, cfg.vision.image_size
     ids = [1, 5, 6] + ([IMAGE_TOKEN_ID] * N + [13]) * args.frames + [7, 8, 9]  # 13 stands for "\n" here
     input_ids = torch.tensor([ids], device=args.device)  # (1, T)
