@@ -44,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 # Read once, when the kernels are defined: conftest.py sets it on CPU-only machines before importing us.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)), and exp2 is the GPU's fast exponential
-LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
 
 
 # -----------------------------------------------------------------------------
@@ -199,8 +198,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_range(m0, Tq, Tk, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(full, seen): keys [0, full) in whole blocks are seen by every row m0.. of the tile, keys [0, seen) by
-        at least one. Row i sees key j iff j <= i + diff."""
+        """(full, seen): keys [0, full) in whole blocks are seen by every row m0.. of the tile, [0, seen) by one."""
         if CAUSAL:
             full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
             seen = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
@@ -278,8 +276,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _query_range(n0, Tq, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(lo, mid, full) in whole query blocks: rows [lo, mid) see some of the keys n0.. (masked), [mid, full)
-        see all of them (no mask), [full, Tq) is the ragged last block (masked)."""
+        """Query rows (lo, mid, full), in whole blocks, for the keys n0.. (the split is named in _bwd_dkdv_kernel)."""
         full = (Tq // BLOCK_M) * BLOCK_M
         if CAUSAL:
             lo = (tl.minimum(tl.maximum(n0 - diff, 0), Tq) // BLOCK_M) * BLOCK_M       # first row seeing key n0
@@ -478,8 +475,6 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None,
 
 
 class _FlashAttn(torch.autograd.Function):
-    """out = attention(q, k, v); saves q, k, v, out, lse; the backward recomputes P from the lse."""
-
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, backend):
         out, lse = attention_forward(q, k, v, causal, softmax_scale, backend=backend)
@@ -526,8 +521,7 @@ def saved_attention_ops() -> set:
 
 
 def _fastest_backend(x) -> str:
-    """auto: flash-attn-4 where it is installed and runs (Hopper, Blackwell), cuDNN on Hopper and newer, Triton on
-    other GPUs, the twin on CPU (`python bench.py kernels` measures the order)."""
+    """auto: the fastest backend installed for x's device (`python bench.py kernels` measures the order)."""
     if not x.is_cuda:
         return "torch"
     major = _capability(x.device.index)[0]
@@ -551,11 +545,19 @@ def cannot_run(backend, q, k, causal):
         return None if D in (16, 32, 64, 128) else f"head dim {D} (16, 32, 64 or 128)"
     if not half:
         return f"{q.dtype} (fp16 or bf16 only)"
-    if causal and q.shape[1] != k.shape[1] and backend == "cudnn":
-        return "a causal mask on unequal lengths (cuDNN's is the square one)"
     if backend == "cudnn":
+        if causal and q.shape[1] != k.shape[1]:
+            return "a causal mask on unequal lengths (cuDNN's is the square one)"
         return None if D % 8 == 0 and D <= 128 else f"head dim {D}"
-    return _flashcannot_run(q, k, causal)
+    if _flash_attn_4() is None:
+        return "flash-attn-4 is not installed (pip install flash-attn-4)"
+    if _capability(q.device.index)[0] not in (9, 10, 11, 12):
+        return f"compute capability {_capability(q.device.index)} (flash-attn-4 needs Hopper or newer)"
+    if D % 8 or D > 128:
+        return f"head dim {D} (a multiple of 8 up to 128)"
+    if causal and q.shape[1] > k.shape[1]:
+        return "a causal mask with more queries than keys (untested in flash-attn-4's backward)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -608,11 +610,9 @@ if HAS_TRITON:
     def _program_order(pid, T, Hkv, GROUP, HEADS_PER_WAVE, MIN_WAVE, BLOCK: tl.constexpr):
         """Program pid of a 1-D grid -> (batch b, KV head hk, member g of its query-head group, block j, n_blocks).
 
-        Programs with nearby ids run at the same time. The B*Hkv (batch, KV head) pairs go in waves; inside a wave
-        the block index j is slowest and the heads fastest, so all heads of a wave work on block j at once: the
-        GROUP query heads of a KV head read the same K/V together, and only the wave's K/V (Q/dO for dK/dV) need
-        to stay in L2. A wave has HEADS_PER_WAVE pairs (what fits L2, from the host), raised until it has
-        MIN_WAVE programs (two per SM, for load balance)."""
+        Programs with nearby ids run together. The B*Hkv (batch, KV head) pairs go in waves of HEADS_PER_WAVE (what
+        fits L2), raised to MIN_WAVE programs (load balance); inside a wave the block j is slowest, so the GROUP
+        query heads of a KV head read the same K/V together and only the wave's K/V (Q/dO) need stay in L2."""
         n_blocks = tl.cdiv(T, BLOCK)
         n_heads = tl.num_programs(0) // (GROUP * n_blocks)                     # B * Hkv
         hpw = tl.minimum(tl.maximum(HEADS_PER_WAVE, tl.cdiv(MIN_WAVE, GROUP * n_blocks)), n_heads)
@@ -624,11 +624,10 @@ if HAS_TRITON:
         bk = wave * hpw + w // GROUP                                           # b * Hkv + hk
         return bk // Hkv, bk % Hkv, w % GROUP, j, n_blocks
 
-    # Launch configurations. Large 16-bit problems autotune over a few Hopper configs (BLOCK_M, BLOCK_N, warps,
-    # stages, TMA): 8 warps, or 4 warps with tiles small enough that two programs share an SM (Triton waits for
-    # each wgmma right after issuing it, so only a second program can overlap one's softmax with matrix products).
-    # Small problems (decode steps, tests), fp32 and the interpreter use one fixed config, so a generate() loop
-    # never re-tunes for each new length.
+    # Launch configurations. Large 16-bit problems autotune over a few Hopper configs: 8 warps, or 4 with tiles
+    # small enough that two programs share an SM (Triton waits for each wgmma right after issuing it, so only a
+    # second program overlaps one's softmax with matrix products). Small problems (decode steps), fp32 and the
+    # interpreter use one fixed config, so a generate() loop never re-tunes for each new length.
     def _tma_hook(blocks):
         """Autotune pre-hook: a TMA descriptor's block shape follows the config's tile."""
         def hook(nargs):
@@ -656,8 +655,8 @@ if HAS_TRITON:
     _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
     _TUNED = {name: _autotuned(name, kernel) for name, kernel in _KERNELS.items()}
 
-_FIXED = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}  # (BLOCK_M, BLOCK_N, warps, stages)
-_FIXED_FP32_WIDE = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}  # fp32, D = 128: smem
+_FIXED = (64, 64, 4, 2)            # (BLOCK_M, BLOCK_N, warps, stages) of all three kernels on a GPU
+_FIXED_FP32_WIDE = (32, 32, 4, 1)  # fp32 at D = 128: 64x64 two-stage tiles overflow shared memory
 _FIXED_INTERPRET = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}  # odd pairs on purpose
 _TUNE_MIN_WORK = 1024 * 1024  # Tq * Tk below this: the fixed config
 L2_BUDGET = 24 << 20  # bytes of streamed K/V (Q/dO) one wave of heads may keep in L2 (Hopper has 50 MB)
@@ -667,7 +666,7 @@ def _fixed_config(name, dot_prec, D):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` when it is not autotuned."""
     if _INTERPRET:
         return _FIXED_INTERPRET[name]
-    return (_FIXED_FP32_WIDE if dot_prec == "tf32x3" and D > 64 else _FIXED)[name]
+    return _FIXED_FP32_WIDE if dot_prec == "tf32x3" and D > 64 else _FIXED
 
 
 def _launch(name, grid, args, consts, Tq, Tk, tma):
@@ -683,9 +682,8 @@ def _launch(name, grid, args, consts, Tq, Tk, tma):
 
 
 def _consts(q, causal):
-    """The compile-time constants of the attention kernels. fp32 products: "ieee" in the interpreter (numpy),
-    "tf32x3" on GPU (three tf32 tensor-core products, ~fp32 accuracy; a plain-FMA fp32 dot of these tiles takes
-    ptxas minutes to compile)."""
+    """The attention kernels' compile-time constants. fp32 products: "ieee" in the interpreter, "tf32x3" on GPU
+    (three tf32 products, ~fp32 accuracy; a plain-FMA fp32 dot of these tiles takes ptxas minutes to compile)."""
     return dict(D=q.shape[3], CAUSAL=bool(causal), UPCAST=_INTERPRET,
                 DOT_PREC=("ieee" if _INTERPRET else "tf32x3") if q.dtype == torch.float32 else "tf32")
 
@@ -696,14 +694,12 @@ def _bucket(n):
 
 
 def _heads_per_wave(n_heads, bytes_per_head):
-    """Heads per wave of _program_order as far as L2 goes: as many of the n_heads (= B * Hkv) as have their
-    streamed K/V (Q/dO) fit L2_BUDGET together; at least 1 (the kernel raises it for load balance)."""
+    """Heads per wave of _program_order: as many of the n_heads (= B * Hkv) as fit L2_BUDGET together, at least 1."""
     return min(n_heads, max(1, L2_BUDGET // max(1, bytes_per_head)))
 
 
 def _wave_args(n_heads, rows, heads, x):
-    """(HEADS_PER_WAVE, MIN_WAVE) of a launch whose programs each stream 2 tensors (K and V, or Q and dO) of
-    `rows` rows and `heads` heads of x's width and element size; MIN_WAVE: two programs per SM."""
+    """(HEADS_PER_WAVE, MIN_WAVE) of a launch whose programs stream two tensors like x (K and V, or Q and dO)."""
     per_head = 2 * rows * heads * x.shape[-1] * x.element_size()
     return _heads_per_wave(n_heads, per_head), _min_wave(x)
 
@@ -780,11 +776,9 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
 
 
 # --- fused elementwise ops of the decoder block: RMSNorm, SwiGLU, RoPE (Triton, CUDA) ------------------------------
-# In eager PyTorch each is a chain of small kernels over (T, C)-sized tensors (the HF-exact RMSNorm is 7: upcast,
-# square, mean, rsqrt, multiply, downcast, gain), each pass reading and writing the whole tensor. Each op below is
-# one kernel forward and one backward, fp32 arithmetic with 16-bit storage. Their twins are the model's own eager
-# functions (longvila.rms_norm, apply_rotary_emb, swiglu), which round every intermediate to 16 bits where these
-# round once at the end. The model calls them on CUDA tensors while configure(fused_ops=True).
+# Eager PyTorch runs each as a chain of small kernels, every one reading and writing the whole (T, C) tensor; here
+# each is one kernel forward and one backward, fp32 arithmetic with 16-bit storage, rounding once at the end. Their
+# twins are the model's eager functions (longvila.rms_norm, apply_rotary_emb, swiglu); see use_fused.
 MAX_NORM_WIDTH = 16384  # rms_norm keeps a whole row in registers: wider rows take the eager twin
 
 if HAS_TRITON:
@@ -885,11 +879,10 @@ class _RMSNormFn(torch.autograd.Function):
         block_c = triton.next_power_of_2(C)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
-        if M == 0 or C == 0:
-            return y.view(x.shape[:-1] + (C,))  # (..., C)
-        with _on_device(x):
-            _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
-                                       num_warps=min(16, max(1, block_c // 256)))
+        if M and C:  # empty inputs launch nothing
+            with _on_device(x):
+                _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), C, eps, BLOCK_C=block_c,
+                                           num_warps=min(16, max(1, block_c // 256)))
         return y.view(x.shape[:-1] + (C,))  # (M, C) -> (..., C)
 
     @staticmethod
@@ -923,10 +916,9 @@ class _SwiGLUFn(torch.autograd.Function):
         y = torch.empty_like(gate)  # (..., F)
         n = gate.numel()
         ctx.save_for_backward(gate, up)  # two tensors, where eager autograd keeps three (gate, silu(gate), up)
-        if n == 0:
-            return y
-        with _on_device(gate):
-            _swiglu_fwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](gate, up, y, n, BLOCK=_SwiGLUFn.BLOCK)
+        if n:
+            with _on_device(gate):
+                _swiglu_fwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](gate, up, y, n, BLOCK=_SwiGLUFn.BLOCK)
         return y
 
     @staticmethod
@@ -935,10 +927,9 @@ class _SwiGLUFn(torch.autograd.Function):
         dy = dy.contiguous()  # (..., F)
         dg, du = torch.empty_like(gate), torch.empty_like(up)  # (..., F) each
         n = gate.numel()
-        if n == 0:
-            return dg, du
-        with _on_device(gate):
-            _swiglu_bwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_SwiGLUFn.BLOCK)
+        if n:
+            with _on_device(gate):
+                _swiglu_bwd_kernel[(triton.cdiv(n, _SwiGLUFn.BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_SwiGLUFn.BLOCK)
         return dg, du
 
 
@@ -950,12 +941,11 @@ def _rotary(x, cos, sin, sign):
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernel reads both tables with one set of strides
         cos, sin = cos.contiguous(), sin.contiguous()  # (B, T, D/2) each
     y = torch.empty((B, T, HX, D), dtype=x.dtype, device=x.device)  # (B, T, HX, D)
-    if y.numel() == 0:
-        return y
-    with _on_device(x):
-        _rotary_kernel[(B * T,)](x, cos, sin, y, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
-                                 cos.stride(1), HX, float(sign), HALF=D // 2, BLOCK_H=triton.next_power_of_2(HX),
-                                 BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
+    if y.numel():
+        with _on_device(x):
+            _rotary_kernel[(B * T,)](x, cos, sin, y, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
+                                     cos.stride(1), HX, float(sign), HALF=D // 2, BLOCK_H=triton.next_power_of_2(HX),
+                                     BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
     return y
 
 
@@ -1001,15 +991,13 @@ def rotary(x, cos, sin):
 
 
 def _check_fusable(x):
-    """The fused ops need triton, and CUDA tensors or Triton's interpreter."""
     if not HAS_TRITON or not (x.is_cuda or _INTERPRET):
         raise RuntimeError("kernels: the fused ops need triton and CUDA tensors (on CPU: TRITON_INTERPRET=1 set "
                            "before `import kernels`)")
 
 
 def use_fused(x):
-    """Should the model call the fused ops on x? triton importable, fp16/bf16/fp32, and a CUDA tensor with fused_ops
-    True, or any tensor the kernels can run on with fused_ops "always" (CPU: the interpreter)."""
+    """Should the model call the fused ops on x? fused_ops True: on CUDA; "always": in the interpreter too."""
     if not HAS_TRITON or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if _SETTINGS["fused_ops"] == "always":
@@ -1019,8 +1007,7 @@ def use_fused(x):
 
 # --- flash-attn-4: FlashAttention's CuTe-DSL kernels (pip install flash-attn-4; Hopper and Blackwell) -----------
 # Its public flash_attn_func differentiates through its own out and lse; a ring needs the backward from the
-# GLOBAL out and lse, which the interface's _flash_attn_bwd takes (it recomputes delta = rowsum(dO * O) from the
-# out it is given). Its causal mask is bottom-right aligned, as ours. Gradients come back in the inputs' dtype.
+# GLOBAL out and lse, which its interface's _flash_attn_bwd takes. Its causal mask is bottom-right aligned, as ours.
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_4():
@@ -1032,18 +1019,6 @@ def _flash_attn_4():
     # its compiler notes, at every new kernel, that one argument is passed at run time: nothing to act on
     warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted", category=UserWarning)
     return interface
-
-
-def _flashcannot_run(q, k, causal):
-    if _flash_attn_4() is None:
-        return "flash-attn-4 is not installed (pip install flash-attn-4)"
-    if _capability(q.device.index)[0] not in (9, 10, 11, 12):
-        return f"compute capability {_capability(q.device.index)} (flash-attn-4 needs Hopper or newer)"
-    if q.shape[3] % 8 or q.shape[3] > 128:
-        return f"head dim {q.shape[3]} (a multiple of 8 up to 128)"
-    if causal and q.shape[1] > k.shape[1]:
-        return "a causal mask with more queries than keys (untested in flash-attn-4's backward)"
-    return None
 
 
 def _flash_forward(q, k, v, causal, scale, out_fp32):

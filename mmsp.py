@@ -46,8 +46,7 @@ class DistInfo:
 
 def init_distributed(backend=None) -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); no environment -> one process, no group.
-
-    nccl on CUDA, gloo otherwise. If a process group already exists (tests fork gloo workers), it is reused."""
+    nccl on CUDA, gloo otherwise; an existing process group (tests fork gloo workers) is reused."""
     cuda = torch.cuda.is_available()
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,10 +68,8 @@ def init_distributed(backend=None) -> DistInfo:
 
 @dataclass
 class SPLayout:
-    """Where this rank sits in the (dp, ring, ulysses) grid, and the process groups derived from it.
-
-    sp_rank = ulysses_rank + ring_rank * ulysses. Groups are None in a single process (world 1).
-    ring_ranks / ulysses_ranks / sp_ranks list GLOBAL ranks in group order (P2P ops need global peers)."""
+    """Where this rank sits in the (dp, ring, ulysses) grid, and the process groups derived from it (None in a
+    single process). ring_ranks / ulysses_ranks / sp_ranks list GLOBAL ranks in group order (P2P needs them)."""
     dp: int = 1
     sp: int = 1
     ring: int = 1
@@ -94,10 +91,8 @@ class SPLayout:
 
 
 def _priority_options():
-    """NCCL options for the ring groups: their kernels on a HIGH-PRIORITY stream. A ring step posts the next KV
-    block (in the backward also the partial dk/dv) and then launches an attention kernel that fills every SM; at
-    normal priority the transfer gets no SM until that kernel drains, so the "overlapped" send would run after it.
-    High priority lets it start as soon as any attention block finishes (docs/performance.md measures it)."""
+    """NCCL options for the ring groups: a HIGH-PRIORITY stream, so a ring step's KV (and dk/dv) transfer gets an SM
+    as soon as any block of the attention kernel launched after it finishes, not after the whole kernel."""
     if dist.get_backend() != "nccl":
         return None
     opts = dist.ProcessGroupNCCL.Options()
@@ -106,9 +101,7 @@ def _priority_options():
 
 
 def make_layout(sp=1, ring=1, backend=None, zigzag=True) -> SPLayout:
-    """Build the rank grid torch.arange(world).view(dp, ring, ulysses) and every group from it.
-
-    Every rank must call this with the same arguments (new_group is collective)."""
+    """Build the rank grid torch.arange(world).view(dp, ring, ulysses) and every group from it (collective)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     if sp < 1 or ring < 1 or sp % ring:
@@ -213,9 +206,8 @@ def padded_length(T: int, sp: int) -> int:
 def shard_indices(Tp: int, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int, zigzag=True):
     """Token indices (T/sp,) owned by one rank of a padded length-Tp sequence, in increasing order.
 
-    zigzag: ring rank r holds chunks r and 2R-1-r of 2R equal chunks, so every rank has the same causal work;
-    plain: rank r holds chunk r of R. Inside that (T/ring,) piece, Ulysses ranks take contiguous parts, so after
-    the Ulysses all-to-all each rank again holds the ring piece in order (no reordering)."""
+    Zigzag gives every ring rank the same causal work. Inside the (T/ring,) piece Ulysses ranks take contiguous
+    parts, so after the Ulysses all-to-all each rank again holds the ring piece in order (no reordering)."""
     sp = ring * ulysses
     if Tp % (2 * sp):
         raise ValueError(f"padded length {Tp} is not a multiple of 2*sp={2 * sp}; pad with padded_length()")
@@ -254,20 +246,16 @@ def frame_split(num_frames: int, sp: int):
 
 
 def encode_frames_sharded(model, images, layout: SPLayout):
-    """Stage 1: this rank encodes only its share of all frames of the batch -> (rows, C) visual rows, in order.
-
-    images: list (one per sample) of (F, 3, S, S) or None. The frames of the batch, in order, are split evenly:
-    rank s gets Fs = ceil(F_total/sp) of them, padded with dummy (zero) frames so every rank runs the same
-    shapes and every rank's vision parameters join the graph (the dummies' rows are dropped right here).
-    Returns (rows (n_real*N, C), first global frame index, n_real)."""
+    """Stage 1: this rank encodes only its Fs = ceil(F_total/sp) of the batch's frames (images: one (F, 3, S, S) or
+    None per sample) -> (rows (n_real*N, C), first global frame index, n_real). Zero frames pad the share, so every
+    rank runs the same shapes and every rank's vision parameters join the graph; their rows are dropped here."""
     frames = [im for im in (images or []) if im is not None]
     if not frames:
         return None, 0, 0
     device = model.llm.tok_embeddings.weight.device
     Fs = frame_split(sum(f.shape[0] for f in frames), layout.sp)
     first = layout.sp_rank * Fs
-    # cut [first, first + Fs) out of the per-sample tensors before moving anything: at 1000+ frames the whole
-    # video would not be worth copying to every GPU
+    # cut [first, first + Fs) out of the per-sample tensors before moving anything to the GPU
     pieces, start = [], 0
     for f in frames:                                                 # f (F_b, 3, S, S)
         lo, hi = max(first - start, 0), min(first + Fs - start, f.shape[0])
@@ -284,12 +272,9 @@ def encode_frames_sharded(model, images, layout: SPLayout):
 
 def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int):
     """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
-
-    rows: (n_real*N, C) this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids (same on every
-    rank). Visual token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is
-    owned by token_owner(t). One all-to-all with uneven splits moves exactly those rows; the rows a rank receives
-    come ordered by source rank, i.e. by k, which is the order of its local -200 slots.
-    Returns (rows I own (n_mine, C))."""
+    rows (n_real*N, C) are this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids. Visual token k
+    (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is owned by token_owner(t).
+    The rows a rank receives come ordered by source rank, i.e. by k: the order of its local -200 slots."""
     B, Tp = ids_padded.shape
     N, sp = tokens_per_frame, layout.sp
     vis = (ids_padded.cpu() == IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
@@ -306,10 +291,9 @@ def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, nu
 
 
 def shard_batch(input_ids, labels, layout: SPLayout, pad_id=0):
-    """Shift labels on the FULL sequence, pad to a multiple of 2*sp, cut this rank's tokens.
-
-    Returns dict: ids_padded (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length).
-    Padding tokens sit after every real token (causally invisible) with ignored targets."""
+    """Shift labels on the FULL sequence, pad to a multiple of 2*sp, cut this rank's tokens -> dict: ids_padded
+    (B, Tp), ids/targets/positions (B, T/sp) of this rank, T (true length). Padding follows every real token
+    (causally invisible) with ignored targets."""
     B, T = input_ids.shape
     Tp = padded_length(T, layout.sp)
     targets = shift_labels(labels) if labels is not None else None   # (B, T) targets[t] = labels[t+1]
@@ -410,9 +394,8 @@ class RingAttention(torch.autograd.Function):
                 out_b, lse_b = kernels.attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=c,
                                                          softmax_scale=scale, out_fp32=True, backend=backend)
                 if out is None:                                    # step 0 is the diagonal: every row is set
-                    # the merges below write into out/lse in place, so they must not alias a kernel's output:
-                    # selective checkpointing (train.py --checkpoint_mode save-attn) caches the cuDNN op's
-                    # lse for the recomputation and refuses a mutated one (out_b is already a fresh fp32 copy)
+                    # the merges below write in place, and selective checkpointing (--checkpoint_mode save-attn)
+                    # refuses a mutated kernel lse: clone it (out_b is already a fresh fp32 copy)
                     out, lse = out_b.float(), lse_b.float().clone()  # (B, Tl, H, D), (B, H, Tl) fp32
                 else:
                     merge_attention(out[:, qs], lse[:, :, qs], out_b.float(), lse_b.float())   # in place
@@ -440,8 +423,7 @@ class RingAttention(torch.autograd.Function):
 
         def pass_on(dk=None, dv=None, ks=None):
             """5. wait for the partial dk/dv of the block in hand, add this rank's share, 6. pass them on with it.
-            Called by the kernel as soon as dk/dv are final and BEFORE it queues the dQ kernel (triton backend),
-            so the fp32 sums travel while dQ computes; the last hop home is then hidden too."""
+            The triton backend calls it before queueing its dQ kernel, so the fp32 sums travel while dQ computes."""
             nonlocal dkv, dkv_reqs, dkv_next
             if dkv_reqs is not None:
                 _wait(dkv_reqs)
@@ -514,8 +496,7 @@ def check_heads(H, Hkv, ulysses):
 def sp_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
     """Causal attention of this rank's tokens against the whole sequence of its SP group (2D: Ulysses x ring).
 
-    q (B, T/sp, H, D), k/v (B, T/sp, Hkv, D) with RoPE applied at true positions -> (B, T/sp, H, D).
-    Use as longvila's attention hook: attn=lambda q, k, v, layer_idx: sp_attention(q, k, v, layout)."""
+    q (B, T/sp, H, D), k/v (B, T/sp, Hkv, D) with RoPE applied at true positions -> (B, T/sp, H, D)."""
     U = layout.ulysses
     if layout.zigzag and layout.ring > 1 and (q.shape[1] * U) % 2:
         raise ValueError(f"{q.shape[1]} tokens per rank do not fit ring={layout.ring} x ulysses={U}: pad the whole "
@@ -523,9 +504,8 @@ def sp_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
     if U > 1:
         H, Hkv = q.shape[2], k.shape[2]
         check_heads(H, Hkv, U)
-        if Hkv < U:   # GQA with fewer KV heads than Ulysses ranks: each rank needs its group's KV head.
-            # KV head j serves query heads j*H/Hkv..; after the repeat, rank u's head is u*Hkv//U (the right one).
-            # repeat_interleave's backward sums the copies' gradients back onto the real head.
+        if Hkv < U:   # fewer KV heads than Ulysses ranks: after the repeat rank u holds KV head u*Hkv//U, the one
+            # its query heads read; repeat_interleave's backward sums the copies' gradients onto the real head
             k = k.repeat_interleave(U // Hkv, dim=2)               # (B, T/sp, U, D)
             v = v.repeat_interleave(U // Hkv, dim=2)               # (B, T/sp, U, D)
         q = seq_to_head(q, layout.ulysses_group, U)                # (B, T/ring, H/U, D)
@@ -556,13 +536,9 @@ def global_count(targets, layout: SPLayout):
 
 
 def sp_loss(hidden, targets, output_weight, n_global, chunk_size=4096):
-    """Sum of cross-entropy over this rank's supervised tokens / n_global (fp32 scalar).
-
-    hidden (B, T/sp, C), targets (B, T/sp) (shifted on the full sequence); cross_entropy_sum makes the
-    logits chunk by chunk so (T, V) never exists. Summing this over all dp*sp ranks gives the global mean, and
-    summing gradients over them gives the single-device gradient. A shard without supervised tokens gives
-    exactly 0 (a sum over nothing), never NaN, and still runs backward: the ring/Ulysses backward is collective,
-    the other ranks wait for its dk/dv."""
+    """Sum of cross-entropy over this rank's supervised tokens / n_global (fp32 scalar); hidden (B, T/sp, C),
+    targets (B, T/sp). Summed over all dp*sp ranks: the global mean. A shard without supervised tokens gives
+    exactly 0, never NaN, and still runs backward: the ring/Ulysses backward is collective."""
     loss_sum, _ = cross_entropy_sum(hidden, targets, weight=output_weight, chunk_size=chunk_size)
     return loss_sum / n_global.clamp(min=1)
 
@@ -570,9 +546,7 @@ def sp_loss(hidden, targets, output_weight, n_global, chunk_size=4096):
 def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits=False):
     """The LongVILA forward under MM-SP. input_ids/labels (B, T) full (same on every rank of the SP group),
     images: list of (F, 3, S, S) | None per sample. Returns (local logits (B, T/sp, V) | None, local loss).
-
-    The local loss is this rank's share: all-reduce(SUM) of it over dp*sp is the global mean loss, and the
-    gradients must be SUMMED over dp*sp (not averaged) to equal single-device training."""
+    The local loss is this rank's share: SUM losses and gradients over dp*sp (not average) to match one device."""
     shard = shard_batch(input_ids, labels, layout)
     h = sp_embed(model, input_ids, images, layout, shard)            # (B, T/sp, C)
     hidden = model.forward_embeds(h, shard["positions"], attn=attention_hook(layout))   # (B, T/sp, C)
@@ -589,9 +563,8 @@ def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits
 
 
 class ShardKVCache:
-    """This rank's keys/values per layer: its real prompt tokens, then the new tokens it was given to keep.
-
-    k/v (L, B, capacity, Hkv, D) preallocated (no O(T) concatenation per decoded token); length[layer]."""
+    """This rank's keys/values per layer: its real prompt tokens, then the new tokens it was given to keep, in
+    preallocated (B, capacity, Hkv, D) buffers (no O(T) concatenation per decoded token)."""
 
     def __init__(self, n_layers, capacity):
         self.k, self.v, self.capacity = [None] * n_layers, [None] * n_layers, capacity
@@ -635,10 +608,9 @@ def sp_generate(model, input_ids, images, layout: SPLayout, max_new_tokens=32, t
     1. prefill: both sharding stages and ring/2D attention, as in training; each layer's hook keeps this rank's
        post-RoPE k/v of its REAL prompt tokens (padding is dropped: a new query must not see it).
     2. the owner of position T-1 turns its hidden state into logits; the token is broadcast from it.
-    3. decode: every rank runs the non-attention parts of the new token (identical everywhere); in attention
-       each rank attends the query to its own KV shard (no causal mask: every cached key is in the past) and the
-       partial (out, lse) are merged across the group. The new token's k/v are kept by rank step % sp
-       (round-robin, so the shards stay balanced over long answers)."""
+    3. decode: every rank runs the non-attention parts of the new token; in attention each rank attends the query
+       to its own KV shard (no causal mask: every cached key is in the past) and the partial (out, lse) merge
+       across the group. Rank step % sp keeps the new token's k/v (round-robin: the shards stay balanced)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"sp_generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
