@@ -3,6 +3,7 @@
     python bench.py kernels                   # attention: our backends (Triton, cuDNN, flash-attn-4) vs torch SDPA
     python bench.py train                     # one training step of an 8-layer Llama-3-8B shape vs transformers
     python bench.py prefill                   # the prefill of a 1024-frame prompt (202k tokens) vs transformers
+    torchrun --nproc_per_node 2 bench.py question --sp 2  # one 1024-frame question: vision, prefill, decode, memory
     python bench.py ops                       # fused RMSNorm / RoPE / SwiGLU vs their eager twins
     torchrun --nproc_per_node 2 bench.py sp   # zigzag ring vs ring vs Ulysses vs torch context_parallel
     python bench.py data --make --workers 0,1,2   # train.py's loader on 1024-frame samples of a long 720p video
@@ -10,7 +11,7 @@
 
 Each prints a table (and writes it as JSON with --json PATH). Baselines are measured in the same process as what
 they are compared with. Sections: the command line (torch-free: --help answers at once) | kernels | train |
-prefill | ops | sp | data | video | main.
+prefill | question | ops | sp | data | video | main.
 """
 import argparse
 import datetime
@@ -66,6 +67,19 @@ def _prefill_flags(p):
     p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
     p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
     _device_flags(p, smoke="--model tiny --frames 4 --backends torch")
+
+
+def _question_flags(p):
+    p.add_argument("--model", default="longvila-8b", help="a model preset, e.g. longvila-8b or tiny (random weights)")
+    p.add_argument("--frames", type=int, default=1024, help="random frames of the video")
+    p.add_argument("--question", default=None, help="what to ask (default: data.ASK_QUESTION)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="tokens decoded (end tokens do not stop it)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up; the last is reported")
+    p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all processes)")
+    p.add_argument("--ring", type=int, default=1, help="ring degree inside sp (ulysses = sp / ring)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    _device_flags(p, smoke="--model tiny --frames 4 --max_new_tokens 4")
 
 
 def _device_flags(p, smoke: str):
@@ -135,8 +149,8 @@ def _video_flags(p):
     p.add_argument("--backend", choices=["decord", "pyav"], default=None)
 
 
-FLAGS = {"kernels": _kernels_flags, "train": _train_flags, "prefill": _prefill_flags, "ops": _ops_flags,
-         "sp": _sp_flags, "data": _data_flags, "video": _video_flags}
+FLAGS = {"kernels": _kernels_flags, "train": _train_flags, "prefill": _prefill_flags, "question": _question_flags,
+         "ops": _ops_flags, "sp": _sp_flags, "data": _data_flags, "video": _video_flags}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +173,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import kernels  # noqa: E402
 import longvila as lv  # noqa: E402
 import mmsp  # noqa: E402
@@ -356,8 +371,11 @@ def _peak(args, device) -> float:
 
 
 def _sync(device):
+    """Wait for the GPU's queued work (so wall-clock times are real) and for the other ranks."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _empty_cache(device):
@@ -410,11 +428,7 @@ def prefill_run(args):
     T = len(ids)
     print(_stamp("prefill") + f" | {args.model} (random weights), bf16 | {args.frames} frames = {T:,} prompt tokens",
           flush=True)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = lv.LongVILA(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model = _random_model(args.model, device)
     h = torch.randn(1, T, cfg.llm.dim, device=device, dtype=torch.bfloat16) * 0.02  # (1, T, C) the spliced prompt
     flops = model.flops_per_token(T, causal=True) * T / 3                         # forward only: a third
     rows, logits = [], {}
@@ -439,6 +453,20 @@ def prefill_run(args):
         print(f"| {r['who']} | {r['s']:.2f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "
               f"{r['speedup'] or float('nan'):.2f} | {r['logit_diff'] if r['logit_diff'] is not None else 'n/a'} |")
     return rows
+
+
+def _random_model(preset: str, device, dtype=torch.bfloat16):
+    """A preset's LongVILA with seeded random weights, built in dtype on the device (an 8B model never in fp32)."""
+    if preset not in lv.PRESETS:
+        raise lv.InputError(f"--model {preset!r}: expected one of {sorted(lv.PRESETS)}")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return lv.LongVILA(lv.PRESETS[preset]).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _time_prefill(fn, device):
@@ -477,6 +505,92 @@ def _hf_copy(model):
 def _hf_prefill(hf, h):
     out = hf(inputs_embeds=h, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]                                                                 # (1, V)
+
+
+# -----------------------------------------------------------------------------
+# question: one long-video question end to end (vision, prefill, decode), one process or MM-SP
+
+
+def question_run(args):
+    """Time one long-video question on random weights: vision encoding, prefill (TFLOP/s per GPU, MFU), decode
+    tokens/s, peak memory; one process, or MM-SP under torchrun with --sp/--ring."""
+    info = mmsp.init_distributed()
+    sp, world = args.sp or info.world_size, info.world_size
+    if sp != world or sp % args.ring:
+        raise lv.InputError(f"--sp {sp} --ring {args.ring} with {world} processes: one question runs on one SP "
+                            f"group, so launch exactly --sp processes, --ring dividing it")
+    layout = mmsp.make_layout(sp=sp, ring=args.ring)
+    device = torch.device("cpu") if args.device == "cpu" else info.device
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    model = _random_model(args.model, device, getattr(torch, dtype))
+    cfg, text = model.config, "<video>\n" + (args.question or data.ASK_QUESTION)
+    tok = data.Tokenizer.tiny(template=cfg.chat_template)
+    T = len(evaluate.prompt_ids(tok, text, args.frames, cfg.tokens_per_frame))
+    if info.rank == 0:
+        print(_stamp("question", device) + f" | {args.model} (random weights), {dtype} | {args.frames} frames = "
+              f"{T:,} prompt tokens | {world} processes, sp={sp} ring={args.ring}", flush=True)
+    size = cfg.vision.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (args.frames, size, size, 3), dtype=np.uint8)  # (F, S, S, 3)
+    evaluate.generate_reply(model, tok, pixels[:2], text, layout, 2, stop=False)  # warm-up: compiles the kernels
+    # preprocessed and on the device before the clock starts: only model work is timed
+    x = evaluate.frames_tensor(pixels, size, cfg.image_aspect_ratio).to(device, getattr(torch, dtype))  # (F,3,S,S)
+    for _ in range(args.repeats):  # the last is reported: Triton may tune again at the long shape
+        r = _time_question(model, tok, x, text, layout, args.max_new_tokens)
+    peak = _peak(args, device)  # FLOP/s
+    r.update(model=args.model, frames=args.frames, prompt_tokens=T, world=world, sp=sp, ring=args.ring, dtype=dtype,
+             card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", peak_tflops=peak / 1e12)
+    for stage, flops in zip(("vision", "prefill"), forward_flops(model, args.frames, T)):
+        per_gpu = flops / r[f"{stage}_s"] / world  # FLOP/s
+        r.update({f"{stage}_tflops_per_gpu": per_gpu / 1e12, f"{stage}_mfu": per_gpu / peak})
+    if info.rank == 0:
+        print(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU   "
+              f"MFU {r['vision_mfu']:.1%}")
+        print(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU   "
+              f"MFU {r['prefill_mfu']:.1%}   (time to first token {r['time_to_first_token_s']:.3f} s)")
+        print(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
+        print(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
+    else:
+        args.json = None  # one file, from rank 0
+    return [r]
+
+
+@torch.no_grad()
+def _time_question(model, tok, x, text, layout, max_new_tokens) -> dict:
+    """One timed question about preprocessed frames x (F, 3, S, S): the vision stage alone first (generate encodes
+    the frames again), then the reply of max_new_tokens tokens; vision_s is subtracted from the first token's time."""
+    device = x.device
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    if layout.sp > 1:  # exactly the vision stage of sp_generate
+        mmsp.encode_frames_sharded(model, [x], layout)  # (F/sp * N, C) on each rank
+    else:
+        model.encode_images(x)  # (F, N, C)
+    _sync(device)
+    vision_s = time.perf_counter() - t0
+    printer = evaluate.StreamPrinter(tok, enabled=False)  # records each token's arrival time
+    t0 = time.perf_counter()
+    evaluate.generate_reply(model, tok, x, text, layout, max_new_tokens, printer, stop=False)
+    _sync(device)
+    total_s = time.perf_counter() - t0
+    mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
+                       dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    ttft, n_dec = printer.times[0] - t0, len(printer.times) - 1  # time to first token; tokens after it
+    decode_s = printer.times[-1] - printer.times[0]
+    return {"vision_s": vision_s, "time_to_first_token_s": ttft, "prefill_s": max(ttft - vision_s, 1e-9),
+            "decode_tokens": n_dec, "decode_tokens_per_s": n_dec / decode_s if n_dec else float("nan"),
+            "total_s": total_s, "peak_memory_gib": float(mem.item()) / 2 ** 30}
+
+
+def forward_flops(model, frames: int, tokens: int) -> tuple:
+    """(vision, prefill) FLOPs of one question: a third of the model's training counts (forward + backward = 3 x
+    forward), the LM head on the last prompt token only."""
+    head = 2.0 * model.llm.output.weight.numel()  # the LM head on one token; training counts it on all T
+    return (frames * model.vision_flops_per_frame() / 3,
+            tokens * model.flops_per_token(tokens, causal=True) / 3 - (tokens - 1) * head)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Each task is a short function from (model, tokenizer, inputs) to scores:
            the reference's prompt (the N + 1 frames with no separator); cell (d, N) scores whether the teacher-forced
            argmax at the answer positions spells the answer (lower-cased, spaces removed). A heatmap of the grid.
   mcq      VideoMME multiple choice: the reference prompt, a greedy reply, the reference's letter extraction.
-  caption / ask   a greedy reply about a video, streamed token by token (--timing: vision / prefill / decode).
+  caption / ask   a greedy reply about a video, streamed token by token (its speed: `bench.py question`).
   passkey  a 5-digit key hidden in filler text at depth d (stage 4's context extension), teacher-forced.
   ppl      perplexity of a text file in windows of --seq_len tokens.
 mcq, caption and ask sample frames as the checkpoint's config.json says (num_video_frames, fps,
@@ -17,7 +17,7 @@ one device (MM-SP): every rank runs the same loop; rank 0 prints and writes. `ev
 
 Sections: the command line (torch-free, so --help answers at once) | scoring rules | the model calls the tasks
 share | niah | mcq | caption / ask | passkey | ppl | --- below: the machinery: the results store (--out resumes
-only the same model, settings and code), the heatmap, timing, loading, main.
+only the same model, settings and code), the heatmap, loading, main.
 """
 import argparse
 import functools
@@ -75,8 +75,6 @@ def common_flags(s):
     g = s.add_argument_group("model and parallelism")
     g.add_argument("--model", default=None, help="checkpoint folder (VILA layout: config.json, llm/, vision_tower/, "
                                                  "mm_projector/)")
-    g.add_argument("--random_init", default=None, metavar="PRESET",
-                   help="instead of --model: random weights of a preset, e.g. tiny or longvila-8b (timing)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--sp", type=POSITIVE_INT, default=None, help="sequence-parallel degree (default: all processes)")
@@ -127,14 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
         video_flags(s, max_new_tokens=256 if name == "caption" else 64)
         s.add_argument("--no_stream", dest="stream", action="store_false", help="print the reply at the end, not "
                        "token by token")
-        g = s.add_argument_group("timing (no data needed)")
-        g.add_argument("--random_frames", type=POSITIVE_INT, default=None, metavar="F",
-                       help="time F random frames instead of --video (implies --timing)")
-        g.add_argument("--timing", action="store_true",
-                       help="time vision / prefill (MFU) / decode / memory for one question instead")
-        g.add_argument("--peak_tflops", type=POSITIVE, default=None,
-                       help="per-GPU bf16 peak for MFU (default: from the GPU's name)")
-        g.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs; the last is reported")
     s = common_flags(sub.add_parser("passkey", help="text passkey retrieval (heatmap)"))
     s.add_argument("--lengths", type=COUNTS, default=[1024, 2048, 4096], help="context lengths in tokens")
     s.add_argument("--depths", type=DEPTHS, default=list(DEFAULT_DEPTHS), help="passkey depths in [0, 1]")
@@ -159,9 +149,9 @@ from safetensors import SafetensorError  # noqa: E402
 from data import (ASK_QUESTION, CAPTION_PROMPT, FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile,  # noqa: E402
                   build_conversation, build_niah_prompt, load_image, mcq_prompt, needle_index, preprocess,
                   read_video)
-from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, PRESETS, InputError, LongVILA, peak_bf16_tflops  # noqa: E402
-from mmsp import (attention_hook, encode_frames_sharded, frame_split, init_distributed, layout_indices,  # noqa: E402
-                  make_layout, padded_length, sp_forward, sp_generate, token_owner)
+from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
+from mmsp import (attention_hook, frame_split, init_distributed, layout_indices, make_layout, padded_length,  # noqa: E402
+                  sp_forward, sp_generate, token_owner)
 
 # -----------------------------------------------------------------------------
 # scoring: the reference's rules, on strings and token ids
@@ -334,7 +324,7 @@ class StreamPrinter:
 @torch.no_grad()
 def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True) -> str:
     """Greedy reply to `text` about uint8 frames (F, H, W, 3), preprocessed ones (F, 3, S, S) or None, on one
-    process or MM-SP; it stops at any of the tokenizer's end tokens, or never with stop=False (timing)."""
+    process or MM-SP; it stops at any of the tokenizer's end tokens, or never with stop=False (bench.py question)."""
     cfg, device = model.config, model_device(model)
     images = None
     if frames is not None:  # preprocessed as the checkpoint was trained (its image_aspect_ratio)
@@ -677,7 +667,7 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
 
 
 # =============================================================================
-# --- below: the machinery: the results store, the heatmap, timing, loading, main
+# --- below: the machinery: the results store, the heatmap, loading, main
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -686,9 +676,9 @@ def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=No
 
 CODE_FILES = ("evaluate.py", "data.py", "longvila.py")  # the code behind the numbers (prompts, scoring, model)
 CHECKPOINT_FOLDERS = ("", "llm", "vision_tower", "mm_projector")  # the VILA layout
+# what each task writes in --out, its results file first
 OUTPUTS = {"niah": ("results.json", "heatmap.png"), "passkey": ("results.json", "heatmap.png"), "mcq": ("mcq.json",),
-           "caption": ("captions.json",), "ask": ("captions.json",), "ppl": ("ppl.json",),
-           "timing": ("timing.json",)}  # what each task writes in --out, its results file first
+           "caption": ("captions.json",), "ask": ("captions.json",), "ppl": ("ppl.json",)}
 DIGEST_SAMPLES, DIGEST_SLICE = 16, 1 << 16  # a weights file is digested from 16 slices of 64 KiB (~1 MB read)
 
 
@@ -947,103 +937,6 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
 
 
 # -----------------------------------------------------------------------------
-# timing of one long-video question: vision, prefill (+ MFU), decode, memory
-
-
-def forward_flops(model, frames: int, tokens: int) -> tuple:
-    """(vision, prefill) FLOPs of one question: F frames through the vision tower and projector; T prompt tokens
-    through the causal LLM, the LM head on the last one only. Each is a third of the training FLOPs the model
-    counts (LongVILA.vision_flops_per_frame, flops_per_token: forward + backward = 3 x forward)."""
-    head = 2.0 * model.llm.output.weight.numel()  # the LM head's FLOPs on one token, counted on all T in training
-    return (frames * model.vision_flops_per_frame() / 3,
-            tokens * model.flops_per_token(tokens, causal=True) / 3 - (tokens - 1) * head)
-
-
-def sync(device):
-    """Wait for the GPU's queued work (so wall-clock timings are real) and for the other ranks."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-@torch.no_grad()
-def run_timing(model, tokenizer, frames, question, *, max_new_tokens=32, peak=None, repeats=2, layout=None,
-               out_dir=None, identity=None, overwrite=False) -> dict:
-    """Time one question about F frames: vision, prefill (time to first token - vision) with FLOP/s per GPU and
-    MFU, decode tokens/s, peak memory (max over ranks); timing.json in out_dir (a rerun measures again). A short
-    warm-up compiles the kernels; of `repeats` runs the last is reported (Triton may tune again at the long shape)."""
-    device, text = model_device(model), "<video>\n" + question
-    header = {"task": "timing", **(identity or {}), "frames": len(frames), "question": question,
-              "max_new_tokens": max_new_tokens}
-    results, path = open_results(out_dir, header, layout, overwrite)
-    generate_reply(model, tokenizer, frames[:2], text, layout, 2, stop=False)  # warm-up
-    # preprocess and move the pixels before the clock starts: only model work is timed
-    x = frames_tensor(frames, model.config.vision.image_size, model.config.image_aspect_ratio)  # (F, 3, S, S)
-    x = x.to(device, model_dtype(model))
-    for _ in range(repeats):
-        r = time_once(model, tokenizer, x, text, layout, max_new_tokens)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    T = len(prompt_ids(tokenizer, text, len(x), model.config.tokens_per_frame))
-    vision, prefill = forward_flops(model, len(x), T)
-    r.update(frames=len(x), prompt_tokens=T, world=world, sp=layout.sp if layout else 1,
-             ring=layout.ring if layout else 1, dtype=dtype_name(model_dtype(model)),
-             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             vision_tflops_per_gpu=vision / r["vision_s"] / world / 1e12,
-             prefill_tflops_per_gpu=prefill / r["prefill_s"] / world / 1e12,
-             peak_tflops=peak or peak_bf16_tflops(device))
-    if r["peak_tflops"]:
-        r.update(vision_mfu=r["vision_tflops_per_gpu"] / r["peak_tflops"],
-                 prefill_mfu=r["prefill_tflops_per_gpu"] / r["peak_tflops"])
-    if is_main(layout):
-        print_timing(r)
-    save_results(path, {**results, **r})
-    return r
-
-
-def time_once(model, tokenizer, x, text, layout, max_new_tokens) -> dict:
-    """One measured question about preprocessed frames x (F, 3, S, S) on the model's device: generate encodes the
-    frames itself, so the vision stage is first timed alone. Decoding ignores end tokens: max_new_tokens tokens."""
-    device = model_device(model)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    if layout is not None and layout.sp > 1:  # exactly the vision stage of sp_generate
-        encode_frames_sharded(model, [x], layout)  # (F/sp * N, C) on each rank
-    else:
-        model.encode_images(x)  # (F, N, C)
-    sync(device)
-    vision_s = time.perf_counter() - t0
-    printer = StreamPrinter(tokenizer, enabled=False)  # records each token's arrival time
-    t0 = time.perf_counter()
-    generate_reply(model, tokenizer, x, text, layout, max_new_tokens, printer, stop=False)
-    sync(device)
-    total_s = time.perf_counter() - t0
-    mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
-                       dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    ttft, n_dec = printer.times[0] - t0, len(printer.times) - 1  # time to first token; tokens after it
-    decode_s = printer.times[-1] - printer.times[0]
-    return {"vision_s": vision_s, "time_to_first_token_s": ttft, "prefill_s": max(ttft - vision_s, 1e-9),
-            "decode_tokens": n_dec, "decode_tokens_per_s": n_dec / decode_s if n_dec else float("nan"),
-            "total_s": total_s, "peak_memory_gib": float(mem.item()) / 2 ** 30}
-
-
-def print_timing(r: dict):
-    mfu = {k: f"   MFU {r[k]:.1%}" if k in r else "" for k in ("vision_mfu", "prefill_mfu")}
-    print(f"timing: {r['frames']} frames = {r['prompt_tokens']} tokens on {r['world']} x {r['device']} "
-          f"(sp={r['sp']}, ring={r['ring']}, {r['dtype']})")
-    print(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-          + mfu["vision_mfu"])
-    print(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
-          + mfu["prefill_mfu"] + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
-    print(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
-    print(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
-
-
-# -----------------------------------------------------------------------------
 # loading: the model, input files; main
 
 
@@ -1070,26 +963,12 @@ def filler_sentences(path: str) -> list:
 
 def load_model(args, device) -> tuple:
     """(model, tokenizer, identity for the results headers) of a checkpoint folder (ours or the released VILA
-    layout), or of --random_init: a preset's random weights (seeded alike on every rank), the tiny tokenizer."""
+    layout)."""
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.random_init:
-        if args.random_init not in PRESETS:
-            raise InputError(f"--random_init {args.random_init!r}: expected one of {sorted(PRESETS)}")
-        torch.manual_seed(args.seed)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in the dtype on the device: an 8B model never exists in fp32
-        try:
-            with torch.device(device):
-                model = LongVILA(PRESETS[args.random_init])
-        finally:
-            torch.set_default_dtype(previous)
-        identity = {"model": {"random_init": args.random_init, "seed": args.seed}, "dtype": dtype_name(dtype),
-                    "code": code_version()}
-        return model.eval(), Tokenizer.tiny(template=model.config.chat_template), identity
     if not args.model:
         raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, "
-                         "mm_projector/) or --random_init PRESET")
+                         "mm_projector/)")
     if not os.path.isdir(args.model):
         raise InputError(f"--model {args.model}: no such folder (expected a checkpoint folder with config.json, "
                          f"llm/, vision_tower/, mm_projector/)")
@@ -1102,16 +981,6 @@ def load_model(args, device) -> tuple:
     return model.eval(), tokenizer, identity
 
 
-def timing_frames(args, model) -> np.ndarray:
-    """The frames --timing asks about: F random ones (--random_frames F: no data needed), or the first --video's."""
-    if args.random_frames:
-        size = model.config.vision.image_size
-        return np.random.default_rng(args.seed).integers(0, 256, (args.random_frames, size, size, 3),
-                                                         dtype=np.uint8)  # (F, S, S, 3)
-    num_frames, fps = video_sampling(model.config, args.num_frames, args.fps)
-    return media_frames(list_videos(args.video)[0], num_frames, fps)[0]  # (F, H, W, 3)
-
-
 def run(args):
     """Processes and SP layout, --out, the model; then the task the command line names."""
     info = init_distributed()
@@ -1120,12 +989,11 @@ def run(args):
         raise InputError(f"--sp {sp} --ring {args.ring} with {info.world_size} processes: evaluation runs one "
                          f"sample at a time on one SP group, so launch exactly --sp processes, --ring dividing it")
     layout = make_layout(sp=sp, ring=args.ring)
-    timing = args.task in ("caption", "ask") and (args.timing or args.random_frames)
-    if args.task in ("caption", "ask") and not (args.video or args.random_frames):
-        raise InputError(f"{args.task}: give --video (a file or a folder) or --random_frames F")
-    check_out(args.out, OUTPUTS["timing" if timing else args.task])
+    if args.task in ("caption", "ask") and not args.video:
+        raise InputError(f"{args.task}: give --video (a file or a folder)")
+    check_out(args.out, OUTPUTS[args.task])
     model, tokenizer, identity = load_model(args, info.device)
-    name = checkpoint_name(args.model) if args.model else f"random {args.random_init}"
+    name = checkpoint_name(args.model)
     common = dict(layout=layout, out_dir=args.out, identity=identity, overwrite=args.overwrite)
     if args.task == "niah":
         run_niah(model, tokenizer, args.haystacks, args.needles, args.depths, args.frame_counts, fps=args.fps,
@@ -1133,9 +1001,6 @@ def run(args):
     elif args.task == "mcq":
         run_mcq(model, tokenizer, args.questions, media_root=args.media_root, num_frames=args.num_frames,
                 fps=args.fps, max_new_tokens=args.max_new_tokens, progress=args.progress, **common)
-    elif timing:
-        run_timing(model, tokenizer, timing_frames(args, model), args.question or ASK_QUESTION,
-                   max_new_tokens=args.max_new_tokens, peak=args.peak_tflops, repeats=args.repeats, **common)
     elif args.task in ("caption", "ask"):
         run_caption(model, tokenizer, args.video, args.question, task=args.task, num_frames=args.num_frames,
                     fps=args.fps, max_new_tokens=args.max_new_tokens, stream=args.stream, **common)
