@@ -163,8 +163,8 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_correct(pred_ids, answer_ids, tokenizer) -> bool:
-    """Teacher-forced exact match as the reference scores it: both id lists decoded (control tokens kept as text),
-    equal after `normalize_answer` (so "Red" and " red" tokenisations count as the same answer)."""
+    """Teacher-forced exact match as the reference scores it: both decoded (control tokens as text), equal after
+    `normalize_answer` (so "Red" and " red" count as the same answer)."""
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     return normalize_answer(decode(pred_ids)) == normalize_answer(decode(answer_ids))
 
@@ -213,8 +213,7 @@ def model_dtype(model) -> torch.dtype:
 
 
 def frames_tensor(frames, image_size: int, aspect: str) -> torch.Tensor:
-    """uint8 frames (F, H, W, 3) -> preprocessed float (F, 3, S, S) ("pad": letterboxed to a square first, as
-    the reference's image_aspect_ratio 'pad'); float tensors are taken as already preprocessed."""
+    """uint8 frames (F, H, W, 3) -> preprocessed (F, 3, S, S) ("pad": letterboxed first); float ones pass through."""
     if isinstance(frames, torch.Tensor) and frames.is_floating_point():
         return frames
     return preprocess(np.asarray(frames), image_size, aspect=aspect)  # (F, 3, S, S)
@@ -241,8 +240,7 @@ def encode_frames(model, frames: torch.Tensor, layout=None, batch: int = 32) -> 
 
 @torch.no_grad()
 def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
-    """Token embeddings (1, T, C) with the IMAGE_TOKEN_ID slots filled, in order, by precomputed visual features:
-    LongVILA.embed's splice, but the features come from `encode_frames`, computed once for a whole grid."""
+    """LongVILA.embed's splice (1, T, C), with visual features precomputed once for a whole grid by encode_frames."""
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model_device(model))  # (T,)
     slots = ids == IMAGE_TOKEN_ID  # (T,)
     h = model.llm.tok_embeddings(ids.clamp(min=0))  # (T, C); the slots get a dummy row, replaced below
@@ -257,23 +255,16 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
-    """Greedy predictions of the tokens AT positions `targets` of the embedded sequence h (1, T, C), each from the
-    hidden state at t-1 of one causal forward (teacher forcing); the LM head runs on those rows only.
-
-    Under MM-SP every rank of the SP group holds the same h:
-    1. pad T to a multiple of 2*sp (zero rows at the end: causal attention never lets them touch real tokens);
-    2. keep this rank's zigzag shard of rows and their TRUE positions (mmsp.layout_indices);
-    3. run the LLM with the group's 2D (Ulysses x ring) attention hook;
-    4. each needed row t-1 lives on exactly one rank (mmsp.token_owner): that rank applies the LM head to it, the
-       others contribute 0, and one all-reduce (sum) over the SP group gives every rank all predictions.
-    """
+    """Greedy predictions of the tokens AT positions `targets` of h (1, T, C), each from the hidden state at t-1 of
+    one causal forward (teacher forcing). Under MM-SP each rank runs its zigzag shard of h (mmsp.layout_indices);
+    the one rank owning row t-1 (mmsp.token_owner) applies the LM head; an all-reduce (sum) gives every rank all."""
     need = (torch.as_tensor(targets, dtype=torch.long) - 1).to(h.device)  # (A,) rows whose next token we want
     if layout is None or layout.sp == 1:
         hidden = model.forward_embeds(h, torch.arange(h.shape[1], device=h.device).unsqueeze(0))  # (1, T, C)
         return model.llm.output(hidden[0, need]).argmax(dim=-1).cpu()  # (A, V) -> (A,)
     T = h.shape[1]
     Tp = padded_length(T, layout.sp)
-    h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C)
+    h = torch.nn.functional.pad(h, (0, 0, 0, Tp - T))  # (1, Tp, C): zero rows at the end, no real token sees them
     idx = layout_indices(Tp, layout).to(h.device)  # (Tp/sp,) increasing true positions of my tokens
     hidden = model.forward_embeds(h[:, idx], idx.unsqueeze(0), attn=attention_hook(layout))  # (1, Tp/sp, C)
     mine = token_owner(Tp, layout).to(h.device)[need] == layout.sp_rank  # (A,) bool
@@ -281,13 +272,13 @@ def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch
     if mine.any():
         rows = torch.searchsorted(idx, need[mine])  # positions of those rows inside my shard
         pred[mine] = model.llm.output(hidden[0, rows]).argmax(dim=-1)  # (A_mine, V) -> (A_mine,)
-    torch.distributed.all_reduce(pred, group=layout.sp_group)  # (A,) every prediction from its owner
+    torch.distributed.all_reduce(pred, group=layout.sp_group)  # (A,) every prediction from its owner, 0 elsewhere
     return pred.cpu()
 
 
 def score_answers(model, tokenizer, prompts, features, layout=None) -> dict:
-    """{"correct", "predictions"} of prompts (input_ids, answer positions, answer ids), each answer teacher-forced;
-    features: for each prompt the visual features (F, N, C) of its image slots, or None (a text prompt)."""
+    """{"correct", "predictions"} of prompts (input_ids, answer positions, answer ids), each teacher-forced, with
+    each prompt's visual features (F, N, C) or None."""
     preds = [teacher_forced_argmax(model, embed_with_features(model, ids, f), pos, layout).tolist()  # (A,)
              for (ids, pos, _), f in zip(prompts, features)]
     return {"correct": [answer_correct(p, answer, tokenizer) for p, (_, _, answer) in zip(preds, prompts)],
@@ -302,8 +293,8 @@ def prompt_ids(tokenizer, text: str, num_frames: int, tokens_per_frame: int) -> 
 
 
 class StreamPrinter:
-    """`stream` callback of LongVILA.generate: decodes the growing reply and prints only the new characters (so
-    multi-byte and merged sub-word tokens appear correctly); records each token's wall-clock arrival time."""
+    """`stream` callback of LongVILA.generate: prints the new characters of the decoded reply (so multi-byte and
+    merged sub-word tokens appear correctly); records each token's arrival time."""
 
     def __init__(self, tokenizer, enabled=True, out=None):
         self.tokenizer, self.enabled, self.out = tokenizer, enabled, out if out is not None else sys.stdout
@@ -323,8 +314,8 @@ class StreamPrinter:
 
 @torch.no_grad()
 def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=64, stream=None, stop=True) -> str:
-    """Greedy reply to `text` about uint8 frames (F, H, W, 3), preprocessed ones (F, 3, S, S) or None, on one
-    process or MM-SP; it stops at any of the tokenizer's end tokens, or never with stop=False (bench.py question)."""
+    """Greedy reply to `text` about frames (uint8, preprocessed or None), on one process or MM-SP; it stops at any
+    of the tokenizer's end tokens, or never with stop=False (bench.py question)."""
     cfg, device = model.config, model_device(model)
     images = None
     if frames is not None:  # preprocessed as the checkpoint was trained (its image_aspect_ratio)
@@ -351,8 +342,7 @@ def media_frames(path: str, num_frames=None, fps=None):
 
 
 def video_sampling(config, num_frames=None, fps=None) -> tuple:
-    """(num_frames, fps or None) for a video prompt: the flags where given, else the checkpoint's config.json
-    (num_video_frames; fps, 0 = uniform frames), as the reference's evaluation reads model.config."""
+    """(num_frames, fps or None): the flags where given, else config.json's (fps 0 = uniform), as the reference."""
     return num_frames or config.num_video_frames, (config.fps if fps is None else fps) or None
 
 
@@ -386,8 +376,8 @@ def niah_prompt(tokenizer, question: str, answer: str, num_frames: int, tokens_p
 
 
 def load_needles(needles) -> list:
-    """Needles as [{"name", "image" (uint8 H,W,3), "question", "answer"}] from a needles.json path
-    ([{"image": path relative to the JSON's folder, "question", "answer"}]), its folder, or a list of such dicts."""
+    """[{"name", "image" (H, W, 3) uint8, "question", "answer"}] from needles.json (image paths relative to it), its
+    folder, or such a list."""
     root = ""
     if isinstance(needles, (str, os.PathLike)):
         path = os.path.join(needles, "needles.json") if os.path.isdir(needles) else str(needles)
@@ -436,10 +426,8 @@ def haystack_sources(haystacks) -> tuple:
 def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_counts=(8, 16, 32), *,
              fps: float = 1.0, vision_batch: int = 32, title: str = "", layout=None, out_dir=None, identity=None,
              overwrite=False, progress: bool = True) -> dict:
-    """Video needle in a haystack over depths x frame counts: a grid, its mean and a heatmap; out_dir/results.json
-    is written after every cell. haystacks: a video, a folder of videos, or a list of uint8 frame arrays, each of
-    max(frame_counts) frames at `fps`; needles: see `load_needles`. Each haystack and needle is encoded ONCE (the
-    reference's 'pad' aspect); cell (n frames, depth d) splices the needle into the first n haystack frames."""
+    """Needle in a haystack over depths x frame counts: a grid, its mean, a heatmap. Each haystack and needle is
+    encoded ONCE (the reference's 'pad' aspect); cell (n, d) splices the needle into the first n haystack frames."""
     main, size, tpf = is_main(layout), model.config.vision.image_size, model.config.tokens_per_frame
     depths, frame_counts = [float(d) for d in depths], sorted(int(n) for n in frame_counts)
     needles, (names, sources) = load_needles(needles), haystack_sources(haystacks)
@@ -482,8 +470,7 @@ def run_niah(model, tokenizer, haystacks, needles, depths=DEFAULT_DEPTHS, frame_
 
 
 def load_mcq(path: str, media_root=None) -> list:
-    """Questions of a VideoMME-format JSON, [{"video", "question", "options" [4], "answer" letter, "duration"}],
-    each with "path": its video, relative to media_root (default: the JSON's folder). Every video must exist."""
+    """VideoMME-format questions, each with "path": its video under media_root (default: the JSON's folder)."""
     items = read_input(path, "--questions", json.loads)
     if not isinstance(items, list) or not items:
         raise InputError(f"{path}: expected a non-empty JSON list of questions")
@@ -505,8 +492,7 @@ def load_mcq(path: str, media_root=None) -> list:
 @torch.no_grad()
 def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=None, fps=None, max_new_tokens=16,
             layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
-    """Multiple-choice video QA: accuracy overall and by duration; one row per question in out_dir/mcq.json. The
-    prompt is data.mcq_prompt's, the letter `extract_choice`'s. A reply without a letter counts as wrong;
+    """Multiple-choice video QA: accuracy overall and by duration. A reply without a letter counts as wrong;
     "accuracy_answered" is the reference's figure (over answered questions)."""
     main, items = is_main(layout), load_mcq(questions_path, media_root)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
@@ -544,8 +530,7 @@ def run_mcq(model, tokenizer, questions_path, *, media_root=None, num_frames=Non
 @torch.no_grad()
 def run_caption(model, tokenizer, videos, prompt=None, *, task="caption", num_frames=None, fps=None,
                 max_new_tokens=256, layout=None, out_dir=None, identity=None, overwrite=False, stream=True) -> dict:
-    """Greedy replies to `prompt` about each video (a file, an image or a folder), streamed token by token; a reply
-    that out_dir/captions.json holds from an earlier run of the same header is printed from there, marked so."""
+    """Greedy replies to `prompt` about each video, streamed; one stored by an earlier run is printed from there."""
     main = is_main(layout)
     prompt = prompt or (CAPTION_PROMPT if task == "caption" else ASK_QUESTION)
     num_frames, fps = video_sampling(model.config, num_frames, fps)
@@ -575,9 +560,8 @@ def run_caption(model, tokenizer, videos, prompt=None, *, task="caption", num_fr
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classic", filler=None) -> tuple:
-    """(input_ids, answer positions, answer ids) of a passkey document of at most `length` tokens: task, filler
-    sentences, needle, filler, question, answer (the key, scored teacher-forced). The needle follows int(depth * n)
-    of the n whole filler sentences that fit; `filler` (a list of sentences) overrides the style's."""
+    """(input_ids, answer positions, answer ids) of at most `length` tokens: task, filler, needle, filler, question,
+    key. The needle follows int(depth * n) of the n whole filler sentences that fit."""
     task, fill = PASSKEY_STYLES[style]
     fill = filler or fill or FILLER
     head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(task)
@@ -600,8 +584,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, style="classic", filler=None,
                 seed=0, title="", layout=None, out_dir=None, identity=None, overwrite=False, progress=True) -> dict:
-    """Passkey retrieval over context lengths x depths, `trials` random 5-digit keys per cell (the same keys on
-    every rank and rerun); results.json and heatmap.png in out_dir."""
+    """Passkey retrieval over lengths x depths, `trials` random 5-digit keys a cell, alike on every rank and rerun."""
     main = is_main(layout)
     depths, lengths = [float(d) for d in depths], sorted(int(n) for n in lengths)
     header = {"task": "passkey", **(identity or {}), "style": style, "trials": trials, "seed": seed,
@@ -635,8 +618,7 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, trials=3, s
 @torch.no_grad()
 def run_ppl(model, tokenizer, text_path, seq_len, *, max_windows=None, layout=None, out_dir=None, identity=None,
             overwrite=False, progress=True) -> dict:
-    """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens (at most
-    max_windows); each window is a cell of out_dir/ppl.json."""
+    """Perplexity = exp(mean next-token NLL) over consecutive, non-overlapping windows of seq_len tokens."""
     main = is_main(layout)
     ids = tokenizer.encode(read_input(text_path, "--text"))
     n = min(len(ids) // seq_len, max_windows or len(ids))  # windows
@@ -700,8 +682,7 @@ def file_digest(path) -> dict:
 
 
 def sampled_digest(path, start: int = 0, length: int | None = None) -> bytes:
-    """Digest of `length` bytes of a file from `start` (default: all of it) that reads DIGEST_SAMPLES evenly spaced
-    slices and the length: a large file changed anywhere it was written is another file."""
+    """Digest of `length` bytes from `start` (default: the rest): the length and DIGEST_SAMPLES evenly spaced slices."""
     length = os.path.getsize(path) - start if length is None else length
     h = hashlib.sha256(str(length).encode())
     with open(path, "rb") as f:
@@ -712,8 +693,7 @@ def sampled_digest(path, start: int = 0, length: int | None = None) -> bytes:
 
 
 def safetensors_digest(path) -> bytes:
-    """Digest of a .safetensors file: its whole header (names, dtypes, shapes, offsets), then `sampled_digest` of its
-    tensor data. A truncated or corrupt file is an InputError naming it."""
+    """Digest of a .safetensors file: its whole header, then `sampled_digest` of its data (InputError if cut)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -731,8 +711,7 @@ def safetensors_digest(path) -> bytes:
 
 
 def model_fingerprint(path) -> str:
-    """sha16 over a checkpoint's JSON files (configs, tokenizer) and a sampled digest of each weights file,
-    each after its name: another model, or the same folder retrained, has another one; it reads a few MB."""
+    """sha16 over a checkpoint's JSON files and a sampled digest of each weights file, each after its name."""
     parts = []
     for part in CHECKPOINT_FOLDERS:
         folder = pathlib.Path(path, part)
@@ -749,8 +728,7 @@ def dtype_name(dtype) -> str:
 
 
 def checkpoint_identity(path, dtype) -> dict:
-    """What a results header records of the model and the code, for a checkpoint folder run in `dtype`: its path
-    and `model_fingerprint`, the dtype, `code_version()`. Pass it as identity= to the run_* functions."""
+    """What a results header records of a checkpoint run in `dtype` and of the code (identity= of the run_* tasks)."""
     return {"model": {"path": os.path.abspath(path), "fingerprint": model_fingerprint(path)},
             "dtype": dtype_name(dtype), "code": code_version()}
 
@@ -784,8 +762,7 @@ def header_diff(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def load_results(path, header: dict, overwrite: bool = False) -> dict:
-    """The results at `path` to resume when their header is `header`, or a fresh {"header", "cells"} (no file, or
-    overwrite of a file of evaluate.py's). Another header is an InputError saying what differs."""
+    """Saved results to resume (same header), fresh ones (no file, or overwrite), else an InputError naming the diff."""
     saved = read_results(path) if os.path.exists(path) else None  # read even to overwrite: is it ours?
     if saved is None or overwrite:
         return {"header": header, "cells": {}}
@@ -796,9 +773,8 @@ def load_results(path, header: dict, overwrite: bool = False) -> dict:
 
 
 def open_results(out_dir, header: dict, layout=None, overwrite: bool = False) -> tuple:
-    """(results, path) of the results file of header["task"] in out_dir: `load_results` on rank 0, its answer
-    (results or error) broadcast, since every rank must skip the same cells (each cell runs collectives) and stop
-    together on a mismatch. path is where `save_results` writes: None without out_dir and on the other ranks."""
+    """(results, path for save_results: None on ranks > 0) of header["task"] in out_dir. Rank 0's answer is
+    broadcast: every rank must skip the same cells (each runs collectives) and stop together on a mismatch."""
     path = os.path.join(out_dir, OUTPUTS[header["task"]][0]) if out_dir and is_main(layout) else None
     box = [{"header": header, "cells": {}}, None]
     if path:
@@ -814,8 +790,7 @@ def open_results(out_dir, header: dict, layout=None, overwrite: bool = False) ->
 
 
 def save_results(path, results: dict):
-    """Write atomically (temporary file + rename), so an interrupted run never leaves half a JSON behind; no path
-    (no --out, or a rank other than 0): nothing to write."""
+    """Write atomically (temporary file + rename): an interrupted run never leaves half a JSON; no path: nothing."""
     if path is None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -825,8 +800,7 @@ def save_results(path, results: dict):
 
 
 def check_out(out, files):
-    """--out may hold evaluate.py's own results (resumed, or replaced with --overwrite), never other files it
-    would write over; it must be a writable folder. `files`: the task's outputs, its results file first."""
+    """--out must be a writable folder that holds no file evaluate.py would write over but its own results."""
     if out is None:
         return
     if os.path.exists(out) and not os.path.isdir(out):
@@ -894,8 +868,7 @@ def short_number(x) -> str:
 
 
 def checkpoint_name(path: str) -> str:
-    """What names a checkpoint on a plot: its path without a final 'model' folder, at most three folders deep
-    ('runs/demo/stage5/model' -> 'runs/demo/stage5')."""
+    """A checkpoint's name on a plot: its last three folders, a final 'model' dropped."""
     parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".")]
     if len(parts) > 1 and parts[-1] == "model":
         parts = parts[:-1]
@@ -904,8 +877,7 @@ def checkpoint_name(path: str) -> str:
 
 def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of frames", ylabel="Needle depth (%)",
                  subtitle=""):
-    """Write a heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured): each cell coloured and
-    labelled with its score, a colour bar on the right, the title and a subtitle (the checkpoint) on top."""
+    """A heatmap PNG of `grid` (rows x cols of scores in [0, 1], NaN = not measured), with a colour bar and titles."""
     grid = np.asarray(grid, dtype=np.float64)  # (rows, cols)
     rows, cols = grid.shape
     small, big = ImageFont.load_default(size=12), ImageFont.load_default(size=15)  # pillow's bundled DejaVu
@@ -941,8 +913,7 @@ def draw_heatmap(grid, row_labels, col_labels, path, title, xlabel="Number of fr
 
 
 def read_input(path, what: str, parse=None):
-    """A UTF-8 input file's text, or parse(text) (json.loads for a JSON file); a missing, binary or malformed
-    file is an InputError naming the flag and the file."""
+    """A UTF-8 input file's text, or parse(text); a missing or malformed file is an InputError naming the flag."""
     try:
         with open(path, encoding="utf-8") as f:
             return parse(f.read()) if parse else f.read()
@@ -962,13 +933,11 @@ def filler_sentences(path: str) -> list:
 
 
 def load_model(args, device) -> tuple:
-    """(model, tokenizer, identity for the results headers) of a checkpoint folder (ours or the released VILA
-    layout)."""
+    """(model, tokenizer, identity for the results headers) of a checkpoint folder (ours or VILA's release)."""
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     if not args.model:
-        raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, "
-                         "mm_projector/)")
+        raise InputError("give --model CHECKPOINT (a folder with config.json, llm/, vision_tower/, mm_projector/)")
     if not os.path.isdir(args.model):
         raise InputError(f"--model {args.model}: no such folder (expected a checkpoint folder with config.json, "
                          f"llm/, vision_tower/, mm_projector/)")
