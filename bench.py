@@ -551,6 +551,9 @@ def question_run(args):
         print(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
     else:
         args.json = None  # one file, from rank 0
+    if dist.is_initialized():  # leave the group cleanly, as evaluate.py does (gloo may abort at exit otherwise)
+        dist.barrier()
+        dist.destroy_process_group()
     return [r]
 
 
