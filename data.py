@@ -37,9 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Config: the demo's sizes and the command line (no torch up here, so --help answers at once)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -110,9 +109,8 @@ class MediaError(InputError):
     """A video or image that cannot be read; the message names the file and what went wrong."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 1. Frames: which frames to read (the reference's rules), and decoding only those (decord first, PyAV fallback)
-# ---------------------------------------------------------------------------------------------------------------
 
 def uniform_indices(total: int, num_frames: int) -> np.ndarray:
     """num_frames indices over [0, total - 1], first and last included: the reference's
@@ -338,9 +336,8 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
         return video.get(idx), idx, video.timestamps(idx)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 2. Images: SigLIP preprocessing (bicubic resize to S x S, rescale 1/255, normalise mean 0.5 std 0.5)
-# ---------------------------------------------------------------------------------------------------------------
 
 PAD_COLOR = 127  # `pad` fills with the processor's mean colour, int(0.5 * 255) for SigLIP (the reference's rule)
 
@@ -425,9 +422,8 @@ def load_video(path: str, image_size: int, num_frames: int | None = None, fps: f
         return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 3. Tokenizer: a checkpoint's tokenizer.json (Llama-3 / Qwen2), or the tiny one built here for the demo and tests
-# ---------------------------------------------------------------------------------------------------------------
 
 # The special tokens of the two templates; the tiny tokenizer carries both sets (and a pad), so its ids serve either.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -561,9 +557,8 @@ class Tokenizer:
         self.tk.save(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 4. Chat templates: one conversation -> (input_ids, labels), token for token as the reference builds it
-# ---------------------------------------------------------------------------------------------------------------
 #   llama3 (LongVILA branch, conversation.py `llama_3_chat`; {F} = a frame's tokens_per_frame IMAGE_TOKEN_IDs):
 #     [BOS] <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
 #     <|start_header_id|>user<|end_header_id|>\n\n{F}\n{F}\n{question}<|eot_id|>
@@ -757,9 +752,8 @@ def mcq_prompt(question: str, options: list[str]) -> str:
     return f"{MCQ_INSTRUCTION}\n{question}\n" + "\n".join(options) + "\nThe best answer is:"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 5. Datasets: LLaVA-style JSON mixtures (stages 1, 2, 3, 5) and random windows of long text (stage 4)
-# ---------------------------------------------------------------------------------------------------------------
 
 def _as_mixture(files_with_weights) -> list[tuple[str, float]]:
     """A path, [paths] or [(path, weight)] -> [(path, weight)], every weight > 0."""
@@ -1026,9 +1020,8 @@ def tokenize_to_bin(text_path: str, tokenizer: Tokenizer, out_path: str) -> int:
     return len(ids)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 6. The SP-aware sampler: the same sample on every rank of a sequence-parallel group
-# ---------------------------------------------------------------------------------------------------------------
 
 class SPSampler(torch.utils.data.Sampler):
     """Batch sampler for dp x sp training: every rank of one SP group (same dp_rank) gets the SAME indices,
@@ -1065,9 +1058,8 @@ class SPSampler(torch.utils.data.Sampler):
             step += 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 7. Collate: right padding
-# ---------------------------------------------------------------------------------------------------------------
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
     """Right-pad to the longest sample: input_ids with pad_id, labels with IGNORE_INDEX (causal attention means
@@ -1087,9 +1079,8 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 
 # --- below: the machinery (demo data, long-video instruction data, progress line, command line)
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
-# ---------------------------------------------------------------------------------------------------------------
 # data/demo/ (deterministic by seed; every media path in a JSON file is relative to that file's folder):
 #   meta.json, tokenizer.json (the tiny tokenizer: every demo word is one token)
 #   media/images/img_NNNNN.png   64x64 stills: one shape, colour, size, position, background (stages 1, 2)
@@ -1530,9 +1521,8 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
     return meta
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Long-video instruction data (paper section 4): segment captions -> LLM-written QA pairs -> LLaVA JSON
-# ---------------------------------------------------------------------------------------------------------------
 # The reference publishes neither this code nor its prompts; these are ours. Every video gets a done-file in
 # work_dir as soon as it is finished (written atomically), so a crash or kill loses at most the video in flight;
 # rerunning the same command skips finished videos and rebuilds the output JSON from all done-files.
@@ -1701,9 +1691,8 @@ def _list_videos(spec: str) -> list[str]:
     return videos
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # A progress line for the command lines (data generation, training, evaluation)
-# ---------------------------------------------------------------------------------------------------------------
 
 class Progress:
     """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr: redrawn in place on a terminal;
@@ -1749,9 +1738,8 @@ class Progress:
             self._draw(final=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Command line (the parser is at the top of the file)
-# ---------------------------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace):
     if args.cmd == "demo":
