@@ -1023,25 +1023,20 @@ def tokenize_to_bin(text_path: str, tokenizer: Tokenizer, out_path: str) -> int:
 # -----------------------------------------------------------------------------
 # 6. The SP-aware sampler: the same sample on every rank of a sequence-parallel group
 
-class SPSampler(torch.utils.data.Sampler):
-    """Batch sampler for dp x sp training: every rank of one SP group (same dp_rank) gets the SAME indices,
+class SPSampler:
+    """The samples of each step under dp x sp: every rank of one SP group (same dp_rank) gets the SAME indices,
     different dp ranks disjoint ones. Epoch e is a permutation of range(dataset_len) seeded by (seed, e); step s
-    gives dp rank r the slice perm[(s*dp + r)*B : (s*dp + r + 1)*B], and a remainder short of a whole step is
-    dropped. Iterating yields B indices per step, forever; start_step resumes exactly. len() = steps per epoch."""
+    gives dp rank r perm[(s*dp + r)*B : (s*dp + r + 1)*B], a remainder short of a whole step dropped."""
 
-    def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, start_step: int = 0,
-                 batch_size: int = 1):
+    def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise InputError(f"dp_rank {dp_rank} must lie in [0, dp_size={dp_size})")
         if dataset_len < dp_size * batch_size:
             raise InputError(f"dataset of {dataset_len} samples cannot feed dp_size {dp_size} x batch {batch_size}")
         self.n, self.dp_rank, self.dp_size, self.seed = dataset_len, dp_rank, dp_size, seed
-        self.start_step, self.batch_size = start_step, batch_size
+        self.batch_size = batch_size
         self.steps_per_epoch = dataset_len // (dp_size * batch_size)
         self._perm_epoch, self._perm = None, None
-
-    def __len__(self):
-        return self.steps_per_epoch
 
     def indices_for_step(self, step: int) -> list[int]:
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -1050,12 +1045,6 @@ class SPSampler(torch.utils.data.Sampler):
             self._perm_epoch = epoch
         a = (s * self.dp_size + self.dp_rank) * self.batch_size
         return self._perm[a:a + self.batch_size].tolist()
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield self.indices_for_step(step)
-            step += 1
 
 
 # -----------------------------------------------------------------------------
