@@ -713,7 +713,6 @@ def niah_conversation(tokenizer: Tokenizer, question: str, answer: str, num_fram
                       layout: str = "frames") -> tuple[list[int], list[int]]:
     """A needle-in-a-haystack sample: layout "frames" is build_niah_prompt (what evaluate.py niah scores); "video",
     the user turn "<video>\n{question}" expanded as every training video is."""
-
     if layout == "frames":
         return build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
     if layout == "video":
@@ -778,7 +777,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.video_backend = video_backend  # None: decord, PyAV on failure
         self.decode_threads = decode_threads  # per video: 0, one reader with its library's threads; k, k readers
         self.frame_shard: tuple[int, int] | None = None  # (sp_rank, sp): decode only this rank's frames (train.py)
-
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
         rng = np.random.default_rng(seed)
@@ -1017,7 +1015,6 @@ class SPSampler:
 def collate(items: list[dict], pad_id: int = 0) -> dict:
     """Right-pad to the longest sample (input_ids with pad_id, labels with IGNORE_INDEX: causal attention keeps the
     real tokens as they are) -> {"input_ids" (B, T), "labels" (B, T), "images", "ids", "lengths" (B,)}."""
-
     T = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -1036,7 +1033,6 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
 # data/demo/ (deterministic by seed; every media path in a JSON file is relative to that file's folder):
 #   meta.json, tokenizer.json (the tiny tokenizer), media/ (stills, short and long videos, haystacks, needles)
-
 #   stage1.json  image captions        stage2.json  longer image captions, video captions, two-image samples
 #   stage3.json  short-video QA and VideoMME-style multiple choice    stage4.txt / .bin  passkey documents
 #   stage5.json  long-video QA and captions    stage5_niah.json  needle-in-a-haystack records (4-48 frames)
@@ -1630,7 +1626,6 @@ def _list_videos(spec: str) -> list[str]:
 class Progress:
     """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr, redrawn in place on a terminal;
     in a log file, a new line each time another EVERY of the work is done."""
-
 
     WIDTH, EVERY = 24, 0.05  # characters of the bar; fraction of the work between two lines of a log file
 
