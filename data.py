@@ -442,8 +442,7 @@ def build_tiny_tokenizer() -> HFTokenizer:
 class Tokenizer:
     """tokenizers.Tokenizer plus the ids a chat template needs. llama3: bos_id <|begin_of_text|>, eot_id <|eot_id|>
     (ends a turn), eod_id <|end_of_text|> (ends the last message and a stage-4 document); chatml: no BOS, <|im_end|>,
-    <|endoftext|>. eos_id follows the final reply in training; generation stops on any of stop_ids. auto_bos_id: the
-    BOS the tokenizer.json itself prepends (Llama-3's does). encode() never turns text into a control token."""
+    <|endoftext|>. auto_bos_id: the BOS the tokenizer.json itself prepends (Llama-3's does)."""
 
     def __init__(self, hf_tokenizer: HFTokenizer, template: str | None = None, source: str = "<memory>"):
         self.tk, self.source = hf_tokenizer, source
