@@ -135,9 +135,8 @@ def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
 
 
 class _SeekingReader:
-    """The decode plan both readers share: wanted frames in sorted order; seek to the last key frame <= the next one
-    only when that key frame lies past the decode position (or the frame lies behind it), else decode forward. The
-    position is kept between calls, so reading a long video chunk by chunk never re-decodes a GOP."""
+    """The decode plan both readers share: wanted frames in sorted order, a seek to the last key frame <= the next
+    one only when it lies past the decode position (or the frame behind it); the position persists between calls."""
 
     keys: np.ndarray  # (k,) key-frame indices, keys[0] == 0
     pos = -1  # index of the last frame decoded
@@ -380,9 +379,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str =
 
 def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64, threads: int = 1,
                  aspect: str = "resize") -> torch.Tensor:
-    """Decode + preprocess the frames at `indices`, `chunk` at a time -> (F, 3, S, S). threads > 1: `threads`
-    contiguous runs of frames, each with its own reader in its own thread (decord, PyAV and torch release the GIL);
-    every run starts at a key frame, so the pixels equal the one-thread result."""
+    """Decode + preprocess the frames at `indices`, `chunk` at a time -> (F, 3, S, S). threads > 1: `threads` runs
+    of frames, each read from a key frame by its own reader in its own thread, so the pixels equal one thread's."""
     indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
     if threads <= 1 or len(indices) < 2 * threads:
@@ -656,9 +654,9 @@ def build_conversation(conversations: list[dict], tokenizer: Tokenizer, num_fram
                        tokens_per_frame: int = 1, system: str | None = None,
                        add_generation_prompt: bool | None = None) -> tuple[list[int], list[int]]:
     """LLaVA-style turns -> (input_ids, labels) of length T; labels are IGNORE_INDEX except on the assistant's
-    replies and the token after each. num_frames: frames of each <image>/<video> slot, in order. system None: the
-    first turn if it is a system turn, else the template's default ("": none). add_generation_prompt None: True
-    when the last turn is not the assistant's (input_ids then end with the assistant header)."""
+    replies and the token after each. num_frames: frames per <image>/<video> slot. system None: the first turn if it
+    is a system turn, else the template's default ("": none). add_generation_prompt None: unless the last turn is
+    the assistant's."""
     tok, num_frames, turns = tokenizer, list(num_frames or []), list(conversations)
     if turns and ROLES.get(turns[0].get("from")) == "system":
         system = turns[0]["value"] if system is None else system
