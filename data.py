@@ -136,7 +136,7 @@ def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
 
 class _SeekingReader:
     """The decode plan both readers share: wanted frames in sorted order, a seek to the last key frame <= the next
-    one only when it lies past the decode position (or the frame behind it); the position persists between calls."""
+    one only when it lies past the decode position or the frame lies behind it; the position persists across calls."""
 
     keys: np.ndarray  # (k,) key-frame indices, keys[0] == 0
     pos = -1  # index of the last frame decoded
@@ -1065,7 +1065,7 @@ WORDS = sorted(set(
 
 
 def write_video(path: str, frames, fps: float, codec: str = "libx264", crf: int = 12, gop: int | None = None):
-    """Write uint8 frames (H, W, 3) (H, W even: yuv420p) as an mp4; deterministic, as x264 runs single-threaded."""
+    """Write uint8 frames (F, H, W, 3), H and W even (yuv420p), as an mp4; deterministic: x264 runs single-threaded."""
     import av  # optional dependency of the readers; needed to write
 
     frames = iter(frames)
@@ -1144,7 +1144,7 @@ def _moving(rng, n_frames: int, speed: float, r: float) -> tuple[str, np.ndarray
 
 
 def short_clip(rng: np.random.Generator, needle: bool) -> tuple[np.ndarray, dict]:
-    """SHORT_FRAMES frames of 1-3 distinct shapes moving on a plain background, one of them a needle frame if asked."""
+    """SHORT_FRAMES frames of 1-3 distinct shapes moving on a plain background; with needle, one is a needle frame."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     n = int(rng.integers(1, 4))
     colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
