@@ -5,12 +5,10 @@ reference code (NVlabs/VILA, the LongVILA branch; Qwen2's ChatML from main) buil
     python -m pytest -q tests/test_data.py
 
 Sections, in order:
-  1. Frames: which frames of a video (uniform, or the reference's rule at a frame rate) and decoding only those
-     (decord, PyAV as the fallback).
+  1. Frames: which frames of a video (uniform, or the reference's rule at a frame rate); decoding only those.
   2. Images: SigLIP preprocessing (bicubic resize, mean 0.5, std 0.5), the `resize` or `pad` aspect.
   3. Tokenizer: a checkpoint's tokenizer.json (Llama-3, Qwen2) or the tiny one of the demo and the tests.
-  4. Chat templates: one conversation -> (input_ids, labels) with Llama-3 (`llama_3`) or ChatML; <video> -> F x
-     (frame, "\n"); the V-NIAH prompt (frames without separators).
+  4. Chat templates: one conversation -> (input_ids, labels) with Llama-3 or ChatML; the V-NIAH prompt.
   5. Datasets per stage: LLaVA-style JSON mixtures (stages 1-3, 5), random windows of long text (stage 4).
   6. The SP-aware sampler: every rank of a sequence-parallel group reads the same sample.
   7. Collate: right padding.
@@ -18,8 +16,7 @@ Sections, in order:
   the progress line, the command line (demo, longvideo_sft, tokenize).
 
 A sample: {"id", "image": path | [paths] or "video": path, "conversations": [{"from": "human" | "gpt", "value"}]},
-media paths relative to the JSON file's folder; an item: {"id", "input_ids" (T,), "labels" (T,), "images"
-(F, 3, S, S) | None}, labels IGNORE_INDEX except on the replies the model learns.
+media paths relative to the JSON file's folder; an item: {"id", "input_ids" (T,), "labels" (T,), "images"}.
 """
 import argparse
 import contextlib
@@ -37,9 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Config: the demo's sizes and the command line (no torch up here, so --help answers at once)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -110,23 +106,20 @@ class MediaError(InputError):
     """A video or image that cannot be read; the message names the file and what went wrong."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 1. Frames: which frames to read (the reference's rules), and decoding only those (decord first, PyAV fallback)
-# ---------------------------------------------------------------------------------------------------------------
 
 def uniform_indices(total: int, num_frames: int) -> np.ndarray:
-    """num_frames indices over [0, total - 1], first and last included: the reference's
-    np.linspace(0, total - 1, F, dtype=int) (floor). A video with fewer frames than asked gives all of its frames:
-    frames are never invented."""
+    """num_frames indices over [0, total - 1], ends included: the reference's np.linspace(0, total - 1, F, dtype=int).
+    A video with fewer frames than asked gives all of its frames (frames are never invented)."""
     if num_frames >= total:
         return np.arange(max(total, 0), dtype=np.int64)  # (total,)
     return np.linspace(0, total - 1, num_frames, dtype=int).astype(np.int64)  # (F,)
 
 
 def fps_indices(total: int, video_fps: float, fps: float, num_frames: int) -> np.ndarray:
-    """The reference's sampling at a frame rate (get_frame_from_vcap_with_fps with max_fps = fps). A video that
-    lasts at least num_frames / fps seconds gives num_frames uniform frames; a shorter one int(duration * fps)
-    frames, spread the same way (2 when that is 1; none when it is 0: too short for one frame)."""
+    """The reference's get_frame_from_vcap_with_fps (max_fps = fps): num_frames uniform frames from a video of at
+    least num_frames / fps seconds, else int(duration * fps) frames spread the same way (at least 2, or none)."""
     duration = total / video_fps  # seconds
     if duration >= num_frames / fps:
         return uniform_indices(total, num_frames)
@@ -137,15 +130,13 @@ def fps_indices(total: int, video_fps: float, fps: float, num_frames: int) -> np
 
 
 def stride_indices(total: int, video_fps: float, fps: float) -> np.ndarray:
-    """Every round(video_fps / fps)-th frame from frame 0 over the whole video: the reference's V-NIAH haystack
-    reader (range(0, len(video), round(avg_fps)) at 1 fps)."""
+    """Every round(video_fps / fps)-th frame from frame 0: the V-NIAH haystack reader's range(0, len, round(fps))."""
     return np.arange(0, total, max(1, round(video_fps / fps)), dtype=np.int64)  # (ceil(total / stride),)
 
 
 class _SeekingReader:
-    """The decode plan both readers share: wanted frames in sorted order; seek to the last key frame <= the next one
-    only when that key frame lies past the decode position (or the frame lies behind it), else decode forward. The
-    position is kept between calls, so reading a long video chunk by chunk never re-decodes a GOP."""
+    """The decode plan both readers share: wanted frames in sorted order, a seek to the last key frame <= the next
+    one only when it lies past the decode position or the frame lies behind it; the position persists across calls."""
 
     keys: np.ndarray  # (k,) key-frame indices, keys[0] == 0
     pos = -1  # index of the last frame decoded
@@ -161,8 +152,7 @@ class _SeekingReader:
 
 
 class _DecordReader(_SeekingReader):
-    """decord.VideoReader (it indexes the key frames on open). Its get_batch would seek back to a key frame at the
-    start of every call; skip_frames decodes without colour conversion."""
+    """decord.VideoReader, not its get_batch (a seek back to a key frame per call); skip_frames skips the RGB step."""
 
     def __init__(self, path: str, threads: int = 0):
         import decord  # optional dependency: ImportError sends us to PyAV
@@ -258,9 +248,8 @@ class _PyAVReader(_SeekingReader):
 
 
 class VideoFile:
-    """An open video: .num_frames, .fps, .backend, .indices(num_frames, fps), .get(indices) -> (F, H, W, 3) uint8.
-    backend: "decord" | "pyav" | None (decord, and PyAV when decord is missing or fails on the file); threads:
-    decoder threads (0: the library's default, about one per core; loader workers pass their share)."""
+    """An open video: .num_frames, .fps, .get(indices) -> (F, H, W, 3) uint8. backend None: decord, and PyAV when
+    decord is missing or fails on the file; threads: decoder threads (0: the library's default)."""
 
     def __init__(self, path: str, backend: str | None = None, threads: int = 0):
         if not os.path.isfile(path):
@@ -331,16 +320,14 @@ class VideoFile:
 
 
 def read_video(path: str, num_frames: int | None = None, fps: float | None = None, backend: str | None = None):
-    """Read the frames VideoFile.indices(num_frames, fps) picks; only those are decoded to RGB.
-    -> (frames uint8 np (F, H, W, 3), frame_indices np int64 (F,), timestamps_s np (F,))."""
+    """The frames VideoFile.indices(num_frames, fps) picks -> (uint8 (F, H, W, 3), indices (F,), timestamps_s (F,))."""
     with VideoFile(path, backend) as video:
         idx = video.indices(num_frames, fps)  # (F,)
         return video.get(idx), idx, video.timestamps(idx)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 2. Images: SigLIP preprocessing (bicubic resize to S x S, rescale 1/255, normalise mean 0.5 std 0.5)
-# ---------------------------------------------------------------------------------------------------------------
 
 PAD_COLOR = 127  # `pad` fills with the processor's mean colour, int(0.5 * 255) for SigLIP (the reference's rule)
 
@@ -357,8 +344,7 @@ def load_image(path: str) -> np.ndarray:
 
 
 def expand_to_square(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> (F, L, L, 3), L = max(H, W): each frame centred on PAD_COLOR, as the reference's
-    expand2square pastes it (at (L - H) // 2 rows or (L - W) // 2 columns from the top left)."""
+    """uint8 (F, H, W, 3) -> (F, L, L, 3), L = max(H, W): each frame centred on PAD_COLOR, as expand2square does."""
     n, h, w, _ = frames.shape
     side = max(h, w)
     if h == w:
@@ -371,9 +357,8 @@ def expand_to_square(frames: torch.Tensor) -> torch.Tensor:
 
 def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str = "resize") -> torch.Tensor:
     """uint8 (F, H, W, 3) -> float32 (F, 3, S, S) in [-1, 1]: SigLIP's processor (PIL bicubic, /255, mean 0.5
-    std 0.5), batched. aspect: "resize" (stretch to a square) or "pad" (expand_to_square first), the checkpoint's
-    image_aspect_ratio. torch's antialiased uint8 bicubic is PIL's algorithm (within one grey level), except when
-    one side grows while the other shrinks: PIL then runs the passes in another order, so we resize in float."""
+    std 0.5), batched; aspect "pad" expands to a square first. torch's antialiased uint8 bicubic is PIL's (within one
+    grey level) unless one side grows while the other shrinks (PIL orders the passes otherwise): then, in float."""
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"preprocess expects uint8 frames (F, H, W, 3), got {tuple(x.shape)} {x.dtype}")
@@ -394,10 +379,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, image_size: int, aspect: str =
 
 def video_pixels(video: "VideoFile", indices: np.ndarray, image_size: int, chunk: int = 64, threads: int = 1,
                  aspect: str = "resize") -> torch.Tensor:
-    """Decode + preprocess the frames at `indices` of an open video, `chunk` full-size RGB frames at a time.
-    -> (F, 3, S, S). threads > 1: the frames, in time order, are cut into `threads` contiguous runs, each decoded
-    and resized by its own reader in its own thread (decord, PyAV and torch all release the GIL); every run starts
-    at a key frame, so the pixels equal the one-thread result."""
+    """Decode + preprocess the frames at `indices`, `chunk` at a time -> (F, 3, S, S). threads > 1: `threads` runs
+    of frames, each read from a key frame by its own reader in its own thread, so the pixels equal one thread's."""
     indices = np.asarray(indices, dtype=np.int64)
     out = torch.empty(len(indices), 3, image_size, image_size)  # (F, 3, S, S)
     if threads <= 1 or len(indices) < 2 * threads:
@@ -425,9 +408,8 @@ def load_video(path: str, image_size: int, num_frames: int | None = None, fps: f
         return video_pixels(video, idx, image_size, chunk), idx, video.timestamps(idx)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 3. Tokenizer: a checkpoint's tokenizer.json (Llama-3 / Qwen2), or the tiny one built here for the demo and tests
-# ---------------------------------------------------------------------------------------------------------------
 
 # The special tokens of the two templates; the tiny tokenizer carries both sets (and a pad), so its ids serve either.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -436,9 +418,8 @@ TINY_SPECIALS = ["<|pad|>"] + LLAMA3_SPECIALS + CHATML_SPECIALS
 
 
 def build_tiny_tokenizer() -> HFTokenizer:
-    """A byte-level BPE (like Llama-3's and Qwen2's) trained on the demo's WORDS: 256 byte tokens, so ANY text
-    encodes, plus merges until every word (with and without a leading space) is one token. Deterministic (a fixed
-    sorted corpus; ties broken by pair order); it adds no BOS of its own."""
+    """A byte-level BPE (like Llama-3's and Qwen2's): 256 byte tokens, so ANY text encodes, plus merges until every
+    word of WORDS (with and without a leading space) is one token. Deterministic; it adds no BOS of its own."""
     # Llama-3's split pattern with single digits (a passkey is then one token per digit), then GPT-2 byte mapping
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -457,14 +438,9 @@ def build_tiny_tokenizer() -> HFTokenizer:
 
 
 class Tokenizer:
-    """tokenizers.Tokenizer plus the ids a chat template needs.
-
-    template "llama3": bos_id <|begin_of_text|>, eot_id <|eot_id|> (ends a turn), eod_id <|end_of_text|> (ends the
-    last message and a stage-4 document). template "chatml": bos_id None, eot_id <|im_end|>, eod_id <|endoftext|>.
-    eos_id: the token after the final reply in training; stop_ids: generation stops on any of them. auto_bos_id: the
-    BOS the tokenizer.json itself puts in front of every text (Llama-3's does). encode() never turns text into a
-    control token: a literal "<|eot_id|>" typed by a user is split into ordinary tokens.
-    """
+    """tokenizers.Tokenizer plus the ids a chat template needs. llama3: bos_id <|begin_of_text|>, eot_id <|eot_id|>
+    (ends a turn), eod_id <|end_of_text|> (ends the last message and a stage-4 document); chatml: no BOS, <|im_end|>,
+    <|endoftext|>. auto_bos_id: the BOS the tokenizer.json itself prepends (Llama-3's does)."""
 
     def __init__(self, hf_tokenizer: HFTokenizer, template: str | None = None, source: str = "<memory>"):
         self.tk, self.source = hf_tokenizer, source
@@ -527,8 +503,7 @@ class Tokenizer:
 
     @classmethod
     def tiny(cls, cache_dir: str | None = None, template: str = "llama3") -> "Tokenizer":
-        """The demo/test tokenizer: built at first use, cached as <cache_dir>/tiny-<hash of WORDS>.json
-        (default ~/.cache/longvila); both templates share its ids."""
+        """The demo/test tokenizer, built at first use and cached in cache_dir (~/.cache/longvila); any template."""
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "longvila")
         digest = hashlib.sha1(json.dumps([WORDS, TINY_SPECIALS]).encode()).hexdigest()[:12]
         path = os.path.join(cache_dir, f"tiny-{digest}.json")
@@ -561,23 +536,20 @@ class Tokenizer:
         self.tk.save(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 4. Chat templates: one conversation -> (input_ids, labels), token for token as the reference builds it
-# ---------------------------------------------------------------------------------------------------------------
 #   llama3 (LongVILA branch, conversation.py `llama_3_chat`; {F} = a frame's tokens_per_frame IMAGE_TOKEN_IDs):
 #     [BOS] <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
 #     <|start_header_id|>user<|end_header_id|>\n\n{F}\n{F}\n{question}<|eot_id|>
 #     <|start_header_id|>assistant<|end_header_id|>\n\n{reply}<|end_of_text|>
-#     Every message ends with <|eot_id|> except the LAST, which ends with <|end_of_text|> (sep2). Supervised: each
-#     reply and the one token after it. The generation prompt ends with the assistant header.
+#     Messages end with <|eot_id|>, the LAST with <|end_of_text|> (sep2); supervised: each reply and the next token.
 #   chatml (main, qwen2.jinja): <|im_start|>system\nYou are a helpful assistant<|im_end|>\n, then per message
 #     <|im_start|>{role}\n{content}<|im_end|>\n; supervised: each reply and its <|im_end|> (not the "\n").
-#   Media in a user turn (LazySupervisedDataset): the text right-stripped, <video> and its "\n" removed, and F x
-#     "{F}\n" put in front: ONE "\n" after every frame, the last included. <image> (preprocess_multimodal): the text
-#     around each marker stripped, one "\n" after each image. The V-NIAH prompt has no separator between frames.
-# Markers are read only in the STRING value of a user turn (what the data's author wrote). A value may instead be a
-# list of parts: str parts are literal text, {"media": "image"|"video"} parts are slots, each frame followed by
-# "\n". Control tokens come only from the template code: special-token strings in any text stay text.
+#   Media in a user turn (LazySupervisedDataset): <video> and its "\n" removed from the right-stripped text, F x
+#     "{F}\n" put in front (ONE "\n" after every frame, the last included); <image> (preprocess_multimodal): the
+#     text around each marker stripped, one "\n" after each image.
+# Markers are read only in the STRING value of a user turn. A value may instead be a list of parts: str parts are
+# literal text, {"media": "image"|"video"} parts are slots, each frame followed by "\n".
 
 DEFAULT_SYSTEM = {  # the system texts of VILA's llama_3 conversation and of qwen2.jinja (no full stop)
     "llama3": "You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -681,14 +653,10 @@ def _encode(pieces: list, tok: Tokenizer) -> tuple[list[int], list[int]]:
 def build_conversation(conversations: list[dict], tokenizer: Tokenizer, num_frames: list[int] | None = None,
                        tokens_per_frame: int = 1, system: str | None = None,
                        add_generation_prompt: bool | None = None) -> tuple[list[int], list[int]]:
-    """LLaVA-style turns -> (input_ids, labels), both of length T; labels are IGNORE_INDEX except on the assistant's
-    replies and the token after each (aligned with input_ids: the loss shifts).
-
-    conversations: [{"from": "system"|"human"|"gpt", "value": str | list}] (also "user"/"assistant").
-    num_frames: frames of each <image>/<video> slot, in order (an image takes 1). system: None -> the first turn if
-    it is a system turn, else the template's default; "" -> no system block. add_generation_prompt: None -> True
-    when the last turn is not the assistant's (input_ids then end with the assistant header, ready to generate).
-    """
+    """LLaVA-style turns -> (input_ids, labels) of length T; labels are IGNORE_INDEX except on the assistant's
+    replies and the token after each. num_frames: frames per <image>/<video> slot. system None: the first turn if it
+    is a system turn, else the template's default ("": none). add_generation_prompt None: unless the last turn is
+    the assistant's."""
     tok, num_frames, turns = tokenizer, list(num_frames or []), list(conversations)
     if turns and ROLES.get(turns[0].get("from")) == "system":
         system = turns[0]["value"] if system is None else system
@@ -717,10 +685,9 @@ def build_conversation(conversations: list[dict], tokenizer: Tokenizer, num_fram
 
 def build_niah_prompt(tokenizer: Tokenizer, num_frames: int, tokens_per_frame: int, question: str,
                       answer: str | None = None) -> tuple[list[int], list[int]]:
-    """The reference's V-NIAH prompt (eval_vision_niah.py): the preprompt (system, user header), num_frames frames
-    of tokens_per_frame slots with NO separator, the question, the end of the user turn and the assistant header,
-    then the answer if given (supervised, no end token: it is teacher-forced). Each part is tokenized without the
-    tokenizer's BOS (main's safe_tokenize strips it): the template's BOS is the only one. -> (input_ids, labels)"""
+    """The reference's V-NIAH prompt (eval_vision_niah.py): system and user header, num_frames frames with NO
+    separator, the question, the assistant header, then the answer if given (supervised, no end token). The template's
+    BOS is the only one (main's safe_tokenize strips the tokenizer's)."""
     if num_frames < 1:
         raise InputError(f"the V-NIAH prompt needs at least one frame, got {num_frames}")
     frames = [[IMAGE_TOKEN_ID] * tokens_per_frame] * num_frames
@@ -730,8 +697,7 @@ def build_niah_prompt(tokenizer: Tokenizer, num_frames: int, tokens_per_frame: i
 
 
 def needle_index(depth: float, num_frames: int) -> int:
-    """Where the needle goes among the N + 1 frames: after int(depth * N) haystack frames (the reference's
-    query_frame_idx), so depth 0 puts it first and depth 1 last."""
+    """The needle's place among N + 1 frames: after int(depth * N) haystack frames (the reference's query_frame_idx)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth must be in [0, 1], got {depth}")
     return int(depth * num_frames)
@@ -742,8 +708,8 @@ NIAH_LAYOUTS = ("frames", "video")  # the reference's V-NIAH prompt; a training 
 
 def niah_conversation(tokenizer: Tokenizer, question: str, answer: str, num_frames: int, tokens_per_frame: int,
                       layout: str = "frames") -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a needle-in-a-haystack sample of num_frames frames: "frames", build_niah_prompt (what
-    evaluate.py niah scores); "video", the user turn "<video>\n{question}" expanded as every training video is."""
+    """A needle-in-a-haystack sample: layout "frames" is build_niah_prompt (what evaluate.py niah scores); "video",
+    the user turn "<video>\n{question}" expanded as every training video is."""
     if layout == "frames":
         return build_niah_prompt(tokenizer, num_frames, tokens_per_frame, question, answer)
     if layout == "video":
@@ -757,9 +723,8 @@ def mcq_prompt(question: str, options: list[str]) -> str:
     return f"{MCQ_INSTRUCTION}\n{question}\n" + "\n".join(options) + "\nThe best answer is:"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 5. Datasets: LLaVA-style JSON mixtures (stages 1, 2, 3, 5) and random windows of long text (stage 4)
-# ---------------------------------------------------------------------------------------------------------------
 
 def _as_mixture(files_with_weights) -> list[tuple[str, float]]:
     """A path, [paths] or [(path, weight)] -> [(path, weight)], every weight > 0."""
@@ -790,17 +755,11 @@ def _read_samples(path: str) -> list:
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA-style JSON files mixed by weight -> {"id", "input_ids" (T,), "labels" (T,), "images" (F,3,S,S)|None}.
-
-    A file of n samples with weight w contributes round(w * n) of them (w < 1: a seeded subset; w > 1: repeats),
-    shuffled together by `seed`. Media paths are relative to media_root (None: the JSON file's own folder); a sample
-    without markers gets one "<image>\\n" per image (or "<video>\\n") in front of its first user turn, as the
-    reference does. Videos: num_frames uniform frames, or the reference's rule at `fps` (capped by num_frames).
-
-    Over max_len tokens: video frames are dropped first (keeping the uniform spread), then the text's end is cut
-    (never inside the frames). A sample that cannot be built is skipped with a warning naming the file or sample and
-    counted in self.skipped / self.skipped_files (per process: loader workers keep their own); the next sample is
-    returned instead, and 64 failures in a row raise an InputError.
-    """
+    A file of n samples with weight w gives round(w * n) of them (w < 1: a seeded subset; w > 1: repeats), shuffled
+    together by `seed`; media paths are relative to media_root (None: the JSON file's folder). A sample without
+    markers gets one "<image>\\n" per image (or "<video>\\n") before its first user turn, as the reference does.
+    Over max_len, video frames are dropped first (keeping the uniform spread), then the text's end is cut. A sample
+    that cannot be built is skipped with a warning (counted in self.skipped, per process); the next comes instead."""
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
                  tokens_per_frame: int, num_frames: int = 8, max_len: int = 4096, fps: float | None = None,
@@ -813,10 +772,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.aspect = aspect  # "resize" | "pad": the checkpoint's image_aspect_ratio
         self.num_frames, self.max_len, self.fps, self.media_root = num_frames, max_len, fps, media_root
         self.video_backend = video_backend  # None: decord, PyAV on failure
-        # threads per video: 0 = one reader with the library's own threads; k >= 1 = k single-threaded readers
-        self.decode_threads = decode_threads
-        # (sp_rank, sp) or None: decode only the frames this SP rank encodes (train.py sets it); see _pixels
-        self.frame_shard: tuple[int, int] | None = None
+        self.decode_threads = decode_threads  # per video: 0, one reader with its library's threads; k, k readers
+        self.frame_shard: tuple[int, int] | None = None  # (sp_rank, sp): decode only this rank's frames (train.py)
         self.samples: list[tuple[dict, str]] = []  # (sample, its media folder)
         self.skipped, self.skipped_files = 0, []
         rng = np.random.default_rng(seed)
@@ -874,10 +831,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "labels": torch.tensor(labels, dtype=torch.long), "images": images}  # (T,), (F, 3, S, S) | None
 
     def _needle_sample(self, sample: dict, root: str, sid) -> dict:
-        """A needle-in-a-haystack record, built as evaluate.py niah builds its prompts: `frames` haystack frames
-        (the V-NIAH reader at `fps`, from frame `start`) with the needle image inserted at needle_index(depth,
-        frames), then the question (niah_conversation in the record's layout). Record: {"id", "haystack": video,
-        "needle": image, "frames", "depth", "start", "fps", "layout", "question", "answer"}."""
+        """A needle-in-a-haystack record, built as evaluate.py niah builds its prompts: `frames` haystack frames (the
+        V-NIAH reader at `fps`, from `start`), the needle at needle_index(depth, frames), niah_conversation(layout)."""
         n, start = int(sample["frames"]), int(sample.get("start", 0))
         with VideoFile(os.path.join(root, sample["haystack"]), self.video_backend) as video:
             idx = video.indices(None, float(sample.get("fps", 1.0)))[start:start + n]  # (n,)
@@ -963,10 +918,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 class TextWindowDataset(torch.utils.data.Dataset):
-    """Stage 4: random windows of seq_len tokens from long text (nanoGPT style). labels = input_ids (the loss
-    shifts). path: .bin (uint32 token ids, memory-mapped), .txt (one stream), or .jsonl ({"text": ...} per line,
-    documents joined by the tokenizer's end-of-document id). Window i starts at a position drawn from
-    rng(seed, i): deterministic, any index, any order; __len__ = tokens // seq_len."""
+    """Stage 4: random windows of seq_len tokens from long text (nanoGPT style); labels = input_ids (the loss shifts).
+    path: .bin (uint32 ids, memory-mapped), .txt (one stream) or .jsonl (documents joined by eod_id). Window i starts
+    where rng(seed, i) says: deterministic, any index, any order."""
 
     def __init__(self, path: str, tokenizer: Tokenizer, seq_len: int, seed: int = 0):
         self.path, self.seq_len, self.seed = path, seq_len, seed
@@ -995,8 +949,8 @@ class TextWindowDataset(torch.utils.data.Dataset):
 
 
 def _tokenize_documents(path: str, tokenizer: Tokenizer, split_txt: bool) -> list[int]:
-    """Token ids of a .jsonl ({"text": ...} per line: documents, each followed by eod_id) or a .txt (split_txt:
-    documents separated by a blank line, each followed by eod_id; else one stream)."""
+    """Token ids of the documents of a .jsonl ({"text": ...} per line) or a .txt (split_txt: separated by blank
+    lines), each followed by eod_id; without split_txt a .txt is one stream."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     try:
@@ -1019,36 +973,29 @@ def _tokenize_documents(path: str, tokenizer: Tokenizer, split_txt: bool) -> lis
 
 
 def tokenize_to_bin(text_path: str, tokenizer: Tokenizer, out_path: str) -> int:
-    """Pre-tokenise a .txt (documents separated by blank lines) or .jsonl into uint32 ids (documents joined by
-    eod_id), nanoGPT's .bin format for TextWindowDataset. Returns the number of tokens."""
+    """Pre-tokenise a .txt or .jsonl into nanoGPT's uint32 .bin for TextWindowDataset; returns the token count."""
     ids = _tokenize_documents(text_path, tokenizer, split_txt=True)
     np.asarray(ids, dtype=np.uint32).tofile(out_path)
     return len(ids)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 6. The SP-aware sampler: the same sample on every rank of a sequence-parallel group
-# ---------------------------------------------------------------------------------------------------------------
 
-class SPSampler(torch.utils.data.Sampler):
-    """Batch sampler for dp x sp training: every rank of one SP group (same dp_rank) gets the SAME indices,
+class SPSampler:
+    """The samples of each step under dp x sp: every rank of one SP group (same dp_rank) gets the SAME indices,
     different dp ranks disjoint ones. Epoch e is a permutation of range(dataset_len) seeded by (seed, e); step s
-    gives dp rank r the slice perm[(s*dp + r)*B : (s*dp + r + 1)*B], and a remainder short of a whole step is
-    dropped. Iterating yields B indices per step, forever; start_step resumes exactly. len() = steps per epoch."""
+    gives dp rank r perm[(s*dp + r)*B : (s*dp + r + 1)*B], a remainder short of a whole step dropped."""
 
-    def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, start_step: int = 0,
-                 batch_size: int = 1):
+    def __init__(self, dataset_len: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise InputError(f"dp_rank {dp_rank} must lie in [0, dp_size={dp_size})")
         if dataset_len < dp_size * batch_size:
             raise InputError(f"dataset of {dataset_len} samples cannot feed dp_size {dp_size} x batch {batch_size}")
         self.n, self.dp_rank, self.dp_size, self.seed = dataset_len, dp_rank, dp_size, seed
-        self.start_step, self.batch_size = start_step, batch_size
+        self.batch_size = batch_size
         self.steps_per_epoch = dataset_len // (dp_size * batch_size)
         self._perm_epoch, self._perm = None, None
-
-    def __len__(self):
-        return self.steps_per_epoch
 
     def indices_for_step(self, step: int) -> list[int]:
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -1058,21 +1005,13 @@ class SPSampler(torch.utils.data.Sampler):
         a = (s * self.dp_size + self.dp_rank) * self.batch_size
         return self._perm[a:a + self.batch_size].tolist()
 
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield self.indices_for_step(step)
-            step += 1
 
-
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # 7. Collate: right padding
-# ---------------------------------------------------------------------------------------------------------------
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
-    """Right-pad to the longest sample: input_ids with pad_id, labels with IGNORE_INDEX (causal attention means
-    right padding never changes the real tokens). -> {"input_ids" (B,T), "labels" (B,T), "images": list of
-    (F,3,S,S) | None per sample, "ids": list, "lengths" (B,)}."""
+    """Right-pad to the longest sample (input_ids with pad_id, labels with IGNORE_INDEX: causal attention keeps the
+    real tokens as they are) -> {"input_ids" (B, T), "labels" (B, T), "images", "ids", "lengths" (B,)}."""
     T = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -1087,22 +1026,14 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 
 # --- below: the machinery (demo data, long-video instruction data, progress line, command line)
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
-# ---------------------------------------------------------------------------------------------------------------
 # data/demo/ (deterministic by seed; every media path in a JSON file is relative to that file's folder):
-#   meta.json, tokenizer.json (the tiny tokenizer: every demo word is one token)
-#   media/images/img_NNNNN.png   64x64 stills: one shape, colour, size, position, background (stages 1, 2)
-#   media/short/short_NNNNN.mp4  8 frames at 4 fps: 1-3 moving shapes; ~35% hold one needle frame (stages 2, 3)
-#   media/long/long_NNNNN.mp4    32 frames at 1 fps: 4 segments of 8 s, one shape each, one needle frame (stage 5)
+#   meta.json, tokenizer.json (the tiny tokenizer), media/ (stills, short and long videos, haystacks, needles)
 #   stage1.json  image captions        stage2.json  longer image captions, video captions, two-image samples
-#   stage3.json  short-video QA (one-word answers) and VideoMME-style multiple choice (a letter)
-#   stage4.txt / stage4.bin  passkey documents (text / tiny-tokenizer uint32 ids, documents ended by eod_id)
-#   stage5.json  long-video QA: the needle's colour, ordered segment captions, order, counting
-#   stage5_niah.json  needle-in-a-haystack records (SupervisedDataset builds each as evaluate.py niah builds its
-#          prompts): media/haystack (needle-free haystacks) + media/needles, 4-48 frames, both layouts
-#   eval/  held out (other seeds): niah/haystack (64 s at 2 fps, no needle), niah/needles (one per colour, and
-#          needles.json), mcq/mcq.json + videos, caption/caption.json + videos, stage4_val.txt, stage{1,2,3,5}_val.json
+#   stage3.json  short-video QA and VideoMME-style multiple choice    stage4.txt / .bin  passkey documents
+#   stage5.json  long-video QA and captions    stage5_niah.json  needle-in-a-haystack records (4-48 frames)
+#   eval/  held out (other seeds): niah/ (haystacks, needles), mcq/, caption/, stage4_val.txt, stage{1,2,3,5}_val.json
 
 DEMO_VERSION = 3  # meta.json's "version": raise it when the generator's output changes
 DEMO_SIZE = 64  # px of every demo image and video frame (even: yuv420p)
@@ -1110,8 +1041,7 @@ SHORT_FRAMES, SHORT_FPS = 8, 4  # stage 2/3 clips and the MCQ set: 2 s
 LONG_FRAMES, LONG_FPS, LONG_SEGMENTS = 32, 1, 4  # stage 5 and caption eval: 32 s, 4 segments of 8 s
 HAYSTACK_SECONDS, HAYSTACK_FPS, HAYSTACK_SEGMENTS = 64, 2, 8  # NIAH haystacks: 128 frames, read at 1 fps
 
-# The demo's visual world and the fixed word list of every demo text (each entry becomes one tiny-tokenizer token,
-# with and without a leading space).
+# The demo's visual world and the word list of every demo text (each word one tiny-tokenizer token)
 COLORS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (30, 70, 240), "yellow": (245, 225, 20),
           "orange": (250, 130, 10), "purple": (140, 40, 190), "cyan": (20, 215, 225), "pink": (255, 130, 200)}
 SHAPES = ["circle", "square", "triangle", "diamond"]
@@ -1135,8 +1065,7 @@ WORDS = sorted(set(
 
 
 def write_video(path: str, frames, fps: float, codec: str = "libx264", crf: int = 12, gop: int | None = None):
-    """Write uint8 frames (F, H, W, 3) (an array or any iterable of (H, W, 3) arrays) as an mp4 with PyAV;
-    deterministic for the same frames (x264 runs single-threaded). H and W must be even (yuv420p)."""
+    """Write uint8 frames (F, H, W, 3), H and W even (yuv420p), as an mp4; deterministic: x264 runs single-threaded."""
     import av  # optional dependency of the readers; needed to write
 
     frames = iter(frames)
@@ -1215,8 +1144,7 @@ def _moving(rng, n_frames: int, speed: float, r: float) -> tuple[str, np.ndarray
 
 
 def short_clip(rng: np.random.Generator, needle: bool) -> tuple[np.ndarray, dict]:
-    """SHORT_FRAMES frames: 1-3 shapes (distinct colours and shapes) moving on a plain background; with
-    needle=True one random frame is replaced by a needle frame. -> frames (F, H, W, 3) uint8, description."""
+    """SHORT_FRAMES frames of 1-3 distinct shapes moving on a plain background; with needle, one is a needle frame."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     n = int(rng.integers(1, 4))
     colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
@@ -1240,8 +1168,7 @@ def short_clip(rng: np.random.Generator, needle: bool) -> tuple[np.ndarray, dict
 
 
 def long_clip(rng: np.random.Generator, n_frames: int, n_segments: int, needle: bool) -> tuple[np.ndarray, dict]:
-    """A haystack: n_segments equal segments, each with one SMALL shape drifting slowly on a dark background;
-    with needle=True exactly one frame (random position) is a needle frame."""
+    """A haystack: n_segments equal segments, each one small shape drifting slowly, one frame a needle if asked."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     seg_len = n_frames // n_segments
     r = 0.15 * DEMO_SIZE  # ~10 px across at 32 px: colour and shape both visible
@@ -1407,9 +1334,7 @@ def _demo_split(json_dir: str, seed: int, split: int, n_images: int, n_short: in
 
 
 def _niah_train(out: str, cfg: DemoConfig) -> int:
-    """stage5_niah.json: needle-in-a-haystack records on needle-free training haystacks (the held-out ones'
-    format) and training needles, half in each prompt layout, so stage 5 sees inputs longer than its 32-frame
-    videos; returns their number."""
+    """stage5_niah.json: needle-in-a-haystack records (half in each layout) on training haystacks; returns the count."""
     hays, needles, records = [], [], []
     for i in range(cfg.niah_haystacks):
         frames, _ = long_clip(np.random.default_rng([cfg.seed, 0, 10, i]), HAYSTACK_SECONDS * HAYSTACK_FPS,
@@ -1434,11 +1359,8 @@ def _niah_train(out: str, cfg: DemoConfig) -> int:
 
 
 def make_demo(out: str, cfg: DemoConfig = DemoConfig(), tokenizer_cache: str | None = None) -> dict:
-    """Write the demo tree (the layout above) into `out`, a new or empty folder; returns meta.json's content.
-
-    A folder that holds anything is refused (a run never overwrites what it did not write), except a finished demo
-    of the same settings and version, which is left as it is. The tree is written into a sibling folder and renamed
-    into place when complete, so `out` never holds half a demo."""
+    """Write the demo tree into `out`, a new or empty folder (a finished demo of these settings is kept); returns
+    meta.json's content. Written into a sibling folder and renamed into place: `out` never holds half a demo."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         return _existing_demo(out, cfg)
     t0 = time.time()
@@ -1530,11 +1452,9 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
     return meta
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Long-video instruction data (paper section 4): segment captions -> LLM-written QA pairs -> LLaVA JSON
-# ---------------------------------------------------------------------------------------------------------------
-# The reference publishes neither this code nor its prompts; these are ours. Every video gets a done-file in
-# work_dir as soon as it is finished (written atomically), so a crash or kill loses at most the video in flight;
+# The reference publishes neither this code nor its prompts. Each finished video gets a done-file in work_dir:
 # rerunning the same command skips finished videos and rebuilds the output JSON from all done-files.
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
@@ -1558,9 +1478,7 @@ def qa_prompt(captions: list[tuple[float, float, str]], pairs_per_category: int 
 
 
 def parse_qa(text: str) -> list[dict]:
-    """Parse `category | question | answer` lines (tolerating bullets, numbering, Q:/A: prefixes and case);
-    keep only valid ones: a known category, a question with letters (a '?' is added if missing), a non-empty
-    answer that is not a refusal; duplicates (same question) dropped. -> [{"category", "question", "answer"}]."""
+    """The valid `category | question | answer` lines (bullets, numbering, Q:/A: tolerated), each question once."""
     out, seen = [], set()
     for line in text.splitlines():
         parts = [p.strip() for p in line.strip().lstrip("-*0123456789.) \t").split("|")]
@@ -1608,11 +1526,9 @@ def _atomic_json(path: str, obj):
 
 
 def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment_s: float = 10.0,
-                  frames_per_segment: int = 8, work_dir: str | None = None, pairs_per_category: int = 2,
-                  video_root: str | None = None) -> dict:
-    """Build long-video QA data. caption_fn(frames uint8 (F,H,W,3), prompt) -> str captions one segment;
-    text_fn(prompt) -> str is the LLM. Video paths in the output are relative to video_root (default: the output
-    JSON's folder). Returns {"videos", "done", "skipped", "samples", "pairs"}."""
+                  frames_per_segment: int = 8, work_dir: str | None = None, pairs_per_category: int = 2) -> dict:
+    """Long-video QA data: caption_fn(frames, prompt) captions each segment, the LLM text_fn(prompt) writes QA pairs.
+    Video paths in out_json are relative to its folder; returns the counts."""
     work_dir = work_dir or out_json + ".parts"
     os.makedirs(work_dir, exist_ok=True)
     out_dir = os.path.dirname(os.path.abspath(out_json))
@@ -1622,7 +1538,7 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
         if os.path.isfile(done):
             stats["resumed"] += 1
             continue
-        rel = os.path.relpath(os.path.abspath(path), video_root or out_dir)
+        rel = os.path.relpath(os.path.abspath(path), out_dir)
         try:
             with VideoFile(path) as video:
                 duration = video.num_frames / video.fps
@@ -1701,13 +1617,12 @@ def _list_videos(spec: str) -> list[str]:
     return videos
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # A progress line for the command lines (data generation, training, evaluation)
-# ---------------------------------------------------------------------------------------------------------------
 
 class Progress:
-    """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr: redrawn in place on a terminal;
-    in a file (a log, a batch job) a new line only each time another EVERY of the work is done, and at the end."""
+    """`niah  12/36 [========                ]  33% 0:41<1:22 acc=0.92` on stderr, redrawn in place on a terminal;
+    in a log file, a new line each time another EVERY of the work is done."""
 
     WIDTH, EVERY = 24, 0.05  # characters of the bar; fraction of the work between two lines of a log file
 
@@ -1749,9 +1664,8 @@ class Progress:
             self._draw(final=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Command line (the parser is at the top of the file)
-# ---------------------------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace):
     if args.cmd == "demo":

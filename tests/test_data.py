@@ -831,20 +831,20 @@ def test_sp_sampler_groups_disjoint_resumable():
     n, dp, sp, B = 50, 2, 2, 3
     world = dp * sp
     samplers = [data.SPSampler(n, dp_rank=r // sp, dp_size=dp, seed=7, batch_size=B) for r in range(world)]
-    iters = [iter(s) for s in samplers]
-    steps = [[next(it) for _ in range(20)] for it in iters]  # 20 steps > one epoch (8 steps)
-    assert len(samplers[0]) == n // (dp * B)
+    steps = [[s.indices_for_step(k) for k in range(20)] for s in samplers]  # 20 steps > one epoch (8 steps)
+    assert samplers[0].steps_per_epoch == n // (dp * B) == 8
     for r in range(world):  # same sample on every rank of an SP group
         assert steps[r] == steps[(r // sp) * sp]
-    for s in range(len(samplers[0])):  # dp ranks disjoint within a step and within an epoch
+    for s in range(8):  # dp ranks disjoint within a step and within an epoch
         assert not set(steps[0][s]) & set(steps[sp][s])
     epoch0 = [i for s in range(8) for r in (0, sp) for i in steps[r][s]]
     assert len(set(epoch0)) == len(epoch0) == 8 * dp * B
     assert steps[0][:8] != steps[0][8:16]  # a new permutation each epoch
-    resumed = iter(data.SPSampler(n, dp_rank=1, dp_size=dp, seed=7, start_step=13, batch_size=B))
-    assert [next(resumed) for _ in range(7)] == steps[sp][13:20]
-    other_seed = iter(data.SPSampler(n, dp_rank=0, dp_size=dp, seed=8, batch_size=B))
-    assert [next(other_seed) for _ in range(3)] != steps[0][:3]
+    resumed = data.SPSampler(n, dp_rank=1, dp_size=dp, seed=7, batch_size=B)  # a fresh sampler starting at step 13
+    assert [resumed.indices_for_step(k) for k in range(13, 20)] == steps[sp][13:20]
+    assert resumed.indices_for_step(2) == steps[sp][2]  # and back: any step, in any order
+    other_seed = data.SPSampler(n, dp_rank=0, dp_size=dp, seed=8, batch_size=B)
+    assert [other_seed.indices_for_step(k) for k in range(3)] != steps[0][:3]
 
 
 def test_collate(tok):
@@ -1106,8 +1106,8 @@ def _sampler_worker(rank, world_size, sp, steps):
     import mmsp
 
     layout = mmsp.make_layout(sp=sp, ring=1)
-    it = iter(data.SPSampler(40, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=5, batch_size=2))
-    batches = [next(it) for _ in range(steps)]
+    sampler = data.SPSampler(40, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=5, batch_size=2)
+    batches = [sampler.indices_for_step(k) for k in range(steps)]
     # what the SP group really holds: the same batch on every member (gathered over the group)
     got = [None] * layout.sp
     torch.distributed.all_gather_object(got, batches, group=layout.sp_group)
