@@ -135,8 +135,7 @@ class TrainConfig:
 
 @dataclass
 class StagePreset:
-    """One stage: what it trains, on what data, and the defaults `--stage N` sets (the reference's: paper Sec. 3
-    and Table 1, NVlabs/VILA's scripts)."""
+    """A stage: what it trains, on what data, its defaults (the reference's: paper Sec. 3, Table 1, VILA's scripts)."""
     name: str
     data: str
     train_vision: bool
@@ -152,9 +151,8 @@ class StagePreset:
 
 
 STAGES = {
-    # Stage 0 is not LongVILA's, which starts from a pretrained SigLIP and LLM: a model from random weights (the tiny
-    # demo) first trains stand-ins for them, everything on needle-colour questions and captions as text
-    # (STAND_IN_DATA). `--stage all` runs stage 0 only when there is no --init_from.
+    # Stage 0 is not LongVILA's (it starts from a pretrained SigLIP and LLM): a model from random weights first
+    # trains stand-ins for them, everything on needle-colour questions and captions as text (STAND_IN_DATA).
     0: StagePreset("stand-in-pretraining", "needle-colour QA + captions as text", True, True, True, lr=1e-3),
     1: StagePreset("alignment", "image-caption pairs", False, True, False, lr=1e-3, reinit_projector=True),
     2: StagePreset("pretraining", "captions / interleaved image-text", False, True, True, lr=5e-5),
@@ -167,9 +165,8 @@ STAGES = {
                    fps=2.0),
 }
 
-# The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
-# far fewer samples than the reference's 8B runs (docs/performance.md). These override STAGES when the model is
-# tiny (flags still win); a tiny model needs neither LoRA (stage 4) nor activation checkpointing (stage 5).
+# The CPU demo's tuning, over STAGES when the model is tiny (flags still win): learning from scratch in a few hundred
+# steps takes larger learning rates and far fewer samples, and a tiny model needs no LoRA or recomputation.
 TINY_DEMO = {
     0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=1e-2, steps=300, global_batch=16, seq_len=512, reinit_projector=False),
@@ -191,15 +188,13 @@ DEMO_FILES = {
     5: [("stage5.json", 1.0), ("stage3.json", 0.5), ("stage5_niah.json", 1.0)],
 }
 
-# What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
-#   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
-#               pretrained vision tower would bring (one colour word per sample: a signal a random model picks up).
-#   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
-#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
-#               the habit of reading the answer off the image's place; without it no projector can make stage 1's
-#               frozen LLM write a caption (docs/performance.md).
-#   "needle_image": the needle image of every stage5_niah.json record ALONE, with its question: no other frame's
-#               colours to average over, so every seed learns to read a colour off the visual tokens.
+# What stage 0 makes of each demo file: the skills a pretrained vision tower and LLM would bring.
+#   "needle": every "what colour is the needle" turn as its own sample, with its video (one colour word each).
+#   "describe": text only, the image's place holding its caption's words ("an orange diamond\nWhat is in the
+#       image?" -> "an orange diamond"): caption language, and reading the answer off the image's place (without
+#       it no projector can make stage 1's frozen LLM write a caption).
+#   "needle_image": each stage5_niah.json record's needle image ALONE with its question: no other frame's colours
+#       to average over, so the colour is read off the visual tokens.
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe", "stage5_niah.json": "needle_image"}
 
 
@@ -217,8 +212,7 @@ def stage_defaults(stage: int, model: str) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or a cosine to 0 (the
-    reference's: Hugging Face's cosine schedule)."""
+    """Learning rate of step `step` (0-based): linear warmup, then constant or Hugging Face's cosine to 0."""
     warmup = int(cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -311,9 +305,8 @@ def recorded_model(init_from: str) -> str:
 
 
 def resolve(stage: int, flags: dict, chained: bool = False) -> TrainConfig:
-    """One stage's config: TrainConfig's defaults <- the stage preset (<- the tiny demo's) <- the flags given.
-    The stage starts from --init_from, else (and always when `chained` after a stage of the same command) from
-    <out>/stage{N-1}/model; stage 1 from random weights when there is no stage 0 model."""
+    """One stage's config: TrainConfig's defaults <- the stage preset (<- TINY_DEMO) <- the flags. It starts from
+    --init_from, else (always when `chained`) from <out>/stage{N-1}/model; stage 1 without a stage 0 from random."""
     root = flags.get("out", TrainConfig.out)
     prev = os.path.join(root, f"stage{stage - 1}", "model")
     if chained or "init_from" not in flags:
@@ -373,8 +366,9 @@ def stage_table() -> str:
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
-    """The flags in their groups, the curriculum first. Each help text ends with the default the --stage, --model,
-    --init_from and --config of argv give it. Absent flags stay absent in the result (resolve fills them)."""
+    """The flags in their groups; each help ends with the default argv's --stage, --model, --init_from and --config
+    give it. Absent flags stay absent (resolve fills them)."""
+
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
@@ -441,9 +435,8 @@ LORA_SCALE = 2.0  # alpha / rank: the reference's rank 8 with alpha 16, so alpha
 
 
 class LoRALinear(torch.nn.Linear):
-    """A frozen linear layer plus a trained low-rank update (LoRA, Hu et al., arXiv 2106.09685):
-    y = x W^T + b + s (x A^T) B^T, A (r, in), B (out, r), s = LORA_SCALE. B starts at zero, so training starts
-    from the unchanged model; merged, W + s B A is an ordinary weight of W's shape (merge_lora)."""
+    """A frozen linear layer plus a trained low-rank update (LoRA, arXiv 2106.09685): y = x W^T + b + s (x A^T) B^T,
+    A (r, in), B (out, r), s = LORA_SCALE. B starts at zero, so training starts from the unchanged model."""
 
     def __init__(self, base: torch.nn.Linear, rank: int):
         torch.nn.Module.__init__(self)  # not Linear's __init__: keep base's weight and bias, allocate no new one
@@ -464,8 +457,8 @@ def init_lora_(layer: LoRALinear):
 
 
 def add_lora(llm, rank: int):
-    """Stage 4 as the reference trains it: LoRA on q/k/v/o of every decoder block, and the token embeddings and
-    every norm of the LLM trained in full; the rest of the LLM stays frozen."""
+    """Stage 4 as the reference trains it: LoRA on q/k/v/o of every block; the LLM's embeddings and norms train in
+    full, the rest stays frozen."""
     for block in llm.layers:
         for name in ("wq", "wk", "wv", "wo"):
             setattr(block.attention, name, LoRALinear(getattr(block.attention, name), rank))
@@ -476,7 +469,7 @@ def add_lora(llm, rank: int):
 
 
 def merge_lora(sd: dict) -> dict:
-    """A state dict with LoRA layers -> the plain model's: W + s B A (in float64, rounded once), A and B dropped."""
+    """A state dict with LoRA layers -> the plain model's: W + s B A, an ordinary weight (float64, rounded once)."""
     out = {k: v for k, v in sd.items() if not k.endswith((".lora_a", ".lora_b"))}
     for k in sd:
         if k.endswith(".lora_a"):
@@ -487,8 +480,7 @@ def merge_lora(sd: dict) -> dict:
 
 
 def build_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple:
-    """The stage's model before it is placed on devices: --init_from, or a seeded random --model; the stage's
-    config changes (RoPE theta, frames); what trains (LoRA); recomputation; the attention kernels."""
+    """The stage's model, not yet on its devices, and the config changes the stage made (apply_stage_to_config)."""
     if cfg.init_from != "none":
         try:
             model = longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
@@ -539,21 +531,19 @@ def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> to
     compute_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda)) else torch.float32
     if world == 1:
         model.to(device)
-        return compute_dtype
-    shard_model(model, device, compute_dtype)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-        init_weights_(model)
-        model.llm.tie()
+    else:
+        shard_model(model, device, compute_dtype)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+            init_weights_(model)
+            model.llm.tie()
     return compute_dtype
 
 
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
-    """ZeRO-3 over the whole world with FSDP2 (on gloo too: CPU runs take the same path): every block is one unit
-    (all-gathered just in time, freed after), the rest (embeddings, projector, norms, output) the root unit.
-    Parameters stay fp32 (AdamW's master weights); with compute_dtype bf16 each all-gather casts them to bf16 and
-    gradients are reduced in fp32. Gradients are SUMMED over ranks (divide factor 1): every rank's loss is already
-    divided by the global supervised-token count."""
+    """ZeRO-3 over the world with FSDP2 (gloo too): each block a unit all-gathered just in time, the rest the root.
+    fp32 parameters (AdamW's master weights), cast to compute_dtype per all-gather; gradients reduced in fp32 and
+    SUMMED, not averaged: forward_backward already divides every rank's loss by the global token count."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in list(model.vision.layers) + list(model.llm.layers):  # the repeated blocks (SigLIP's, the LLM's)
@@ -566,8 +556,7 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
 
 
 def init_weights_(model):
-    """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
-    the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains, LoRA's for LoRA layers."""
+    """Fresh weights for storage allocated empty (meta, then to_empty): the model's init, RMSNorm gains 1, LoRA's."""
     model.apply(longvila.LongVILA.init_weights)
     for m in model.modules():
         if isinstance(m, longvila.RMSNorm):
@@ -577,8 +566,8 @@ def init_weights_(model):
 
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> tuple:
-    """AdamW over the trainable parameters: decay / no decay (model.param_groups), each split into vision tower
-    and the rest, so the vision tower can learn at lr * vision_lr_scale (each group's lr_scale, applied per step)."""
+    """AdamW over the trainable parameters: decay / no decay (model.param_groups), each split into vision tower and
+    the rest, so the tower learns at lr x vision_lr_scale (each group's lr_scale)."""
     vision = {id(p) for p in model.vision.parameters()}
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
                    lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
@@ -595,8 +584,7 @@ def find_tokenizer_json(cfg: TrainConfig) -> str | None:
 
 
 def parse_data(spec: str, stage: int) -> tuple[list, str]:
-    """--data -> ([(file, weight)], media_root). A folder is the demo layout (DEMO_FILES); otherwise
-    `a.json:1.0,b.json:0.5` (media paths are relative to the first file's folder unless --media_root says so)."""
+    """--data -> ([(file, weight)], media_root): a folder in the demo layout (DEMO_FILES), or `a.json:1,b.json:0.5`."""
     folder = spec.removeprefix("demo:")
     if os.path.isdir(folder):
         check_demo_version(folder)
@@ -625,8 +613,8 @@ def parse_data(spec: str, stage: int) -> tuple[list, str]:
 
 
 def build_dataset(cfg: TrainConfig, model_config, tokenizer, layout):
-    """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise;
-    with --sp > 1 each rank of a group decodes only the frames it encodes."""
+    """The stage's dataset: long text windows for stage 4, supervised image / video conversations otherwise."""
+
     if cfg.data == "synthetic":
         return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
                                      model_config.vision.image_size, model_config.llm.vocab_size)
@@ -683,12 +671,17 @@ def stand_in_copy(path: str, out: str, keep: str) -> str:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss or gradient norm (train_step stops on it unless --skip_nonfinite)."""
 
 
-def supervised_targets(labels: torch.Tensor) -> int:
-    """Positions whose NEXT token is supervised (the loss's count after shifting)."""
-    return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
+
+def world_sum(values: list, layout, world: int, device: torch.device) -> torch.Tensor:
+    """Per-rank figures summed over the world, each SP group once (its ranks hold the same samples); on the CPU."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
+    if world > 1:  # on the compute device: NCCL has no CPU tensors
+        dist.all_reduce(t)
+        t /= layout.sp
+    return t.cpu()
 
 
 def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
@@ -697,39 +690,25 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
     Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
     or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
     sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
-    counts = [supervised_targets(b["labels"]) for b in batches]
+    # supervised positions: those whose NEXT token is a target (the loss's count after shifting)
+    counts = [int((longvila.shift_labels(b["labels"]) != longvila.IGNORE_INDEX).sum()) for b in batches]
     lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
-    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
-    if world > 1:  # on the compute device: NCCL has no CPU tensors
-        dist.all_reduce(stats)
-        stats /= layout.sp  # every rank of an SP group holds the same sample
-    stats = stats.cpu()
+    stats = world_sum(counts + [sum(lengths)], layout, world, device)  # (accum + 1,)
     total = stats[:-1].sum().clamp(min=1.0)
+    sp_forward = functools.partial(mmsp.sp_forward, layout=layout) if world > 1 else None
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
         # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
         images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
-        with autocast():
-            if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
-                _, loss = model(ids, images, labels, return_logits=False,  # this rank's share
-                                sp_forward=functools.partial(mmsp.sp_forward, layout=layout))
-            else:
-                _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
+        with autocast():  # sp_forward runs inside model.__call__, so FSDP's root hooks gather the root's parameters
+            _, loss = model(ids, images, labels, return_logits=False, sp_forward=sp_forward)  # this rank's share
         w = float(count / total)
         (loss * w).backward()
         loss_sum += loss.detach().float() * w
     if world > 1:
         dist.all_reduce(loss_sum)  # shares -> the global mean
     return loss_sum, int(stats[-1]), lengths
-
-
-def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (over FSDP shards too) and clipping to max_norm (0: no clipping)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return norm
 
 
 # -----------------------------------------------------------------------------
@@ -826,7 +805,9 @@ def train_step(st: Stage, step: int):
     with StepProfiler(cfg.profile_step == step + 1 and rank == 0, device) as profiler:
         loss, tokens, lengths = forward_backward(st.model, item["batches"], st.layout, world, device, st.autocast)
         profiler.mark()  # forward+backward done
-        norm = grad_norm_and_clip(st.params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # the global norm over the FSDP shards is a DTensor
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
         if finite:
             st.optimizer.step()
@@ -1452,15 +1433,12 @@ class Meter:
         self.peak = (cfg.peak_tflops or longvila.peak_bf16_tflops(device) or 0.0) * 1e12  # FLOP/s, 0: unknown
 
     def count(self, item: dict, lengths: list[int], layout, world: int, device: torch.device) -> tuple:
-        """(FLOPs, skipped samples) of one step over the world: each dp rank counts its samples once (the ranks of
-        an SP group read the same ones), summed on the compute device (NCCL has no CPU tensors)."""
+        """(FLOPs, skipped samples) of one step over the world."""
         frames = sum(im.shape[0] for b in item["batches"] for im in b["images"] if im is not None)
-        counts = torch.tensor([sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames, item["skipped"]],
-                              dtype=torch.float64, device=device)  # (2,)
-        if world > 1:
-            dist.all_reduce(counts)
-            counts /= layout.sp
+        flops = sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames
+        counts = world_sum([flops, item["skipped"]], layout, world, device)  # (2,)
         return float(counts[0]), int(round(float(counts[1])))
+
 
 
 def summary(path: str, stage: int, world: int, device: torch.device) -> str:
