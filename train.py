@@ -339,8 +339,7 @@ def shown(value) -> str:
 
 
 def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
-    """`(default 2e-05)`, or per stage where the stages of the command differ: `(default per stage: 0-3: 512, 4-5:
-    1024)`."""
+    """The help's `(default 2e-05)`, or where the command's stages differ `(default per stage: 0-3: 512, 4-5: 1024)`."""
     if name == "stage":
         return "(default all)"
     if name == "out":
@@ -368,7 +367,6 @@ def stage_table() -> str:
 def build_parser(argv=()) -> argparse.ArgumentParser:
     """The flags in their groups; each help ends with the default argv's --stage, --model, --init_from and --config
     give it. Absent flags stay absent (resolve fills them)."""
-
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
@@ -457,8 +455,7 @@ def init_lora_(layer: LoRALinear):
 
 
 def add_lora(llm, rank: int):
-    """Stage 4 as the reference trains it: LoRA on q/k/v/o of every block; the LLM's embeddings and norms train in
-    full, the rest stays frozen."""
+    """Stage 4 as the reference: LoRA on every block's q/k/v/o; the LLM's embeddings and norms train in full."""
     for block in llm.layers:
         for name in ("wq", "wk", "wv", "wo"):
             setattr(block.attention, name, LoRALinear(getattr(block.attention, name), rank))
@@ -487,11 +484,10 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple:
         except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or foreign files
             raise InputError(f"--init_from {cfg.init_from}: {e}") from e
     else:
-        config = longvila.LongVILAConfig.from_dict(longvila.PRESETS[cfg.model].to_dict())  # a private copy
         torch.manual_seed(cfg.seed)
         # a random model on several GPUs: built on meta, sharded, then only each rank's shards are allocated
         with torch.device("meta" if device.type == "cuda" and world > 1 else "cpu"):
-            model = longvila.LongVILA(config)
+            model = longvila.LongVILA(longvila.PRESETS[cfg.model])  # LongVILA keeps a private copy of the config
     if cfg.reinit_projector and cfg.init_from != "none":
         # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
         torch.manual_seed(cfg.seed)
@@ -566,8 +562,7 @@ def init_weights_(model):
 
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> tuple:
-    """AdamW over the trainable parameters: decay / no decay (model.param_groups), each split into vision tower and
-    the rest, so the tower learns at lr x vision_lr_scale (each group's lr_scale)."""
+    """AdamW, each of model.param_groups split in vision tower / rest: the tower learns at lr x vision_lr_scale."""
     vision = {id(p) for p in model.vision.parameters()}
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
                    lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
@@ -614,7 +609,6 @@ def parse_data(spec: str, stage: int) -> tuple[list, str]:
 
 def build_dataset(cfg: TrainConfig, model_config, tokenizer, layout):
     """The stage's dataset: long text windows for stage 4, supervised image / video conversations otherwise."""
-
     if cfg.data == "synthetic":
         return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
                                      model_config.vision.image_size, model_config.llm.vocab_size)
@@ -672,7 +666,6 @@ def stand_in_copy(path: str, out: str, keep: str) -> str:
 
 class NonFiniteLoss(RuntimeError):
     """A NaN/inf loss or gradient norm (train_step stops on it unless --skip_nonfinite)."""
-
 
 
 def world_sum(values: list, layout, world: int, device: torch.device) -> torch.Tensor:
@@ -778,9 +771,8 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
         log.info(f"--profile_step {cfg.profile_step} is past this stage's {cfg.steps} steps: nothing is profiled")
     log.begin(cfg, meta["step"])
     model.train()
-    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch). A step's data is a
-    # pure function of (seed, step): the loader starts at the resumed step, so a resumed run reads exactly what the
-    # uninterrupted one read.
+    # dp rank r reads slice r of each step's global batch, a pure function of (seed, step): a loader started at the
+    # resumed step reads exactly what the uninterrupted run read.
     sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed,
                              batch_size=cfg.global_batch // layout.dp)
     loader = start_loader(step_loader(ItemCache(dataset, cfg.cache_data), sampler, meta["step"], cfg.steps,
@@ -791,8 +783,7 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
 
 
 def train_step(st: Stage, step: int):
-    """Optimizer step `step`: its learning rate, its batch, forward+backward, clipping, the update; its figures
-    go to metrics.jsonl and the progress line."""
+    """One optimizer step; its figures go to metrics.jsonl and the progress line."""
     cfg, rank, world, device = st.cfg, st.info.rank, st.info.world_size, st.info.device
     t0 = time.time()
     lr = lr_at(step, cfg)
@@ -836,8 +827,7 @@ def train_step(st: Stage, step: int):
 
 
 def finish_stage(st: Stage) -> str:
-    """After the last step: a summary line, the last checkpoint, and the model in the released layout (LoRA
-    merged) that the next stage starts from; returns its folder."""
+    """After the last step: the summary, the last checkpoint, the released model (LoRA merged); returns its folder."""
     cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
     st.loader = None  # its workers (if any) exit now, not when the next stage starts its own
     st.log.end()
@@ -860,9 +850,8 @@ def finish_stage(st: Stage) -> str:
 
 
 def save_model(model, path: str, world: int, tokenizer_json: str | None):
-    """The released VILA layout from any number of ranks: the full state dict gathered on rank 0, LoRA merged,
-    assigned to a plain model built on meta and saved by save_pretrained: the folder never depends on the wrapper,
-    the LoRA or the world size that wrote it."""
+    """The released VILA layout: the full state dict gathered on rank 0, LoRA merged, saved through a plain model
+    built on meta, so the folder never depends on the wrapper, the LoRA or the world size that wrote it."""
     if world == 1:
         sd = {k: v.detach() for k, v in model.state_dict().items()}
     else:  # every rank takes part in gathering the shards; rank 0 writes
@@ -877,9 +866,8 @@ def save_model(model, path: str, world: int, tokenizer_json: str | None):
 
 
 def save_checkpoint(st: Stage, step: int):
-    """checkpoints/step-NNNNNN/ = the model in the released layout + train_state/ (DCP: the sharded fp32 weights,
-    LoRA unmerged, and AdamW moments) + rng/ (one file per rank) + trainer.json; written under a .tmp name,
-    published, then named by `latest`; the older ones beyond --keep_checkpoints are removed."""
+    """checkpoints/step-NNNNNN/ = the released model + train_state/ (DCP: sharded fp32 weights, LoRA unmerged, AdamW
+    moments) + rng/ (per rank) + trainer.json; published, named by `latest`, the oldest past --keep_checkpoints go."""
     cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
     root, name = os.path.join(cfg.out, "checkpoints"), f"step-{step:06d}"
     with publishing(os.path.join(root, name), st.info) as tmp:
@@ -887,8 +875,10 @@ def save_checkpoint(st: Stage, step: int):
         save_model(st.model, tmp, world, st.tokenizer_json)
         msd, osd = get_state_dict(st.model, st.optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"), no_dist=world == 1)
-        save_file({k: v.contiguous() for k, v in rng_state(st.info.device).items()},
-                  os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
+        rng = {"cpu": torch.get_rng_state()}
+        if st.info.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(st.info.device)
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
         if rank == 0:
             with open(os.path.join(tmp, "trainer.json"), "w") as f:
                 json.dump({"step": step, "world_size": world, "data_skipped": st.skipped}, f, indent=1)
@@ -909,7 +899,10 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
     if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
-        set_rng_state(load_file(rng_file), device)
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
     return meta
 
 
@@ -929,8 +922,8 @@ def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
             log.info(f"resumed from {ckpt} at step {meta['step']}")
             return meta
         reason = str(error).strip().splitlines()[-1] if error is not None else "on another rank"  # DCP: tracebacks
-        log.warn(f"--resume: {ckpt} cannot be read ({reason}); it is moved aside to "
-                 f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried")
+        log.info(f"warning: --resume: {ckpt} cannot be read ({reason}); it is moved aside to "
+                 f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried", stream=sys.stderr)
         if info.rank == 0:
             os.rename(ckpt, ckpt + ".broken")
         world_barrier(info)
@@ -983,8 +976,7 @@ def trajectory(cfg: TrainConfig) -> dict:
 
 
 def data_fingerprint(path: str) -> str:
-    """A short hash of a data file's name, size, first and last MiB: tells the data a run read from other data in
-    milliseconds, even for a file of many GB (a moved file still matches)."""
+    """A short hash of a file's name, size, first and last MiB: milliseconds even for many GB; a moved file matches."""
     size = os.path.getsize(path)
     h = hashlib.sha256(f"{os.path.basename(path)}:{size}".encode())
     with open(path, "rb") as f:
@@ -1015,9 +1007,8 @@ def check_resume(where: str, now: dict):
 
 @contextlib.contextmanager
 def publishing(final: str, info):
-    """Every rank writes into the folder `final`.tmp inside the block; after it the folder is fsynced and renamed
-    to `final`, so `final` never names a half-written folder. On a failure on any rank the .tmp is removed (the
-    previous checkpoint stays, a full disk gets its space back), and a full disk stops with one line."""
+    """Every rank writes into `final`.tmp inside the block, then it is fsynced and renamed: `final` never names a
+    half-written folder. A failure on any rank removes the .tmp (the previous checkpoint stays)."""
     tmp = final + ".tmp"
     if info.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
@@ -1076,8 +1067,9 @@ def fsync(path: str):
 
 
 def publish_dir(tmp: str, final: str):
-    """Rename a finished temporary folder to its final name (the old one, if any, is removed first); everything
-    in it is fsynced first, so the name never points at incomplete data."""
+    """Rename a finished folder to `final` (replacing it), everything in it fsynced first."""
+
+
     for root, _dirs, files in os.walk(tmp):
         for path in [root] + [os.path.join(root, f) for f in files]:
             fsync(path)
@@ -1099,19 +1091,6 @@ def write_text_atomic(path: str, text: str):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a torn one
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # -----------------------------------------------------------------------------
 # --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
 
@@ -1121,8 +1100,7 @@ WRITTEN = ("config.json", "config.json.tmp", "heldout.json", "heldout.json.tmp",
 
 
 def prepare_run_folders(cfgs: list[TrainConfig], eval_dir: str | None, info):
-    """Before any step: a fresh run needs run folders that hold nothing (--overwrite first removes what
-    train.py wrote there, and only that; --resume continues them), and --out must be writable."""
+    """Before any step: empty run folders (--overwrite empties them, --resume continues them), --out writable."""
     root, first = os.path.dirname(cfgs[0].out), cfgs[0]
     folders = [c.out for c in cfgs] + ([eval_dir] if eval_dir else [])
     if first.resume and first.overwrite:
@@ -1219,9 +1197,7 @@ def check_layout(cfg: TrainConfig, layout):
 
 
 class SyntheticVideoDataset:
-    """`--data synthetic`: random long-video samples of exactly the shape of real ones, for throughput runs of large
-    models without data on disk. Sample i (seeded by i): 16 text tokens, num_frames x (N placeholders + newline),
-    16 question tokens, 32 supervised answer tokens; pixels uniform in [-1, 1] (the range after preprocessing)."""
+    """`--data synthetic`: random long-video samples shaped like real ones, for throughput runs without data."""
 
     def __init__(self, num_frames: int, tokens_per_frame: int, image_size: int, vocab_size: int):
         self.F, self.N, self.S, self.V = num_frames, tokens_per_frame, image_size, vocab_size
@@ -1256,13 +1232,9 @@ class ItemCache:
 
 
 def pack_pixels(x: torch.Tensor) -> torch.Tensor:
-    """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
-
-    data.preprocess normalises uint8 levels k to k * 2/255 - 1, so k = round((x + 1) * 127.5) recovers them and
-    unpack_pixels redoes those float ops: bitwise the same tensor at a quarter of the bytes to send between loader
-    processes and to the GPU. Other pixels (--data synthetic) stay float. 64 frames at a time: little extra memory."""
+    """float32 pixels (F, 3, S, S) in [-1, 1] -> their uint8 levels when unpack_pixels restores x bitwise, else x."""
     k = torch.empty(x.shape, dtype=torch.uint8)  # (F, 3, S, S)
-    for s in range(0, len(x), 64):
+    for s in range(0, len(x), 64):  # 64 frames at a time: little extra memory
         k[s:s + 64] = x[s:s + 64].add(1.0).mul_(127.5).round_().clamp_(0, 255)  # (64, 3, S, S) levels 0..255
         if not torch.equal(unpack_pixels(k[s:s + 64]), x[s:s + 64]):
             return x
@@ -1275,10 +1247,8 @@ def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k: this rank's samples of optimizer step first + k as collated micro-batches, and the samples it had to
-    skip (unreadable media; counted here, since a worker's counters die with it). An item is a pure function of
-    (seed, step), so any number of workers gives the batches of workers=0. A step with no readable sample comes as
-    {"step", "error"}: the user's data, which the training loop reports as an InputError."""
+    """Item k: this rank's micro-batches of step first + k, and its skipped samples (counted here: a worker's
+    counters die with it); a step with no readable sample is {"step", "error"}, which train_step reports."""
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, pack: bool):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
@@ -1316,8 +1286,7 @@ def cores_per_process() -> int:
 
 
 def loader_workers(cfg: TrainConfig) -> int:
-    """--workers, or when -1 (auto): 0 with --cache_data (nothing to overlap with a dictionary lookup), else this
-    process's share of the cores, at most 8 (past that the in-flight samples' memory costs more than it gains)."""
+    """--workers; -1: 0 with --cache_data, else this process's share of the cores, at most 8 (memory in flight)."""
     if cfg.workers >= 0:
         return cfg.workers
     return 0 if cfg.cache_data else min(8, cores_per_process())
@@ -1332,10 +1301,8 @@ def _init_loader_worker(worker_id: int, decode_threads: int):
 
 def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, workers: int,
                 pin_memory: bool, seed: int, timeout: float = 0) -> torch.utils.data.DataLoader:
-    """Batches of steps first..last-1, in order: built in this process when a step asks (workers = 0), or by N
-    forked processes while the current step trains, each holding at most 2 finished steps, pixels as uint8.
-    The generator is private: the workers' seed drawn from torch's global RNG would change the training's RNG
-    stream (and break exact resume). timeout (workers > 0): seconds to wait for one step (0: forever)."""
+    """Batches of steps first..last-1 in order: in-process (workers = 0) or from N forked workers, 2 steps ahead.
+    A private generator: seeding workers from torch's global RNG would shift training's (and break exact resume)."""
     steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
     extra = {}
     if workers > 0:
@@ -1350,16 +1317,15 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
 
 
 def start_loader(loader: torch.utils.data.DataLoader):
-    """iter(loader), after collecting this process's garbage when workers are about to be forked: a forked child
-    freeing a threaded library's object (PyAV's) waits forever for threads that exist only in the parent."""
+    """iter(loader), garbage collected first when workers fork: a child freeing a threaded library's object
+    (PyAV's) waits forever for threads that exist only in the parent."""
     if loader.num_workers > 0:
         gc.collect()
     return iter(loader)
 
 
 class RunLog:
-    """Rank 0's record of a stage: config.json, every figure of each step in metrics.jsonl, and a progress line
-    (data.Progress: redrawn in place on a terminal, a line every 5% into a log file). The other ranks are silent."""
+    """Rank 0's record of a stage: config.json, metrics.jsonl and the progress line; the other ranks are silent."""
 
     def __init__(self, out: str, rank: int):
         self.out, self.rank, self.path = out, rank, os.path.join(out, "metrics.jsonl")
@@ -1401,8 +1367,6 @@ class RunLog:
         if live:
             self.bar.update(0, **self.figures)
 
-    def warn(self, msg: str):
-        self.info(f"warning: {msg}", stream=sys.stderr)
 
     def end(self):
         if self.rank == 0 and self.bar is not None:
@@ -1423,8 +1387,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Meter:
-    """MFU's numerator: the FLOPs of a sample with T tokens and F frames are a*T + b*T^2 + v*F (the model's own
-    counts, longvila.flops_per_token and vision_flops_per_frame); its denominator: the peak of one device."""
+    """MFU: a sample of T tokens and F frames costs a*T + b*T^2 + v*F FLOPs (the model's counts), over the peak."""
 
     def __init__(self, model, cfg: TrainConfig, device: torch.device):
         self.a = model.flops_per_token(0, causal=True)
@@ -1438,7 +1401,6 @@ class Meter:
         flops = sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames
         counts = world_sum([flops, item["skipped"]], layout, world, device)  # (2,)
         return float(counts[0]), int(round(float(counts[1])))
-
 
 
 def summary(path: str, stage: int, world: int, device: torch.device) -> str:
@@ -1457,8 +1419,7 @@ def summary(path: str, stage: int, world: int, device: torch.device) -> str:
 
 
 class StepProfiler:
-    """--profile_step: torch.profiler over one whole step on rank 0 (forward+backward, clipping, optimizer), and
-    its wall-clock split, synchronised so the parts add up. On any other step it does nothing."""
+    """--profile_step: torch.profiler and a synchronised wall-clock split of one step on rank 0; else nothing."""
 
     def __init__(self, on: bool, device: torch.device):
         self.on, self.device, self.marks = on, device, []
@@ -1482,8 +1443,7 @@ class StepProfiler:
         return self.prof.__exit__(*exc)
 
     def report(self, log: RunLog, path: str, step: int, t0: float, t_data: float):
-        """The split; GPU time by kernel kind (on CPU: the costliest ops); the trace, written to `path` (open it in
-        chrome://tracing or ui.perfetto.dev)."""
+        """The split, GPU time by kernel kind (CPU: the costliest ops), and the trace written to `path`."""
         if not self.on:
             return
         t_fb, t_end = self.marks
@@ -1508,8 +1468,7 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_time(trace: str) -> list[str]:
-    """A Chrome trace's GPU kernel time by kind, and the GPU's busy time (the union of the kernels' intervals: the
-    kinds overlap across streams and can sum past it); [] when it holds no kernels."""
+    """A Chrome trace's GPU kernel time by kind, and busy time (the union of intervals); [] without kernels."""
     with open(trace) as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not ev:
@@ -1540,9 +1499,7 @@ DEMO_SKILLS = {
 
 @torch.no_grad()
 def demo_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
-    """The numbers of the skill stage cfg.stage is for (DEMO_SKILLS), on the demo's held-out data; stage 4 also
-    measures the model it started from. Stage 5's needle in a haystack runs on every rank (MM-SP), the others on
-    rank 0."""
+    """The held-out numbers of the skill stage cfg.stage is for (DEMO_SKILLS); NIAH on every rank, others on 0."""
     ev, res = os.path.join(cfg.data.removeprefix("demo:"), "eval"), {"stage": cfg.stage}
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own summary lines: the table says it all
         if cfg.stage == 5:
@@ -1585,8 +1542,7 @@ def load_eval_model(path: str, info) -> tuple:
 
 
 def needle_colour(model, tok, path: str, frames: int) -> list:
-    """[right, asked]: "What color is the needle?" (the first turn of every needle video in `path`), answered
-    teacher-forced from `frames` frames of its video."""
+    """[right, asked]: the needle-colour question of every needle video in `path`, teacher-forced, `frames` frames."""
     with open(path) as f:
         samples = [s for s in json.load(f) if "needle" in s["conversations"][0]["value"]]
     size, tpf, folder = model.config.vision.image_size, model.config.tokens_per_frame, os.path.dirname(path)
@@ -1601,8 +1557,7 @@ def needle_colour(model, tok, path: str, frames: int) -> list:
 
 
 def caption_words(model, tok, path: str) -> dict:
-    """Greedy "Describe the image." captions of the held-out stills in `path`: is the first colour word the
-    still's colour, the first shape word its shape ("a red circle")."""
+    """Greedy captions of the stills in `path`: is the first colour / shape word the still's ("a red circle")?"""
     with open(path) as f:
         samples = json.load(f)
     colour = shape = 0
@@ -1655,9 +1610,7 @@ def demo_table(results: list) -> str:
 
 
 def run(flags: dict):
-    """The command: every stage's config checked, the run folders and the demo data ready, then each stage
-    trained (one that --resume finds finished is skipped); on demo data each stage's held-out skill after it, and
-    the table of them at the end."""
+    """Check every stage's flags, prepare the folders, train each stage; on demo data, report its held-out skill."""
     eval_mode, threads = flags.pop("eval", "auto"), flags.pop("threads", 0)
     cfgs = plan(flags)
     for cfg in cfgs:
@@ -1706,8 +1659,7 @@ def run(flags: dict):
 
 
 def main(argv=None):
-    """train.py's command line. A mistake in what the user gave (flags, files, folders, a full disk) ends with
-    `train.py: error: ...` on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    """The command line: a user's mistake ends as `train.py: error: ...` and exit code 2; a bug keeps its traceback."""
     flags = dict(parse_flags(argv) if argv is not None else ARGS)
     try:
         run(flags)
