@@ -77,7 +77,6 @@ class TrainConfig:
     global_batch: int = flag(8, "samples per optimizer step over the whole world (dp x micro_batch x accumulation)")
     sp: int = flag(1, "sequence-parallel degree (ring x ulysses); world = dp x sp")
     ring: int = flag(1, "ring degree inside --sp")
-    # what learns, and how fast
     train_vision: bool = flag(False, "train the vision tower", LEARNING)
     train_projector: bool = flag(True, "train the projector", LEARNING)
     train_llm: bool = flag(False, "train the LLM", LEARNING)
@@ -95,7 +94,6 @@ class TrainConfig:
     trained_len: int = flag(0, "stage 4: the context the model was trained at (0: its config's max_seq_len)", LEARNING)
     seed: int = flag(0, "seed of the init and of the data order", LEARNING)
     skip_nonfinite: bool = flag(False, "skip a step with a NaN/inf loss instead of stopping", LEARNING)
-    # data loading
     media_root: str = flag("", "folder the media paths of the data files are relative to (\"\": the first file's)",
                            LOADING)
     fps: float = flag(0.0, "sample a video's frames every 1/fps seconds, at most --num_frames (0: --num_frames "
@@ -104,7 +102,6 @@ class TrainConfig:
     workers: int = flag(-1, "loader processes building the next steps' batches while one trains (-1: 0 with "
                             "--cache_data, else min(8, cores / processes per node); 0: in the training process)",
                         LOADING)
-    # performance
     micro_batch: int = flag(1, "samples per forward on one rank", PERFORMANCE)
     grad_checkpointing: bool = flag(False, "recompute every vision / LLM block in the backward", PERFORMANCE)
     checkpoint_mode: str = flag("full", "full (recompute whole blocks) | save-attn (keep the attention outputs)",
@@ -116,7 +113,6 @@ class TrainConfig:
     fused_ops: bool = flag(True, "CUDA: RMSNorm, RoPE and SwiGLU as fused Triton kernels (kernels.py)", PERFORMANCE)
     dtype: str = flag("auto", "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16", PERFORMANCE,
                       ("auto", "fp32", "bf16"))
-    # checkpoints
     save_every: int = flag(0, "a checkpoint every N steps (0: none; the final model/ is always written)",
                            CHECKPOINTS)
     keep_checkpoints: int = flag(2, "checkpoints kept per stage", CHECKPOINTS)
@@ -125,7 +121,6 @@ class TrainConfig:
                                "finished stage is skipped); the flags must match what the run recorded", CHECKPOINTS)
     overwrite: bool = flag(False, "start again in a --out that holds a run: first remove what train.py wrote there",
                            CHECKPOINTS)
-    # logging and profiling
     peak_tflops: float = flag(0.0, "peak TFLOP/s of one device for MFU (0: the device's dense bf16 peak by name)",
                               LOGGING)
     profile_step: int = flag(0, "profile step N on rank 0 (forward+backward, clipping, optimizer): its wall-clock "
@@ -190,11 +185,9 @@ DEMO_FILES = {
 
 # What stage 0 makes of each demo file: the skills a pretrained vision tower and LLM would bring.
 #   "needle": every "what colour is the needle" turn as its own sample, with its video (one colour word each).
-#   "describe": text only, the image's place holding its caption's words ("an orange diamond\nWhat is in the
-#       image?" -> "an orange diamond"): caption language, and reading the answer off the image's place (without
-#       it no projector can make stage 1's frozen LLM write a caption).
-#   "needle_image": each stage5_niah.json record's needle image ALONE with its question: no other frame's colours
-#       to average over, so the colour is read off the visual tokens.
+#   "describe": text only, the caption's words in the image's place ("an orange diamond\nWhat is in the image?"):
+#       caption language, and the habit of reading the answer off the image's place that stage 1 builds on.
+#   "needle_image": each stage5_niah.json needle image ALONE with its question: a colour read off the visual tokens.
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe", "stage5_niah.json": "needle_image"}
 
 
@@ -537,9 +530,8 @@ def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> to
 
 
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
-    """ZeRO-3 over the world with FSDP2 (gloo too): each block a unit all-gathered just in time, the rest the root.
-    fp32 parameters (AdamW's master weights), cast to compute_dtype per all-gather; gradients reduced in fp32 and
-    SUMMED, not averaged: forward_backward already divides every rank's loss by the global token count."""
+    """ZeRO-3 over the world with FSDP2 (gloo too): each block a unit all-gathered just in time, the rest the root;
+    fp32 master weights, cast to compute_dtype per gather; gradients SUMMED in fp32 (each loss is per global token)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in list(model.vision.layers) + list(model.llm.layers):  # the repeated blocks (SigLIP's, the LLM's)
@@ -680,9 +672,8 @@ def world_sum(values: list, layout, world: int, device: torch.device) -> torch.T
 def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
     """Forward + backward of this rank's micro-batches; returns (global mean loss, global tokens, per-sample T).
 
-    Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
-    or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
-    sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
+    Each micro-batch's loss is its cross-entropy SUM over the world / its global supervised count; weighted by
+    count_i / total, the accumulated gradient is that of the global batch's CE sum / its count, as on one device."""
     # supervised positions: those whose NEXT token is a target (the loss's count after shifting)
     counts = [int((longvila.shift_labels(b["labels"]) != longvila.IGNORE_INDEX).sum()) for b in batches]
     lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
@@ -941,8 +932,7 @@ def step_folders(root: str) -> list[str]:
 
 
 def resume_candidates(out: str) -> list[str]:
-    """The checkpoints a resume may start from, newest first: the one `latest` names (`latest` is written after
-    the rename, so it names a complete one), then the older ones."""
+    """Checkpoints to resume from, newest first, none past `latest` (written after the rename: a complete one)."""
     root = os.path.join(out, "checkpoints")
     names = step_folders(root)[::-1]
     if os.path.exists(os.path.join(root, "latest")):
