@@ -215,9 +215,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# The reference's stage-4 thetas (Qwen2 trained at 32k with theta 1e6; main's longvila/train/4_extend_llm_*.sh):
-# (context ratio, theta). Another base scales them by base / 1e6; ratios between anchors interpolate log-log,
-# ratios past the last extrapolate its segment.
+# The reference's stage-4 (context ratio, theta), Qwen2 trained at 32k with theta 1e6 (its 4_extend_llm_*.sh): another
+# base scales them by base / 1e6; other ratios interpolate log-log (past the last: extrapolate its segment).
 THETA_ANCHORS = [(1, 1_000_000), (4, 15_300_000), (8, 207_112_184), (16, 1_062_356_830), (32, 3_580_165_449)]
 
 
@@ -674,7 +673,6 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
 
     Each micro-batch's loss is its cross-entropy SUM over the world / its global supervised count; weighted by
     count_i / total, the accumulated gradient is that of the global batch's CE sum / its count, as on one device."""
-    # supervised positions: those whose NEXT token is a target (the loss's count after shifting)
     counts = [int((longvila.shift_labels(b["labels"]) != longvila.IGNORE_INDEX).sum()) for b in batches]
     lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
     stats = world_sum(counts + [sum(lengths)], layout, world, device)  # (accum + 1,)
@@ -898,8 +896,7 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
 
 
 def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
-    """--resume: the newest checkpoint that reads (`latest`, then the older ones). A damaged one (a truncated file)
-    is moved aside to <name>.broken with a warning, and the one before it is tried."""
+    """--resume: the newest checkpoint that reads; a damaged one is moved aside to <name>.broken, the previous tried."""
     root = os.path.join(cfg.out, "checkpoints")
     candidates = resume_candidates(cfg.out)
     for ckpt in candidates:
@@ -950,8 +947,7 @@ TRAJECTORY = ("stage", "model", "seq_len", "num_frames", "fps", "media_root", "l
 
 
 def trajectory(cfg: TrainConfig) -> dict:
-    """The run's identity for --resume: TRAJECTORY's flags, and fingerprints of the init model and of the data
-    files (a moved folder still matches; a retrained earlier stage or an edited data file does not)."""
+    """The run's identity for --resume: TRAJECTORY's flags and content fingerprints of the init model and data files."""
     t = {k: getattr(cfg, k) for k in TRAJECTORY}
     t["init_from"], t["data"] = cfg.init_from, cfg.data
     if cfg.init_from != "none":
@@ -1237,8 +1233,8 @@ def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k: this rank's micro-batches of step first + k, and its skipped samples (counted here: a worker's
-    counters die with it); a step with no readable sample is {"step", "error"}, which train_step reports."""
+    """Item k: this rank's micro-batches of step first + k (the same for any number of workers) and its skipped
+    samples, counted here (a worker's counters die with it); no readable sample gives {"step", "error"}."""
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, pack: bool):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
