@@ -357,8 +357,7 @@ def stage_table() -> str:
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
-    """The flags in their groups; each help ends with the default argv's --stage, --model, --init_from and --config
-    give it. Absent flags stay absent (resolve fills them)."""
+    """The flags in their groups, each help ending with the default that argv's --stage, --model, etc. give it."""
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
@@ -371,7 +370,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     ap = argparse.ArgumentParser(prog="train.py", description="\n\n".join(doc[:3]), epilog=stage_table(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)
+                                 argument_default=argparse.SUPPRESS)  # absent flags stay absent: resolve fills them
     groups = {name: ap.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         how = (dict(type=stage_text) if f.name == "stage" else dict(action=Switch) if f.type is bool else
@@ -397,8 +396,7 @@ def parse_flags(argv) -> dict:
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
     ARGS = parse_flags(sys.argv[1:])
 
-# Before torch touches CUDA: grow the caching allocator's segments in place instead of carving fixed blocks (long-
-# video steps allocate activations of very different sizes, which fragments fixed blocks). Set it to override.
+# Before torch touches CUDA: growable allocator segments, as long-video steps' activation sizes fragment fixed blocks
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402  (everything below needs torch)
 import torch.distributed as dist  # noqa: E402
