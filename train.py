@@ -77,7 +77,6 @@ class TrainConfig:
     global_batch: int = flag(8, "samples per optimizer step over the whole world (dp x micro_batch x accumulation)")
     sp: int = flag(1, "sequence-parallel degree (ring x ulysses); world = dp x sp")
     ring: int = flag(1, "ring degree inside --sp")
-    # what learns, and how fast
     train_vision: bool = flag(False, "train the vision tower", LEARNING)
     train_projector: bool = flag(True, "train the projector", LEARNING)
     train_llm: bool = flag(False, "train the LLM", LEARNING)
@@ -95,7 +94,6 @@ class TrainConfig:
     trained_len: int = flag(0, "stage 4: the context the model was trained at (0: its config's max_seq_len)", LEARNING)
     seed: int = flag(0, "seed of the init and of the data order", LEARNING)
     skip_nonfinite: bool = flag(False, "skip a step with a NaN/inf loss instead of stopping", LEARNING)
-    # data loading
     media_root: str = flag("", "folder the media paths of the data files are relative to (\"\": the first file's)",
                            LOADING)
     fps: float = flag(0.0, "sample a video's frames every 1/fps seconds, at most --num_frames (0: --num_frames "
@@ -104,7 +102,6 @@ class TrainConfig:
     workers: int = flag(-1, "loader processes building the next steps' batches while one trains (-1: 0 with "
                             "--cache_data, else min(8, cores / processes per node); 0: in the training process)",
                         LOADING)
-    # performance
     micro_batch: int = flag(1, "samples per forward on one rank", PERFORMANCE)
     grad_checkpointing: bool = flag(False, "recompute every vision / LLM block in the backward", PERFORMANCE)
     checkpoint_mode: str = flag("full", "full (recompute whole blocks) | save-attn (keep the attention outputs)",
@@ -116,7 +113,6 @@ class TrainConfig:
     fused_ops: bool = flag(True, "CUDA: RMSNorm, RoPE and SwiGLU as fused Triton kernels (kernels.py)", PERFORMANCE)
     dtype: str = flag("auto", "auto (bf16 compute on CUDA, fp32 on CPU) | fp32 | bf16", PERFORMANCE,
                       ("auto", "fp32", "bf16"))
-    # checkpoints
     save_every: int = flag(0, "a checkpoint every N steps (0: none; the final model/ is always written)",
                            CHECKPOINTS)
     keep_checkpoints: int = flag(2, "checkpoints kept per stage", CHECKPOINTS)
@@ -125,7 +121,6 @@ class TrainConfig:
                                "finished stage is skipped); the flags must match what the run recorded", CHECKPOINTS)
     overwrite: bool = flag(False, "start again in a --out that holds a run: first remove what train.py wrote there",
                            CHECKPOINTS)
-    # logging and profiling
     peak_tflops: float = flag(0.0, "peak TFLOP/s of one device for MFU (0: the device's dense bf16 peak by name)",
                               LOGGING)
     profile_step: int = flag(0, "profile step N on rank 0 (forward+backward, clipping, optimizer): its wall-clock "
@@ -135,8 +130,7 @@ class TrainConfig:
 
 @dataclass
 class StagePreset:
-    """One stage: what it trains, on what data, and the defaults `--stage N` sets (the reference's: paper Sec. 3
-    and Table 1, NVlabs/VILA's scripts)."""
+    """A stage: what it trains, on what data, its defaults (the reference's: paper Sec. 3, Table 1, VILA's scripts)."""
     name: str
     data: str
     train_vision: bool
@@ -152,9 +146,8 @@ class StagePreset:
 
 
 STAGES = {
-    # Stage 0 is not LongVILA's, which starts from a pretrained SigLIP and LLM: a model from random weights (the tiny
-    # demo) first trains stand-ins for them, everything on needle-colour questions and captions as text
-    # (STAND_IN_DATA). `--stage all` runs stage 0 only when there is no --init_from.
+    # Stage 0 is not LongVILA's (it starts from a pretrained SigLIP and LLM): a model from random weights first
+    # trains stand-ins for them, everything on needle-colour questions and captions as text (STAND_IN_DATA).
     0: StagePreset("stand-in-pretraining", "needle-colour QA + captions as text", True, True, True, lr=1e-3),
     1: StagePreset("alignment", "image-caption pairs", False, True, False, lr=1e-3, reinit_projector=True),
     2: StagePreset("pretraining", "captions / interleaved image-text", False, True, True, lr=5e-5),
@@ -167,9 +160,8 @@ STAGES = {
                    fps=2.0),
 }
 
-# The CPU demo: the tiny model learns from scratch in a few hundred steps, so it needs larger learning rates and
-# far fewer samples than the reference's 8B runs (docs/performance.md). These override STAGES when the model is
-# tiny (flags still win); a tiny model needs neither LoRA (stage 4) nor activation checkpointing (stage 5).
+# The CPU demo's tuning, over STAGES when the model is tiny (flags still win): learning from scratch in a few hundred
+# steps takes larger learning rates and far fewer samples, and a tiny model needs no LoRA or recomputation.
 TINY_DEMO = {
     0: dict(lr=2e-3, steps=300, global_batch=16, seq_len=512, schedule="constant", warmup=5, vision_lr_scale=0.02),
     1: dict(lr=1e-2, steps=300, global_batch=16, seq_len=512, reinit_projector=False),
@@ -191,15 +183,11 @@ DEMO_FILES = {
     5: [("stage5.json", 1.0), ("stage3.json", 0.5), ("stage5_niah.json", 1.0)],
 }
 
-# What stage 0 (the stand-in pretraining of a model from random weights) makes of each demo file.
-#   "needle":   every "what colour is the needle" turn as its own sample, with its video: the visual skill a
-#               pretrained vision tower would bring (one colour word per sample: a signal a random model picks up).
-#   "describe": text only, the image's place in the prompt holding its caption's words ("an orange diamond\nWhat
-#               is in the image?" -> "an orange diamond"): the caption language a pretrained LLM would bring, and
-#               the habit of reading the answer off the image's place; without it no projector can make stage 1's
-#               frozen LLM write a caption (docs/performance.md).
-#   "needle_image": the needle image of every stage5_niah.json record ALONE, with its question: no other frame's
-#               colours to average over, so every seed learns to read a colour off the visual tokens.
+# What stage 0 makes of each demo file: the skills a pretrained vision tower and LLM would bring.
+#   "needle": every "what colour is the needle" turn as its own sample, with its video (one colour word each).
+#   "describe": text only, the caption's words in the image's place ("an orange diamond\nWhat is in the image?"):
+#       caption language, and the habit of reading the answer off the image's place that stage 1 builds on.
+#   "needle_image": each stage5_niah.json needle image ALONE with its question: a colour read off the visual tokens.
 STAND_IN_DATA = {"stage3.json": "needle", "stage1.json": "describe", "stage5_niah.json": "needle_image"}
 
 
@@ -217,8 +205,7 @@ def stage_defaults(stage: int, model: str) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or a cosine to 0 (the
-    reference's: Hugging Face's cosine schedule)."""
+    """Learning rate of step `step` (0-based): linear warmup, then constant or Hugging Face's cosine to 0."""
     warmup = int(cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -228,9 +215,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# The reference's stage-4 thetas (Qwen2 trained at 32k with theta 1e6; main's longvila/train/4_extend_llm_*.sh):
-# (context ratio, theta). Another base scales them by base / 1e6; ratios between anchors interpolate log-log,
-# ratios past the last extrapolate its segment.
+# The reference's stage-4 (context ratio, theta), Qwen2 trained at 32k with theta 1e6 (its 4_extend_llm_*.sh): another
+# base scales them by base / 1e6; other ratios interpolate log-log (past the last: extrapolate its segment).
 THETA_ANCHORS = [(1, 1_000_000), (4, 15_300_000), (8, 207_112_184), (16, 1_062_356_830), (32, 3_580_165_449)]
 
 
@@ -311,9 +297,8 @@ def recorded_model(init_from: str) -> str:
 
 
 def resolve(stage: int, flags: dict, chained: bool = False) -> TrainConfig:
-    """One stage's config: TrainConfig's defaults <- the stage preset (<- the tiny demo's) <- the flags given.
-    The stage starts from --init_from, else (and always when `chained` after a stage of the same command) from
-    <out>/stage{N-1}/model; stage 1 from random weights when there is no stage 0 model."""
+    """One stage's config: TrainConfig's defaults <- the stage preset (<- TINY_DEMO) <- the flags. It starts from
+    --init_from, else (always when `chained`) from <out>/stage{N-1}/model; stage 1 without a stage 0 from random."""
     root = flags.get("out", TrainConfig.out)
     prev = os.path.join(root, f"stage{stage - 1}", "model")
     if chained or "init_from" not in flags:
@@ -346,8 +331,7 @@ def shown(value) -> str:
 
 
 def default_text(name: str, cfgs: list[TrainConfig], flags: dict) -> str:
-    """`(default 2e-05)`, or per stage where the stages of the command differ: `(default per stage: 0-3: 512, 4-5:
-    1024)`."""
+    """The help's `(default 2e-05)`, or where the command's stages differ `(default per stage: 0-3: 512, 4-5: 1024)`."""
     if name == "stage":
         return "(default all)"
     if name == "out":
@@ -373,8 +357,7 @@ def stage_table() -> str:
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
-    """The flags in their groups, the curriculum first. Each help text ends with the default the --stage, --model,
-    --init_from and --config of argv give it. Absent flags stay absent in the result (resolve fills them)."""
+    """The flags in their groups, each help ending with the default that argv's --stage, --model, etc. give it."""
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("stage", "model", "init_from", "out", "data", "config"):  # the flags other defaults depend on
         peek.add_argument(f"--{name}")
@@ -387,7 +370,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     ap = argparse.ArgumentParser(prog="train.py", description="\n\n".join(doc[:3]), epilog=stage_table(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)
+                                 argument_default=argparse.SUPPRESS)  # absent flags stay absent: resolve fills them
     groups = {name: ap.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         how = (dict(type=stage_text) if f.name == "stage" else dict(action=Switch) if f.type is bool else
@@ -413,8 +396,7 @@ def parse_flags(argv) -> dict:
 if __name__ == "__main__":  # --help and flag mistakes answer before torch loads (2 s)
     ARGS = parse_flags(sys.argv[1:])
 
-# Before torch touches CUDA: grow the caching allocator's segments in place instead of carving fixed blocks (long-
-# video steps allocate activations of very different sizes, which fragments fixed blocks). Set it to override.
+# Before torch touches CUDA: growable allocator segments, as long-video steps' activation sizes fragment fixed blocks
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402  (everything below needs torch)
 import torch.distributed as dist  # noqa: E402
@@ -441,9 +423,8 @@ LORA_SCALE = 2.0  # alpha / rank: the reference's rank 8 with alpha 16, so alpha
 
 
 class LoRALinear(torch.nn.Linear):
-    """A frozen linear layer plus a trained low-rank update (LoRA, Hu et al., arXiv 2106.09685):
-    y = x W^T + b + s (x A^T) B^T, A (r, in), B (out, r), s = LORA_SCALE. B starts at zero, so training starts
-    from the unchanged model; merged, W + s B A is an ordinary weight of W's shape (merge_lora)."""
+    """A frozen linear layer plus a trained low-rank update (LoRA, arXiv 2106.09685): y = x W^T + b + s (x A^T) B^T,
+    A (r, in), B (out, r), s = LORA_SCALE. B starts at zero, so training starts from the unchanged model."""
 
     def __init__(self, base: torch.nn.Linear, rank: int):
         torch.nn.Module.__init__(self)  # not Linear's __init__: keep base's weight and bias, allocate no new one
@@ -464,8 +445,7 @@ def init_lora_(layer: LoRALinear):
 
 
 def add_lora(llm, rank: int):
-    """Stage 4 as the reference trains it: LoRA on q/k/v/o of every decoder block, and the token embeddings and
-    every norm of the LLM trained in full; the rest of the LLM stays frozen."""
+    """Stage 4 as the reference: LoRA on every block's q/k/v/o; the LLM's embeddings and norms train in full."""
     for block in llm.layers:
         for name in ("wq", "wk", "wv", "wo"):
             setattr(block.attention, name, LoRALinear(getattr(block.attention, name), rank))
@@ -476,7 +456,7 @@ def add_lora(llm, rank: int):
 
 
 def merge_lora(sd: dict) -> dict:
-    """A state dict with LoRA layers -> the plain model's: W + s B A (in float64, rounded once), A and B dropped."""
+    """A state dict with LoRA layers -> the plain model's: W + s B A, an ordinary weight (float64, rounded once)."""
     out = {k: v for k, v in sd.items() if not k.endswith((".lora_a", ".lora_b"))}
     for k in sd:
         if k.endswith(".lora_a"):
@@ -487,19 +467,17 @@ def merge_lora(sd: dict) -> dict:
 
 
 def build_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple:
-    """The stage's model before it is placed on devices: --init_from, or a seeded random --model; the stage's
-    config changes (RoPE theta, frames); what trains (LoRA); recomputation; the attention kernels."""
+    """The stage's model, not yet on its devices, and the config changes the stage made (apply_stage_to_config)."""
     if cfg.init_from != "none":
         try:
             model = longvila.LongVILA.from_pretrained(cfg.init_from, dtype=torch.float32)
         except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or foreign files
             raise InputError(f"--init_from {cfg.init_from}: {e}") from e
     else:
-        config = longvila.LongVILAConfig.from_dict(longvila.PRESETS[cfg.model].to_dict())  # a private copy
         torch.manual_seed(cfg.seed)
         # a random model on several GPUs: built on meta, sharded, then only each rank's shards are allocated
         with torch.device("meta" if device.type == "cuda" and world > 1 else "cpu"):
-            model = longvila.LongVILA(config)
+            model = longvila.LongVILA(longvila.PRESETS[cfg.model])  # LongVILA keeps a private copy of the config
     if cfg.reinit_projector and cfg.init_from != "none":
         # LLaVA / VILA stage 1 puts a NEW projector between a pretrained vision tower and a pretrained LLM
         torch.manual_seed(cfg.seed)
@@ -539,21 +517,18 @@ def place_model(model, cfg: TrainConfig, world: int, device: torch.device) -> to
     compute_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and use_cuda)) else torch.float32
     if world == 1:
         model.to(device)
-        return compute_dtype
-    shard_model(model, device, compute_dtype)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-        init_weights_(model)
-        model.llm.tie()
+    else:
+        shard_model(model, device, compute_dtype)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+            init_weights_(model)
+            model.llm.tie()
     return compute_dtype
 
 
 def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
-    """ZeRO-3 over the whole world with FSDP2 (on gloo too: CPU runs take the same path): every block is one unit
-    (all-gathered just in time, freed after), the rest (embeddings, projector, norms, output) the root unit.
-    Parameters stay fp32 (AdamW's master weights); with compute_dtype bf16 each all-gather casts them to bf16 and
-    gradients are reduced in fp32. Gradients are SUMMED over ranks (divide factor 1): every rank's loss is already
-    divided by the global supervised-token count."""
+    """ZeRO-3 over the world with FSDP2 (gloo too): each block a unit all-gathered just in time, the rest the root;
+    fp32 master weights, cast to compute_dtype per gather; gradients SUMMED in fp32 (each loss is per global token)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in list(model.vision.layers) + list(model.llm.layers):  # the repeated blocks (SigLIP's, the LLM's)
@@ -566,8 +541,7 @@ def shard_model(model, device: torch.device, compute_dtype: torch.dtype):
 
 
 def init_weights_(model):
-    """Fresh weights for a model whose storage was allocated empty (built on the meta device, then to_empty):
-    the model's own init for linears/embeddings/LayerNorms, ones for RMSNorm gains, LoRA's for LoRA layers."""
+    """Fresh weights for storage allocated empty (meta, then to_empty): the model's init, RMSNorm gains 1, LoRA's."""
     model.apply(longvila.LongVILA.init_weights)
     for m in model.modules():
         if isinstance(m, longvila.RMSNorm):
@@ -577,8 +551,7 @@ def init_weights_(model):
 
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> tuple:
-    """AdamW over the trainable parameters: decay / no decay (model.param_groups), each split into vision tower
-    and the rest, so the vision tower can learn at lr * vision_lr_scale (each group's lr_scale, applied per step)."""
+    """AdamW, each of model.param_groups split in vision tower / rest: the tower learns at lr x vision_lr_scale."""
     vision = {id(p) for p in model.vision.parameters()}
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and (id(p) in vision) == is_vision],
                    lr_scale=cfg.vision_lr_scale if is_vision else 1.0)
@@ -595,8 +568,7 @@ def find_tokenizer_json(cfg: TrainConfig) -> str | None:
 
 
 def parse_data(spec: str, stage: int) -> tuple[list, str]:
-    """--data -> ([(file, weight)], media_root). A folder is the demo layout (DEMO_FILES); otherwise
-    `a.json:1.0,b.json:0.5` (media paths are relative to the first file's folder unless --media_root says so)."""
+    """--data -> ([(file, weight)], media_root): a folder in the demo layout (DEMO_FILES), or `a.json:1,b.json:0.5`."""
     folder = spec.removeprefix("demo:")
     if os.path.isdir(folder):
         check_demo_version(folder)
@@ -625,8 +597,7 @@ def parse_data(spec: str, stage: int) -> tuple[list, str]:
 
 
 def build_dataset(cfg: TrainConfig, model_config, tokenizer, layout):
-    """The stage's dataset: long text windows for stage 4, supervised (image / video) conversations otherwise;
-    with --sp > 1 each rank of a group decodes only the frames it encodes."""
+    """The stage's dataset: long text windows for stage 4, supervised image / video conversations otherwise."""
     if cfg.data == "synthetic":
         return SyntheticVideoDataset(cfg.num_frames or model_config.num_video_frames, model_config.tokens_per_frame,
                                      model_config.vision.image_size, model_config.llm.vocab_size)
@@ -683,53 +654,41 @@ def stand_in_copy(path: str, out: str, keep: str) -> str:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss or gradient norm (train_step stops on it unless --skip_nonfinite)."""
 
 
-def supervised_targets(labels: torch.Tensor) -> int:
-    """Positions whose NEXT token is supervised (the loss's count after shifting)."""
-    return int((longvila.shift_labels(labels) != longvila.IGNORE_INDEX).sum())
+def world_sum(values: list, layout, world: int, device: torch.device) -> torch.Tensor:
+    """Per-rank figures summed over the world, each SP group once (its ranks hold the same samples); on the CPU."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
+    if world > 1:  # on the compute device: NCCL has no CPU tensors
+        dist.all_reduce(t)
+        t /= layout.sp
+    return t.cpu()
 
 
 def forward_backward(model, batches: list, layout, world: int, device: torch.device, autocast) -> tuple:
     """Forward + backward of this rank's micro-batches; returns (global mean loss, global tokens, per-sample T).
 
-    Every micro-batch's loss is its cross-entropy SUM over the world / its global supervised count (model forward
-    or mmsp.sp_forward); weighting it by count_i / count_total makes the accumulated gradient that of
-    sum(CE over the whole global batch) / (its supervised tokens): the same as one device with the whole batch."""
-    counts = [supervised_targets(b["labels"]) for b in batches]
+    Each micro-batch's loss is its cross-entropy SUM over the world / its global supervised count; weighted by
+    count_i / total, the accumulated gradient is that of the global batch's CE sum / its count, as on one device."""
+    counts = [int((longvila.shift_labels(b["labels"]) != longvila.IGNORE_INDEX).sum()) for b in batches]
     lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
-    stats = torch.tensor(counts + [sum(lengths)], dtype=torch.float64, device=device)  # (accum + 1,)
-    if world > 1:  # on the compute device: NCCL has no CPU tensors
-        dist.all_reduce(stats)
-        stats /= layout.sp  # every rank of an SP group holds the same sample
-    stats = stats.cpu()
+    stats = world_sum(counts + [sum(lengths)], layout, world, device)  # (accum + 1,)
     total = stats[:-1].sum().clamp(min=1.0)
+    sp_forward = functools.partial(mmsp.sp_forward, layout=layout) if world > 1 else None
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # () the step's global mean, accumulated
     for b, count in zip(batches, stats[:-1]):
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T)
         # per sample (F, 3, S, S) | None; loader workers send uint8 pixels: 4x fewer bytes to copy, unpacked here
         images = [None if im is None else unpack_pixels(im.to(device, non_blocking=True)) for im in b["images"]]
-        with autocast():
-            if world > 1:  # through model.__call__ so FSDP's root hooks gather the root's parameters
-                _, loss = model(ids, images, labels, return_logits=False,  # this rank's share
-                                sp_forward=functools.partial(mmsp.sp_forward, layout=layout))
-            else:
-                _, loss = model(ids, images, labels, return_logits=False)  # mean over the micro-batch
+        with autocast():  # sp_forward runs inside model.__call__, so FSDP's root hooks gather the root's parameters
+            _, loss = model(ids, images, labels, return_logits=False, sp_forward=sp_forward)  # this rank's share
         w = float(count / total)
         (loss * w).backward()
         loss_sum += loss.detach().float() * w
     if world > 1:
         dist.all_reduce(loss_sum)  # shares -> the global mean
     return loss_sum, int(stats[-1]), lengths
-
-
-def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (over FSDP shards too) and clipping to max_norm (0: no clipping)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return norm
 
 
 # -----------------------------------------------------------------------------
@@ -799,9 +758,8 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
         log.info(f"--profile_step {cfg.profile_step} is past this stage's {cfg.steps} steps: nothing is profiled")
     log.begin(cfg, meta["step"])
     model.train()
-    # dp rank r reads slice r of each step's global batch (seeded permutations, one per epoch). A step's data is a
-    # pure function of (seed, step): the loader starts at the resumed step, so a resumed run reads exactly what the
-    # uninterrupted one read.
+    # dp rank r reads slice r of each step's global batch, a pure function of (seed, step): a loader started at the
+    # resumed step reads exactly what the uninterrupted run read.
     sampler = data.SPSampler(len(dataset), layout.dp_rank, layout.dp, cfg.seed,
                              batch_size=cfg.global_batch // layout.dp)
     loader = start_loader(step_loader(ItemCache(dataset, cfg.cache_data), sampler, meta["step"], cfg.steps,
@@ -812,8 +770,7 @@ def setup_stage(cfg: TrainConfig, info, layout) -> Stage:
 
 
 def train_step(st: Stage, step: int):
-    """Optimizer step `step`: its learning rate, its batch, forward+backward, clipping, the update; its figures
-    go to metrics.jsonl and the progress line."""
+    """One optimizer step; its figures go to metrics.jsonl and the progress line."""
     cfg, rank, world, device = st.cfg, st.info.rank, st.info.world_size, st.info.device
     t0 = time.time()
     lr = lr_at(step, cfg)
@@ -826,7 +783,9 @@ def train_step(st: Stage, step: int):
     with StepProfiler(cfg.profile_step == step + 1 and rank == 0, device) as profiler:
         loss, tokens, lengths = forward_backward(st.model, item["batches"], st.layout, world, device, st.autocast)
         profiler.mark()  # forward+backward done
-        norm = grad_norm_and_clip(st.params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # the global norm over the FSDP shards is a DTensor
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
         if finite:
             st.optimizer.step()
@@ -855,8 +814,7 @@ def train_step(st: Stage, step: int):
 
 
 def finish_stage(st: Stage) -> str:
-    """After the last step: a summary line, the last checkpoint, and the model in the released layout (LoRA
-    merged) that the next stage starts from; returns its folder."""
+    """After the last step: the summary, the last checkpoint, the released model (LoRA merged); returns its folder."""
     cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
     st.loader = None  # its workers (if any) exit now, not when the next stage starts its own
     st.log.end()
@@ -879,9 +837,8 @@ def finish_stage(st: Stage) -> str:
 
 
 def save_model(model, path: str, world: int, tokenizer_json: str | None):
-    """The released VILA layout from any number of ranks: the full state dict gathered on rank 0, LoRA merged,
-    assigned to a plain model built on meta and saved by save_pretrained: the folder never depends on the wrapper,
-    the LoRA or the world size that wrote it."""
+    """The released VILA layout: the full state dict gathered on rank 0, LoRA merged, saved through a plain model
+    built on meta, so the folder never depends on the wrapper, the LoRA or the world size that wrote it."""
     if world == 1:
         sd = {k: v.detach() for k, v in model.state_dict().items()}
     else:  # every rank takes part in gathering the shards; rank 0 writes
@@ -896,9 +853,8 @@ def save_model(model, path: str, world: int, tokenizer_json: str | None):
 
 
 def save_checkpoint(st: Stage, step: int):
-    """checkpoints/step-NNNNNN/ = the model in the released layout + train_state/ (DCP: the sharded fp32 weights,
-    LoRA unmerged, and AdamW moments) + rng/ (one file per rank) + trainer.json; written under a .tmp name,
-    published, then named by `latest`; the older ones beyond --keep_checkpoints are removed."""
+    """checkpoints/step-NNNNNN/ = the released model + train_state/ (DCP: sharded fp32 weights, LoRA unmerged, AdamW
+    moments) + rng/ (per rank) + trainer.json; published, named by `latest`, the oldest past --keep_checkpoints go."""
     cfg, rank, world = st.cfg, st.info.rank, st.info.world_size
     root, name = os.path.join(cfg.out, "checkpoints"), f"step-{step:06d}"
     with publishing(os.path.join(root, name), st.info) as tmp:
@@ -906,8 +862,10 @@ def save_checkpoint(st: Stage, step: int):
         save_model(st.model, tmp, world, st.tokenizer_json)
         msd, osd = get_state_dict(st.model, st.optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "train_state"), no_dist=world == 1)
-        save_file({k: v.contiguous() for k, v in rng_state(st.info.device).items()},
-                  os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
+        rng = {"cpu": torch.get_rng_state()}
+        if st.info.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(st.info.device)
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, "rng", f"rank{rank:05d}.safetensors"))
         if rank == 0:
             with open(os.path.join(tmp, "trainer.json"), "w") as f:
                 json.dump({"step": step, "world_size": world, "data_skipped": st.skipped}, f, indent=1)
@@ -928,13 +886,15 @@ def load_checkpoint(path: str, model, optimizer, rank: int, device: torch.device
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, "rng", f"rank{rank:05d}.safetensors")
     if os.path.exists(rng_file):  # absent when resuming with more ranks than wrote the checkpoint
-        set_rng_state(load_file(rng_file), device)
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
     return meta
 
 
 def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
-    """--resume: the newest checkpoint that reads (`latest`, then the older ones). A damaged one (a truncated file)
-    is moved aside to <name>.broken with a warning, and the one before it is tried."""
+    """--resume: the newest checkpoint that reads; a damaged one is moved aside to <name>.broken, the previous tried."""
     root = os.path.join(cfg.out, "checkpoints")
     candidates = resume_candidates(cfg.out)
     for ckpt in candidates:
@@ -948,8 +908,8 @@ def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
             log.info(f"resumed from {ckpt} at step {meta['step']}")
             return meta
         reason = str(error).strip().splitlines()[-1] if error is not None else "on another rank"  # DCP: tracebacks
-        log.warn(f"--resume: {ckpt} cannot be read ({reason}); it is moved aside to "
-                 f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried")
+        log.info(f"warning: --resume: {ckpt} cannot be read ({reason}); it is moved aside to "
+                 f"{os.path.basename(ckpt)}.broken and the checkpoint before it is tried", stream=sys.stderr)
         if info.rank == 0:
             os.rename(ckpt, ckpt + ".broken")
         world_barrier(info)
@@ -967,8 +927,7 @@ def step_folders(root: str) -> list[str]:
 
 
 def resume_candidates(out: str) -> list[str]:
-    """The checkpoints a resume may start from, newest first: the one `latest` names (`latest` is written after
-    the rename, so it names a complete one), then the older ones."""
+    """Checkpoints to resume from, newest first, none past `latest` (written after the rename: a complete one)."""
     root = os.path.join(out, "checkpoints")
     names = step_folders(root)[::-1]
     if os.path.exists(os.path.join(root, "latest")):
@@ -986,8 +945,7 @@ TRAJECTORY = ("stage", "model", "seq_len", "num_frames", "fps", "media_root", "l
 
 
 def trajectory(cfg: TrainConfig) -> dict:
-    """The run's identity for --resume: TRAJECTORY's flags, and fingerprints of the init model and of the data
-    files (a moved folder still matches; a retrained earlier stage or an edited data file does not)."""
+    """The run's identity for --resume: TRAJECTORY's flags and content fingerprints of the init model and data files."""
     t = {k: getattr(cfg, k) for k in TRAJECTORY}
     t["init_from"], t["data"] = cfg.init_from, cfg.data
     if cfg.init_from != "none":
@@ -1002,8 +960,7 @@ def trajectory(cfg: TrainConfig) -> dict:
 
 
 def data_fingerprint(path: str) -> str:
-    """A short hash of a data file's name, size, first and last MiB: tells the data a run read from other data in
-    milliseconds, even for a file of many GB (a moved file still matches)."""
+    """A short hash of a file's name, size, first and last MiB: milliseconds even for many GB; a moved file matches."""
     size = os.path.getsize(path)
     h = hashlib.sha256(f"{os.path.basename(path)}:{size}".encode())
     with open(path, "rb") as f:
@@ -1034,9 +991,8 @@ def check_resume(where: str, now: dict):
 
 @contextlib.contextmanager
 def publishing(final: str, info):
-    """Every rank writes into the folder `final`.tmp inside the block; after it the folder is fsynced and renamed
-    to `final`, so `final` never names a half-written folder. On a failure on any rank the .tmp is removed (the
-    previous checkpoint stays, a full disk gets its space back), and a full disk stops with one line."""
+    """Every rank writes into `final`.tmp inside the block, then it is fsynced and renamed: `final` never names a
+    half-written folder. A failure on any rank removes the .tmp (the previous checkpoint stays)."""
     tmp = final + ".tmp"
     if info.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
@@ -1095,8 +1051,9 @@ def fsync(path: str):
 
 
 def publish_dir(tmp: str, final: str):
-    """Rename a finished temporary folder to its final name (the old one, if any, is removed first); everything
-    in it is fsynced first, so the name never points at incomplete data."""
+    """Rename a finished folder to `final` (replacing it), everything in it fsynced first."""
+
+
     for root, _dirs, files in os.walk(tmp):
         for path in [root] + [os.path.join(root, f) for f in files]:
             fsync(path)
@@ -1118,19 +1075,6 @@ def write_text_atomic(path: str, text: str):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a torn one
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # -----------------------------------------------------------------------------
 # --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
 
@@ -1140,8 +1084,7 @@ WRITTEN = ("config.json", "config.json.tmp", "heldout.json", "heldout.json.tmp",
 
 
 def prepare_run_folders(cfgs: list[TrainConfig], eval_dir: str | None, info):
-    """Before any step: a fresh run needs run folders that hold nothing (--overwrite first removes what
-    train.py wrote there, and only that; --resume continues them), and --out must be writable."""
+    """Before any step: empty run folders (--overwrite empties them, --resume continues them), --out writable."""
     root, first = os.path.dirname(cfgs[0].out), cfgs[0]
     folders = [c.out for c in cfgs] + ([eval_dir] if eval_dir else [])
     if first.resume and first.overwrite:
@@ -1238,9 +1181,7 @@ def check_layout(cfg: TrainConfig, layout):
 
 
 class SyntheticVideoDataset:
-    """`--data synthetic`: random long-video samples of exactly the shape of real ones, for throughput runs of large
-    models without data on disk. Sample i (seeded by i): 16 text tokens, num_frames x (N placeholders + newline),
-    16 question tokens, 32 supervised answer tokens; pixels uniform in [-1, 1] (the range after preprocessing)."""
+    """`--data synthetic`: random long-video samples shaped like real ones, for throughput runs without data."""
 
     def __init__(self, num_frames: int, tokens_per_frame: int, image_size: int, vocab_size: int):
         self.F, self.N, self.S, self.V = num_frames, tokens_per_frame, image_size, vocab_size
@@ -1275,13 +1216,9 @@ class ItemCache:
 
 
 def pack_pixels(x: torch.Tensor) -> torch.Tensor:
-    """float32 pixels (F, 3, S, S) in [-1, 1] -> uint8 (F, 3, S, S) when that loses nothing, else x itself.
-
-    data.preprocess normalises uint8 levels k to k * 2/255 - 1, so k = round((x + 1) * 127.5) recovers them and
-    unpack_pixels redoes those float ops: bitwise the same tensor at a quarter of the bytes to send between loader
-    processes and to the GPU. Other pixels (--data synthetic) stay float. 64 frames at a time: little extra memory."""
+    """float32 pixels (F, 3, S, S) in [-1, 1] -> their uint8 levels when unpack_pixels restores x bitwise, else x."""
     k = torch.empty(x.shape, dtype=torch.uint8)  # (F, 3, S, S)
-    for s in range(0, len(x), 64):
+    for s in range(0, len(x), 64):  # 64 frames at a time: little extra memory
         k[s:s + 64] = x[s:s + 64].add(1.0).mul_(127.5).round_().clamp_(0, 255)  # (64, 3, S, S) levels 0..255
         if not torch.equal(unpack_pixels(k[s:s + 64]), x[s:s + 64]):
             return x
@@ -1294,10 +1231,8 @@ def unpack_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k: this rank's samples of optimizer step first + k as collated micro-batches, and the samples it had to
-    skip (unreadable media; counted here, since a worker's counters die with it). An item is a pure function of
-    (seed, step), so any number of workers gives the batches of workers=0. A step with no readable sample comes as
-    {"step", "error"}: the user's data, which the training loop reports as an InputError."""
+    """Item k: this rank's micro-batches of step first + k (the same for any number of workers) and its skipped
+    samples, counted here (a worker's counters die with it); no readable sample gives {"step", "error"}."""
 
     def __init__(self, cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, pack: bool):
         self.cache, self.sampler, self.first, self.last = cache, sampler, first, last
@@ -1335,8 +1270,7 @@ def cores_per_process() -> int:
 
 
 def loader_workers(cfg: TrainConfig) -> int:
-    """--workers, or when -1 (auto): 0 with --cache_data (nothing to overlap with a dictionary lookup), else this
-    process's share of the cores, at most 8 (past that the in-flight samples' memory costs more than it gains)."""
+    """--workers; -1: 0 with --cache_data, else this process's share of the cores, at most 8 (memory in flight)."""
     if cfg.workers >= 0:
         return cfg.workers
     return 0 if cfg.cache_data else min(8, cores_per_process())
@@ -1351,10 +1285,8 @@ def _init_loader_worker(worker_id: int, decode_threads: int):
 
 def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pad_id: int, workers: int,
                 pin_memory: bool, seed: int, timeout: float = 0) -> torch.utils.data.DataLoader:
-    """Batches of steps first..last-1, in order: built in this process when a step asks (workers = 0), or by N
-    forked processes while the current step trains, each holding at most 2 finished steps, pixels as uint8.
-    The generator is private: the workers' seed drawn from torch's global RNG would change the training's RNG
-    stream (and break exact resume). timeout (workers > 0): seconds to wait for one step (0: forever)."""
+    """Batches of steps first..last-1 in order: in-process (workers = 0) or from N forked workers, 2 steps ahead.
+    A private generator: seeding workers from torch's global RNG would shift training's (and break exact resume)."""
     steps = StepBatches(cache, sampler, first, last, micro, pad_id, pack=workers > 0)
     extra = {}
     if workers > 0:
@@ -1369,16 +1301,15 @@ def step_loader(cache: ItemCache, sampler, first: int, last: int, micro: int, pa
 
 
 def start_loader(loader: torch.utils.data.DataLoader):
-    """iter(loader), after collecting this process's garbage when workers are about to be forked: a forked child
-    freeing a threaded library's object (PyAV's) waits forever for threads that exist only in the parent."""
+    """iter(loader), garbage collected first when workers fork: a child freeing a threaded library's object
+    (PyAV's) waits forever for threads that exist only in the parent."""
     if loader.num_workers > 0:
         gc.collect()
     return iter(loader)
 
 
 class RunLog:
-    """Rank 0's record of a stage: config.json, every figure of each step in metrics.jsonl, and a progress line
-    (data.Progress: redrawn in place on a terminal, a line every 5% into a log file). The other ranks are silent."""
+    """Rank 0's record of a stage: config.json, metrics.jsonl and the progress line; the other ranks are silent."""
 
     def __init__(self, out: str, rank: int):
         self.out, self.rank, self.path = out, rank, os.path.join(out, "metrics.jsonl")
@@ -1420,8 +1351,6 @@ class RunLog:
         if live:
             self.bar.update(0, **self.figures)
 
-    def warn(self, msg: str):
-        self.info(f"warning: {msg}", stream=sys.stderr)
 
     def end(self):
         if self.rank == 0 and self.bar is not None:
@@ -1442,8 +1371,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Meter:
-    """MFU's numerator: the FLOPs of a sample with T tokens and F frames are a*T + b*T^2 + v*F (the model's own
-    counts, longvila.flops_per_token and vision_flops_per_frame); its denominator: the peak of one device."""
+    """MFU: a sample of T tokens and F frames costs a*T + b*T^2 + v*F FLOPs (the model's counts), over the peak."""
 
     def __init__(self, model, cfg: TrainConfig, device: torch.device):
         self.a = model.flops_per_token(0, causal=True)
@@ -1452,14 +1380,10 @@ class Meter:
         self.peak = (cfg.peak_tflops or longvila.peak_bf16_tflops(device) or 0.0) * 1e12  # FLOP/s, 0: unknown
 
     def count(self, item: dict, lengths: list[int], layout, world: int, device: torch.device) -> tuple:
-        """(FLOPs, skipped samples) of one step over the world: each dp rank counts its samples once (the ranks of
-        an SP group read the same ones), summed on the compute device (NCCL has no CPU tensors)."""
+        """(FLOPs, skipped samples) of one step over the world."""
         frames = sum(im.shape[0] for b in item["batches"] for im in b["images"] if im is not None)
-        counts = torch.tensor([sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames, item["skipped"]],
-                              dtype=torch.float64, device=device)  # (2,)
-        if world > 1:
-            dist.all_reduce(counts)
-            counts /= layout.sp
+        flops = sum(self.a * T + self.b * T * T for T in lengths) + self.v * frames
+        counts = world_sum([flops, item["skipped"]], layout, world, device)  # (2,)
         return float(counts[0]), int(round(float(counts[1])))
 
 
@@ -1479,8 +1403,7 @@ def summary(path: str, stage: int, world: int, device: torch.device) -> str:
 
 
 class StepProfiler:
-    """--profile_step: torch.profiler over one whole step on rank 0 (forward+backward, clipping, optimizer), and
-    its wall-clock split, synchronised so the parts add up. On any other step it does nothing."""
+    """--profile_step: torch.profiler and a synchronised wall-clock split of one step on rank 0; else nothing."""
 
     def __init__(self, on: bool, device: torch.device):
         self.on, self.device, self.marks = on, device, []
@@ -1504,8 +1427,7 @@ class StepProfiler:
         return self.prof.__exit__(*exc)
 
     def report(self, log: RunLog, path: str, step: int, t0: float, t_data: float):
-        """The split; GPU time by kernel kind (on CPU: the costliest ops); the trace, written to `path` (open it in
-        chrome://tracing or ui.perfetto.dev)."""
+        """The split, GPU time by kernel kind (CPU: the costliest ops), and the trace written to `path`."""
         if not self.on:
             return
         t_fb, t_end = self.marks
@@ -1530,8 +1452,7 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_time(trace: str) -> list[str]:
-    """A Chrome trace's GPU kernel time by kind, and the GPU's busy time (the union of the kernels' intervals: the
-    kinds overlap across streams and can sum past it); [] when it holds no kernels."""
+    """A Chrome trace's GPU kernel time by kind, and busy time (the union of intervals); [] without kernels."""
     with open(trace) as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not ev:
@@ -1562,9 +1483,7 @@ DEMO_SKILLS = {
 
 @torch.no_grad()
 def demo_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
-    """The numbers of the skill stage cfg.stage is for (DEMO_SKILLS), on the demo's held-out data; stage 4 also
-    measures the model it started from. Stage 5's needle in a haystack runs on every rank (MM-SP), the others on
-    rank 0."""
+    """The held-out numbers of the skill stage cfg.stage is for (DEMO_SKILLS); NIAH on every rank, others on 0."""
     ev, res = os.path.join(cfg.data.removeprefix("demo:"), "eval"), {"stage": cfg.stage}
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own summary lines: the table says it all
         if cfg.stage == 5:
@@ -1607,8 +1526,7 @@ def load_eval_model(path: str, info) -> tuple:
 
 
 def needle_colour(model, tok, path: str, frames: int) -> list:
-    """[right, asked]: "What color is the needle?" (the first turn of every needle video in `path`), answered
-    teacher-forced from `frames` frames of its video."""
+    """[right, asked]: the needle-colour question of every needle video in `path`, teacher-forced, `frames` frames."""
     with open(path) as f:
         samples = [s for s in json.load(f) if "needle" in s["conversations"][0]["value"]]
     size, tpf, folder = model.config.vision.image_size, model.config.tokens_per_frame, os.path.dirname(path)
@@ -1623,8 +1541,7 @@ def needle_colour(model, tok, path: str, frames: int) -> list:
 
 
 def caption_words(model, tok, path: str) -> dict:
-    """Greedy "Describe the image." captions of the held-out stills in `path`: is the first colour word the
-    still's colour, the first shape word its shape ("a red circle")."""
+    """Greedy captions of the stills in `path`: is the first colour / shape word the still's ("a red circle")?"""
     with open(path) as f:
         samples = json.load(f)
     colour = shape = 0
@@ -1677,9 +1594,7 @@ def demo_table(results: list) -> str:
 
 
 def run(flags: dict):
-    """The command: every stage's config checked, the run folders and the demo data ready, then each stage
-    trained (one that --resume finds finished is skipped); on demo data each stage's held-out skill after it, and
-    the table of them at the end."""
+    """Check every stage's flags, prepare the folders, train each stage; on demo data, report its held-out skill."""
     eval_mode, threads = flags.pop("eval", "auto"), flags.pop("threads", 0)
     cfgs = plan(flags)
     for cfg in cfgs:
@@ -1728,8 +1643,7 @@ def run(flags: dict):
 
 
 def main(argv=None):
-    """train.py's command line. A mistake in what the user gave (flags, files, folders, a full disk) ends with
-    `train.py: error: ...` on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    """The command line: a user's mistake ends as `train.py: error: ...` and exit code 2; a bug keeps its traceback."""
     flags = dict(parse_flags(argv) if argv is not None else ARGS)
     try:
         run(flags)
