@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -1128,8 +1127,6 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare_sdpa", action="store_true", help="also print the largest logit difference to SDPA")
-    argv = [a.split("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=")[0]):]
-            if a.startswith("--") else a for a in (argv if argv is not None else sys.argv[1:])]
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
