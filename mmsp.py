@@ -35,7 +35,6 @@ from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, cross_entropy_sum, sample_tok
 # -----------------------------------------------------------------------------
 # distributed set-up: one init, one rank grid, explicit groups
 
-
 @dataclass
 class DistInfo:
     rank: int
@@ -144,7 +143,6 @@ def make_layout(sp=1, ring=1, backend=None, zigzag=True) -> SPLayout:
 # -----------------------------------------------------------------------------
 # communication primitives with autograd
 
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 of x (G, ...): block g goes to group rank g. Equal splits make it its own
     adjoint: the gradient of the block I sent to rank g is the gradient of the block rank g received from me."""
@@ -197,7 +195,6 @@ def _wait(reqs):
 # -----------------------------------------------------------------------------
 # which tokens a rank owns (zigzag over ring, contiguous over Ulysses inside)
 
-
 def padded_length(T: int, sp: int) -> int:
     """Sequence length padded to a multiple of 2*sp (two zigzag chunks per ring rank, split over Ulysses)."""
     return -(-T // (2 * sp)) * (2 * sp)
@@ -237,7 +234,6 @@ def token_owner(Tp: int, layout: SPLayout):
 
 # -----------------------------------------------------------------------------
 # two-stage sharding: frames over SP ranks for the vision tower, zigzag tokens for the LLM
-
 
 def frame_split(num_frames: int, sp: int):
     """Frames per rank (ceil(F/sp)); rank s encodes frames [s*Fs, (s+1)*Fs) (the tail is padded with dummies)."""
@@ -330,7 +326,6 @@ def sp_embed(model, input_ids, images, layout: SPLayout, shard):
 # -----------------------------------------------------------------------------
 # the LSE merge: two partial softmax attentions over disjoint key sets -> one
 
-
 def merge_attention(out, lse, out_b, lse_b):
     """Merge block b into the running (out, lse) IN PLACE (views of a larger buffer work); all fp32.
     out (B,Tq,H,D), lse (B,H,Tq); returns (out, lse).
@@ -349,7 +344,6 @@ def merge_attention(out, lse, out_b, lse_b):
 
 # -----------------------------------------------------------------------------
 # ring attention (zigzag or plain) as one autograd.Function
-
 
 def _step_block(ring_rank, src, Tl, causal, zigzag):
     """Which part of the local q (Tl rows) attends to which part of the KV block that came from ring rank `src`.
@@ -465,7 +459,6 @@ def ring_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
 # -----------------------------------------------------------------------------
 # Ulysses all-to-all and 2D attention (Ulysses inside, ring outside)
 
-
 def seq_to_head(x, group, U):
     """(B, T/sp, H, D) -> all-to-all -> (B, T/ring, H/U, D): gather the sequence, scatter the heads."""
     B, Tl, H, D = x.shape
@@ -521,7 +514,6 @@ def attention_hook(layout: SPLayout):
 # -----------------------------------------------------------------------------
 # SP loss and forward
 
-
 def global_count(targets, layout: SPLayout):
     """Supervised tokens over the whole dp*sp world. Every SP rank holds the full (shifted) targets of its sample,
     so the SP group's count needs no communication; one all-reduce over dp adds the other samples."""
@@ -554,7 +546,6 @@ def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits
 
 # -----------------------------------------------------------------------------
 # SP generation: ring prefill keeps each rank's KV shard, decode merges partial attention by LSE
-
 
 class ShardKVCache:
     """This rank's keys/values per layer: its real prompt tokens, then the new tokens it was given to keep, in
