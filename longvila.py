@@ -615,7 +615,6 @@ class LongVILA(nn.Module):
         if not frames:
             return h
         feats = self.encode_images(torch.cat(frames).to(h.device))  # (sum F, N, C)
-        # masked_scatter fills the True slots in row-major order: row 0's slots with the first frames, etc.
         return h.masked_scatter(is_img[..., None], feats.to(h.dtype).reshape(-1, h.shape[-1]))  # (B, T, C)
 
     # --- decoder ----------------------------------------------------------------------------------------------
