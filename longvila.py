@@ -199,7 +199,6 @@ PRESETS: dict[str, LongVILAConfig] = {
                                                 ffn_dim=18944, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
                                                 max_seq_len=32768, model_type="qwen2"),
                          token_order="row-major", chat_template="chatml"),
-    # Qwen2-1.5B
     "longvila-1.5b": _make(_SIGLIP_384, LLMConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
                                                   n_kv_heads=2, ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6,
                                                   qkv_bias=True, tie_embeddings=True, max_seq_len=32768,
