@@ -14,8 +14,8 @@ Shapes: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), out like q, lse (B, H, Tq) fp3
 reads KV head h // (H / Hkv), by index, never by copying. Causal: the queries are the LAST Tq positions, query i
 sees key j iff j <= i + Tk - Tq. A query that sees no key gets out 0 and lse -inf: the identity of the LSE merge.
 
-Ring attention (LONGVILA.md, "Ring numerics") needs the lse, so partial results over different key blocks merge
-exactly, and a backward that takes the GLOBAL out and lse of the whole ring, not those of one key block.
+Ring attention (LONGVILA.md, "Ring numerics") needs the lse, so partials over key blocks merge exactly, and a
+backward from the GLOBAL out and lse of the whole ring, not those of one key block.
 
 Sections:
   1. the math: the PyTorch twin (blockwise online softmax; the backward recomputes P from the lse)
@@ -127,15 +127,13 @@ def _torch_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32, block=256
 # -----------------------------------------------------------------------------
 # 2. FlashAttention-2 in Triton
 #
-# The kernels see every (B, T, heads, D) tensor as a matrix of B*T rows and heads*D columns (the launcher makes
-# the tensors contiguous): row b*T + t, columns h*D .. h*D+D-1 hold token t of batch b, head h. Scores live in the
-# log2 domain (S * scale * log2 e), so the softmax uses the fast exp2. A program of the forward owns BLOCK_M
-# queries of one head and streams key blocks past them; key blocks that every one of its queries sees need no
-# mask (FlashAttention-2's split: most of the work), only the diagonal and ragged blocks are masked.
-# Helpers named _program_order, _load_tile and the launch configurations are the fast path's (below the line).
+# The kernels see a contiguous (B, T, heads, D) tensor as a (B*T, heads*D) matrix: row b*T + t, columns h*D ..
+# h*D+D-1 hold token t of batch b, head h. Scores live in the log2 domain (S * scale * log2 e) for the fast exp2.
+# A forward program owns BLOCK_M queries of one head and streams key blocks past them; blocks all its queries see
+# need no mask (FlashAttention-2's split: most of the work), only diagonal and ragged ones are masked.
+# _program_order, _load_tile and the launch configurations are the fast path's (below the line).
 
 if HAS_TRITON:
-
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, Qd, Kd, Vd, Tq, Tk, H, GROUP, scale2, WAVE, MIN_WAVE, TQ_KEY, TK_KEY, TMA_OK,
                     D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -394,9 +392,8 @@ _SETTINGS = {"backend": "auto", "fused_ops": True}   # set by configure()
 
 
 def configure(backend=None, fused_ops=None) -> dict:
-    """Choose the attention backend of calls that pass none ("auto": the fastest installed on CUDA tensors,
-    "torch" elsewhere) and whether the model runs RMSNorm, RoPE and SwiGLU as fused Triton kernels (True: on
-    CUDA; False: never; "always": on CPU too, in Triton's interpreter). Returns the previous settings."""
+    """Set the backend of calls that pass none ("auto": the fastest installed on CUDA, else "torch") and whether the
+    model fuses RMSNorm, RoPE, SwiGLU (True: on CUDA; "always": in the interpreter too). Returns the old settings."""
     old = dict(_SETTINGS)
     if backend is not None and backend not in BACKENDS + ("auto",):
         raise ValueError(f"kernels.configure: backend must be auto or one of {BACKENDS}, got {backend!r}")
@@ -444,9 +441,7 @@ def _route(backend, q, k, causal):
 
 
 def attention_forward(q, k, v, causal=True, softmax_scale=None, out_fp32=False, backend=None):
-    """Attention of q (B,Tq,H,D) over k, v (B,Tk,Hkv,D) -> (out (B,Tq,H,D), lse (B,H,Tq) fp32, natural log).
-
-    out_fp32: out in fp32 (ring merging). One dispatcher op (longvila::attention), so selective activation
+    """-> (out (B,Tq,H,D), lse (B,H,Tq) fp32). One dispatcher op (longvila::attention), so selective activation
     checkpointing can keep its outputs instead of recomputing them (longvila.py's "save-attn")."""
     scale = _check(q, k, v, softmax_scale)
     backend, causal = _route(backend, q, k, causal)
@@ -455,11 +450,8 @@ def attention_forward(q, k, v, causal=True, softmax_scale=None, out_fp32=False, 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, grad_fp32=False, backend=None,
                        on_dkdv=None):
-    """Gradients (dq (B,Tq,H,D), dk (B,Tk,Hkv,D), dv) of attention_forward, from the GLOBAL out and lse.
-
-    dk/dv are summed over the H/Hkv query heads sharing a KV head. grad_fp32: fp32 gradients. on_dkdv(dk, dv) is
-    called as soon as dk/dv are final; on triton that is before the dQ kernel is queued, so a ring can put dk/dv
-    on the wire while dQ computes (other backends: at the end)."""
+    """(dq, dk, dv) of attention_forward from the GLOBAL out and lse. on_dkdv(dk, dv) runs as soon as dk/dv are
+    final: on triton before the dQ kernel is queued, so a ring can send dk/dv while dQ computes."""
     scale = _check(q, k, v, softmax_scale)
     B, Tq, H, _ = q.shape
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
@@ -578,14 +570,11 @@ def _on_device(x):
 # --- Triton: tile loads (pointers or TMA), program order, launch configurations ----------------------------------
 
 if HAS_TRITON:
-
     @triton.jit
     def _load_tile(X, Xd, row0, n_rows, col0, ROW_STRIDE, BLOCK: tl.constexpr, D: tl.constexpr,
                    MASK: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
-        """(BLOCK, D) tile of rows row0.. and columns col0.. of the (B*T, heads*D) view of a (B, T, heads, D)
-        tensor. Pointer loads zero the rows past n_rows when MASK; a TMA block (descriptor Xd) past a batch's
-        last row reads the next batch's rows, or zeros at the end: callers mask what they use. Under the CPU
-        interpreter everything is read as fp32 (the interpreter does bf16 arithmetic on raw bits: wrong)."""
+        """(BLOCK, D) tile at (row0, col0) of the (B*T, heads*D) view; past n_rows: zeros (MASK) or, by TMA, the next
+        batch's rows (callers mask). UPCAST (interpreter): fp32, as it does bf16 arithmetic on raw bits."""
         if USE_TMA:
             x = Xd.load([row0, col0])
         else:
@@ -608,11 +597,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _program_order(pid, T, Hkv, GROUP, HEADS_PER_WAVE, MIN_WAVE, BLOCK: tl.constexpr):
-        """Program pid of a 1-D grid -> (batch b, KV head hk, member g of its query-head group, block j, n_blocks).
-
-        Programs with nearby ids run together. The B*Hkv (batch, KV head) pairs go in waves of HEADS_PER_WAVE (what
-        fits L2), raised to MIN_WAVE programs (load balance); inside a wave the block j is slowest, so the GROUP
-        query heads of a KV head read the same K/V together and only the wave's K/V (Q/dO) need stay in L2."""
+        """pid -> (batch b, KV head hk, query head g of its group, block j, n_blocks), in L2-sized waves of (batch,
+        KV head) pairs, block slowest: a group's query heads read the same K/V together."""
         n_blocks = tl.cdiv(T, BLOCK)
         n_heads = tl.num_programs(0) // (GROUP * n_blocks)                     # B * Hkv
         hpw = tl.minimum(tl.maximum(HEADS_PER_WAVE, tl.cdiv(MIN_WAVE, GROUP * n_blocks)), n_heads)
@@ -624,10 +610,8 @@ if HAS_TRITON:
         bk = wave * hpw + w // GROUP                                           # b * Hkv + hk
         return bk // Hkv, bk % Hkv, w % GROUP, j, n_blocks
 
-    # Launch configurations. Large 16-bit problems autotune over a few Hopper configs: 8 warps, or 4 with tiles
-    # small enough that two programs share an SM (Triton waits for each wgmma right after issuing it, so only a
-    # second program overlaps one's softmax with matrix products). Small problems (decode steps), fp32 and the
-    # interpreter use one fixed config, so a generate() loop never re-tunes for each new length.
+    # Launch configurations: large 16-bit problems autotune over a few Hopper configs; small ones (decode steps),
+    # fp32 and the interpreter take one fixed config, so a generate() loop never re-tunes for each new length.
     def _tma_hook(blocks):
         """Autotune pre-hook: a TMA descriptor's block shape follows the config's tile."""
         def hook(nargs):
@@ -670,8 +654,7 @@ def _fixed_config(name, dot_prec, D):
 
 
 def _launch(name, grid, args, consts, Tq, Tk, tma):
-    """The autotuned kernel on large 16-bit problems, else the fixed config (fp32 too: the tuned tiles are sized
-    for 16-bit data and would overflow shared memory in fp32)."""
+    """Autotuned on large 16-bit problems, else the fixed config (fp32: tuned tiles would overflow shared memory)."""
     if not _INTERPRET and Tq * Tk >= _TUNE_MIN_WORK and consts["DOT_PREC"] != "tf32x3":
         _TUNED[name][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
@@ -710,8 +693,7 @@ def _min_wave(x):
 
 
 def _tma_ok(*xs):
-    """Can these contiguous (B, T, heads, D) tensors be read through 2-D TMA descriptors over their (B*T, heads*D)
-    view? Hopper or newer, 16-bit, D of 64 or 128, 16-byte aligned base."""
+    """Can these tensors be read by 2-D TMA descriptors (Hopper+, 16-bit, D of 64 or 128, 16-byte aligned)?"""
     if _TensorDescriptor() is None or not all(x.is_cuda for x in xs) or _capability(xs[0].device.index)[0] < 9:
         return False
     return all(x.dtype in (torch.float16, torch.bfloat16) and x.shape[3] in (64, 128) and x.data_ptr() % 16 == 0
@@ -740,8 +722,7 @@ def _TensorDescriptor():
 # --- cuDNN: torch's own fused attention op with its log-sum-exp (what torch's context_parallel calls) ----------
 
 def _expand_kv(x, G):
-    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), query head h reading KV head h // G; done after any communication, so
-    rings move only the real KV heads."""
+    """(B, T, Hkv, D) -> (B, T, Hkv*G, D); after any communication, so rings move only the real KV heads."""
     return x if G == 1 else x.repeat_interleave(G, dim=2)
 
 
@@ -776,15 +757,12 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, grad_fp32):
 
 
 # --- fused elementwise ops of the decoder block: RMSNorm, SwiGLU, RoPE (Triton, CUDA) ------------------------------
-# Eager PyTorch runs each as a chain of small kernels, every one reading and writing the whole (T, C) tensor; here
-# each is one kernel forward and one backward, fp32 arithmetic with 16-bit storage, rounding once at the end. Their
-# twins are the model's eager functions (longvila.rms_norm, apply_rotary_emb, swiglu); see use_fused.
+# One kernel each way instead of eager's chain, fp32 arithmetic, rounding once; twins: longvila's eager functions.
 MAX_NORM_WIDTH = 16384  # rms_norm keeps a whole row in registers: wider rows take the eager twin
 
 if HAS_TRITON:
     @triton.jit
     def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, BLOCK_C: tl.constexpr):
-        # one program per row: the whole row (C <= 16k) sits in registers
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
         mask = cols < C
@@ -843,8 +821,7 @@ if HAS_TRITON:
     @triton.jit
     def _rotary_kernel(X, COS, SIN, Y, T, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct, HX, SIGN,
                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        # one program per token: all its heads at once; y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin (rotate_half
-        # layout). SIGN = -1 rotates back by the same angle, which is the backward (a rotation's transpose).
+        # one program per token, all its heads; SIGN = -1 rotates back: the backward (a rotation's transpose)
         pid = tl.program_id(0).to(tl.int64)
         b, t = pid // T, pid % T
         h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
@@ -1006,8 +983,7 @@ def use_fused(x):
 
 
 # --- flash-attn-4: FlashAttention's CuTe-DSL kernels (pip install flash-attn-4; Hopper and Blackwell) -----------
-# Its public flash_attn_func differentiates through its own out and lse; a ring needs the backward from the
-# GLOBAL out and lse, which its interface's _flash_attn_bwd takes. Its causal mask is bottom-right aligned, as ours.
+# Its _flash_attn_bwd takes the GLOBAL out and lse a ring needs; its causal mask is bottom-right aligned, as ours.
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_4():

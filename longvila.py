@@ -6,9 +6,8 @@ Follows LongVILA (Xue et al., arXiv 2408.10188) and the public VILA code (NVlabs
 2303.15343) features of the second-to-last layer, the mlp_downsample projector (2x2 merge + MLP), Llama 3 (arXiv
 2407.21783) or Qwen2 (arXiv 2407.10671) with RoPE (arXiv 2104.09864) and its linear / Llama-3.1 scaling.
 
-A video is F frames. Each frame -> SigLIP (P patches) -> projector (2x2 merge + MLP) -> N LLM tokens. In input_ids
-each visual token is one IMAGE_TOKEN_ID (-200) placeholder; `embed` fills those slots, in order, with the projected
-frames, and the decoder runs on the spliced sequence with an attention function passed in (default: causal
+A video is F frames: each frame -> SigLIP (P patches) -> projector -> N LLM tokens, which `embed` puts, in order,
+into the IMAGE_TOKEN_ID (-200) placeholders of input_ids. The decoder takes an attention function (default: causal
 attention on one device; mmsp.py passes its sequence-parallel one).
 
 Shape alphabet (used in comments across the project):
@@ -16,9 +15,8 @@ Shape alphabet (used in comments across the project):
     F frames, P patches per frame, Cv vision width, N visual tokens per frame (after the projector),
     sp / ring / ulysses / dp: parallel degrees (sp = ring * ulysses, world = dp * sp).
 
-Sections: configs and PRESETS | pure functions | vision tower | projector | decoder | KV cache | LongVILA
-(splice, forward, generate) | --- below: checkpoint I/O (the Hugging Face name map, reading and writing the
-released VILA layout) | command line.
+Sections: configs and PRESETS | pure functions | vision tower | projector | decoder | KV cache | LongVILA (splice,
+forward, generate) | --- below: checkpoint I/O (the Hugging Face name map, the VILA layout) | MFU peaks | command line.
 """
 import argparse
 import copy
@@ -28,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -195,16 +192,13 @@ PRESETS: dict[str, LongVILAConfig] = {
                   LLMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                             rope_theta=10000.0, max_seq_len=4096, tie_embeddings=False), chat_template="llama3"),
     # GPU benchmarks: the real SigLIP and a Llama-shaped 1.0B decoder (1.5B with its untied 128k-vocab embeddings)
-    "bench-1b": _make(_SIGLIP_384, LLMConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
-                                             ffn_dim=8192, rope_theta=500000.0)),
-    # paper v1: Llama-3-8B
-    "longvila-8b": _make(_SIGLIP_384, LLMConfig()),
-    # paper v2: Qwen2-7B (q/k/v bias, 28 heads / 4 KV heads, RMSNorm eps 1e-6, ChatML)
+    "bench-1b": _make(_SIGLIP_384, LLMConfig(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=8192)),
+    "longvila-8b": _make(_SIGLIP_384, LLMConfig()),  # paper v1: Llama-3-8B
+    # paper v2: Qwen2-7B, released with VILA main
     "longvila-7b": _make(_SIGLIP_384, LLMConfig(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                                                 ffn_dim=18944, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
                                                 max_seq_len=32768, model_type="qwen2"),
-                         token_order="row-major", chat_template="chatml"),  # released with VILA main
-    # Qwen2-1.5B (tied embeddings)
+                         token_order="row-major", chat_template="chatml"),
     "longvila-1.5b": _make(_SIGLIP_384, LLMConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
                                                   n_kv_heads=2, ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6,
                                                   qkv_bias=True, tie_embeddings=True, max_seq_len=32768,
@@ -225,12 +219,9 @@ def rms_norm(x, weight, eps):
 
 
 def rope_inv_freq(cfg: LLMConfig, device=None):
-    """RoPE frequencies (D/2,) fp32: inv_freq_i = theta^(-2i/D), then the config's scaling.
-
-    linear (position interpolation, Chen et al. 2306.15595): every frequency / factor, i.e. a token at position p
-    is rotated as if it sat at p / factor. llama3 (Llama 3.1): wavelengths longer than original_max / low_freq_factor
-    are divided by factor, shorter than original_max / high_freq_factor are kept, and the band between is blended.
-    """
+    """RoPE frequencies (D/2,) fp32: theta^(-2i/D), then the scaling. linear (Chen et al. 2306.15595): all / factor,
+    position p rotated as if at p / factor. llama3 (Llama 3.1): wavelengths above original_max / low_freq_factor
+    divided by factor, below original_max / high_freq_factor kept, the band between blended."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
     rs = cfg.rope_scaling or {}
@@ -247,15 +238,13 @@ def rope_inv_freq(cfg: LLMConfig, device=None):
 
 
 def rope_cos_sin(positions, inv_freq, dtype=torch.float32):
-    """RoPE angles for TRUE token positions (B, T) -> cos, sin (B, T, D/2). The angles are computed in fp32 (as HF):
-    at 1M positions bf16 angles would be off by whole radians."""
+    """TRUE positions (B, T) -> cos, sin (B, T, D/2); angles in fp32 as HF (in bf16, 1M positions err by radians)."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (B, T, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary_emb(x, cos, sin):
-    """x (B, T, H, D), cos/sin (B, T, D/2) -> (B, T, H, D): pairs (x_i, x_{i+D/2}) rotated by the position angle
-    (HF's rotate_half layout, not interleaved pairs)."""
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, T, H, D) by its angle (HF's rotate_half layout, not interleaved)."""
     if kernels.use_fused(x):  # CUDA: one Triton kernel (kernels.py)
         return kernels.rotary(x, cos, sin)
     d = x.shape[-1] // 2
@@ -273,8 +262,7 @@ def swiglu(gate, up):
 
 
 def shift_labels(labels):
-    """Labels aligned with input_ids (B, T) -> next-token targets (B, T): targets[t] = labels[t+1], last = -100.
-    Shift the FULL sequence before any sharding (sequence parallelism shards the targets, not the labels)."""
+    """labels (B, T) -> next-token targets (B, T), last -100. Shift the FULL sequence before any SP sharding."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
 
 
@@ -284,11 +272,9 @@ def _ce_chunk(h, weight, targets):
 
 
 def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
-    """(summed cross-entropy fp32, count of supervised targets int64); targets (...) already shifted.
-
-    x: logits (..., V) when weight is None; else final hidden states (..., C) with the output head `weight` (V, C):
-    logits are then made `chunk_size` tokens at a time and recomputed in backward, so (T, V) fp32 never exists at
-    once. A shard with no supervised token gives (0.0, 0): callers divide by a global count, never a local zero."""
+    """(summed fp32 cross-entropy, count of supervised targets) of already shifted targets. x: logits (..., V), or
+    hidden states (..., C) with the head `weight` (V, C): logits then made chunk_size tokens at a time and recomputed
+    in backward, so (T, V) fp32 never exists. No supervised token gives (0.0, 0): callers divide by a global count."""
     t = targets.reshape(-1)  # (n,)
     count = (t != IGNORE_INDEX).sum()
     if weight is None:
@@ -298,16 +284,13 @@ def cross_entropy_sum(x, targets, weight=None, chunk_size=4096):
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for s in range(0, h.shape[0], chunk_size):
         hc, tc = h[s:s + chunk_size], t[s:s + chunk_size]  # (n_c, C), (n_c,)
-        total = total + checkpointed("full", _ce_chunk, hc, weight, tc)  # logits recomputed in the backward
+        total = total + checkpointed("full", _ce_chunk, hc, weight, tc)
     return total, count
 
 
 def attention(q, k, v, layer_idx=None):
-    """Causal attention, the default `attn` of forward_embeds: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> (B, Tq, H, D).
-
-    RoPE is applied. The queries are the LAST Tq positions of the keys (Tq < Tk with a KV cache): query i sees
-    key j iff Tk - Tq + i >= j. GQA: each KV head serves H / Hkv query heads. CUDA, Tq == Tk: kernels.flash_attn_func.
-    """
+    """Causal attention, the default `attn`: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with RoPE applied -> (B, Tq, H, D).
+    Queries are the LAST Tq positions (Tq < Tk with a KV cache): query i sees key j iff Tk - Tq + i >= j. GQA."""
     if q.is_cuda and q.shape[1] == k.shape[1]:
         return kernels.flash_attn_func(q, k, v, causal=True)
     return sdpa_attention(q, k, v, layer_idx)
@@ -326,12 +309,9 @@ def sdpa_attention(q, k, v, layer_idx=None):
 
 
 def downsample_2x2(x, token_order="column-major"):
-    """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order.
-
-    x (F, P, Cv), P = g*g patches in row-major order -> (F, ceil(g/2)^2, 4*Cv); odd g gets one zero row and column.
-    Token (i, j) concatenates [x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]], the tokens in column-major
-    order (j outer: VILA's LongVILA branch) or row-major (i outer: VILA main since NVILA, one more permute).
-    """
+    """The reference's `DownSampleBlock.flat_square` (NVlabs/VILA base_projector.py), same reshapes in the same order:
+    (F, g*g, Cv) row-major patches -> (F, ceil(g/2)^2, 4Cv), odd g zero-padded. Token (i, j) concatenates x[2i, 2j],
+    x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]; tokens column-major (LongVILA branch) or row-major (VILA main, NVILA)."""
     n, p, c = x.shape
     g = math.isqrt(p)
     if g * g != p:
@@ -362,9 +342,8 @@ def sample_token(logits, temperature, top_p, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" too, but keeps the attention
-# forward's outputs (each backend is one dispatcher op): at long context attention costs the most to redo, and its
-# output only H*D 16-bit values + one fp32 lse per token.
+# activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" keeps the attention outputs
+# (one dispatcher op per backend): at long context attention costs most to redo, its output only H*D values per token.
 
 def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -635,7 +614,6 @@ class LongVILA(nn.Module):
         if not frames:
             return h
         feats = self.encode_images(torch.cat(frames).to(h.device))  # (sum F, N, C)
-        # masked_scatter fills the True slots in row-major order: row 0's slots with the first frames, etc.
         return h.masked_scatter(is_img[..., None], feats.to(h.dtype).reshape(-1, h.shape[-1]))  # (B, T, C)
 
     # --- decoder ----------------------------------------------------------------------------------------------
@@ -646,9 +624,8 @@ class LongVILA(nn.Module):
         return self.llm(h, positions, attn=attn, cache=cache)
 
     def forward(self, input_ids, images=None, labels=None, *, return_logits=True, sp_forward=None, chunk_size=4096):
-        """input_ids (B, T), images list | None, labels (B, T) aligned with input_ids -> (logits (B,T,V) | None, loss).
-        loss: mean cross-entropy of the shifted labels (0.0 if none), by `chunk_size` tokens if return_logits=False.
-        sp_forward: mmsp.sp_forward with its layout bound, called inside __call__ so FSDP's hooks gather parameters."""
+        """-> (logits (B, T, V) | None, mean cross-entropy of the shifted labels, 0.0 if none). sp_forward:
+        mmsp.sp_forward with its layout bound, called inside __call__ so FSDP's hooks gather parameters."""
         if sp_forward is not None:
             return sp_forward(self, input_ids, images, labels, return_logits=return_logits)
         B, T = input_ids.shape
@@ -670,9 +647,8 @@ class LongVILA(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, images=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_token_id=None,
                  stream=None, generator=None):
-        """input_ids (1, T) (+ images) -> new tokens (1, T_new), T_new <= max_new_tokens, eos included if produced.
-        With a KV cache: one prefill, then a token per step. temperature 0 = greedy, else temperature + top-p sampling.
-        eos_token_id: int or list; stream(token_id) sees each new token. (Sequence-parallel: mmsp.sp_generate.)"""
+        """input_ids (1, T) -> new tokens (1, T_new), eos included if produced: one prefill into a KV cache, then a
+        token per step; stream(token_id) sees each. (Sequence-parallel: mmsp.sp_generate.)"""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: input_ids of shape (1, T), got {tuple(input_ids.shape)}")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -727,11 +703,8 @@ class LongVILA(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
-        """Training FLOPs per LLM token (forward + backward) for MFU, PaLM/nanoGPT convention: 6 * N + 12 * L * C * T.
-
-        N = decoder matmul parameters (blocks + head, not the embedding lookup): 2 FLOPs each forward, 4 backward.
-        Attention per layer and token: QK^T and AV, 2TC each forward, x3 with backward. causal=True halves it.
-        """
+        """Training FLOPs per LLM token for MFU (PaLM/nanoGPT): 6 N (N: decoder matmul parameters, head included,
+        embedding lookup not) + 12 L C T (QK^T and AV, forward and backward); causal=True halves the attention."""
         cfg, llm = self.config.llm, self.llm
         n = sum(p.numel() for p in llm.layers.parameters()) + llm.norm.weight.numel() + llm.output.weight.numel()
         attn = 12 * cfg.n_layers * cfg.dim * seq_len
@@ -750,9 +723,8 @@ class LongVILA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "LongVILA":
-        """Load a VILA-layout folder (config.json, llm/, vision_tower/, mm_projector/) with Hugging Face key names.
-        Built on the meta device, each tensor assigned as read (to dtype, None = as stored, and device, None = CPU):
-        an 8B model never exists twice in memory."""
+        """Load a VILA-layout folder with Hugging Face names. Built on the meta device, each tensor assigned as read
+        (dtype None = as stored): an 8B model never exists twice in memory."""
         config = read_config(path)
         with torch.device("meta"):
             model = cls(config)
@@ -772,9 +744,8 @@ class LongVILA(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint I/O: Hugging Face (VILA layout) names <-> ours
 
-# The ONE name map. Keys: "<folder>/<HF module path>", values: our module path; "{i}" is a layer index and the
-# parameter name (weight / bias) is carried over. Released SigLIP files carry a "vision_model." prefix (transformers
-# 4.x); transformers 5 writes none: both are read, the prefixed form is written.
+# The ONE name map: "<folder>/<HF module path>" -> our module path; "{i}" is a layer index, weight / bias carried over.
+# SigLIP's "vision_model." prefix (transformers 4.x; 5 writes none): both read, the prefixed form written.
 HF_TO_OURS = {
     # llm/: LlamaForCausalLM / Qwen2ForCausalLM
     "llm/model.embed_tokens": "llm.tok_embeddings",
@@ -943,9 +914,8 @@ def _check_top_config(top, file):
 
 
 def read_config(path) -> LongVILAConfig:
-    """LongVILAConfig from a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest.
-    Token order: ours records it; else mlp_downsample_2x2_fix (VILA main) is row-major, and mlp_downsample is
-    column-major with Llama (the LongVILA branch's Llama-3 checkpoints), row-major with Qwen2 (from VILA main)."""
+    """LongVILAConfig of a VILA folder: the sub-folders' HF configs are the truth, config.json adds the rest. Token
+    order, unless ours is recorded: mlp_downsample with Llama (the LongVILA branch) column-major, else row-major."""
     if not os.path.isdir(path):
         raise InputError(f"checkpoint folder {path} does not exist")
     for part in _PARTS:
@@ -1002,9 +972,8 @@ def _open_weights(file):
 
 
 def load_checkpoint_tensors(path, expected: dict, config: LongVILAConfig, dtype=None, device=None) -> dict:
-    """Read every tensor of a VILA folder under our names, checking names and shapes against `expected` (all
-    shapes first, from the files' headers: a bad 8B folder fails in a second); each tensor is moved to dtype
-    (floating point ones; None = as stored) and device as soon as it is read."""
+    """Every tensor of a VILA folder under our names, moved to dtype (floating ones) and device as it is read. Names
+    and shapes are checked against `expected` first, from the files' headers: a bad 8B folder fails in a second."""
     where = {}  # our name -> (file, hf key)
     for part in _PARTS:
         for key, file in _weight_files(os.path.join(path, part)).items():
@@ -1102,8 +1071,7 @@ def save_checkpoint(model: LongVILA, path, tokenizer_json=None, max_shard_bytes=
 
 
 # -----------------------------------------------------------------------------
-# the peak the FLOP counts are measured against (MFU): dense bf16 TFLOP/s by device name (the vendors' datasheets),
-# the more specific names first
+# MFU's peak: dense bf16 TFLOP/s by device name (vendors' datasheets), the more specific names first
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
                     "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
 
@@ -1128,8 +1096,6 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare_sdpa", action="store_true", help="also print the largest logit difference to SDPA")
-    argv = [a.split("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=")[0]):]
-            if a.startswith("--") else a for a in (argv if argv is not None else sys.argv[1:])]
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]

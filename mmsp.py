@@ -35,7 +35,6 @@ from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, cross_entropy_sum, sample_tok
 # -----------------------------------------------------------------------------
 # distributed set-up: one init, one rank grid, explicit groups
 
-
 @dataclass
 class DistInfo:
     rank: int
@@ -144,7 +143,6 @@ def make_layout(sp=1, ring=1, backend=None, zigzag=True) -> SPLayout:
 # -----------------------------------------------------------------------------
 # communication primitives with autograd
 
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 of x (G, ...): block g goes to group rank g. Equal splits make it its own
     adjoint: the gradient of the block I sent to rank g is the gradient of the block rank g received from me."""
@@ -197,7 +195,6 @@ def _wait(reqs):
 # -----------------------------------------------------------------------------
 # which tokens a rank owns (zigzag over ring, contiguous over Ulysses inside)
 
-
 def padded_length(T: int, sp: int) -> int:
     """Sequence length padded to a multiple of 2*sp (two zigzag chunks per ring rank, split over Ulysses)."""
     return -(-T // (2 * sp)) * (2 * sp)
@@ -205,7 +202,6 @@ def padded_length(T: int, sp: int) -> int:
 
 def shard_indices(Tp: int, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int, zigzag=True):
     """Token indices (T/sp,) owned by one rank of a padded length-Tp sequence, in increasing order.
-
     Zigzag gives every ring rank the same causal work. Inside the (T/ring,) piece Ulysses ranks take contiguous
     parts, so after the Ulysses all-to-all each rank again holds the ring piece in order (no reordering)."""
     sp = ring * ulysses
@@ -239,16 +235,15 @@ def token_owner(Tp: int, layout: SPLayout):
 # -----------------------------------------------------------------------------
 # two-stage sharding: frames over SP ranks for the vision tower, zigzag tokens for the LLM
 
-
 def frame_split(num_frames: int, sp: int):
     """Frames per rank (ceil(F/sp)); rank s encodes frames [s*Fs, (s+1)*Fs) (the tail is padded with dummies)."""
     return -(-num_frames // sp)
 
 
 def encode_frames_sharded(model, images, layout: SPLayout):
-    """Stage 1: this rank encodes only its Fs = ceil(F_total/sp) of the batch's frames (images: one (F, 3, S, S) or
-    None per sample) -> (rows (n_real*N, C), first global frame index, n_real). Zero frames pad the share, so every
-    rank runs the same shapes and every rank's vision parameters join the graph; their rows are dropped here."""
+    """Stage 1: this rank encodes only its Fs = ceil(F_total/sp) of the batch's frames -> (rows (n_real*N, C), first
+    frame, n_real). Zero frames pad the share: every rank runs the same shapes and its vision parameters join the
+    graph; their rows are dropped here."""
     frames = [im for im in (images or []) if im is not None]
     if not frames:
         return None, 0, 0
@@ -271,10 +266,9 @@ def encode_frames_sharded(model, images, layout: SPLayout):
 
 
 def reshard_visual(rows, ids_padded, layout: SPLayout, tokens_per_frame: int, num_frames: int):
-    """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position.
-    rows (n_real*N, C) are this rank's encoded rows; ids_padded (B, Tp) the full padded input_ids. Visual token k
-    (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is owned by token_owner(t).
-    The rows a rank receives come ordered by source rank, i.e. by k: the order of its local -200 slots."""
+    """Stage 2: send every visual row from the rank that encoded it to the rank that owns its token position. Visual
+    token k (k-th -200 slot in row-major (b, t) order) was encoded by rank (k // N) // Fs and is owned by
+    token_owner(t); a rank receives rows ordered by source rank, i.e. by k: the order of its local -200 slots."""
     B, Tp = ids_padded.shape
     N, sp = tokens_per_frame, layout.sp
     vis = (ids_padded.cpu() == IMAGE_TOKEN_ID).nonzero()          # (K, 2) (b, t) row-major == k order
@@ -332,7 +326,6 @@ def sp_embed(model, input_ids, images, layout: SPLayout, shard):
 # -----------------------------------------------------------------------------
 # the LSE merge: two partial softmax attentions over disjoint key sets -> one
 
-
 def merge_attention(out, lse, out_b, lse_b):
     """Merge block b into the running (out, lse) IN PLACE (views of a larger buffer work); all fp32.
     out (B,Tq,H,D), lse (B,H,Tq); returns (out, lse).
@@ -351,7 +344,6 @@ def merge_attention(out, lse, out_b, lse_b):
 
 # -----------------------------------------------------------------------------
 # ring attention (zigzag or plain) as one autograd.Function
-
 
 def _step_block(ring_rank, src, Tl, causal, zigzag):
     """Which part of the local q (Tl rows) attends to which part of the KV block that came from ring rank `src`.
@@ -376,7 +368,6 @@ def _step_block(ring_rank, src, Tl, causal, zigzag):
 
 class RingAttention(torch.autograd.Function):
     """Causal attention over a sequence split across the ring: KV blocks rotate with point-to-point send/recv.
-
     q (B, Tl, H, D), k/v (B, Tl, Hkv, D) are this rank's tokens (zigzag or plain order); returns (B, Tl, H, D)."""
 
     @staticmethod
@@ -468,7 +459,6 @@ def ring_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
 # -----------------------------------------------------------------------------
 # Ulysses all-to-all and 2D attention (Ulysses inside, ring outside)
 
-
 def seq_to_head(x, group, U):
     """(B, T/sp, H, D) -> all-to-all -> (B, T/ring, H/U, D): gather the sequence, scatter the heads."""
     B, Tl, H, D = x.shape
@@ -495,7 +485,6 @@ def check_heads(H, Hkv, ulysses):
 
 def sp_attention(q, k, v, layout: SPLayout, causal=True, softmax_scale=None):
     """Causal attention of this rank's tokens against the whole sequence of its SP group (2D: Ulysses x ring).
-
     q (B, T/sp, H, D), k/v (B, T/sp, Hkv, D) with RoPE applied at true positions -> (B, T/sp, H, D)."""
     U = layout.ulysses
     if layout.zigzag and layout.ring > 1 and (q.shape[1] * U) % 2:
@@ -525,7 +514,6 @@ def attention_hook(layout: SPLayout):
 # -----------------------------------------------------------------------------
 # SP loss and forward
 
-
 def global_count(targets, layout: SPLayout):
     """Supervised tokens over the whole dp*sp world. Every SP rank holds the full (shifted) targets of its sample,
     so the SP group's count needs no communication; one all-reduce over dp adds the other samples."""
@@ -536,17 +524,15 @@ def global_count(targets, layout: SPLayout):
 
 
 def sp_loss(hidden, targets, output_weight, n_global, chunk_size=4096):
-    """Sum of cross-entropy over this rank's supervised tokens / n_global (fp32 scalar); hidden (B, T/sp, C),
-    targets (B, T/sp). Summed over all dp*sp ranks: the global mean. A shard without supervised tokens gives
-    exactly 0, never NaN, and still runs backward: the ring/Ulysses backward is collective."""
+    """This rank's summed cross-entropy / n_global (fp32); summed over all dp*sp ranks: the global mean. A shard
+    without supervised tokens gives 0, never NaN, and still runs backward: the ring/Ulysses backward is collective."""
     loss_sum, _ = cross_entropy_sum(hidden, targets, weight=output_weight, chunk_size=chunk_size)
     return loss_sum / n_global.clamp(min=1)
 
 
 def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits=False):
-    """The LongVILA forward under MM-SP. input_ids/labels (B, T) full (same on every rank of the SP group),
-    images: list of (F, 3, S, S) | None per sample. Returns (local logits (B, T/sp, V) | None, local loss).
-    The local loss is this rank's share: SUM losses and gradients over dp*sp (not average) to match one device."""
+    """The LongVILA forward under MM-SP: full input_ids/labels (B, T), the same on every SP rank -> (local logits
+    (B, T/sp, V) | None, this rank's share of the loss): SUM losses and gradients over dp*sp to match one device."""
     shard = shard_batch(input_ids, labels, layout)
     h = sp_embed(model, input_ids, images, layout, shard)            # (B, T/sp, C)
     hidden = model.forward_embeds(h, shard["positions"], attn=attention_hook(layout))   # (B, T/sp, C)
@@ -560,7 +546,6 @@ def sp_forward(model, input_ids, images, labels, layout: SPLayout, return_logits
 
 # -----------------------------------------------------------------------------
 # SP generation: ring prefill keeps each rank's KV shard, decode merges partial attention by LSE
-
 
 class ShardKVCache:
     """This rank's keys/values per layer: its real prompt tokens, then the new tokens it was given to keep, in
