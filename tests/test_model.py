@@ -570,7 +570,8 @@ def test_presets_have_the_published_sizes():
         assert lv.PRESETS[name].tokens_per_frame == 196 and lv.PRESETS[name].vision.num_patches == 729
     with torch.device("meta"):
         vision = lv.VisionTower(lv.PRESETS["longvila-8b"].vision)
-    # SigLIP so400m/14-384 vision transformer without its pooling head: 413.0M, as HF SiglipVisionModel(vision_use_head=False) (26 of 27 layers run)
+    # SigLIP so400m/14-384 without its pooling head: 413.0M, as HF SiglipVisionModel(vision_use_head=False)
+    # (26 of 27 layers run)
     assert sum(p.numel() for p in vision.parameters()) == 412_987_248
     assert lv.PRESETS["tiny"].tokens_per_frame == 4 and lv.PRESETS["longvila-7b"].chat_template == "chatml"
     with pytest.raises(ValueError, match="n_kv_heads"):
@@ -584,7 +585,7 @@ def test_presets_have_the_published_sizes():
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model = tiny_model()
-    ids, frames = video_prompt(2, 4), torch.randn(2, 3, 32, 32)
+    ids = video_prompt(2, 4)
     with pytest.raises(ValueError, match=r"8 image placeholders.*12 visual tokens \(3 frames x 4"):
         model(ids, [torch.randn(3, 3, 32, 32)])
     with pytest.raises(ValueError, match=r"8 image placeholders.*0 visual tokens"):
