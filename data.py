@@ -511,9 +511,7 @@ class Tokenizer:
             return cls(HFTokenizer.from_file(path), template, source=path)
         tok = build_tiny_tokenizer()
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        tok.save(tmp)
-        os.replace(tmp, path)  # atomic: concurrent first uses never see half a file
+        write_text_atomic(path, tok.to_str(pretty=True))  # concurrent first uses never see half a file
         return cls(tok, template, source=path)
 
     def encode(self, text: str) -> list[int]:
@@ -1516,10 +1514,11 @@ def _done_path(work_dir: str, video: str) -> str:
     return os.path.join(work_dir, f"{stem}-{hashlib.sha1(video.encode()).hexdigest()[:10]}.json")
 
 
-def _atomic_json(path: str, obj):
+def write_text_atomic(path: str, text: str):
+    """Write through a per-process temporary file and a rename: readers see the old or the new text, never half."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -1550,15 +1549,16 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
                     captions.append((a, b, caption_fn(video.get(idx), SEGMENT_PROMPT).strip()))
         except MediaError as e:
             warnings.warn(f"longvideo_sft: skipping {path}: {e}")
-            _atomic_json(done, {"video": rel, "error": str(e)})
+            write_text_atomic(done, json.dumps({"video": rel, "error": str(e)}, indent=1))
             stats["skipped"] += 1
             continue
         raw = text_fn(qa_prompt(captions, pairs_per_category))
         pairs = parse_qa(raw)
         if not pairs:
             warnings.warn(f"longvideo_sft: {path}: the LLM output held no valid `category | question | answer` line")
-        _atomic_json(done, {"video": rel, "duration_s": duration, "raw": raw, "qa": pairs,
-                            "segments": [{"start": a, "end": b, "caption": c} for a, b, c in captions]})
+        record = {"video": rel, "duration_s": duration, "raw": raw, "qa": pairs,
+                  "segments": [{"start": a, "end": b, "caption": c} for a, b, c in captions]}
+        write_text_atomic(done, json.dumps(record, indent=1))
         stats["done"] += 1
     samples = []
     for path in videos:  # rebuild the output from every done-file, in input order
@@ -1568,7 +1568,7 @@ def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment
             samples.append({"id": os.path.splitext(os.path.basename(path))[0], "video": rec["video"],
                             "categories": [p["category"] for p in rec["qa"]],
                             "conversations": _conv([(p["question"], p["answer"]) for p in rec["qa"]], "<video>")})
-    _atomic_json(out_json, samples)
+    write_text_atomic(out_json, json.dumps(samples, indent=1))
     stats.update(samples=len(samples), pairs=sum(len(s["categories"]) for s in samples))
     return stats
 

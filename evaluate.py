@@ -148,7 +148,7 @@ from safetensors import SafetensorError  # noqa: E402
 
 from data import (ASK_QUESTION, CAPTION_PROMPT, FILLER, VIDEO_EXTS, Progress, Tokenizer, VideoFile,  # noqa: E402
                   build_conversation, build_niah_prompt, load_image, mcq_prompt, needle_index, preprocess,
-                  read_video)
+                  read_video, write_text_atomic)
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
 from mmsp import (attention_hook, frame_split, init_distributed, layout_indices, make_layout, padded_length,  # noqa: E402
                   sp_forward, sp_generate, token_owner)
@@ -794,9 +794,7 @@ def save_results(path, results: dict):
     if path is None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(results, indent=1))
 
 
 def check_out(out, files):

@@ -642,10 +642,7 @@ def stand_in_copy(path: str, out: str, keep: str) -> str:
                                id=f"{s.get('id', '?')}-describe", conversations=[dict(turns[0], value=q), turns[1]]))
     dst = os.path.join(out, f"stand_in_{keep}_" + os.path.basename(path))
     os.makedirs(out, exist_ok=True)
-    tmp = f"{dst}.{os.getpid()}"  # every rank writes the same content: each its own file, then an atomic rename
-    with open(tmp, "w") as f:
-        json.dump(copies, f)
-    os.replace(tmp, dst)
+    data.write_text_atomic(dst, json.dumps(copies))  # every rank writes the same content, each through its own file
     return dst
 
 
@@ -870,7 +867,7 @@ def save_checkpoint(st: Stage, step: int):
             with open(os.path.join(tmp, "trainer.json"), "w") as f:
                 json.dump({"step": step, "world_size": world, "data_skipped": st.skipped}, f, indent=1)
     if rank == 0:
-        write_text_atomic(os.path.join(root, "latest"), name)
+        data.write_text_atomic(os.path.join(root, "latest"), name)
         older = [d for d in step_folders(root) if d < name]
         for d in older[:max(0, len(older) - cfg.keep_checkpoints + 1)]:
             shutil.rmtree(os.path.join(root, d))
@@ -904,7 +901,7 @@ def restore(cfg: TrainConfig, model, optimizer, info, log) -> dict:
             meta, error = None, e
         if not any_rank(error is not None, info):
             if info.rank == 0 and ckpt != candidates[0]:
-                write_text_atomic(os.path.join(root, "latest"), os.path.basename(ckpt))
+                data.write_text_atomic(os.path.join(root, "latest"), os.path.basename(ckpt))
             log.info(f"resumed from {ckpt} at step {meta['step']}")
             return meta
         reason = str(error).strip().splitlines()[-1] if error is not None else "on another rank"  # DCP: tracebacks
@@ -1066,20 +1063,11 @@ def publish_dir(tmp: str, final: str):
     fsync(os.path.dirname(os.path.abspath(final)))  # the rename itself
 
 
-def write_text_atomic(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a torn one
-
-
 # -----------------------------------------------------------------------------
 # --- below: the machinery: run folders and demo data, the step loader, meters (throughput, MFU, profiling), main
 
 # What train.py writes into a stage's run folder (and nothing else: --overwrite removes exactly these)
-WRITTEN = ("config.json", "config.json.tmp", "heldout.json", "heldout.json.tmp", "metrics.jsonl", "checkpoints",
+WRITTEN = ("config.json", "config.json.*tmp", "heldout.json", "heldout.json.*tmp", "metrics.jsonl", "checkpoints",
            "model", "model.tmp", "model.old", "stand_in_*", "trace_step*.json")
 
 
@@ -1330,8 +1318,8 @@ class RunLog:
 
     def write_config(self, cfg: TrainConfig, extra: dict):
         if self.rank == 0:
-            write_text_atomic(os.path.join(self.out, "config.json"),
-                              json.dumps({**dataclasses.asdict(cfg), **extra}, indent=1))
+            data.write_text_atomic(os.path.join(self.out, "config.json"),
+                                   json.dumps({**dataclasses.asdict(cfg), **extra}, indent=1))
 
     def step(self, record: dict):
         if self.rank != 0:
@@ -1634,7 +1622,7 @@ def run(flags: dict):
         else:
             skills.append(demo_skill(cfg, model_dir, info, layout))
             if info.rank == 0:
-                write_text_atomic(held, json.dumps(skills[-1], indent=1) + "\n")
+                data.write_text_atomic(held, json.dumps(skills[-1], indent=1) + "\n")
         if info.rank == 0:
             print(f"stage {cfg.stage}, held-out: {DEMO_SKILLS[cfg.stage][0]}: {skill_row(skills[-1])[0]}", flush=True)
     if skills and info.rank == 0:

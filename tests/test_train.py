@@ -273,7 +273,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-000002").mkdir(parents=True)
     (root / "step-000004.tmp").mkdir()
-    train.write_text_atomic(str(root / "latest"), "step-000002")
+    data.write_text_atomic(str(root / "latest"), "step-000002")
     assert train.resume_candidates(str(tmp_path)) == [str(root / "step-000002")]
     tmp = tmp_path / "new.tmp"
     tmp.mkdir()
@@ -367,7 +367,7 @@ def test_loader_workers_equal_in_process_and_resume(demo, broken_media, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     run = os.path.join(runs[2], "stage3")
-    train.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")
+    data.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")
     shutil.rmtree(os.path.join(run, "model"))
     p = run_train(args + ["--workers", "1", "--out", runs[2], "--resume"])
     assert "at step 2" in p.stdout
@@ -528,7 +528,7 @@ def test_lora_run_resumes_exactly_and_saves_merged_models(demo, tmp_path):
     with open(os.path.join(run, "model", "llm", "config.json")) as f:
         assert json.load(f)["rope_theta"] == train.rope_theta_for_context(10000.0, 64, 128)
 
-    train.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")  # as after a kill at step 3
+    data.write_text_atomic(os.path.join(run, "checkpoints", "latest"), "step-000002")  # as after a kill at step 3
     shutil.rmtree(os.path.join(run, "model"))
     train.main(lora_args(demo) + ["--out", full, "--save_every", "2", "--resume"])
     again = weights(os.path.join(run, "model"))
