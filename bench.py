@@ -188,7 +188,8 @@ import train  # noqa: E402
 
 def _stamp(what: str, device=None) -> str:
     """The header line of a table: card, software, UTC time."""
-    card = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+    on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    card = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     triton_v = getattr(kernels.triton, "__version__", "none")
     return (f"bench {what} | {card} | torch {torch.__version__} | triton {triton_v} | "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -312,7 +313,7 @@ def train_run(args):
     llm = lv.PRESETS[args.model].llm
     cfg = lv.LongVILAConfig.from_dict(dict(lv.PRESETS[args.model].to_dict(), llm=dict(
         lv.PRESETS[args.model].to_dict()["llm"], n_layers=args.layers)))
-    print(_stamp("train") + f" | {args.model} with {args.layers} of {llm.n_layers} layers | batch 1 | "
+    print(_stamp("train", device) + f" | {args.model} with {args.layers} of {llm.n_layers} layers | batch 1 | "
           f"{args.steps} steps after 2 warm-up", flush=True)
     rows = []
     for T in args.seqlens:
@@ -432,8 +433,8 @@ def prefill_run(args):
     ids, _ = data.build_conversation([{"from": "human", "value": "<video>\nWhat happens in the video?"}], tok,
                                      [args.frames], cfg.tokens_per_frame, add_generation_prompt=True)
     T = len(ids)
-    print(_stamp("prefill") + f" | {args.model} (random weights), bf16 | {args.frames} frames = {T:,} prompt tokens",
-          flush=True)
+    print(_stamp("prefill", device) + f" | {args.model} (random weights), bf16 | {args.frames} frames = {T:,} "
+          "prompt tokens", flush=True)
     model = _random_model(args.model, device)
     h = torch.randn(1, T, cfg.llm.dim, device=device, dtype=torch.bfloat16) * 0.02  # (1, T, C) the spliced prompt
     flops = model.flops_per_token(T, causal=True) * T / 3                         # forward only: a third
