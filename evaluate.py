@@ -150,8 +150,8 @@ from data import (ASK_QUESTION, CAPTION_PROMPT, FILLER, VIDEO_EXTS, Progress, To
                   build_conversation, build_niah_prompt, load_image, mcq_prompt, needle_index, preprocess,
                   read_video, write_text_atomic)
 from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
-from mmsp import (attention_hook, frame_split, init_distributed, layout_indices, make_layout, padded_length,  # noqa: E402
-                  sp_forward, sp_generate, token_owner)
+from mmsp import (attention_hook, frame_split, init_distributed, layout_indices, make_layout,  # noqa: E402
+                  padded_length, sp_forward, sp_generate, token_owner)
 
 # -----------------------------------------------------------------------------
 # scoring: the reference's rules, on strings and token ids
