@@ -91,7 +91,7 @@ def _question_flags(p):
 def _device_flags(p, smoke: str):
     """--peak_tflops and --device, shared by the model-sized benchmarks; `smoke` is a CPU example."""
     p.add_argument("--peak_tflops", type=float, default=None, help="per-GPU dense bf16 peak for MFU (default: "
-                   "the device's, by name; 989 when unknown)")
+                   "the device's, by name; when unknown 989, or no MFU for question)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"],
                    help=f"default: cuda when available (cpu: a smoke run of the code, e.g. {smoke})")
 
@@ -528,7 +528,10 @@ def question_run(args):
                             f"group, so launch exactly --sp processes, --ring dividing it")
     layout = mmsp.make_layout(sp=sp, ring=args.ring)
     device = torch.device("cpu") if args.device == "cpu" else info.device
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    if args.dtype != "auto":
+        dtype = args.dtype
+    else:
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
     model = _random_model(args.model, device, getattr(torch, dtype))
     cfg, text = model.config, "<video>\n" + (args.question or data.ASK_QUESTION)
     tok = data.Tokenizer.tiny(template=cfg.chat_template)
@@ -543,17 +546,20 @@ def question_run(args):
     x = evaluate.frames_tensor(pixels, size, cfg.image_aspect_ratio).to(device, getattr(torch, dtype))  # (F,3,S,S)
     for _ in range(args.repeats):  # the last is reported: Triton may tune again at the long shape
         r = _time_question(model, tok, x, text, layout, args.max_new_tokens)
-    peak = _peak(args, device)  # FLOP/s
+    peak = args.peak_tflops or lv.peak_bf16_tflops(device)  # TFLOP/s; None (CPU, unknown GPU): no MFU
     r.update(model=args.model, frames=args.frames, prompt_tokens=T, world=world, sp=sp, ring=args.ring, dtype=dtype,
-             card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", peak_tflops=peak / 1e12)
+             card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", peak_tflops=peak)
     for stage, flops in zip(("vision", "prefill"), forward_flops(model, args.frames, T)):
-        per_gpu = flops / r[f"{stage}_s"] / world  # FLOP/s
-        r.update({f"{stage}_tflops_per_gpu": per_gpu / 1e12, f"{stage}_mfu": per_gpu / peak})
+        per_gpu = flops / r[f"{stage}_s"] / world / 1e12  # TFLOP/s
+        r[f"{stage}_tflops_per_gpu"] = per_gpu
+        if peak:
+            r[f"{stage}_mfu"] = per_gpu / peak
     if info.rank == 0:
-        print(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU   "
-              f"MFU {r['vision_mfu']:.1%}")
-        print(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU   "
-              f"MFU {r['prefill_mfu']:.1%}   (time to first token {r['time_to_first_token_s']:.3f} s)")
+        mfu = {k: f"   MFU {r[k]:.1%}" if k in r else "" for k in ("vision_mfu", "prefill_mfu")}
+        print(f"  vision encoding  {r['vision_s']:8.3f} s   {r['vision_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+              + mfu["vision_mfu"])
+        print(f"  prefill          {r['prefill_s']:8.3f} s   {r['prefill_tflops_per_gpu']:7.1f} TFLOP/s per GPU"
+              + mfu["prefill_mfu"] + f"   (time to first token {r['time_to_first_token_s']:.3f} s)")
         print(f"  decode           {r['decode_tokens_per_s']:8.2f} tokens/s ({r['decode_tokens']} tokens)")
         print(f"  peak memory      {r['peak_memory_gib']:8.2f} GiB (max over ranks)")
     else:

@@ -99,7 +99,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 import mmsp  # noqa: E402
-from longvila import IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
+from longvila import CHAT_TEMPLATES, IGNORE_INDEX, IMAGE_TOKEN_ID, InputError, LongVILA  # noqa: E402
 
 
 class MediaError(InputError):
@@ -248,8 +248,9 @@ class _PyAVReader(_SeekingReader):
 
 
 class VideoFile:
-    """An open video: .num_frames, .fps, .get(indices) -> (F, H, W, 3) uint8. backend None: decord, and PyAV when
-    decord is missing or fails on the file; threads: decoder threads (0: the library's default)."""
+    """An open video: .num_frames, .fps, .backend, .indices(num_frames, fps), .get(indices) -> (F, H, W, 3) uint8.
+    backend None: decord, and PyAV when decord is missing or fails on the file; threads: decoder threads (0: the
+    library's default)."""
 
     def __init__(self, path: str, backend: str | None = None, threads: int = 0):
         if not os.path.isfile(path):
@@ -440,7 +441,8 @@ def build_tiny_tokenizer() -> HFTokenizer:
 class Tokenizer:
     """tokenizers.Tokenizer plus the ids a chat template needs. llama3: bos_id <|begin_of_text|>, eot_id <|eot_id|>
     (ends a turn), eod_id <|end_of_text|> (ends the last message and a stage-4 document); chatml: no BOS, <|im_end|>,
-    <|endoftext|>. auto_bos_id: the BOS the tokenizer.json itself prepends (Llama-3's does)."""
+    <|endoftext|>. auto_bos_id: the BOS the tokenizer.json itself prepends (Llama-3's does). eos_id: the token after
+    the final reply in training; stop_ids: generation stops on any of them (pass them as eos_token_id)."""
 
     def __init__(self, hf_tokenizer: HFTokenizer, template: str | None = None, source: str = "<memory>"):
         self.tk, self.source = hf_tokenizer, source
@@ -494,11 +496,10 @@ class Tokenizer:
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
                 template = json.load(f).get("chat_template") or None
-        template = {"llama_3": "llama3", "llama-3": "llama3", "qwen2": "chatml", "qwen": "chatml"}.get(
-            template, template)
+        template = CHAT_TEMPLATES.get(template)  # None (absent or unknown): the vocabulary's special tokens decide
         for path in (os.path.join(ckpt_dir, "llm", "tokenizer.json"), os.path.join(ckpt_dir, "tokenizer.json")):
             if os.path.isfile(path):
-                return cls.from_file(path, template if template in ("llama3", "chatml") else None)
+                return cls.from_file(path, template)
         raise InputError(f"{ckpt_dir}: no llm/tokenizer.json (nor tokenizer.json) in the checkpoint")
 
     @classmethod
@@ -547,7 +548,8 @@ class Tokenizer:
 #     "{F}\n" put in front (ONE "\n" after every frame, the last included); <image> (preprocess_multimodal): the
 #     text around each marker stripped, one "\n" after each image.
 # Markers are read only in the STRING value of a user turn. A value may instead be a list of parts: str parts are
-# literal text, {"media": "image"|"video"} parts are slots, each frame followed by "\n".
+# literal text, {"media": "image"|"video"} parts are slots, each frame followed by "\n". Control tokens come only
+# from the template code: special-token strings in any text stay text (never parsed into control tokens).
 
 DEFAULT_SYSTEM = {  # the system texts of VILA's llama_3 conversation and of qwen2.jinja (no full stop)
     "llama3": "You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -652,9 +654,11 @@ def build_conversation(conversations: list[dict], tokenizer: Tokenizer, num_fram
                        tokens_per_frame: int = 1, system: str | None = None,
                        add_generation_prompt: bool | None = None) -> tuple[list[int], list[int]]:
     """LLaVA-style turns -> (input_ids, labels) of length T; labels are IGNORE_INDEX except on the assistant's
-    replies and the token after each. num_frames: frames per <image>/<video> slot. system None: the first turn if it
-    is a system turn, else the template's default ("": none). add_generation_prompt None: unless the last turn is
-    the assistant's."""
+    replies and the token after each, aligned with input_ids (not pre-shifted: the loss shifts).
+    "from": "human"/"gpt" ("user"/"assistant" are accepted as well). num_frames: frames per <image>/<video> slot.
+    system None: the first turn if it is a system turn, else the template's default ("": none).
+    add_generation_prompt None: unless the last turn is the assistant's; the prompt then ends with the assistant
+    header."""
     tok, num_frames, turns = tokenizer, list(num_frames or []), list(conversations)
     if turns and ROLES.get(turns[0].get("from")) == "system":
         system = turns[0]["value"] if system is None else system
@@ -756,8 +760,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     A file of n samples with weight w gives round(w * n) of them (w < 1: a seeded subset; w > 1: repeats), shuffled
     together by `seed`; media paths are relative to media_root (None: the JSON file's folder). A sample without
     markers gets one "<image>\\n" per image (or "<video>\\n") before its first user turn, as the reference does.
-    Over max_len, video frames are dropped first (keeping the uniform spread), then the text's end is cut. A sample
-    that cannot be built is skipped with a warning (counted in self.skipped, per process); the next comes instead."""
+    An over-long sample (> max_len) loses video frames first (keeping the uniform spread), then its text's end is
+    cut, never inside the frames. A sample that cannot be built is skipped with a warning (counted in self.skipped,
+    per process) and the next comes instead; 64 failures in a row raise an InputError."""
 
     def __init__(self, files_with_weights, media_root: str | None, tokenizer: Tokenizer, image_size: int,
                  tokens_per_frame: int, num_frames: int = 8, max_len: int = 4096, fps: float | None = None,
@@ -1024,6 +1029,17 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 
 # --- below: the machinery (demo data, long-video instruction data, progress line, command line)
 
+
+def write_text_atomic(path: str, text: str):
+    """Write through a per-process temporary file and a rename: readers see the old or the new text, never half."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # -----------------------------------------------------------------------------
 # Demo data: synthetic coloured shapes for the CPU demo of all five stages (`python data.py demo`)
 # data/demo/ (deterministic by seed; every media path in a JSON file is relative to that file's folder):
@@ -1239,7 +1255,8 @@ def _long_qa(rng, info: dict) -> list[tuple[str, str]]:
     k = int(rng.integers(len(segs) - 1))
     shape = str(rng.choice(SHAPES))
     first_or_last = str(rng.choice(["first", "last"]))
-    return qa + [(f"What color is the {first_or_last} shape?", segs[0 if first_or_last == "first" else -1]["color"]),
+    end_color = segs[0 if first_or_last == "first" else -1]["color"]
+    return qa + [(f"What color is the {first_or_last} shape?", end_color),
                  (f"Which shape comes after the {segs[k]['color']} {segs[k]['shape']}?", segs[k + 1]["shape"]),
                  (f"How many {shape}s are there?", COUNT_WORDS[sum(s["shape"] == shape for s in segs)])]
 
@@ -1452,8 +1469,9 @@ def _write_demo(out: str, cfg: DemoConfig, tokenizer_cache: str | None) -> dict:
 
 # -----------------------------------------------------------------------------
 # Long-video instruction data (paper section 4): segment captions -> LLM-written QA pairs -> LLaVA JSON
-# The reference publishes neither this code nor its prompts. Each finished video gets a done-file in work_dir:
-# rerunning the same command skips finished videos and rebuilds the output JSON from all done-files.
+# The reference publishes neither this code nor its prompts. Each finished video gets a done-file in work_dir,
+# written atomically, so a crash or kill loses at most the video in flight; rerunning the same command skips
+# finished videos and rebuilds the output JSON from all done-files.
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 QA_CATEGORIES = ["summary", "temporal order", "counting", "spatial detail", "reasoning"]
@@ -1476,7 +1494,8 @@ def qa_prompt(captions: list[tuple[float, float, str]], pairs_per_category: int 
 
 
 def parse_qa(text: str) -> list[dict]:
-    """The valid `category | question | answer` lines (bullets, numbering, Q:/A: tolerated), each question once."""
+    """The valid `category | question | answer` lines (bullets, numbering, Q:/A: tolerated), each question once.
+    Valid: a known category, a question with letters ("?" added if missing), an answer that is not a refusal."""
     out, seen = [], set()
     for line in text.splitlines():
         parts = [p.strip() for p in line.strip().lstrip("-*0123456789.) \t").split("|")]
@@ -1512,16 +1531,6 @@ def video_segments(duration_s: float, segment_s: float) -> list[tuple[float, flo
 def _done_path(work_dir: str, video: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(video))[0])[:80]
     return os.path.join(work_dir, f"{stem}-{hashlib.sha1(video.encode()).hexdigest()[:10]}.json")
-
-
-def write_text_atomic(path: str, text: str):
-    """Write through a per-process temporary file and a rename: readers see the old or the new text, never half."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def longvideo_sft(videos: list[str], out_json: str, caption_fn, text_fn, segment_s: float = 10.0,

@@ -192,7 +192,10 @@ def accuracy_by(records: list, key: str) -> dict:
     for r in records:
         groups.setdefault(str(r.get(key, "unknown")), []).append(bool(r["correct"]))
     overall = sum(r["correct"] for r in records) / len(records) if records else float("nan")
-    return {"overall": overall, **{name: sum(v) / len(v) for name, v in sorted(groups.items())}}
+    accuracy = {"overall": overall}
+    for name, v in sorted(groups.items()):
+        accuracy[name] = sum(v) / len(v)
+    return accuracy
 
 
 # -----------------------------------------------------------------------------
@@ -256,8 +259,9 @@ def embed_with_features(model, input_ids, features=None) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_argmax(model, h: torch.Tensor, targets, layout=None) -> torch.Tensor:
     """Greedy predictions of the tokens AT positions `targets` of h (1, T, C), each from the hidden state at t-1 of
-    one causal forward (teacher forcing). Under MM-SP each rank runs its zigzag shard of h (mmsp.layout_indices);
-    the one rank owning row t-1 (mmsp.token_owner) applies the LM head; an all-reduce (sum) gives every rank all."""
+    one causal forward (teacher forcing). The LM head runs on the |targets| rows only: (T, V) logits never exist.
+    Under MM-SP each rank runs its zigzag shard of h (mmsp.layout_indices); the one rank owning row t-1
+    (mmsp.token_owner) applies the LM head; an all-reduce (sum) gives every rank all."""
     need = (torch.as_tensor(targets, dtype=torch.long) - 1).to(h.device)  # (A,) rows whose next token we want
     if layout is None or layout.sp == 1:
         hidden = model.forward_embeds(h, torch.arange(h.shape[1], device=h.device).unsqueeze(0))  # (1, T, C)
@@ -323,9 +327,12 @@ def generate_reply(model, tokenizer, frames, text, layout=None, max_new_tokens=6
     ids = prompt_ids(tokenizer, text, 0 if frames is None else len(frames), cfg.tokens_per_frame)
     input_ids = torch.tensor([ids], device=device)  # (1, T)
     stops = list(tokenizer.stop_ids) if stop else None
-    sp = layout is not None and layout.sp > 1
-    generate = functools.partial(sp_generate, model, layout=layout) if sp else model.generate
-    new = generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=stops, stream=stream)
+    if layout is not None and layout.sp > 1:
+        new = sp_generate(model, input_ids, images=images, layout=layout, max_new_tokens=max_new_tokens,
+                          eos_token_id=stops, stream=stream)
+    else:
+        new = model.generate(input_ids, images=images, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             stream=stream)
     out = new[0].tolist()  # (T_new,) token ids
     end = next((i for i, t in enumerate(out) if t in tokenizer.stop_ids), len(out))
     return tokenizer.decode(out[:end]).strip()
@@ -573,7 +580,10 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, style="classi
         raise InputError(f"passkey: a context length of {length} tokens is shorter than the task, needle and "
                          f"question ({length - budget} tokens): raise --lengths")
     body, used, sentences = [], 0, [tokenizer.encode(" " + s) for s in fill]
-    while used + len(nxt := sentences[len(body) % len(sentences)]) <= budget:  # whole filler sentences, cycled
+    while True:  # whole filler sentences, cycled
+        nxt = sentences[len(body) % len(sentences)]
+        if used + len(nxt) > budget:
+            break
         body.append(nxt)
         used += len(nxt)
     at = needle_index(depth, len(body))

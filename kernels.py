@@ -14,7 +14,7 @@ Shapes: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), out like q, lse (B, H, Tq) fp3
 reads KV head h // (H / Hkv), by index, never by copying. Causal: the queries are the LAST Tq positions, query i
 sees key j iff j <= i + Tk - Tq. A query that sees no key gets out 0 and lse -inf: the identity of the LSE merge.
 
-Ring attention (LONGVILA.md, "Ring numerics") needs the lse, so partials over key blocks merge exactly, and a
+Ring attention (README.md, "How the parts fit") needs the lse, so partials over key blocks merge exactly, and a
 backward from the GLOBAL out and lse of the whole ring, not those of one key block.
 
 Sections:
@@ -196,7 +196,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_range(m0, Tq, Tk, diff, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(full, seen): keys [0, full) in whole blocks are seen by every row m0.. of the tile, [0, seen) by one."""
+        """(full, seen): keys [0, full) in whole blocks are seen by every row m0.. of the tile, [0, seen) by one.
+        Row i sees key j iff j <= i + diff."""
         if CAUSAL:
             full = (tl.minimum(tl.maximum(diff + m0 + 1, 0), Tk) // BLOCK_N) * BLOCK_N
             seen = tl.minimum(tl.maximum(diff + tl.minimum(m0 + BLOCK_M, Tq), 0), Tk)
@@ -441,8 +442,9 @@ def _route(backend, q, k, causal):
 
 
 def attention_forward(q, k, v, causal=True, softmax_scale=None, out_fp32=False, backend=None):
-    """-> (out (B,Tq,H,D), lse (B,H,Tq) fp32). One dispatcher op (longvila::attention), so selective activation
-    checkpointing can keep its outputs instead of recomputing them (longvila.py's "save-attn")."""
+    """-> (out (B,Tq,H,D), lse (B,H,Tq) fp32). out_fp32: out in fp32, for a ring that merges partial outputs in fp32.
+    One dispatcher op (longvila::attention), so selective activation checkpointing can keep its outputs instead of
+    recomputing them (longvila.py's "save-attn")."""
     scale = _check(q, k, v, softmax_scale)
     backend, causal = _route(backend, q, k, causal)
     return torch.ops.longvila.attention(q, k, v, causal, scale, bool(out_fp32), backend)
@@ -450,8 +452,9 @@ def attention_forward(q, k, v, causal=True, softmax_scale=None, out_fp32=False, 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=None, grad_fp32=False, backend=None,
                        on_dkdv=None):
-    """(dq, dk, dv) of attention_forward from the GLOBAL out and lse. on_dkdv(dk, dv) runs as soon as dk/dv are
-    final: on triton before the dQ kernel is queued, so a ring can send dk/dv while dQ computes."""
+    """(dq, dk, dv) of attention_forward from the GLOBAL out and lse. dk/dv are summed over the H/Hkv query heads
+    that share a KV head (GQA). grad_fp32: the gradients in fp32, else in q's dtype. on_dkdv(dk, dv) runs as soon as
+    dk/dv are final: on triton before the dQ kernel is queued, so a ring can send dk/dv while dQ computes."""
     scale = _check(q, k, v, softmax_scale)
     B, Tq, H, _ = q.shape
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (B, H, Tq):
@@ -821,7 +824,8 @@ if HAS_TRITON:
     @triton.jit
     def _rotary_kernel(X, COS, SIN, Y, T, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct, HX, SIGN,
                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        # one program per token, all its heads; SIGN = -1 rotates back: the backward (a rotation's transpose)
+        # one program per token, all its heads: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin (rotate_half layout);
+        # SIGN = -1 rotates back: the backward (a rotation's transpose)
         pid = tl.program_id(0).to(tl.int64)
         b, t = pid // T, pid % T
         h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
@@ -983,7 +987,9 @@ def use_fused(x):
 
 
 # --- flash-attn-4: FlashAttention's CuTe-DSL kernels (pip install flash-attn-4; Hopper and Blackwell) -----------
-# Its _flash_attn_bwd takes the GLOBAL out and lse a ring needs; its causal mask is bottom-right aligned, as ours.
+# Its public flash_attn_func differentiates through its own out and lse; a ring needs the backward from the GLOBAL
+# out and lse, which its private _flash_attn_bwd takes (it recomputes delta from the out it is given). Its causal
+# mask is bottom-right aligned, as ours.
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_4():

@@ -88,7 +88,9 @@ class ProjectorConfig:
     vision_width: int = 1152  # Cv
     llm_width: int = 4096  # C
     eps: float = 1e-5  # nn.LayerNorm default, as the reference
-    token_order: str = "column-major"  # of a frame's merged tokens, "column-major" | "row-major": see downsample_2x2
+    # order of a frame's merged tokens (see downsample_2x2): column-major as VILA's LongVILA branch, row-major as VILA
+    # main since its NVILA release (commit 36f6adc: a final permute in flat_square)
+    token_order: str = "column-major"  # "column-major" | "row-major"
 
     def __post_init__(self):
         if self.token_order not in ("column-major", "row-major"):
@@ -344,6 +346,8 @@ def sample_token(logits, temperature, top_p, generator=None):
 # -----------------------------------------------------------------------------
 # activation checkpointing: "full" recomputes a whole block in the backward; "save-attn" keeps the attention outputs
 # (one dispatcher op per backend): at long context attention costs most to redo, its output only H*D values per token.
+# Non-reentrant checkpointing stops re-running a block once every tensor its backward saved exists again, so a
+# block's last product (the MLP's w2) is never recomputed.
 
 def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -614,6 +618,7 @@ class LongVILA(nn.Module):
         if not frames:
             return h
         feats = self.encode_images(torch.cat(frames).to(h.device))  # (sum F, N, C)
+        # masked_scatter fills the slots in row-major order: row 0's slots take the first frames, and so on
         return h.masked_scatter(is_img[..., None], feats.to(h.dtype).reshape(-1, h.shape[-1]))  # (B, T, C)
 
     # --- decoder ----------------------------------------------------------------------------------------------
@@ -703,8 +708,10 @@ class LongVILA(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
-        """Training FLOPs per LLM token for MFU (PaLM/nanoGPT): 6 N (N: decoder matmul parameters, head included,
-        embedding lookup not) + 12 L C T (QK^T and AV, forward and backward); causal=True halves the attention."""
+        """Training FLOPs per LLM token for MFU (PaLM/nanoGPT): 6 N + 12 L C T. N: decoder matmul parameters (head
+        included, embedding lookup not), 2 FLOPs per multiply-add and a backward twice the forward -> 6 N. QK^T and AV
+        are 2 T C each forward per layer, x3 with the backward -> 12 L C T, halved when causal. Vision FLOPs: see
+        vision_flops_per_frame."""
         cfg, llm = self.config.llm, self.llm
         n = sum(p.numel() for p in llm.layers.parameters()) + llm.norm.weight.numel() + llm.output.weight.numel()
         attn = 12 * cfg.n_layers * cfg.dim * seq_len
@@ -891,7 +898,8 @@ def _vision_to_hf(cfg: VisionConfig, dtype) -> dict:
             "vision_use_head": False, "torch_dtype": str(dtype).replace("torch.", "")}
 
 
-_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}  # -> ours
+# a config.json's chat_template -> the template data.py builds (None: not given)
+CHAT_TEMPLATES = {None: None, "llama3": "llama3", "llama_3": "llama3", "chatml": "chatml", "qwen2": "chatml"}
 
 
 def _check_top_config(top, file):
@@ -908,9 +916,9 @@ def _check_top_config(top, file):
         target = top[name].get("_target_", basic) if isinstance(top.get(name), dict) else top.get(name)
         if target is not None and not str(target).endswith(basic):
             _refuse(file, name, target, f"only VILA's {basic} (frame by frame) is implemented")
-    _supported(top, file, "chat_template", _TEMPLATES, "llama3 (llama_3) or chatml (qwen2)")
+    _supported(top, file, "chat_template", CHAT_TEMPLATES, "llama3 (llama_3) or chatml (qwen2)")
     order = (top.get("longvila") or {}).get("projector", {}).get("token_order")
-    return _TEMPLATES[top.get("chat_template")], order
+    return CHAT_TEMPLATES[top.get("chat_template")], order
 
 
 def read_config(path) -> LongVILAConfig:
@@ -922,9 +930,10 @@ def read_config(path) -> LongVILAConfig:
         if not os.path.isdir(os.path.join(path, part)):
             raise InputError(f"checkpoint {path} is missing the {part}/ folder (VILA layout: config.json, llm/, "
                              f"vision_tower/, mm_projector/)")
-    file = {part: os.path.join(path, part, "config.json") for part in ("", *_PARTS)}  # "": the top config.json
-    top = _read_json(file[""])
-    template, order = _check_top_config(top, file[""])
+    top_file = os.path.join(path, "config.json")
+    file = {part: os.path.join(path, part, "config.json") for part in _PARTS}
+    top = _read_json(top_file)
+    template, order = _check_top_config(top, top_file)
     llm = _llm_from_hf(_read_json(file["llm"]), file["llm"])
     vision = _vision_from_hf(_read_json(file["vision_tower"]), file["vision_tower"],
                              top.get("mm_vision_select_layer", -2))

@@ -668,6 +668,7 @@ def forward_backward(model, batches: list, layout, world: int, device: torch.dev
 
     Each micro-batch's loss is its cross-entropy SUM over the world / its global supervised count; weighted by
     count_i / total, the accumulated gradient is that of the global batch's CE sum / its count, as on one device."""
+    # per micro-batch: the positions whose NEXT token is supervised (the loss's count after shifting)
     counts = [int((longvila.shift_labels(b["labels"]) != longvila.IGNORE_INDEX).sum()) for b in batches]
     lengths = [b["labels"].shape[1] for b in batches for _ in range(b["labels"].shape[0])]
     stats = world_sum(counts + [sum(lengths)], layout, world, device)  # (accum + 1,)
@@ -1049,14 +1050,13 @@ def fsync(path: str):
 
 def publish_dir(tmp: str, final: str):
     """Rename a finished folder to `final` (replacing it), everything in it fsynced first."""
-
-
     for root, _dirs, files in os.walk(tmp):
         for path in [root] + [os.path.join(root, f) for f in files]:
             fsync(path)
     trash = final + ".old"
-    if os.path.exists(final):  # a re-save of the same step (a resume that ended at a checkpoint): swap through a
-        shutil.rmtree(trash, ignore_errors=True)  # trash name, so `final` is never half-deleted while visible
+    # a re-save (a resume that ended at a checkpoint) swaps through a trash name: `final` is never half-deleted
+    if os.path.exists(final):
+        shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
     os.rename(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)
@@ -1204,7 +1204,10 @@ class ItemCache:
 
 
 def pack_pixels(x: torch.Tensor) -> torch.Tensor:
-    """float32 pixels (F, 3, S, S) in [-1, 1] -> their uint8 levels when unpack_pixels restores x bitwise, else x."""
+    """float32 pixels (F, 3, S, S) in [-1, 1] -> their uint8 levels when unpack_pixels restores x bitwise, else x.
+
+    data.preprocess rounds to uint8 before normalising: (k/255 - 0.5)/0.5 = 2k/255 - 1, so round((x + 1) * 127.5)
+    recovers k exactly. Its float resize path (a side grows) and --data synthetic give pixels that stay float."""
     k = torch.empty(x.shape, dtype=torch.uint8)  # (F, 3, S, S)
     for s in range(0, len(x), 64):  # 64 frames at a time: little extra memory
         k[s:s + 64] = x[s:s + 64].add(1.0).mul_(127.5).round_().clamp_(0, 255)  # (64, 3, S, S) levels 0..255
@@ -1339,7 +1342,6 @@ class RunLog:
         if live:
             self.bar.update(0, **self.figures)
 
-
     def end(self):
         if self.rank == 0 and self.bar is not None:
             self.bar.close()
@@ -1440,7 +1442,8 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_time(trace: str) -> list[str]:
-    """A Chrome trace's GPU kernel time by kind, and busy time (the union of intervals); [] without kernels."""
+    """A Chrome trace's GPU kernel time by kind, and busy time (the union of intervals); [] without kernels.
+    Streams overlap, so the per-kind sums can exceed the span."""
     with open(trace) as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not ev:
@@ -1482,8 +1485,8 @@ def demo_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
                                      out_dir=os.path.join(os.path.dirname(cfg.out), "niah"),
                                      identity=evaluate.checkpoint_identity(model_dir, torch.float32))
             grid = niah["grid"]  # a score per (depth, frame count)
-            res.update(niah=niah["mean"], niah_by_frames={n: sum(row[j] for row in grid) / len(grid)
-                                                          for j, n in enumerate(niah["frame_counts"])})
+            by_frames = {n: sum(row[j] for row in grid) / len(grid) for j, n in enumerate(niah["frame_counts"])}
+            res.update(niah=niah["mean"], niah_by_frames=by_frames)
         elif info.rank == 0:
             model, tok = load_eval_model(model_dir, info)
             if cfg.stage == 0:
@@ -1496,8 +1499,10 @@ def demo_skill(cfg: TrainConfig, model_dir: str, info, layout) -> dict:
                                        max_new_tokens=4, progress=False)
                 res["mcq"] = [sum(r["correct"] for r in mcq["cells"].values()), len(mcq["cells"])]
             else:  # stage 4: the text it extends to, before (the model it started from) and after
-                before = [("before", load_eval_model(cfg.init_from, info))] if cfg.init_from != "none" else []
-                for when, (m, t) in before + [("after", (model, tok))]:
+                for when, path in (("before", cfg.init_from), ("after", model_dir)):
+                    if path == "none":  # a stage 4 from random weights has no before
+                        continue
+                    m, t = load_eval_model(path, info) if when == "before" else (model, tok)  # after: loaded above
                     res[f"ppl_{when}"] = evaluate.run_ppl(m, t, os.path.join(ev, "stage4_val.txt"), cfg.seq_len,
                                                           progress=False)["ppl"]
                     res[f"passkey_{when}"] = evaluate.run_passkey(m, t, [cfg.seq_len // 4, cfg.seq_len // 2],
@@ -1543,39 +1548,57 @@ def caption_words(model, tok, path: str) -> dict:
     return {"caption_colour": [colour, len(samples)], "caption_shape": [shape, len(samples)], "example": reply}
 
 
+def frac(score: list) -> str:
+    """[right, asked] as "right/asked"."""
+    return f"{score[0]}/{score[1]}"
+
+
+def twice_chance(score: list, chance: float) -> bool:
+    """Is [right, asked] at least twice what guessing (right with probability `chance`) gets?"""
+    return score[0] >= 2 * chance * score[1]
+
+
+def yes_no(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
 def skill_row(res: dict) -> tuple[str, str]:
     """One demo_skill result as the table's (result, learnt). A score is learnt when it is at least twice chance;
     stage 4's perplexity when it fell and beats a uniform guess, its passkeys when more are found than before."""
-    frac = lambda k: f"{res[k][0]}/{res[k][1]}"  # noqa: E731
-    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
-    twice = lambda k, chance: res[k][0] >= 2 * chance * res[k][1]  # noqa: E731
     stage = res["stage"]
     if stage == 0:
-        return (f"{frac('needle_8_frames')}, {frac('needle_32_frames')}",
-                yes(twice("needle_8_frames", 1 / 8) and twice("needle_32_frames", 1 / 8)))
-    if stage in (1, 2):
+        n8, n32 = res["needle_8_frames"], res["needle_32_frames"]
+        result = f"{frac(n8)}, {frac(n32)}"
+        learnt = yes_no(twice_chance(n8, 1 / 8) and twice_chance(n32, 1 / 8))
+    elif stage in (1, 2):
+        colour, shape = res["caption_colour"], res["caption_shape"]
         words = res["example"].split()  # the last still's caption, its first words
         example = repr(" ".join(words[:4])) + "..." * (len(words) > 4)
-        return (f"{frac('caption_colour')}, {frac('caption_shape')}, e.g. {example}",
-                f"colour {yes(twice('caption_colour', 1 / 8))}, shape {yes(twice('caption_shape', 1 / 4))}")
-    if stage == 3:
-        return frac("mcq"), yes(twice("mcq", 1 / 4))
-    if stage == 4:
+        result = f"{frac(colour)}, {frac(shape)}, e.g. {example}"
+        learnt = f"colour {yes_no(twice_chance(colour, 1 / 8))}, shape {yes_no(twice_chance(shape, 1 / 4))}"
+    elif stage == 3:
+        result = frac(res["mcq"])
+        learnt = yes_no(twice_chance(res["mcq"], 1 / 4))
+    elif stage == 4:
         had = "ppl_before" in res  # a stage 4 from random weights has no before
         ppl, key = (f"{res['ppl_before']:,.4g} -> ", f"{res['passkey_before']:.0%} -> ") if had else ("", "")
+        result = f"{ppl}{res['ppl_after']:,.4g} (vocab {res['vocab']:,}) / {key}{res['passkey_after']:.0%}"
         fell = res["ppl_after"] < min(res["vocab"], res.get("ppl_before", math.inf))
         found = res["passkey_after"] > res.get("passkey_before", 0.0)
-        return (f"{ppl}{res['ppl_after']:,.4g} (vocab {res['vocab']:,}) / {key}{res['passkey_after']:.0%}",
-                f"ppl {yes(fell)}, passkey {yes(found)}")
-    by_frames = ", ".join(f"{n} frames {a:.0%}" for n, a in res["niah_by_frames"].items())
-    return f"{res['niah']:.1%} ({by_frames})", yes(min(res["niah_by_frames"].values()) >= 2 / 8)
+        learnt = f"ppl {yes_no(fell)}, passkey {yes_no(found)}"
+    else:  # stage 5
+        by_frames = ", ".join(f"{n} frames {a:.0%}" for n, a in res["niah_by_frames"].items())
+        result = f"{res['niah']:.1%} ({by_frames})"
+        learnt = yes_no(min(res["niah_by_frames"].values()) >= 2 / 8)
+    return result, learnt
 
 
 def demo_table(results: list) -> str:
     """The demo's report: one row per stage, its skill, the held-out result, chance, and whether it was learnt."""
     rows = [("stage", "held-out skill", "result", "chance", "learnt")]
     for r in results:
-        (skill, chance), (result, learnt) = DEMO_SKILLS[r["stage"]], skill_row(r)
+        skill, chance = DEMO_SKILLS[r["stage"]]
+        result, learnt = skill_row(r)
         rows.append((str(r["stage"]), skill, result, chance, learnt))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  " + "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r[:4])) + f"  {r[4]}" for r in rows)

@@ -52,6 +52,7 @@ def test_question_bench_on_cpu(tmp_path, capsys):
     assert r["frames"] == 6 and r["decode_tokens"] == 2 and r["prefill_s"] > 0 and r["vision_s"] > 0
     assert r["model"] == "tiny" and (r["sp"], r["ring"], r["dtype"]) == (1, 1, "float32")
     assert r["prompt_tokens"] > 6 * PRESETS["tiny"].tokens_per_frame and r["prefill_tflops_per_gpu"] > 0
+    assert r["peak_tflops"] is None and "prefill_mfu" not in r  # no peak known on CPU: no MFU
     assert "prefill" in capsys.readouterr().out
 
 
