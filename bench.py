@@ -672,142 +672,165 @@ def sp_run(args):
     t_1gpu(S) / (W * t_W(S))), and beside torch's context_parallel (flash and cuDNN SDPA backends, MHA only).
     Every rank builds the same full q/k/v from one seed and cuts its shard, exactly as the tests do.
     FLOPs of causal attention fwd+bwd: 3.5 * 2 * S^2 * H * D (forward 4*S^2*H*D/2, backward 2.5x forward)."""
-    info = mmsp.init_distributed()
-    device = torch.device(args.device) if args.device else info.device
-    cuda = device.type == "cuda"
-    if cuda and info.device.type == "cuda":
-        device = info.device
-    W, rank = info.world_size, info.rank
-    if args.small:
-        seqlens, H, kvs, D, dtype = [64, 128], 4, [2, 4], 16, torch.float32
-    else:
-        seqlens, H, D = args.seqlens, args.heads, args.head_dim
-        kvs, dtype = args.kv_heads, (torch.bfloat16 if cuda else torch.float32)
-    backend = args.backend if cuda else "torch"
-    methods = args.methods.split(",")
-    card = torch.cuda.get_device_name(device) if cuda else "cpu"
-    world = dist.group.WORLD if W > 1 else None
-    if rank == 0:
-        print(f"bench sp | {W} x {card} | torch {torch.__version__} | kernels backend {backend} | "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | H={H} D={D} {dtype} causal "
-              f"fwd+bwd", flush=True)
-    layouts = {"zigzag-ring": mmsp.make_layout(sp=W, ring=W, backend=backend),
-               "ring": mmsp.make_layout(sp=W, ring=W, backend=backend, zigzag=False),
-               "ulysses": mmsp.make_layout(sp=W, ring=1, backend=backend)}
-    # 2D layouts "2d-UxR" (Ulysses U inside, zigzag ring R outside, U*R = W), asked for by name in --methods or
-    # all of them with "2d": e.g. at 4 GPUs 2d-2x2; at 8 GPUs 2d-4x2 and 2d-2x4 (8x1 = ulysses, 1x8 = zigzag-ring)
-    if "2d" in methods:
-        methods = [m for m in methods if m != "2d"] + [f"2d-{W // r}x{r}" for r in range(2, W) if W % r == 0]
-    for m in methods:
-        if m.startswith("2d-"):
-            u, r = (int(x) for x in m[3:].split("x"))
-            if u * r != W:
-                raise lv.InputError(f"--methods {m}: needs ulysses*ring = {u * r} processes, this run has {W}")
-            layouts[m] = mmsp.make_layout(sp=W, ring=r, backend=backend)
-    mesh = None
-    if cuda and W > 1 and any(m.startswith("torch-cp") for m in methods):
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh("cuda", (W,))
-    rows = []
+    bench = _SPBench(args, mmsp.init_distributed())
+    for Hkv in bench.kvs:
+        for S in bench.seqlens:
+            bench.run_shape(S, Hkv)
+    bench.table()
+    if bench.W > 1:
+        dist.barrier()
+    if bench.rank != 0:
+        args.json = None  # one file, from rank 0
+    return bench.rows
 
-    def emit(S, Hkv, method, gpus, ms, note="", tokens=None):
+
+class _SPBench:
+    """The state one `bench.py sp` run shares: sizes, device, the layouts to time, the rows measured so far."""
+
+    def __init__(self, args, info):
+        self.args, self.W, self.rank = args, info.world_size, info.rank
+        self.device = torch.device(args.device) if args.device else info.device
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and info.device.type == "cuda":
+            self.device = info.device
+        if args.small:
+            self.seqlens, self.H, self.kvs, self.D, self.dtype = [64, 128], 4, [2, 4], 16, torch.float32
+        else:
+            self.seqlens, self.H, self.D = args.seqlens, args.heads, args.head_dim
+            self.kvs, self.dtype = args.kv_heads, (torch.bfloat16 if self.cuda else torch.float32)
+        self.backend = args.backend if self.cuda else "torch"
+        self.card = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.world = dist.group.WORLD if self.W > 1 else None
+        self.methods, self.layouts = self._layouts(args.methods.split(","))
+        self.mesh = None
+        if self.cuda and self.W > 1 and any(m.startswith("torch-cp") for m in self.methods):
+            from torch.distributed.device_mesh import init_device_mesh
+            self.mesh = init_device_mesh("cuda", (self.W,))
+        self.rows = []
+        if self.rank == 0:
+            print(f"bench sp | {self.W} x {self.card} | torch {torch.__version__} | kernels backend {self.backend} | "
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | H={self.H} D={self.D} "
+                  f"{self.dtype} causal fwd+bwd", flush=True)
+
+    def _layouts(self, methods):
+        """(methods, {name: SPLayout}). 2D layouts "2d-UxR" (Ulysses U inside, zigzag ring R outside, U*R = W) are
+        asked for by name, or all of them with "2d": at 8 GPUs 2d-4x2 and 2d-2x4 (8x1 = ulysses, 1x8 = zigzag)."""
+        W, backend = self.W, self.backend
+        layouts = {"zigzag-ring": mmsp.make_layout(sp=W, ring=W, backend=backend),
+                   "ring": mmsp.make_layout(sp=W, ring=W, backend=backend, zigzag=False),
+                   "ulysses": mmsp.make_layout(sp=W, ring=1, backend=backend)}
+        if "2d" in methods:
+            methods = [m for m in methods if m != "2d"] + [f"2d-{W // r}x{r}" for r in range(2, W) if W % r == 0]
+        for m in methods:
+            if m.startswith("2d-"):
+                u, r = (int(x) for x in m[3:].split("x"))
+                if u * r != W:
+                    raise lv.InputError(f"--methods {m}: needs ulysses*ring = {u * r} processes, this run has {W}")
+                layouts[m] = mmsp.make_layout(sp=W, ring=r, backend=backend)
+        return methods, layouts
+
+    def emit(self, S, Hkv, method, gpus, ms, note="", tokens=None):
         n = tokens or S
-        flops = 3.5 * 2.0 * n * n * H * D                                  # causal fwd+bwd on n tokens
+        flops = 3.5 * 2.0 * n * n * self.H * self.D  # causal fwd+bwd on n tokens
         tflops = flops / (ms * 1e-3) / 1e12 / gpus if ms else float("nan")
-        row = dict(card=card, gpus=gpus, S=S, H=H, Hkv=Hkv, D=D, dtype=str(dtype), method=method, ms=ms,
-                   tflops_per_gpu=tflops, note=note)
-        rows.append(row)
-        if rank == 0:
+        self.rows.append(dict(card=self.card, gpus=gpus, S=S, H=self.H, Hkv=Hkv, D=self.D, dtype=str(self.dtype),
+                              method=method, ms=ms, tflops_per_gpu=tflops, note=note))
+        if self.rank == 0:
             print(f"S={S:7d} Hkv={Hkv:2d} {method:15s} gpus={gpus} " +
                   (f"{ms:10.2f} ms {tflops:7.1f} TFLOP/s/GPU {note}" if ms else note), flush=True)
 
-    for Hkv in kvs:
-        for S in seqlens:
-            Tp = mmsp.padded_length(S, W)
-            if Tp != S:
-                raise lv.InputError(f"--seqlens {S}: must be a multiple of 2 x the processes ({2 * W})")
-            g = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)      # (1, S, H, D) same everywhere
-            k = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)    # (1, S, Hkv, D)
-            v = torch.randn(1, S, Hkv, D, device=device, dtype=dtype, generator=g)
-            dout = torch.randn(1, S, H, D, device=device, dtype=dtype, generator=g)
-            ref_out = None                                                          # (1, S, H, D) when needed
-            for method in methods:
-                if method in ("1gpu-whole", "1gpu-share"):
-                    n = S if method == "1gpu-whole" else S // W
-                    ms = None
-                    if rank == 0:   # the others wait at the barrier: one GPU alone, nothing else running
-                        xs = [x[:, :n].detach().clone().requires_grad_() for x in (q, k, v)]
-                        fn = lambda d=dout[:, :n]: kernels.flash_attn_func(*xs, causal=True,
-                                                                           backend=backend).backward(d)
-                        ms = _sp_time(fn, args.iters, args.warmup, cuda)
-                        del xs
-                    if world is not None:
-                        dist.barrier()
-                    if rank == 0:
-                        emit(S, Hkv, method, 1, ms, f"{n} tokens", tokens=n)
-                elif method in layouts:
-                    lay = layouts[method]
-                    if method != "ring" and (H % lay.ulysses or (Hkv % lay.ulysses and lay.ulysses % Hkv)):
-                        emit(S, Hkv, method, W, None, "n/a: heads do not split over ulysses")
-                        continue
-                    idx = mmsp.layout_indices(S, lay).to(device)                     # (S/W,)
-                    xs = [x[:, idx].detach().clone().requires_grad_() for x in (q, k, v)]   # (1, S/W, ., D)
-                    dl = dout[:, idx].contiguous()
-                    # correctness on this device first: forward vs the one-device kernel on the whole sequence
+    def timed(self, fn, group=None):
+        return _sp_time(fn, self.args.iters, self.args.warmup, self.cuda, group)
+
+    def run_shape(self, S, Hkv):
+        """Every method at one (S, Hkv), on the same full q, k, v, dout (seeded alike on every rank)."""
+        if mmsp.padded_length(S, self.W) != S:
+            raise lv.InputError(f"--seqlens {S}: must be a multiple of 2 x the processes ({2 * self.W})")
+        g = torch.Generator(device=self.device).manual_seed(0)
+        shape = dict(device=self.device, dtype=self.dtype, generator=g)
+        q = torch.randn(1, S, self.H, self.D, **shape)  # (1, S, H, D) the same on every rank
+        k = torch.randn(1, S, Hkv, self.D, **shape)  # (1, S, Hkv, D)
+        v = torch.randn(1, S, Hkv, self.D, **shape)  # (1, S, Hkv, D)
+        dout = torch.randn(1, S, self.H, self.D, **shape)  # (1, S, H, D)
+        ref_out = None  # (1, S, H, D) the one-device output, computed when a layout first needs it
+        for method in self.methods:
+            if method in ("1gpu-whole", "1gpu-share"):
+                self.one_gpu(S, Hkv, method, q, k, v, dout)
+            elif method in self.layouts:
+                if ref_out is None:
                     with torch.no_grad():
-                        if ref_out is None:
-                            ref_out = kernels.attention_forward(q, k, v, causal=True, backend=backend)[0]
-                        err = (mmsp.sp_attention(*xs, lay).float() - ref_out[:, idx].float()).abs().max()
-                    err = err.reshape(1).to(torch.float64)
-                    if world is not None:
-                        dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                    fn = lambda: mmsp.sp_attention(*xs, lay).backward(dl)
-                    emit(S, Hkv, method, W, _sp_time(fn, args.iters, args.warmup, cuda, world),
-                         f"max|out - 1-device out| = {err.item():.1e}")
-                    del xs
-                elif method.startswith("torch-cp"):
-                    if mesh is None or Hkv != H:
-                        emit(S, Hkv, method, W, None, "n/a: needs CUDA, 2+ GPUs and MHA (no GQA)")
-                        continue
-                    from torch.distributed.tensor.experimental import context_parallel
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-                    sdpa = {"torch-cp-flash": SDPBackend.FLASH_ATTENTION,
-                            "torch-cp-cudnn": SDPBackend.CUDNN_ATTENTION}[method]
-                    # context_parallel shards these buffers in place along the sequence dim (load-balanced for
-                    # causal) and restores them on exit; (B, H, S, D) as SDPA wants
-                    bufs = [x.transpose(1, 2).contiguous() for x in (q, k, v, dout)]    # (1, H|Hkv, S, D)
-                    try:
-                        with sdpa_kernel([sdpa]), context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 4):
-                            ql, kl, vl = (b.detach().requires_grad_() for b in bufs[:3])   # (1, H, S/W, D)
-                            fn = lambda: F.scaled_dot_product_attention(ql, kl, vl, is_causal=True).backward(
-                                bufs[3])
-                            ms = _sp_time(fn, args.iters, args.warmup, cuda, world)
-                        emit(S, Hkv, method, W, ms)
-                    except Exception as e:  # report, keep the other rows
-                        emit(S, Hkv, method, W, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                    del bufs
-                if cuda:
-                    torch.cuda.empty_cache()
-            del q, k, v, dout, ref_out
-    # scaling efficiency against the one-GPU whole-sequence time
-    whole = {(r["S"], r["Hkv"]): r["ms"] for r in rows if r["method"] == "1gpu-whole" and r["ms"]}
-    for r in rows:
-        t1 = whole.get((r["S"], r["Hkv"]))
-        r["efficiency"] = t1 / (r["gpus"] * r["ms"]) if (t1 and r["ms"] and r["gpus"] > 1) else None
-    if rank == 0:
+                        ref_out = kernels.attention_forward(q, k, v, causal=True, backend=self.backend)[0]
+                self.sharded(S, Hkv, method, q, k, v, dout, ref_out)
+            elif method.startswith("torch-cp"):
+                self.torch_cp(S, Hkv, method, q, k, v, dout)
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+    def one_gpu(self, S, Hkv, method, q, k, v, dout):
+        """Rank 0 alone on the whole sequence or on one rank's share; the others wait at the barrier."""
+        n = S if method == "1gpu-whole" else S // self.W
+        ms = None
+        if self.rank == 0:
+            xs = [x[:, :n].detach().clone().requires_grad_() for x in (q, k, v)]  # (1, n, ., D)
+            ms = self.timed(lambda: kernels.flash_attn_func(*xs, causal=True, backend=self.backend).backward(
+                dout[:, :n]))
+        if self.world is not None:
+            dist.barrier()
+        if self.rank == 0:
+            self.emit(S, Hkv, method, 1, ms, f"{n} tokens", tokens=n)
+
+    def sharded(self, S, Hkv, method, q, k, v, dout, ref_out):
+        """One mmsp layout: its forward checked against the one-device output first, then timed fwd+bwd."""
+        lay = self.layouts[method]
+        if method != "ring" and (self.H % lay.ulysses or (Hkv % lay.ulysses and lay.ulysses % Hkv)):
+            self.emit(S, Hkv, method, self.W, None, "n/a: heads do not split over ulysses")
+            return
+        idx = mmsp.layout_indices(S, lay).to(self.device)  # (S/W,)
+        xs = [x[:, idx].detach().clone().requires_grad_() for x in (q, k, v)]  # (1, S/W, ., D)
+        dl = dout[:, idx].contiguous()  # (1, S/W, H, D)
+        with torch.no_grad():
+            err = (mmsp.sp_attention(*xs, lay).float() - ref_out[:, idx].float()).abs().max()
+        err = err.reshape(1).to(torch.float64)
+        if self.world is not None:
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        ms = self.timed(lambda: mmsp.sp_attention(*xs, lay).backward(dl), self.world)
+        self.emit(S, Hkv, method, self.W, ms, f"max|out - 1-device out| = {err.item():.1e}")
+
+    def torch_cp(self, S, Hkv, method, q, k, v, dout):
+        """torch's context_parallel around SDPA (flash or cuDNN): CUDA, 2+ GPUs, MHA only."""
+        if self.mesh is None or Hkv != self.H:
+            self.emit(S, Hkv, method, self.W, None, "n/a: needs CUDA, 2+ GPUs and MHA (no GQA)")
+            return
+        from torch.distributed.tensor.experimental import context_parallel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        sdpa = {"torch-cp-flash": SDPBackend.FLASH_ATTENTION, "torch-cp-cudnn": SDPBackend.CUDNN_ATTENTION}[method]
+        # context_parallel shards these buffers in place along the sequence (load-balanced for causal) and
+        # restores them on exit; (B, H, S, D) as SDPA wants
+        bufs = [x.transpose(1, 2).contiguous() for x in (q, k, v, dout)]  # (1, H|Hkv, S, D)
+        try:
+            with sdpa_kernel([sdpa]), context_parallel(self.mesh, buffers=bufs, buffer_seq_dims=[2] * 4):
+                ql, kl, vl = (b.detach().requires_grad_() for b in bufs[:3])  # (1, H, S/W, D)
+                ms = self.timed(lambda: F.scaled_dot_product_attention(ql, kl, vl, is_causal=True).backward(
+                    bufs[3]), self.world)
+            self.emit(S, Hkv, method, self.W, ms)
+        except Exception as e:  # report, keep the other rows
+            self.emit(S, Hkv, method, self.W, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+
+    def table(self):
+        """Scaling efficiency against the one-GPU whole-sequence time, then the markdown table (rank 0)."""
+        whole = {(r["S"], r["Hkv"]): r["ms"] for r in self.rows if r["method"] == "1gpu-whole" and r["ms"]}
+        for r in self.rows:
+            t1 = whole.get((r["S"], r["Hkv"]))
+            r["efficiency"] = t1 / (r["gpus"] * r["ms"]) if (t1 and r["ms"] and r["gpus"] > 1) else None
+        if self.rank != 0:
+            return
         print("\n| S | Hkv | method | GPUs | ms | TFLOP/s/GPU | scaling efficiency |")
         print("|---|---|---|---|---|---|---|")
-        for r in rows:
+        for r in self.rows:
             ms = f"{r['ms']:.2f}" if r["ms"] else r["note"]
             tf = f"{r['tflops_per_gpu']:.0f}" if r["ms"] else ""
             eff = f"{r['efficiency']:.3f}" if r["efficiency"] else ""
             print(f"| {r['S']} | {r['Hkv']} | {r['method']} | {r['gpus']} | {ms} | {tf} | {eff} |")
-    if W > 1:
-        dist.barrier()
-    if rank != 0:
-        args.json = None  # one file, from rank 0
-    return rows
 
 
 # -----------------------------------------------------------------------------
