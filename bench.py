@@ -593,7 +593,7 @@ def _time_question(model, tok, x, text, layout, max_new_tokens) -> dict:
     mem = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],  # (1,) bytes
                        dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)  # (1,) the largest rank's peak
     ttft, n_dec = printer.times[0] - t0, len(printer.times) - 1  # time to first token; tokens after it
     decode_s = printer.times[-1] - printer.times[0]
     return {"vision_s": vision_s, "time_to_first_token_s": ttft, "prefill_s": max(ttft - vision_s, 1e-9),
@@ -790,9 +790,9 @@ class _SPBench:
         dl = dout[:, idx].contiguous()  # (1, S/W, H, D)
         with torch.no_grad():
             err = (mmsp.sp_attention(*xs, lay).float() - ref_out[:, idx].float()).abs().max()
-        err = err.reshape(1).to(torch.float64)
+        err = err.reshape(1).to(torch.float64)  # (1,)
         if self.world is not None:
-            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)  # (1,) the worst rank's error
         ms = self.timed(lambda: mmsp.sp_attention(*xs, lay).backward(dl), self.world)
         self.emit(S, Hkv, method, self.W, ms, f"max|out - 1-device out| = {err.item():.1e}")
 

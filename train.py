@@ -658,8 +658,8 @@ def world_sum(values: list, layout, world: int, device: torch.device) -> torch.T
     """Per-rank figures summed over the world, each SP group once (its ranks hold the same samples); on the CPU."""
     t = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
     if world > 1:  # on the compute device: NCCL has no CPU tensors
-        dist.all_reduce(t)
-        t /= layout.sp
+        dist.all_reduce(t)  # (n,) summed over every rank
+        t /= layout.sp  # each SP group's ranks counted the same samples
     return t.cpu()
 
 
